@@ -1,0 +1,53 @@
+"""fxbackmatch: layer-wise adaptive rates by approximate back-matching propagation
+(Zhang, Chen, Liu), as a torch.fx graph pass.
+
+>>> import torch, fxbackmatch
+>>> from fxbackmatch.models import lenet_bn
+>>> net = lenet_bn()
+>>> plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+>>> plan.scales()["0.weight"] > 0
+True
+"""
+from . import rules as _rules  # noqa: F401  (registers the built-in rules)
+from .analysis import LayerRecord, RuleContext
+from .api import prepare
+from .errors import (
+    DuplicateRuleError,
+    FxBackmatchError,
+    NoWeightedLayerError,
+    NonFiniteWeightError,
+    PlanMismatchError,
+    PlanNotReadyError,
+    ShapePropagationError,
+    TraceError,
+    UncoveredParameterError,
+    UnsupportedOpError,
+)
+from .methods import METHODS, register_method
+from .plan import Plan
+from .registry import REGISTRY, Rule, RuleRegistry, register_rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prepare",
+    "Plan",
+    "LayerRecord",
+    "RuleContext",
+    "register_rule",
+    "register_method",
+    "REGISTRY",
+    "METHODS",
+    "Rule",
+    "RuleRegistry",
+    "FxBackmatchError",
+    "TraceError",
+    "ShapePropagationError",
+    "UnsupportedOpError",
+    "UncoveredParameterError",
+    "NoWeightedLayerError",
+    "PlanNotReadyError",
+    "PlanMismatchError",
+    "DuplicateRuleError",
+    "NonFiniteWeightError",
+]

@@ -1,0 +1,63 @@
+"""``prepare``: the entry point of the pass."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .plan import Plan
+from .registry import RuleRegistry
+
+__all__ = ["prepare"]
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    leaf_modules: Sequence = (),
+    rule: str = "backmatch",
+    adapt: str = "all",
+    variance: str = "weights",
+    strict: bool = True,
+    compile: bool = True,
+    trust_coefficient: float = 1e-3,
+    registry: RuleRegistry | None = None,
+) -> Plan:
+    """Trace ``model``, propagate shapes, walk the graph and build its layer-wise scales.
+
+    ``example_inputs`` is a tensor or tuple of tensors (batch dimension first). Leave it
+    out and the plan completes itself from the model's first forward call. ``prepare``
+    never changes the model: parameters, buffers and train/eval mode stay as they were.
+
+    Options: ``rule`` — ``"backmatch"`` (default), ``"lars"``, ``"lsalr"``, ``"sgd"``;
+    ``adapt="weights"`` keeps biases and norm parameters at scale 1; ``variance="measured"``
+    uses BatchNorm running variances instead of the row-norm approximation; ``strict=False``
+    passes ops with no rule through (their parameters stay at scale 1, listed in
+    ``plan.uncovered``); ``compile=False`` runs the generated function eagerly.
+
+    >>> import torch, fxbackmatch
+    >>> from fxbackmatch.models import lenet_bn
+    >>> plan = fxbackmatch.prepare(lenet_bn(), torch.randn(2, 3, 32, 32), compile=False)
+    >>> [r.s for r in plan.layers]
+    [196.0, 25.0, 1.0, 1.0, 1.0]
+    """
+    plan = Plan(
+        model,
+        leaf_modules=leaf_modules,
+        rule=rule,
+        adapt=adapt,
+        variance=variance,
+        strict=strict,
+        compile=compile,
+        trust_coefficient=trust_coefficient,
+        registry=registry,
+    )
+    if example_inputs is None:
+        plan._arm()
+        return plan
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    plan._build(tuple(example_inputs))
+    return plan

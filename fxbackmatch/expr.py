@@ -1,0 +1,132 @@
+"""Symbolic factors: products of powers of per-step quantities ("atoms").
+
+Every backward factor ``m`` and every scale ``1/(m·s)`` the analysis builds is a
+:class:`Mono` — ``exp(log_const) · Π atom_i ** power_i`` — over atoms whose values are read
+from the model each step:
+
+* ``weight_sumsq``: ``sum(W**2)`` of a parameter (the norms ``||W||²_{2,μ}`` and
+  ``||Wᵀ||²_{2,μ}`` are this divided by the number of rows or columns, a constant);
+* ``grad_sumsq``: ``sum(δW**2)`` (for the LARS and LSALR rules);
+* ``stat_mean``: the mean of a buffer (BatchNorm ``running_var``, "measured variance");
+* ``sum``: ``Σ_j weight_j · mono_j`` over earlier atoms — forks (harmonic mean of the
+  consumers' factors) and weights used more than once (sharing factor summed over uses);
+* ``lars`` / ``lsalr``: the competitors' per-layer rates, with their zero-norm guards.
+
+A chain of layers therefore has log-scales that are a fixed linear map of the log atoms,
+fixed at ``prepare`` time; forks add one log-sum-exp each.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+__all__ = ["Atom", "AtomTable", "Mono", "ONE", "EPS"]
+
+#: Floor applied to every atom before its logarithm: keeps scales finite for all-zero or
+#: tiny weights (a zero-norm layer behaves as if its squared norm were EPS).
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Mono:
+    """``exp(log_const) * prod(atom[i] ** p for i, p in powers)``; immutable, hashable."""
+
+    powers: tuple[tuple[int, float], ...] = ()
+    log_const: float = 0.0
+
+    @staticmethod
+    def const(value: float) -> "Mono":
+        if not value > 0 or not math.isfinite(value):
+            raise ValueError(f"factor constants must be finite and positive, got {value}")
+        return Mono((), math.log(value))
+
+    @staticmethod
+    def atom(index: int, power: float = 1.0, const: float = 1.0) -> "Mono":
+        return Mono(((index, float(power)),), math.log(const))
+
+    def __mul__(self, other: "Mono | float") -> "Mono":
+        if not isinstance(other, Mono):
+            other = Mono.const(float(other))
+        acc = dict(self.powers)
+        for i, p in other.powers:
+            acc[i] = acc.get(i, 0.0) + p
+        powers = tuple(sorted((i, p) for i, p in acc.items() if p != 0.0))
+        return Mono(powers, self.log_const + other.log_const)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: "Mono | float") -> "Mono":
+        if not isinstance(other, Mono):
+            other = Mono.const(float(other))
+        return self * other.inverse()
+
+    def inverse(self) -> "Mono":
+        return Mono(tuple((i, -p) for i, p in self.powers), -self.log_const)
+
+    def atoms(self) -> set[int]:
+        return {i for i, _ in self.powers}
+
+
+ONE = Mono()
+
+
+@dataclass(frozen=True)
+class Atom:
+    """A per-step quantity. ``ref`` names the tensor (parameter or buffer qualified name)."""
+
+    kind: str  # weight_sumsq | grad_sumsq | stat_mean | sum | lars | lsalr
+    ref: str = ""
+    terms: tuple[tuple[float, Mono], ...] = ()  # for kind == "sum"
+    args: tuple[int, ...] = ()  # argument atoms for lars (weight, grad) and lsalr (grad)
+    param: float = 0.0  # trust coefficient for lars
+    label: str = ""  # human description (fork node, shared module …)
+
+
+@dataclass
+class AtomTable:
+    """Interning table of atoms; ``sum`` atoms only refer to earlier atoms."""
+
+    atoms: list[Atom] = field(default_factory=list)
+    _index: dict[Atom, int] = field(default_factory=dict)
+
+    def intern(self, atom: Atom) -> int:
+        for _, mono in atom.terms:
+            assert all(i < len(self.atoms) for i in mono.atoms())
+        assert all(i < len(self.atoms) for i in atom.args)
+        if atom not in self._index:
+            self._index[atom] = len(self.atoms)
+            self.atoms.append(atom)
+        return self._index[atom]
+
+    def weight(self, ref: str) -> int:
+        return self.intern(Atom("weight_sumsq", ref))
+
+    def grad(self, ref: str) -> int:
+        return self.intern(Atom("grad_sumsq", ref))
+
+    def stat(self, ref: str) -> int:
+        return self.intern(Atom("stat_mean", ref))
+
+    def lars(self, ref: str, trust: float) -> Mono:
+        """LARS rate ``τ·||W||/||δW||`` of parameter ``ref`` (1 if either norm is 0)."""
+        args = (self.weight(ref), self.grad(ref))
+        return Mono.atom(self.intern(Atom("lars", ref, args=args, param=float(trust))))
+
+    def lsalr(self, ref: str) -> Mono:
+        """LSALR rate ``1 + log(1 + 1/||δW||)`` of parameter ``ref``."""
+        return Mono.atom(self.intern(Atom("lsalr", ref, args=(self.grad(ref),))))
+
+    def sum_of(self, terms: Iterable[tuple[float, Mono]], label: str = "") -> Mono:
+        """``Σ w·mono`` as a new atom (identical terms are collapsed analytically)."""
+        terms = tuple(terms)
+        if len({m for _, m in terms}) == 1:
+            return terms[0][1] * sum(w for w, _ in terms)
+        return Mono.atom(self.intern(Atom("sum", terms=terms, label=label)))
+
+    def harmonic_mean(self, parts: Iterable[Mono], label: str = "") -> Mono:
+        """``k / Σ 1/part``: the combination of a fork's consumers (see ``rules`` docs)."""
+        parts = tuple(parts)
+        if len(set(parts)) == 1:
+            return parts[0]
+        return self.sum_of(((1.0, p.inverse()) for p in parts), label).inverse() * len(parts)

@@ -1,0 +1,68 @@
+"""Layer-wise rate methods: back-matching and its competitors as rules of the same pass.
+
+Each method maps a parameter (with the uses the analysis found) to a symbolic scale:
+
+* ``backmatch`` — ``1/(m·s)`` (Algorithm 1); a weight used ``k`` times gets
+  ``1/Σ_i m_i·s_i`` (its sharing factor accumulated over every use);
+* ``lars`` — You et al. 2017: ``τ·||W||/||δW||`` with trust coefficient ``τ`` (0.001 unless
+  set); 1 where either norm is zero;
+* ``lsalr`` — Singh et al. 2015: ``1 + log(1 + 1/||δW||)``, ``||δW||²`` floored at EPS;
+* ``sgd`` — every scale 1.
+
+The global learning rate ``η`` stays the optimizer's ``lr``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .analysis import ParamUse
+from .expr import ONE, AtomTable, Mono
+
+__all__ = ["METHODS", "register_method", "scale_of"]
+
+MethodFn = Callable[[AtomTable, str, list[ParamUse], dict], Mono]
+METHODS: dict[str, MethodFn] = {}
+
+
+def register_method(name: str, fn: MethodFn | None = None):
+    """Register a layer-wise rate method under ``name`` (usable as a decorator)."""
+
+    def deco(f: MethodFn) -> MethodFn:
+        if name in METHODS:
+            from .errors import DuplicateRuleError
+
+            raise DuplicateRuleError(f"a method named {name!r} is already registered")
+        METHODS[name] = f
+        return f
+
+    return deco(fn) if fn is not None else deco
+
+
+@register_method("backmatch")
+def _backmatch(atoms: AtomTable, name: str, uses: list[ParamUse], opts: dict) -> Mono:
+    if len(uses) == 1:
+        return (uses[0].m * uses[0].s).inverse()
+    return atoms.sum_of(((1.0, u.m * u.s) for u in uses), label=f"'{name}' used {len(uses)} times").inverse()
+
+
+@register_method("lars")
+def _lars(atoms: AtomTable, name: str, uses: list[ParamUse], opts: dict) -> Mono:
+    return atoms.lars(name, opts.get("trust_coefficient", 1e-3))
+
+
+@register_method("lsalr")
+def _lsalr(atoms: AtomTable, name: str, uses: list[ParamUse], opts: dict) -> Mono:
+    return atoms.lsalr(name)
+
+
+@register_method("sgd")
+def _sgd(atoms: AtomTable, name: str, uses: list[ParamUse], opts: dict) -> Mono:
+    return ONE
+
+
+def scale_of(method: str, atoms: AtomTable, name: str, uses: list[ParamUse], opts: dict) -> Mono:
+    try:
+        fn = METHODS[method]
+    except KeyError:
+        raise ValueError(f"unknown rule {method!r}; choose one of {sorted(METHODS)}") from None
+    return fn(atoms, name, uses, opts)

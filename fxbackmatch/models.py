@@ -1,0 +1,57 @@
+"""The paper's networks: LeNet with BN (Figure 1, §3.3) and the VGG variants of §4
+(no biases, BatchNorm without trainable affine before each ReLU, only the last FC)."""
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["lenet_bn", "vgg_paper", "VGG_CONFIGS", "BUILTIN_MODELS"]
+
+
+def lenet_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
+    """LeNet-BN of Figure 1: conv5-BN-ReLU-pool ×2, fc 400-120-84-classes, no biases, BN
+    without affine. On 32×32 input: ``s_cv1 = 196``, ``s_cv2 = 25``."""
+    bn2 = lambda c: nn.BatchNorm2d(c, affine=False)  # noqa: E731
+    bn1 = lambda c: nn.BatchNorm1d(c, affine=False)  # noqa: E731
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5, bias=False), bn2(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, bias=False), bn2(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120, bias=False), bn1(120), nn.ReLU(),
+        nn.Linear(120, 84, bias=False), bn1(84), nn.ReLU(),
+        nn.Linear(84, num_classes, bias=False),
+    )
+
+
+VGG_CONFIGS: dict[str, list] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
+}
+
+
+def vgg_paper(depth: int | str = 11, num_classes: int = 10, width: float = 1.0) -> nn.Sequential:
+    """The paper's VGG (§4): conv3×3 (no bias) - BN (no affine) - ReLU, max pools, one FC
+    (no bias) on the 512 features of a 32×32 input. ``width`` scales channel counts."""
+    cfg = VGG_CONFIGS[depth if isinstance(depth, str) else f"vgg{depth}"]
+    layers: list[nn.Module] = []
+    c_in = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            c = max(1, int(v * width))
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c, affine=False), nn.ReLU()]
+            c_in = c
+    layers += [nn.Flatten(), nn.Linear(c_in, num_classes, bias=False)]
+    return nn.Sequential(*layers)
+
+
+BUILTIN_MODELS = {
+    "lenet-bn": lenet_bn,
+    "vgg11-bn-paper": lambda: vgg_paper(11),
+    "vgg13-bn-paper": lambda: vgg_paper(13),
+    "vgg16-bn-paper": lambda: vgg_paper(16),
+    "vgg19-bn-paper": lambda: vgg_paper(19),
+}

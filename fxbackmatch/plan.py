@@ -1,0 +1,345 @@
+"""The :class:`Plan`: what ``prepare`` computed once, applied every step."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .analysis import Analysis, LayerRecord, analyze
+from .codegen import GeneratedFactors, generate
+from .errors import PlanMismatchError, PlanNotReadyError
+from .expr import Mono
+from .methods import scale_of
+from .reference import atom_values, eval_mono
+from .registry import REGISTRY, RuleRegistry
+from .runtime import Runtime
+from .shapes import propagate_shapes
+from .tracing import trace, unwrap_model
+
+__all__ = ["Plan"]
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class Plan:
+    """Per-layer gradient scales of one model, under its current weights.
+
+    Build it with :func:`fxbackmatch.prepare`. ``scales()`` evaluates them with the plain
+    eager reference; ``rescale_grads_()`` runs the generated (compiled) function;
+    ``attach(optimizer)`` does that inside every ``optimizer.step()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        leaf_modules: Sequence = (),
+        rule: str = "backmatch",
+        adapt: str = "all",
+        variance: str = "weights",
+        strict: bool = True,
+        compile: bool = True,
+        trust_coefficient: float = 1e-3,
+        registry: RuleRegistry | None = None,
+    ) -> None:
+        if adapt not in ("all", "weights"):
+            raise ValueError(f"adapt must be 'all' or 'weights', got {adapt!r}")
+        from .methods import METHODS
+
+        if rule not in METHODS:
+            raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(METHODS)}")
+        self.wrapped = model
+        self.model = unwrap_model(model)
+        self.leaf_modules = tuple(leaf_modules)
+        self.rule = rule
+        self.adapt = adapt
+        self.variance = variance
+        self.strict = strict
+        self.compile = compile
+        self.trust_coefficient = trust_coefficient
+        self.registry = registry or REGISTRY
+        self.input_shapes: tuple[tuple[int, ...], ...] | None = None
+        self._analysis: Analysis | None = None
+        self._hook = None
+        self._attached: list = []
+
+    # ------------------------------------------------------------------ building
+    def _build(self, example_inputs: Sequence[torch.Tensor]) -> None:
+        gm = trace(self.model, self.registry.has_module_rule, self.leaf_modules)
+        propagate_shapes(gm, example_inputs)
+        self._analysis = analyze(gm, self.model, self.registry, strict=self.strict, variance=self.variance)
+        for n in gm.graph.nodes:  # keep shapes, drop the fake tensors
+            n.meta.pop("val", None)
+        self.input_shapes = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
+        self._finish()
+
+    def _finish(self) -> None:
+        a = self._analysis
+        params = dict(self.model.named_parameters())
+        self._params = params
+        opts = {"trust_coefficient": self.trust_coefficient}
+        self._scale_expr: dict[str, Mono] = {}
+        self._roles: dict[str, str] = {}
+        for name in params:
+            uses = a.uses.get(name)
+            if not uses:
+                continue
+            self._roles[name] = uses[0].role
+            if self.adapt == "weights" and uses[0].role != "weight":
+                continue
+            self._scale_expr[name] = scale_of(self.rule, a.atoms, name, uses, opts)
+        self._targets = list(self._scale_expr)
+        self._owners = {n: _owner(self.model, n) for n in self._targets}
+        self._links = _module_links(self.model, self._targets)
+        self._shapes = {n: tuple(params[n].shape) for n in self._targets}
+        self._generated: GeneratedFactors = generate(
+            a.atoms.atoms, [(n, self._scale_expr[n]) for n in self._targets],
+            title=f"{type(self.model).__name__}, rule={self.rule}, {len(self._targets)} scaled parameters",
+        )
+        buffers = dict(self.model.named_buffers())
+        self._runtime = Runtime(self._generated, params, buffers, self._targets, self.compile)
+        self.fingerprint = _fingerprint(a.gm, params)
+        log.debug("fxbackmatch: prepared %s with %d layers", type(self.model).__name__, len(a.layers))
+
+    def _arm(self) -> None:
+        """Complete the plan from the model's first forward call (one-shot pre-hook)."""
+
+        def hook(module, args):
+            self._hook.remove()
+            self._hook = None
+            self._build(args)
+
+        self._hook = self.wrapped.register_forward_pre_hook(hook)
+
+    @property
+    def ready(self) -> bool:
+        return self._analysis is not None
+
+    def _need(self) -> Analysis:
+        if self._analysis is None:
+            raise PlanNotReadyError(
+                f"this plan for {type(self.model).__name__} was prepared without example inputs "
+                f"and the model has not run yet.\n  What to do: run one forward pass first "
+                f"(the plan completes itself from it), or call "
+                f"fxbackmatch.prepare(model, example_inputs)."
+            )
+        return self._analysis
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def layers(self) -> tuple[LayerRecord, ...]:
+        """Per-layer records in forward order, with ``m`` evaluated under current weights."""
+        a = self._need()
+        vals = self._atom_values()
+        recs = [r.with_m(eval_mono(r.m_expr, vals)) for r in a.layers]
+        order = {n.name: i for i, n in enumerate(a.gm.graph.nodes)}
+        return tuple(sorted(recs, key=lambda r: order.get(r.node, 0)))
+
+    @property
+    def uncovered(self) -> tuple[str, ...]:
+        """Trainable parameters no rule covers (their scale is 1); reasons in ``uncovered_reasons``."""
+        return tuple(self._need().uncovered)
+
+    @property
+    def uncovered_reasons(self) -> dict[str, str]:
+        return dict(self._need().uncovered)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(self._need().notes)
+
+    @property
+    def code(self) -> str:
+        """The generated source of the per-step factor function."""
+        self._need()
+        return self._generated.code
+
+    @property
+    def graph_module(self):
+        return self._need().gm
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Role of every covered parameter: weight, bias, norm_scale or norm_shift."""
+        self._need()
+        return dict(self._roles)
+
+    def _atom_values(self) -> list[float]:
+        a = self._need()
+        model = self.model
+
+        def tensor(ref: str) -> torch.Tensor:
+            return self._params[ref] if ref in self._params else model.get_buffer(ref)
+
+        def grad(ref: str):
+            return self._params[ref].grad
+
+        return atom_values(a.atoms.atoms, tensor, grad)
+
+    def scales(self) -> dict[str, float]:
+        """Parameter name -> multiplier ``1/(m·s)`` under the current weights (eager, float64).
+
+        Every trainable parameter is listed; those not scaled have 1.0.
+
+        >>> plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32))  # doctest: +SKIP
+        >>> plan.scales()["fc3.weight"]                                   # doctest: +SKIP
+        1.0
+        """
+        self._check()
+        vals = self._atom_values()
+        out = {n: 1.0 for n, p in self._params.items() if p.requires_grad}
+        for n, expr in self._scale_expr.items():
+            out[n] = eval_mono(expr, vals)
+        return out
+
+    def scale_tensor(self) -> torch.Tensor:
+        """The generated function's scales (float64, on the parameters' device), in the
+        order of :attr:`targets`."""
+        self._check()
+        return self._runtime.scales()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        self._need()
+        return tuple(self._targets)
+
+    def rescale_grads_(self) -> None:
+        """Multiply every covered ``p.grad`` in place by its scale (``None`` grads skipped)."""
+        self._check()
+        self._runtime.rescale_()
+
+    def attach(self, optimizer: torch.optim.Optimizer, weight_decay: float = 0.0):
+        """Rescale inside every ``optimizer.step()``; returns a handle with ``remove()``.
+
+        The pre-step hook first adds ``weight_decay·W`` to each gradient, then rescales (the
+        paper's order, §3.2). Use the optimizer's own ``weight_decay=0`` with it.
+
+        >>> handle = plan.attach(torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9))  # doctest: +SKIP
+        """
+        from .optim import attach
+
+        return attach(self, optimizer, weight_decay)
+
+    def report(self, compare: Sequence[str] = (), *, width: int | None = None, console=None):
+        """Print the per-layer factor table (rich); see :mod:`fxbackmatch.report`."""
+        from .report import print_report
+
+        return print_report(self, compare=compare, width=width, console=console)
+
+    def to_dict(self, compare: Sequence[str] = ()) -> dict[str, Any]:
+        """The report's figures as a JSON-serializable dict."""
+        from .report import plan_to_dict
+
+        return plan_to_dict(self, compare=compare)
+
+    def __str__(self) -> str:
+        if not self.ready:
+            return f"<fxbackmatch.Plan for {type(self.model).__name__}: waiting for the first forward call>"
+        from .report import render_text
+
+        return render_text(self)
+
+    def __repr__(self) -> str:
+        state = f"{len(self._analysis.layers)} layers" if self.ready else "not ready"
+        return f"<fxbackmatch.Plan {type(self.model).__name__} rule={self.rule} {state}>"
+
+    # ------------------------------------------------------------------ safety
+    def _check(self) -> None:
+        self._need()
+        for parent, key, child in self._links:
+            if parent._modules.get(key) is not child:
+                raise PlanMismatchError(
+                    f"submodule '{key}' of {type(parent).__name__} was replaced after prepare.\n"
+                    f"  What to do: call fxbackmatch.prepare(model, ...) again for the changed model."
+                )
+        for n in self._targets:
+            mod, attr, p = self._owners[n]
+            cur = mod._parameters.get(attr)
+            if cur is not p or tuple(cur.shape) != self._shapes[n]:
+                raise PlanMismatchError(
+                    f"parameter '{n}' was replaced or resized after prepare "
+                    f"(was {self._shapes[n]}, now "
+                    f"{None if cur is None else tuple(cur.shape)}).\n  What to do: call "
+                    f"fxbackmatch.prepare(model, ...) again for the changed model."
+                )
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """What is needed to resume: options and a fingerprint of graph and shapes (no code)."""
+        self._need()
+        return {
+            "version": STATE_VERSION,
+            "rule": self.rule,
+            "adapt": self.adapt,
+            "variance": self.variance,
+            "trust_coefficient": self.trust_coefficient,
+            "fingerprint": self.fingerprint,
+            "input_shapes": [list(s) for s in (self.input_shapes or ())],
+            "targets": list(self._targets),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check ``state`` belongs to this model and plan; raise :class:`PlanMismatchError` if not."""
+        self._need()
+        if state.get("version") != STATE_VERSION:
+            raise PlanMismatchError(f"plan state version {state.get('version')} is not {STATE_VERSION}")
+        if state.get("fingerprint") != self.fingerprint:
+            raise PlanMismatchError(
+                "this plan state was saved for a different model (its graph or parameter shapes "
+                "differ).\n  What to do: load it into the model it was saved with, or start a "
+                "new plan with fxbackmatch.prepare."
+            )
+        for key in ("rule", "adapt", "variance", "trust_coefficient"):
+            if state.get(key) != getattr(self, key):
+                raise PlanMismatchError(
+                    f"plan state has {key}={state.get(key)!r} but this plan has "
+                    f"{key}={getattr(self, key)!r}; prepare with the same options to resume."
+                )
+
+    def __deepcopy__(self, memo):
+        cls = self.__class__
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k in ("_runtime", "_hook", "_attached", "_generated"):
+                continue
+            setattr(new, k, copy.deepcopy(v, memo))
+        new._hook = None
+        new._attached = []
+        if self._hook is not None:
+            new._arm()
+        if new._analysis is not None:
+            new._finish()
+        return new
+
+
+def _owner(model: nn.Module, name: str):
+    path, _, attr = name.rpartition(".")
+    mod = model.get_submodule(path) if path else model
+    return mod, attr, mod._parameters[attr]
+
+
+def _module_links(model: nn.Module, names) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Every (parent, child name, child) link on the paths to the targets' owners."""
+    links: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+    for name in names:
+        mod = model
+        for key in name.split(".")[:-1]:
+            child = mod._modules[key]
+            links[(id(mod), key)] = (mod, key, child)
+            mod = child
+    return list(links.values())
+
+
+def _fingerprint(gm, params: dict[str, nn.Parameter]) -> str:
+    h = hashlib.sha256()
+    h.update(gm.code.encode())
+    for n, p in params.items():
+        h.update(f"{n}:{tuple(p.shape)}:{p.requires_grad};".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,61 @@
+"""The plain eager reference: atoms, factor chain and scales in Python float64.
+
+This is the oracle the generated (and compiled) code is tested against; it follows the
+symbolic factors term by term with no vectorization.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .expr import EPS, Atom, Mono
+
+__all__ = ["atom_values", "eval_mono", "lars_rate", "lsalr_rate"]
+
+
+def lars_rate(w_sq: float, g_sq: float, trust: float) -> float:
+    """LARS (You et al.): ``τ·||W||/||δW||``; 1 when either squared norm is at most EPS (zero)."""
+    if w_sq <= EPS or g_sq <= EPS:
+        return 1.0
+    return trust * math.sqrt(w_sq) / math.sqrt(g_sq)
+
+
+def lsalr_rate(g_sq: float) -> float:
+    """LSALR (Singh et al.): ``1 + log(1 + 1/||δW||)``, with ``||δW||²`` floored at EPS."""
+    return 1.0 + math.log1p(1.0 / math.sqrt(max(g_sq, EPS)))
+
+
+def eval_mono(mono: Mono, values: Sequence[float]) -> float:
+    out = mono.log_const
+    for i, p in mono.powers:
+        out += p * math.log(max(values[i], EPS))
+    return math.exp(out)
+
+
+def atom_values(
+    atoms: Sequence[Atom],
+    tensor: Callable[[str], torch.Tensor],
+    grad: Callable[[str], torch.Tensor | None],
+) -> list[float]:
+    """Values of every atom under the current weights / gradients / statistics."""
+    vals: list[float] = []
+    for a in atoms:
+        if a.kind == "weight_sumsq":
+            v = float(tensor(a.ref).detach().double().pow(2).sum())
+        elif a.kind == "grad_sumsq":
+            g = grad(a.ref)
+            v = 0.0 if g is None else float(g.detach().double().pow(2).sum())
+        elif a.kind == "stat_mean":
+            v = float(tensor(a.ref).detach().double().mean())
+        elif a.kind == "sum":
+            v = sum(w * eval_mono(m, vals) for w, m in a.terms)
+        elif a.kind == "lars":
+            v = lars_rate(vals[a.args[0]], vals[a.args[1]], a.param)
+        elif a.kind == "lsalr":
+            v = lsalr_rate(vals[a.args[0]])
+        else:
+            raise ValueError(f"unknown atom kind {a.kind!r}")
+        vals.append(v)
+    return vals

@@ -1,0 +1,199 @@
+"""Rules for layers that own parameters: Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d.
+
+Notation (ERRATA.md): for a weight with ``out`` rows and ``in`` columns,
+``||W||²_{2,μ} = sum(W²)/out`` (mean squared row norm) and ``||Wᵀ||²_{2,μ} = sum(W²)/in``
+(mean squared column norm). For a conv, ``W_row`` is ``out × (in/groups·k…)`` and ``W_col``
+is ``in × (out·k…)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..analysis import RuleContext, positions
+from ..expr import Mono
+from ..registry import register_rule
+
+__all__ = ["linear_rule", "conv_rule", "batch_norm_rule", "touched_fraction"]
+
+
+# ---------------------------------------------------------------------------- Linear
+def _linear_row_norm(ctx: RuleContext) -> Mono | None:
+    w = ctx.module_param("weight") if ctx.module is not None else ctx.param_from_arg(ctx.arg(1, "weight"))
+    if w is None:
+        return None
+    return ctx.sumsq(w) / ctx.param_shape(w)[0]
+
+
+def _linear(ctx: RuleContext, w: str | None, b: str | None, kind: str) -> None:
+    """FC layer (§2.1, eq. 34): scale ``1/(m·s)`` with ``s`` = positions that carry gradient
+    (1 for a 2-D input; the token count for ``Linear`` on 3-D input); ``m ← m·||Wᵀ||²_{2,μ}``;
+    ``c = 1``. The bias takes the weight's scale."""
+    x = ctx.inputs[0]
+    s = ctx.frac_out * positions(ctx.out_shape, -1)
+    if w is None:  # frozen weight: nothing to rescale, but the factor still flows
+        ctx.pass_to(x, ctx.m_out, ctx.frac_out)
+        return
+    out_f, in_f = ctx.param_shape(w)
+    ctx.add_layer(kind, [(w, "weight", s), (b, "bias", s)], weight=w, s=s, c=1.0, input_node=x)
+    ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) / in_f, ctx.frac_out)
+
+
+@register_rule(module=nn.Linear, row_norm=_linear_row_norm)
+def linear_rule(ctx: RuleContext) -> None:
+    """nn.Linear: see :func:`_linear`."""
+    _linear(ctx, ctx.module_param("weight"), ctx.module_param("bias"), "Linear")
+
+
+@register_rule(function=F.linear, row_norm=_linear_row_norm)
+def functional_linear_rule(ctx: RuleContext) -> None:
+    """F.linear(x, weight, bias): as nn.Linear, with the parameters read from get_attr args."""
+    w = ctx.param_from_arg(ctx.arg(1, "weight"))
+    b = ctx.param_from_arg(ctx.arg(2, "bias"))
+    _linear(ctx, w, b, "F.linear")
+
+
+# ------------------------------------------------------------------------------ Conv
+def touched_fraction(
+    in_size: tuple[int, ...],
+    out_size: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> float:
+    """Fraction of input locations that some output location reads (1 unless stride > kernel
+    reach, as in a 1×1 conv with stride 2, which reads a quarter of its input)."""
+    frac = 1.0
+    for i, o, k, st, p, d in zip(in_size, out_size, kernel, stride, padding, dilation):
+        hit = {oo * st - p + kk * d for oo in range(o) for kk in range(k)}
+        frac *= sum(1 for h in hit if 0 <= h < i) / max(i, 1)
+    return frac
+
+
+def _conv_geometry(ctx: RuleContext, dims: int, stride, padding, dilation, kernel):
+    x = ctx.inputs[0]
+    in_shape, out_shape = ctx.shape(x), ctx.out_shape
+    in_sp, out_sp = tuple(in_shape[-dims:]), tuple(out_shape[-dims:])
+    tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * dims  # noqa: E731
+    if isinstance(padding, str):  # 'same' / 'valid'
+        padding = [0] * dims if padding == "valid" else [(k - 1) * d // 2 for k, d in zip(kernel, tup(dilation))]
+    touched = touched_fraction(in_sp, out_sp, kernel, tup(stride), tup(padding), tup(dilation))
+    return x, math.prod(in_sp), math.prod(out_sp), touched
+
+
+def _conv(ctx: RuleContext, w, b, dims, stride, padding, dilation, groups, kind) -> None:
+    """Convolution (§2.2, eqs. 33, 35). ``s`` = output locations that carry gradient (after
+    the pooling that follows before the next weighted layer: LeNet ``s_cv1 = 196``,
+    ``s_cv2 = 25``); ``c`` = input locations read divided by ``s`` (cv2: 196/25);
+    ``m ← m·||W_col||²_{2,μ}/c`` with ``||W_col||²_{2,μ} = sum(W²)/in_channels``. Any stride,
+    padding, dilation and groups (depthwise included); the bias takes the weight's scale."""
+    kernel = tuple(ctx.param_shape(w)[2:]) if w is not None else None
+    if w is None:
+        ctx.pass_all()
+        return
+    x, in_loc, out_loc, touched = _conv_geometry(ctx, dims, stride, padding, dilation, kernel)
+    s = ctx.frac_out * out_loc
+    c = (in_loc * touched) / s
+    in_ch = ctx.param_shape(w)[1] * groups
+    ctx.add_layer(kind, [(w, "weight", s), (b, "bias", s)], weight=w, s=s, c=c, input_node=x)
+    ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) / (in_ch * c), touched)
+
+
+def _conv_row_norm(ctx: RuleContext) -> Mono | None:
+    w = ctx.module_param("weight") if ctx.module is not None else ctx.param_from_arg(ctx.arg(1, "weight"))
+    if w is None:
+        return None
+    return ctx.sumsq(w) / ctx.param_shape(w)[0]
+
+
+@register_rule(module=(nn.Conv1d, nn.Conv2d, nn.Conv3d), row_norm=_conv_row_norm)
+def conv_rule(ctx: RuleContext) -> None:
+    """nn.Conv1d/2d/3d: see :func:`_conv`."""
+    m = ctx.module
+    dims = len(m.kernel_size)
+    padding = m.padding
+    if m.padding_mode != "zeros":
+        padding = m._reversed_padding_repeated_twice[::2][::-1]
+    _conv(
+        ctx, ctx.module_param("weight"), ctx.module_param("bias"), dims, m.stride, padding,
+        m.dilation, m.groups, type(m).__name__,
+    )
+
+
+def _functional_conv(dims: int):
+    def rule(ctx: RuleContext) -> None:
+        w = ctx.param_from_arg(ctx.arg(1, "weight"))
+        b = ctx.param_from_arg(ctx.arg(2, "bias"))
+        _conv(
+            ctx, w, b, dims, ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0),
+            ctx.arg(5, "dilation", 1), ctx.arg(6, "groups", 1), f"F.conv{dims}d",
+        )
+
+    rule.__name__ = f"functional_conv{dims}d_rule"
+    rule.__doc__ = f"F.conv{dims}d(x, weight, bias, stride, padding, dilation, groups): as nn.Conv{dims}d."
+    return rule
+
+
+for _d, _f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
+    register_rule(_functional_conv(_d), function=_f, row_norm=_conv_row_norm)
+
+
+# ------------------------------------------------------------------------- BatchNorm
+def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind) -> None:
+    """BatchNorm (§2.3, eq. 36): ``m ← m / Var[a]`` with ``Var[a] ≈ ||W_below||²_{2,μ}``, the
+    row norm of the weighted layer feeding the BN (looking through pointwise ops). With no
+    weighted layer right below (BN on the input, after an addition) or with
+    ``variance="measured"``, ``Var[a]`` is the mean of ``running_var`` (eq. 27); without
+    running statistics it is 1 (noted). An affine BN's γ enters ``m`` as ``mean(γ²)``
+    (``δ'x̂ = δb/γ``, row-homogeneous) and γ, β take ``1/(m·s)`` at the BN's output with
+    ``s`` its gradient-carrying locations."""
+    x = ctx.inputs[0]
+    notes: list[str] = []
+    var, how = (None, "")
+    if ctx.variance_mode != "measured":
+        var, how = ctx.variance_below(x)
+        if how.startswith("no weighted layer"):
+            var = None
+    if var is None:
+        if running_var_ref is not None:
+            var = ctx.stat_mean(running_var_ref)
+            how = "measured Var (running_var)"
+        else:
+            var = Mono()
+            how = "Var taken as 1 (no layer below, no stats)"
+    notes.append(how)
+    m_in = ctx.m_out / var
+    if gamma is not None:
+        m_in = m_in * ctx.sumsq(gamma) / ctx.param_shape(gamma)[0]
+        notes.append("γ²→m")
+    if gamma is not None or beta is not None:
+        s = ctx.frac_out * positions(ctx.out_shape, 1)
+        ctx.add_layer(
+            kind, [(gamma, "norm_scale", s), (beta, "norm_shift", s)],
+            weight=gamma or beta, s=s, c=1.0, input_node=x, notes=tuple(notes),
+        )
+    else:
+        ctx.node.meta["fxbackmatch.notes"] = tuple(notes)
+    ctx.pass_to(x, m_in, ctx.frac_out)
+
+
+@register_rule(module=nn.modules.batchnorm._BatchNorm)
+def batch_norm_rule(ctx: RuleContext) -> None:
+    """nn.BatchNorm1d/2d/3d and SyncBatchNorm, affine or not: see :func:`_bn`."""
+    m = ctx.module
+    rv = None
+    if m.track_running_stats and m.running_var is not None:
+        rv = f"{ctx.node.target}.running_var"
+    _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), rv, type(m).__name__)
+
+
+@register_rule(function=F.batch_norm)
+def functional_batch_norm_rule(ctx: RuleContext) -> None:
+    """F.batch_norm(x, running_mean, running_var, weight, bias, ...): as nn.BatchNorm."""
+    _bn(
+        ctx, ctx.param_from_arg(ctx.arg(3, "weight")), ctx.param_from_arg(ctx.arg(4, "bias")),
+        ctx.buffer_from_arg(ctx.arg(2, "running_var")), "F.batch_norm",
+    )

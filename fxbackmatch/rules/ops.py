@@ -1,0 +1,122 @@
+"""Rules for parameter-free ops: activations, dropout, identity, reshapes, pooling,
+reductions, additions, concatenation, slicing and scaling.
+
+* pointwise activations — ``δ'a = δa`` (the paper's ReLU result, eq. 31; other activations
+  are treated the same way: their derivative is applied by back-propagation itself);
+* reshapes / dropout / identity — factor and carrying fraction pass unchanged;
+* pooling and mean/sum reductions — the factor is unchanged and only ``out/in`` of the
+  input's locations carry gradient (this is what makes ``s_cv1 = 196`` in LeNet);
+* addition — every tensor input receives the output's factor (a residual adds the
+  signals, each branch must match all of ``δb``);
+* concatenation, split, chunk, slicing — each slice keeps the factor;
+* multiplication by a constant ``k`` — ``δa = k·δb``, ``δ'a = δb/k``: ``m ← m·k²``;
+  multiplication by another tensor (a gate) — both operands keep the factor (noted).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..analysis import RuleContext
+from ..registry import register_rule
+
+__all__ = ["identity_rule", "pooling_rule", "add_rule", "getitem_rule", "mul_rule"]
+
+_ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout,
+    nn.Flatten, nn.Unflatten, nn.LogSoftmax, nn.Softmax,
+)
+_ACTIVATION_FUNCTIONS = (
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
+    F.gelu, F.silu, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardtanh,
+    F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.alpha_dropout, torch.flatten, torch.reshape, torch.squeeze,
+    torch.unsqueeze, torch.permute, torch.transpose, torch.clone, F.log_softmax, F.softmax,
+    torch.log_softmax, torch.softmax,
+)
+_ACTIVATION_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "view", "view_as", "reshape",
+    "reshape_as", "flatten", "contiguous", "permute", "transpose", "squeeze", "unsqueeze",
+    "clone", "float", "double", "half", "bfloat16", "to", "type_as", "expand", "expand_as",
+    "softmax", "log_softmax", "detach_",
+)
+
+
+@register_rule(
+    module=_ACTIVATION_MODULES, function=_ACTIVATION_FUNCTIONS, method=_ACTIVATION_METHODS,
+    transparent=True,
+)
+def identity_rule(ctx: RuleContext) -> None:
+    """Pointwise activations, dropout, identity and reshapes: ``m`` and ``frac`` unchanged."""
+    if ctx.inputs:
+        ctx.pass_to(ctx.inputs[0], ctx.m_out, ctx.frac_out)
+
+
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+)
+_POOL_FUNCTIONS = (
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.mean,
+    torch.sum, torch.amax, torch.max_pool2d, torch.max_pool1d, torch.avg_pool1d,
+)
+
+
+@register_rule(module=_POOL_MODULES, function=_POOL_FUNCTIONS, method=("mean", "sum", "amax"), transparent=True)
+def pooling_rule(ctx: RuleContext) -> None:
+    """Pooling and reductions: ``m`` unchanged; the input's carrying fraction is
+    ``frac_out · numel(out)/numel(in)`` — a 2×2 max pool keeps a quarter of the locations,
+    a global average pool one per channel (the paper counts a conv's sharing factor after
+    the pooling that follows it; average pooling is given the same count)."""
+    x = ctx.inputs[0]
+    ratio = ctx.numel(ctx.node) / max(1, ctx.numel(x))
+    ctx.pass_to(x, ctx.m_out, ctx.frac_out * min(1.0, ratio))
+
+
+@register_rule(
+    function=(operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub),
+    method=("add", "add_", "sub", "sub_"),
+)
+def add_rule(ctx: RuleContext) -> None:
+    """Addition (residual connections): every tensor input receives ``m`` and ``frac``."""
+    ctx.pass_all()
+
+
+@register_rule(function=(torch.cat, torch.concat, torch.stack, torch.chunk, torch.split), method=("chunk", "split"))
+def concat_rule(ctx: RuleContext) -> None:
+    """Concatenation, stacking, split and chunk: each slice keeps the factor."""
+    ctx.pass_all()
+
+
+@register_rule(function=operator.getitem)
+def getitem_rule(ctx: RuleContext) -> None:
+    """Indexing a tensor (slicing) or a tuple of tensors (after split/chunk): the factor is
+    kept; the carrying fraction shrinks to the selected share of the elements."""
+    x = ctx.inputs[0]
+    ratio = ctx.numel(ctx.node) / max(1, ctx.numel(x))
+    ctx.pass_to(x, ctx.m_out, ctx.frac_out * min(1.0, ratio))
+
+
+@register_rule(function=(operator.mul, operator.imul, torch.mul, operator.truediv, torch.div), method=("mul", "mul_", "div", "div_"))
+def mul_rule(ctx: RuleContext) -> None:
+    """Multiplication by a constant ``k`` (division: ``1/k``): ``m ← m·k²``. By another
+    tensor (a gate, as in squeeze-excitation): each operand keeps ``m`` (noted)."""
+    args = list(ctx.node.args[:2])
+    consts = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    if len(ctx.inputs) == 1 and consts:
+        k = float(consts[0])
+        if ctx.node.target in (operator.truediv, torch.div, "div", "div_") and args[1] is consts[0]:
+            k = 1.0 / k if k else 0.0
+        ctx.pass_to(ctx.inputs[0], ctx.m_out * (k * k) if k else ctx.m_out, ctx.frac_out)
+        return
+    if len(ctx.inputs) > 1:
+        ctx.node.meta["fxbackmatch.notes"] = ("gating product: each operand keeps m",)
+    ctx.pass_all()

@@ -1,0 +1,245 @@
+"""The core pass (issue 2): factors against the paper's closed forms and hand loops."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxbackmatch
+from fxbackmatch.models import lenet_bn, vgg_paper
+
+from oracles import coln, lenet_closed_form, rown, sequential_loop
+
+
+def randomize(net: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * torch.rand((), generator=g) * 3)
+    return net
+
+
+def assert_close(got: dict, want: dict, rtol: float = 1e-6):
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=rtol), k
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lenet_matches_supplementary_closed_form(seed):
+    net = randomize(lenet_bn(), seed)
+    plan = fxbackmatch.prepare(net, torch.randn(4, 3, 32, 32), compile=False)
+    assert_close(plan.scales(), lenet_closed_form(net))
+    layers = plan.layers
+    assert [r.s for r in layers] == [196.0, 25.0, 1.0, 1.0, 1.0]
+    assert layers[1].c == pytest.approx(196 / 25)
+    assert [r.kind for r in layers] == ["Conv2d", "Conv2d", "Linear", "Linear", "Linear"]
+    assert layers[0].weight_shape == (6, 3, 5, 5)
+    assert layers[0].input_shape == (4, 3, 32, 32) and layers[0].output_shape == (4, 6, 28, 28)
+    # m at fc2's output is ||W_fc3ᵀ||² / ||W_fc2||² (supplementary, first BN step)
+    assert layers[3].m == pytest.approx(coln(net[15].weight) / rown(net[12].weight), rel=1e-9)
+    assert layers[4].m == 1.0
+
+
+@pytest.mark.parametrize("depth", [11, 13, 16, 19])
+def test_paper_vgg_matches_hand_loop(depth):
+    net = randomize(vgg_paper(depth, width=0.125), depth)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+    want = sequential_loop(net, 32)
+    got = plan.scales()
+    assert set(want) == {n for n, _ in net.named_parameters()}
+    assert_close(got, want)
+    assert plan.uncovered == ()
+
+
+class LeNetFunctional(nn.Module):
+    """LeNet-BN with a custom forward and functional calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.cv1 = nn.Conv2d(3, 6, 5, bias=False)
+        self.bn1 = nn.BatchNorm2d(6, affine=False)
+        self.cv2 = nn.Conv2d(6, 16, 5, bias=False)
+        self.bn2 = nn.BatchNorm2d(16, affine=False)
+        self.fc1 = nn.Linear(400, 120, bias=False)
+        self.bn3 = nn.BatchNorm1d(120, affine=False)
+        self.fc2 = nn.Linear(120, 84, bias=False)
+        self.bn4 = nn.BatchNorm1d(84, affine=False)
+        self.fc3 = nn.Linear(84, 10, bias=False)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.cv1(x))), 2)
+        x = F.max_pool2d(torch.relu(self.bn2(self.cv2(x))), kernel_size=2)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.bn3(self.fc1(x)))
+        x = self.bn4(self.fc2(x)).relu()
+        return self.fc3(x)
+
+
+class LeNetView(LeNetFunctional):
+    """The same with x.view and a functional conv on a raw parameter."""
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(F.conv2d(x, self.cv1.weight))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.cv2(x))), 2, 2)
+        x = x.view(x.size(0), -1)
+        x = F.relu(self.bn3(F.linear(x, self.fc1.weight)))
+        x = F.relu(self.bn4(self.fc2(x)))
+        return self.fc3(x)
+
+
+def test_three_ways_identical():
+    seq = randomize(lenet_bn(), 7)
+    fun, view = LeNetFunctional(), LeNetView()
+    names = ["cv1", "cv2", "fc1", "fc2", "fc3"]
+    idx = [0, 4, 9, 12, 15]
+    for other in (fun, view):
+        with torch.no_grad():
+            for n, i in zip(names, idx):
+                getattr(other, n).weight.copy_(seq[i].weight)
+    x = torch.randn(2, 3, 32, 32)
+    s0 = fxbackmatch.prepare(seq, x, compile=False).scales()
+    for other in (fun, view):
+        s = fxbackmatch.prepare(other, x, compile=False).scales()
+        for n, i in zip(names, idx):
+            assert s[f"{n}.weight"] == s0[f"{i}.weight"]
+
+
+def test_rescale_grads_multiplies_exactly():
+    net = randomize(lenet_bn(), 3)
+    x = torch.randn(8, 3, 32, 32)
+    plan = fxbackmatch.prepare(net, x, compile=False)
+    net(x).square().mean().backward()
+    before = {n: p.grad.clone() for n, p in net.named_parameters()}
+    scales = plan.scales()
+    plan.rescale_grads_()
+    for n, p in net.named_parameters():
+        want = before[n] * torch.tensor(scales[n], dtype=torch.float64).float()
+        torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=0)
+
+
+def test_prepare_does_not_change_the_model():
+    net = randomize(lenet_bn(), 5)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fxbackmatch.prepare(net, torch.randn(4, 3, 32, 32))
+    after = net.state_dict()
+    assert net.training and all(m.training for m in net.modules())
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert int(after["1.num_batches_tracked"]) == 0
+    net.eval()
+    fxbackmatch.prepare(net, torch.randn(4, 3, 32, 32))
+    assert not any(m.training for m in net.modules())
+
+
+def test_lazy_prepare_from_first_forward():
+    net = randomize(lenet_bn(), 1)
+    plan = fxbackmatch.prepare(net, compile=False)
+    assert not plan.ready
+    with pytest.raises(fxbackmatch.PlanNotReadyError, match="forward"):
+        plan.scales()
+    with pytest.raises(fxbackmatch.PlanNotReadyError):
+        plan.rescale_grads_()
+    x = torch.randn(4, 3, 32, 32)
+    y = net(x)
+    assert plan.ready and plan.input_shapes == ((4, 3, 32, 32),)
+    assert len(net._forward_pre_hooks) == 0
+    assert_close(plan.scales(), lenet_closed_form(net))
+    torch.testing.assert_close(net(x), y)
+
+
+def test_scales_update_with_weights_and_stay_finite_for_zero_weights():
+    net = randomize(lenet_bn(), 2)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+    s1 = plan.scales()
+    with torch.no_grad():
+        net[15].weight.mul_(2.0)
+    s2 = plan.scales()
+    # fc2's scale is divided by ||W_fc3ᵀ||², which grew 4×
+    assert s2["12.weight"] == pytest.approx(s1["12.weight"] / 4, rel=1e-9)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    s3 = plan.scales()
+    assert all(math.isfinite(v) and v > 0 for v in s3.values())
+    assert torch.isfinite(plan.scale_tensor()).all()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(1e-30)
+    assert all(math.isfinite(v) and v > 0 for v in plan.scales().values())
+
+
+def test_biases_and_affine_bn_roles_and_adapt_weights():
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 5),
+    )
+    randomize(net, 4)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)
+    assert plan.roles == {
+        "0.weight": "weight", "0.bias": "bias", "1.weight": "norm_scale",
+        "1.bias": "norm_shift", "5.weight": "weight", "5.bias": "bias",
+    }
+    s = plan.scales()
+    fc, bn, cv = net[5].weight, net[1].weight, net[0].weight
+    assert s["5.weight"] == s["5.bias"] == 1.0
+    m_bn_out = coln(fc)  # fc consumes flatten(pool(relu(bn)))
+    s_bn = 16  # 4×4 locations after the pool carry gradient
+    assert s["1.weight"] == pytest.approx(1 / (m_bn_out * s_bn), rel=1e-9)
+    assert s["1.bias"] == s["1.weight"]
+    gamma2 = float(bn.detach().double().pow(2).mean())
+    m_cv_out = m_bn_out * gamma2 / rown(cv)
+    assert s["0.weight"] == pytest.approx(1 / (m_cv_out * 16), rel=1e-9)
+    assert s["0.bias"] == s["0.weight"]
+    plan_w = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, adapt="weights")
+    sw = plan_w.scales()
+    assert sw["0.bias"] == sw["1.weight"] == sw["1.bias"] == sw["5.bias"] == 1.0
+    assert sw["0.weight"] == pytest.approx(s["0.weight"], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "conv, hw, s, c",
+    [
+        (nn.Conv2d(4, 8, 3, stride=2, padding=1), 8, 16, 4.0),  # every input read: c = 64/16
+        (nn.Conv2d(4, 8, 1, stride=2), 8, 16, 1.0),  # a 1×1 stride-2 conv reads a quarter
+        (nn.Conv2d(4, 8, 3, padding=2, dilation=2), 8, 64, 1.0),
+        (nn.Conv2d(4, 8, 3, padding=1, groups=4), 8, 64, 1.0),
+        (nn.Conv1d(4, 8, 3, stride=2), 9, 4, 9 / 4),
+        (nn.Conv3d(4, 8, 3, padding=1), 4, 64, 1.0),
+    ],
+)
+def test_conv_geometry(conv, hw, s, c):
+    dims = conv.weight.dim() - 2
+    # conv -> BN -> ReLU -> conv3x3(same) so the conv's input factor is observable
+    nxt = type(conv)(8, 2, 3, padding=1, bias=False)
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](8, affine=False)
+    net = nn.Sequential(conv, bn, nn.ReLU(), nxt)
+    randomize(net, 9)
+    plan = fxbackmatch.prepare(net, torch.randn((2, 4) + (hw,) * dims), compile=False)
+    rec = plan.layers[0]
+    assert rec.s == s and rec.c == pytest.approx(c)
+    s_out = plan.layers[1].s
+    assert s_out == math.prod(plan.layers[1].output_shape[2:]) == s
+    assert plan.layers[1].c == pytest.approx(1.0)  # the 3×3 'same' conv reads all inputs
+    # m at the conv's output: ||W_nxt,col||² / c_nxt (=1), then the BN divides by ||W_conv,row||²
+    m = coln(nxt.weight) / rown(conv.weight)
+    sc = plan.scales()
+    assert sc["3.weight"] == pytest.approx(1 / s_out, rel=1e-9)
+    assert plan.layers[0].m == pytest.approx(m, rel=1e-9)
+    assert sc["0.weight"] == pytest.approx(1 / (m * s), rel=1e-9)
+    assert sc["0.bias"] == sc["0.weight"]
+
+
+def test_linear_on_3d_input_shares_over_tokens():
+    net = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3, bias=False))
+    randomize(net, 1)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 7, 6), compile=False)
+    assert [r.s for r in plan.layers] == [7.0, 7.0]
+    s = plan.scales()
+    assert s["2.weight"] == pytest.approx(1 / 7)
+    assert s["0.weight"] == pytest.approx(1 / (7 * coln(net[2].weight)), rel=1e-9)
