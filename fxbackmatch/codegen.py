@@ -50,7 +50,7 @@ def generate(
     *,
     title: str = "fxbackmatch",
 ) -> GeneratedFactors:
-    """Emit ``factors(weight_sq, grad_sq, stats, C) -> scales`` for the given scale monos."""
+    """Emit ``factors(weights, grads, stats, C) -> scales`` for the given scale monos."""
     base = {k: [i for i, a in enumerate(atoms) if a.kind == k] for k in ("weight_sumsq", "grad_sumsq", "stat_mean")}
     order = base["weight_sumsq"] + base["grad_sumsq"] + base["stat_mean"]
     pos = {i: n for n, i in enumerate(order)}
@@ -62,16 +62,32 @@ def generate(
     ]
     for i in order:
         lines.append(f"#   [{pos[i]}] {atoms[i].kind}({atoms[i].ref})")
+    n_w, n_g, n_s = (len(base[k]) for k in ("weight_sumsq", "grad_sumsq", "stat_mean"))
     lines += [
         "import torch",
         "",
         "",
-        "def factors(weight_sq: torch.Tensor, grad_sq: torch.Tensor, stats: torch.Tensor,",
+        "def factors(weights: list[torch.Tensor], grads: list[torch.Tensor], stats: list[torch.Tensor],",
         "            C: dict[str, torch.Tensor]) -> torch.Tensor:",
         f'    """Return the {len(scales)} scales, in the order listed at the end of this file."""',
-        "    base = torch.cat([weight_sq, grad_sq, stats]).to(torch.float64)",
-        f"    log_atoms = torch.log(base.clamp_min({EPS!r}))",
+        "    f64 = torch.float64",
+        "    # squared norms accumulated in float64 (one read of each tensor, fused by inductor)",
     ]
+    parts = []
+    if n_w:
+        lines.append(f"    weight_sq = [w.to(f64).square().sum() for w in weights]  # {n_w} weights")
+        parts.append("weight_sq")
+    if n_g:
+        lines.append(f"    grad_sq = [g.to(f64).square().sum() for g in grads]  # {n_g} gradients")
+        parts.append("grad_sq")
+    if n_s:
+        lines.append(f"    stat = [s.to(f64).mean() for s in stats]  # {n_s} running variances")
+        parts.append("stat")
+    if parts:
+        lines.append(f"    base = torch.stack({' + '.join(parts)})")
+    else:
+        lines.append('    base = C["b"].new_zeros(0)')
+    lines.append(f"    log_atoms = torch.log(base.clamp_min({EPS!r}))")
     width = len(order)
     for i, a in enumerate(atoms):
         if a.kind in base:

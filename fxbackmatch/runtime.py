@@ -1,35 +1,18 @@
-"""The per-step runtime around the generated factor function: read the norms (one
-``torch._foreach_norm`` per group), run the (compiled) factors, multiply the gradients in
-place (``torch._foreach_mul_`` grouped by device and dtype). No ``.item()``, no host sync.
+"""The per-step runtime around the generated factor function: run the (compiled) factors
+(which read every weight once for its float64 squared norm), then multiply the gradients in
+place with ``torch._foreach_mul_`` grouped by device and dtype. No ``.item()``, no host sync.
+Gradients that are ``None`` are skipped outside the compiled region, so a changing set of
+missing gradients never recompiles it.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
-
 import torch
 from torch import nn
 
 from .codegen import GeneratedFactors
 
 __all__ = ["Runtime"]
-
-
-def _sq_norms(tensors: Sequence[torch.Tensor], device: torch.device, ord: int = 2) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64, device=device)
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype)].append(i)
-    if len(groups) == 1:
-        norms = torch._foreach_norm(list(tensors), ord)
-        out = torch.stack(norms).to(device=device, dtype=torch.float64)
-    else:
-        out = torch.empty(len(tensors), dtype=torch.float64, device=device)
-        for idx in groups.values():
-            norms = torch._foreach_norm([tensors[i] for i in idx], ord)
-            out[torch.tensor(idx, device=device)] = torch.stack(norms).to(device=device, dtype=torch.float64)
-    return out * out if ord == 2 else out
 
 
 class Runtime:
@@ -71,21 +54,15 @@ class Runtime:
     def scales(self) -> torch.Tensor:
         """float64 scales of the targets, on the parameters' device."""
         dev = self.device()
-        wsq = _sq_norms(self.weights, dev)
-        zero = torch.zeros((), device=dev)
-        grads = [p.grad if p.grad is not None else zero for p in self.grad_params]
-        gsq = _sq_norms(grads, dev)
+        grads = []
+        for p in self.grad_params:
+            g = p.grad
+            grads.append(g if g is not None else torch.zeros_like(p))
         stats = [self.buffers[r] for r in self.stat_refs]
-        if stats:
-            sums = _sq_norms(stats, dev, ord=1)  # running_var ≥ 0: L1 norm is the sum
-            numel = torch.tensor([float(s.numel()) for s in stats], dtype=torch.float64, device=dev)
-            st = sums / numel
-        else:
-            st = torch.zeros(0, dtype=torch.float64, device=dev)
         consts = self._consts.get(dev)
         if consts is None:
             consts = self._consts[dev] = self.gen.constants_on(dev)
-        return self.fn(wsq, gsq, st, consts)
+        return self.fn(self.weights, grads, stats, consts)
 
     @torch.no_grad()
     def rescale_(self) -> torch.Tensor:
