@@ -7,6 +7,7 @@ running statistics and ``num_batches_tracked`` never move. Results are stored in
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
@@ -73,6 +74,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     prop.real_state = {
         k: v for k, v in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     }
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # it logs every failing op with a traceback; we re-raise
     try:
         with _reparametrize_module(gm, state, tie_weights=True):
             prop.propagate_dont_convert_inputs(*fake_inputs)
@@ -88,6 +92,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
             f"{_first_line(e)}\n  Example input shapes: {shapes}.\n  What to do: pass "
             f"example_inputs with the shape the model expects (batch dimension first)."
         ) from e
+    finally:
+        fake_log.setLevel(level)
     for n in gm.graph.nodes:
         val = n.meta.get("val")
         n.meta[SHAPE_KEY] = tuple(val.shape) if isinstance(val, torch.Tensor) else None

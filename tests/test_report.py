@@ -1,0 +1,129 @@
+"""The report, its dict/JSON form and the command line (issue 4)."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+import fxbackmatch
+from fxbackmatch.models import lenet_bn
+
+from oracles import lenet_closed_form
+
+
+@pytest.fixture(scope="module")
+def lenet_plan():
+    torch.manual_seed(0)
+    net = lenet_bn()
+    return net, fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+
+
+def test_report_figures_of_paper_lenet(lenet_plan):
+    net, plan = lenet_plan
+    d = plan.to_dict()
+    assert [r["s"] for r in d["layers"]] == [196, 25, 1, 1, 1]
+    assert d["layers"][1]["c"] == pytest.approx(7.84)
+    want = lenet_closed_form(net)
+    for row in d["layers"]:
+        assert row["scale"] == pytest.approx(want[f"{row['name']}.weight"], rel=1e-9)
+        assert row["scale"] == pytest.approx(1 / (row["m"] * row["s"]), rel=1e-9)
+    assert d["scaled"] == d["trainable"] == 5 and d["uncovered"] == {}
+    json.loads(json.dumps(d))  # serializable
+
+
+def test_plain_text_fits_100_columns_and_shows_figures(lenet_plan):
+    _, plan = lenet_plan
+    text = str(plan)
+    lines = text.splitlines()
+    assert max(len(l) for l in lines) <= 100
+    assert "rule=backmatch" in lines[0] and "input 2×3×32×32" in lines[0] and "5/5" in lines[0]
+    assert "196" in text and "7.84" in text and "\x1b[" not in text
+    rows = [l for l in lines if l.startswith("|") and ("Conv2d" in l or "Linear" in l)]
+    assert [r.split("|")[1].strip() for r in rows] == ["0", "4", "9", "12", "15"]
+
+
+def test_rich_terminal_rendering(lenet_plan):
+    _, plan = lenet_plan
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=140, color_system="truecolor")
+    plan.report(console=console)
+    out = buf.getvalue()
+    assert "\x1b[" in out and "Conv2d" in out and "7.84" in out
+
+
+def test_compare_with_lars_and_lsalr_and_effective_lr():
+    torch.manual_seed(1)
+    net = lenet_bn()
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
+    plan.attach(opt)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    F.cross_entropy(net(x), y).backward()
+    d = plan.to_dict(compare=("lars", "lsalr"))
+    for row in d["layers"]:
+        p = net.get_parameter(f"{row['name']}.weight")
+        w, g = float(p.detach().double().norm()), float(p.grad.double().norm())
+        assert row["compare"]["lars"] == pytest.approx(1e-3 * w / g, rel=1e-9)
+        assert row["compare"]["lsalr"] == pytest.approx(1 + math.log(1 + 1 / g), rel=1e-9)
+        assert row["effective_lr"] == [pytest.approx(0.02 * row["scale"], rel=1e-12)]
+    text = plan.report.__self__.__str__()
+    assert "lr·scale" in text
+    buf = io.StringIO()
+    plan.report(compare=("lars", "lsalr"), console=Console(file=buf, width=160))
+    assert "lars rate" in buf.getvalue() and "lsalr rate" in buf.getvalue()
+
+
+def test_uncovered_listed_below_table():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    net.register_parameter("unused", torch.nn.Parameter(torch.ones(3)))
+    plan = fxbackmatch.prepare(net, torch.randn(2, 4), compile=False)
+    text = str(plan)
+    assert "Not covered (scale 1): 1 parameter(s)" in text and "unused" in text
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fxbackmatch", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_subprocess_report_and_error():
+    r = _cli("report")
+    assert r.returncode == 0, r.stderr
+    assert "Conv2d" in r.stdout and "196" in r.stdout
+    assert max(len(l) for l in r.stdout.splitlines()) <= 100
+    r = _cli("report", "lenet-bn", "--input-shape", "2,3,28,28")
+    assert r.returncode == 2 and "shape propagation failed" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_in_process_json_errors_and_help(capsys):
+    from fxbackmatch.cli import main
+
+    assert main(["report", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [row["s"] for row in d["layers"]] == [196, 25, 1, 1, 1]
+    assert d["layers"][1]["c"] == pytest.approx(7.84)
+    assert main([]) == 0 and "Conv2d" in capsys.readouterr().out
+    for bad, msg in [
+        (["report", "nosuch"], "unknown model"),
+        (["report", "nosuchpkg.mod:fn"], "cannot import"),
+        (["report", "torch.nn:NoSuch"], "no callable"),
+        (["report", "lenet-bn", "--input-shape", "2,3,28,28"], "shape propagation failed"),
+        (["report", "--rule", "adamw"], "unknown rule"),
+    ]:
+        assert main(bad) == 2, bad
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "torchvision.models:resnet18" in out
