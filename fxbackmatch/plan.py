@@ -226,6 +226,18 @@ class Plan:
 
         return attach(self, optimizer, weight_decay)
 
+    def compile_step(self, optimizer: torch.optim.Optimizer, weight_decay: float = 0.0):
+        """A compiled callable that replaces ``optimizer.step()``: scales and update fused.
+
+        Supports SGD (momentum, Nesterov) and Adam/AdamW; see :mod:`fxbackmatch.fused`.
+
+        >>> step = plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9))  # doctest: +SKIP
+        >>> loss.backward(); step()                                                                # doctest: +SKIP
+        """
+        from .fused import FusedStep
+
+        return FusedStep(self, optimizer, weight_decay, compile=self.compile)
+
     def report(self, compare: Sequence[str] = (), *, width: int | None = None, console=None):
         """Print the per-layer factor table (rich); see :mod:`fxbackmatch.report`."""
         from .report import print_report

@@ -309,3 +309,64 @@ def test_cuda_rescale_matches_cpu_reference():
     plan.rescale_grads_()
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.grad, g[n] * s[n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "make, wd",
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9, nesterov=True), 5e-4),
+        (lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9), 0.0),
+        (lambda p: torch.optim.Adam(p, lr=1e-3), 5e-4),
+        (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01), 0.0),
+    ],
+    ids=["sgd-nesterov-wd", "sgd", "adam-wd", "adamw"],
+)
+def test_fused_compile_step_equals_attach(make, wd):
+    """Eager fused step against attach(); one compiled case below shares the same code."""
+    torch.manual_seed(0)
+    a = lenet_bn()
+    b = copy.deepcopy(a)
+    pa = fxbackmatch.prepare(a, torch.randn(2, 3, 32, 32), compile=False)
+    pb = fxbackmatch.prepare(b, torch.randn(2, 3, 32, 32), compile=False)
+    oa, ob = make(a.parameters()), make(b.parameters())
+    step = pa.compile_step(oa, weight_decay=wd)
+    pb.attach(ob, weight_decay=wd)
+    for i, (x, y) in enumerate(batches(3, shape=(8, 3, 32, 32))):
+        for net, st in ((a, step), (b, ob.step)):
+            net.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            st()
+        tol = 1e-6 if i == 0 else 2e-5
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=tol, atol=tol * float(q.abs().max()))
+    assert set(oa.state_dict()["state"][0]) == set(ob.state_dict()["state"][0])
+
+
+def test_fused_compile_step_compiled(compiled_plan):
+    net, plan = compiled_plan
+    ref = copy.deepcopy(net)
+    plan_ref = fxbackmatch.prepare(ref, torch.randn(8, 3, 8, 8), compile=False)
+    oa = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    ob = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    step = plan.compile_step(oa)
+    plan_ref.attach(ob)
+    sched = torch.optim.lr_scheduler.StepLR(oa, 1, gamma=0.5)
+    sched_b = torch.optim.lr_scheduler.StepLR(ob, 1, gamma=0.5)
+    for x, y in batches(3):
+        for m, st in ((net, step), (ref, ob.step)):
+            m.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            st()
+        sched.step()
+        sched_b.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+
+
+def test_fused_compile_step_rejects_unsupported():
+    net = lenet_bn()
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+    with pytest.raises(TypeError, match="attach"):
+        plan.compile_step(torch.optim.RMSprop(net.parameters()))
+    with pytest.raises(ValueError, match="dampening"):
+        plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4))

@@ -1,0 +1,145 @@
+"""Per-step cost of the rescale against the optimizer step it rides on (issue 3).
+
+Prints, per model, milliseconds per call and ratios measured in this one process:
+eager per-layer loop, compiled rescale, SGD(momentum=0.9, foreach) step, timm Lars step
+(if timm is installed), the fused ``compile_step`` against a compiled SGD step, the rescale's
+effective bandwidth against a plain ``copy_`` of the same bytes, and a full training step
+(forward, backward, rescale, SGD) against the same step without the rescale.
+
+    python benchmarks/bench_rescale.py                 # VGG-16 (paper) and ResNet-50, CIFAR shapes
+    python benchmarks/bench_rescale.py --models vgg16 --train-reps 3
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, timeit  # noqa: E402
+
+import fxbackmatch  # noqa: E402
+from fxbackmatch.models import vgg_paper  # noqa: E402
+
+
+def build(name: str):
+    if name == "vgg16":
+        return vgg_paper(16), (128, 3, 32, 32)
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=10), (128, 3, 32, 32)
+
+
+def bench(name: str, device: str, reps: int, train_reps: int) -> dict:
+    torch.manual_seed(0)
+    net, shape = build(name)
+    net.to(device)
+    x = torch.randn(shape, device=device)
+    y = torch.randint(0, 10, (shape[0],), device=device)
+    plan = fxbackmatch.prepare(net, x[:2])
+    F.cross_entropy(net(x[:8]), y[:8]).backward()
+    params = [p for p in net.parameters() if p.grad is not None]
+    saved = [p.grad.clone() for p in params]
+
+    def restore():
+        for p, g in zip(params, saved):
+            p.grad.copy_(g)
+
+    out = {"model": name, "params_M": sum(p.numel() for p in params) / 1e6}
+    plan.rescale_grads_()  # compile once
+    out["compiled_rescale"] = timeit(plan.rescale_grads_, restore, reps)
+
+    named = dict(net.named_parameters())
+
+    def eager_loop():
+        scales = plan.scales()  # plain per-layer Python loop, float64
+        with torch.no_grad():
+            for n, s in scales.items():
+                g = named[n].grad
+                if g is not None:
+                    g.mul_(s)
+
+    out["eager_loop"] = timeit(eager_loop, restore, max(3, reps // 4))
+    opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=True)
+    opt.step()
+    out["sgd_momentum_step"] = timeit(opt.step, restore, reps)
+    try:
+        from timm.optim import Lars
+
+        lars = Lars(params, lr=1e-6, momentum=0.9)
+        out["timm_lars_step"] = timeit(lars.step, restore, reps)
+    except ImportError:
+        out["timm_lars_step"] = None
+    # bandwidth: the rescale reads W, reads G and writes G; copy_ reads and writes G
+    dst = [torch.empty_like(g) for g in saved]
+    nbytes = sum(g.numel() * g.element_size() for g in saved)
+    out["copy"] = timeit(lambda: torch._foreach_copy_(dst, saved), None, reps)
+    out["rescale_GBps"] = 3 * nbytes / out["compiled_rescale"] / 1e9
+    out["copy_GBps"] = 2 * nbytes / out["copy"] / 1e9
+    # fused step vs the same optimizer's compiled step
+    opt_c = torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=True)
+    opt_c.step()
+    compiled_sgd = torch.compile(opt_c.step)
+    compiled_sgd()
+    out["compiled_sgd_step"] = timeit(compiled_sgd, restore, reps)
+    opt_f = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
+    fused = plan.compile_step(opt_f)
+    fused()
+    out["fused_step"] = timeit(fused, restore, reps)
+    # full training step, with and without the rescale (interleaved)
+    if train_reps:
+        opt_t = torch.optim.SGD(net.parameters(), lr=1e-6, momentum=0.9, foreach=True)
+
+        def step(rescale: bool):
+            opt_t.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            if rescale:
+                plan.rescale_grads_()
+            opt_t.step()
+
+        import statistics
+        import time
+
+        step(True)
+        step(False)
+        with_r, without = [], []
+        for _ in range(train_reps):
+            for flag, acc in ((True, with_r), (False, without)):
+                t = time.perf_counter()
+                step(flag)
+                acc.append(time.perf_counter() - t)
+        out["train_step_with"] = statistics.median(with_r)
+        out["train_step_without"] = statistics.median(without)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="vgg16,resnet50")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--train-reps", type=int, default=3)
+    args = ap.parse_args()
+    print(f"# machine: {machine()}, device {args.device}")
+    for name in args.models.split(","):
+        r = bench(name, args.device, args.reps, args.train_reps)
+        ms = lambda k: f"{r[k] * 1e3:8.3f} ms" if r.get(k) is not None else "     n/a"  # noqa: E731
+        print(f"\n## {name} ({r['params_M']:.1f} M parameters)")
+        for k in ("eager_loop", "compiled_rescale", "sgd_momentum_step", "timm_lars_step", "copy",
+                  "compiled_sgd_step", "fused_step", "train_step_with", "train_step_without"):
+            if k in r:
+                print(f"{k:22s} {ms(k)}")
+        print(f"compiled rescale / SGD-momentum step : {r['compiled_rescale'] / r['sgd_momentum_step']:.3f}  (target ≤ 0.6)")
+        print(f"eager loop / compiled rescale        : {r['eager_loop'] / r['compiled_rescale']:.2f}×")
+        print(f"fused step / compiled SGD step       : {r['fused_step'] / r['compiled_sgd_step']:.3f}  (target ≤ 1.05)")
+        print(f"rescale bandwidth {r['rescale_GBps']:.1f} GB/s vs copy_ {r['copy_GBps']:.1f} GB/s "
+              f"({r['rescale_GBps'] / r['copy_GBps']:.2f})")
+        if "train_step_with" in r:
+            print(f"full step with / without rescale     : {r['train_step_with'] / r['train_step_without']:.4f}  (target ≤ 1.02)")
+
+
+if __name__ == "__main__":
+    main()
