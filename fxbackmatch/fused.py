@@ -149,3 +149,4 @@ class FusedStep:
         lrs = [torch.as_tensor(g["lr"], dtype=torch.float64, device=dev) for g in self.optimizer.param_groups]
         stats = [rt.buffers[r] for r in rt.stat_refs]
         self._fn(rt.weights, stats, consts, self.params, grads, lrs, *self._state())
+        self.optimizer._opt_called = True  # tell LR schedulers the optimizer stepped
