@@ -1,0 +1,187 @@
+"""Training harness for the paper's CIFAR experiments: ``fxbackmatch train ...``.
+
+Every method (``sgd``, ``backmatch``, ``lars``, ``lsalr``) starts from the same initial
+weights and sees the same mini-batches; see :mod:`fxbackmatch.train.harness`.
+
+The paper's LeNet-BN experiment of §3.3 (no augmentation, fixed learning rate, batch 128,
+momentum 0.9) for 30 epochs and 3 seeds::
+
+    python -m fxbackmatch train --model lenet-bn --epochs 30 --seeds 0,1,2 \\
+        --methods sgd,backmatch,lars,lsalr
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from .data import DEFAULT_DATA, DataError, ImageData, augment_batch, load_data, load_npz, load_torchvision, subset_indices
+from .harness import (
+    DEFAULT_LRS,
+    METRIC_FIELDS,
+    TrainConfig,
+    TrainResult,
+    build_model,
+    epoch_batches,
+    initial_model,
+    load_config,
+    lr_at,
+    state_digest,
+    train,
+)
+
+__all__ = [
+    "add_train_parser",
+    "config_from_args",
+    "train",
+    "TrainConfig",
+    "TrainResult",
+    "DEFAULT_LRS",
+    "DEFAULT_DATA",
+    "METRIC_FIELDS",
+    "DataError",
+    "ImageData",
+    "load_data",
+    "load_npz",
+    "load_torchvision",
+    "augment_batch",
+    "subset_indices",
+    "build_model",
+    "initial_model",
+    "epoch_batches",
+    "lr_at",
+    "load_config",
+    "state_digest",
+]
+
+EXAMPLES = """examples:
+  # the paper's §3.3 LeNet-BN experiment: no augmentation, fixed LR, 30 epochs, 3 seeds
+  fxbackmatch train --model lenet-bn --epochs 30 --seeds 0,1,2 --methods sgd,backmatch,lars,lsalr
+  # §4 style: VGG11, augmentation, Nesterov, LR x0.2 every 60 epochs, on a GPU
+  fxbackmatch train --model vgg11 --augment --nesterov --weight-decay 5e-4 \\
+      --lr-decay-every 60 --lr-decay 0.2 --epochs 200 --device cuda
+  # a quick look: 2 epochs on 2000 images
+  fxbackmatch train --subset 2000 --epochs 2 --methods sgd,backmatch
+  # continue an interrupted (or finished, with more --epochs) run
+  fxbackmatch train --resume runs/20250101-120000 --epochs 60
+  # torchvision's CIFAR-100 python files under a local root, a torchvision model
+  fxbackmatch train --data torchvision-cifar100:/data/cifar --model tv:resnet18
+"""
+
+
+def _csv(conv):
+    def parse(text: str):
+        try:
+            items = tuple(conv(x.strip()) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        if not items:
+            raise argparse.ArgumentTypeError("the list is empty")
+        return items
+
+    return parse
+
+
+def _lrs(text: str) -> dict[str, float]:
+    """``0.05`` (every method) or ``sgd=0.1,backmatch=0.02``."""
+    out: dict[str, float] = {}
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            if "=" in part:
+                k, _, v = part.partition("=")
+                out[k.strip()] = float(v)
+            else:
+                out["*"] = float(part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr takes RATE or METHOD=RATE,..., got {text!r}")
+    if not out:
+        raise argparse.ArgumentTypeError("--lr is empty")
+    return out
+
+
+def add_train_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``train`` command to the ``fxbackmatch`` argparse subparsers ``sub``.
+
+    Options left out keep the :class:`TrainConfig` defaults (or, with ``--resume``, the
+    values saved with the run).
+    """
+    lr_defaults = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LRS.items())
+    t = sub.add_parser(
+        "train", help="train on CIFAR with sgd/backmatch/lars/lsalr from the same init and batches",
+        description="Train with each layer-wise rate method from the same initial weights on the same "
+                    "mini-batches (the paper's protocol) and write metrics, curves, summary and checkpoints.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = t.add_argument
+    a("--data", help=f"packed-JPEG .npz, torchvision-cifar10:ROOT or torchvision-cifar100:ROOT (default {DEFAULT_DATA})")
+    a("--subset", type=int, metavar="N", help="use a class-balanced subset of N train and N test images (the npz is sorted by class)")
+    a("--model", help="lenet-bn (default), vgg11, vgg13, vgg16, vgg19, or tv:NAME (torchvision, weights=None)")
+    a("--width", type=float, help="channel multiplier of the vgg models (default 1)")
+    a("--methods", type=_csv(str), help="comma-separated (default sgd,backmatch,lars,lsalr)")
+    a("--lr", type=_lrs, help=f"RATE or METHOD=RATE,... (defaults: {lr_defaults})")
+    a("--epochs", type=int, help="default 30")
+    a("--seeds", type=_csv(int), help="comma-separated seeds (default 0)")
+    a("--batch-size", type=int, help="default 128")
+    a("--eval-batch-size", type=int, help="default 1000")
+    a("--momentum", type=float, help="default 0.9")
+    a("--nesterov", action="store_true", default=None, help="Nesterov momentum")
+    a("--weight-decay", type=float, help="added to the gradient before the layer-wise rescale (default 0)")
+    a("--augment", action="store_true", default=None, help="random horizontal flip and rotation")
+    a("--max-rotation", type=float, help="degrees of the random rotation with --augment (default 10)")
+    a("--lr-decay-every", type=int, metavar="EPOCHS", help="multiply the LR by --lr-decay every EPOCHS (default 0: fixed)")
+    a("--lr-decay", type=float, help="default 0.2")
+    a("--trust-coefficient", type=float, help="LARS trust coefficient (default 0.001)")
+    a("--device", help="cpu (default), cuda, cuda:1 ...")
+    a("--compile", action="store_true", default=None, help="wrap the model with torch.compile")
+    a("--plan-compile", action=argparse.BooleanOptionalAction, default=None,
+      help="compile the factor function (default: on for cuda, off for cpu)")
+    a("--out", help="output directory (default runs/<timestamp>)")
+    a("--resume", metavar="DIR", help="continue the run in DIR from its checkpoints (its saved options apply)")
+    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    t.set_defaults(func=_cmd_train)
+    return t
+
+
+_OPTION_FIELDS = ("data", "subset", "model", "width", "methods", "lr", "epochs", "seeds", "batch_size",
+                  "eval_batch_size", "momentum", "nesterov", "weight_decay", "augment", "max_rotation",
+                  "lr_decay_every", "lr_decay", "trust_coefficient", "device", "compile", "plan_compile",
+                  "out", "progress")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """The :class:`TrainConfig` of parsed ``train`` arguments, and whether to resume."""
+    from ..cli import CliError
+
+    given = {k: getattr(args, k) for k in _OPTION_FIELDS if getattr(args, k, None) is not None}
+    if args.resume:
+        cfg = load_config(args.resume)
+        if "out" in given and given["out"] != args.resume:
+            raise CliError("--out and --resume name different directories; --resume DIR writes to DIR")
+        given.pop("out", None)
+        for k, v in given.items():
+            if k not in TrainConfig.RESUMABLE and v != getattr(cfg, k):
+                raise CliError(f"--{k.replace('_', '-')} differs from the resumed run's "
+                               f"({getattr(cfg, k)!r}); only {', '.join(TrainConfig.RESUMABLE)} may change")
+            setattr(cfg, k, v)
+        return cfg, True
+    return TrainConfig(**given), False
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log file: long lines rather than wrapped ones
+        console = Console(stderr=True, width=max(console.width, 140))
+    root = logging.getLogger("fxbackmatch")
+    if not root.handlers:
+        root.addHandler(RichHandler(console=console, show_path=False))
+        root.setLevel(logging.INFO)
+    cfg, resume = config_from_args(args)
+    try:
+        train(cfg, resume=resume, console=console)
+    except KeyboardInterrupt:
+        console.print(f"interrupted; continue with: fxbackmatch train --resume {cfg.out}")
+        return 130
+    return 0

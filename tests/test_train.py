@@ -1,0 +1,327 @@
+"""The training harness (issue 5): data loaders on files written here, every method for
+two steps, the paper's protocol (same init, same batches), CLI, bitwise resume."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fxbackmatch.cli import CliError, _parser, main
+from fxbackmatch.train import (
+    DataError,
+    TrainConfig,
+    augment_batch,
+    config_from_args,
+    epoch_batches,
+    initial_model,
+    load_config,
+    load_data,
+    state_digest,
+    subset_indices,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
+    """Smooth colour gradients (JPEG keeps them close), uint8 (n, 3, 32, 32)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
+    a = torch.rand(n, 3, 3, generator=g)
+    img = a[..., 0, None, None] * 200 * xx + a[..., 1, None, None] * 55 * yy + a[..., 2, None, None] * 0
+    return img.round().clamp(0, 255).to(torch.uint8)
+
+
+def write_npz(path: Path, n_train: int = 24, n_test: int = 12, corrupt_jpeg: bool = False):
+    from torchvision.io import encode_jpeg
+
+    arrays = {}
+    truth = {}
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        imgs = smooth_images(n, seed)
+        labels = np.sort(np.arange(n) % 10).astype(np.uint8)  # sorted by class, like the real file
+        blobs = [encode_jpeg(im, quality=95).numpy() for im in imgs]
+        if corrupt_jpeg:
+            blobs[1] = np.frombuffer(b"not a jpeg at all", dtype=np.uint8)
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        arrays[f"{split}_jpeg"] = np.concatenate(blobs).astype(np.uint8)
+        arrays[f"{split}_offsets"] = offsets
+        arrays[f"{split}_labels"] = labels
+        truth[split] = (imgs, labels)
+    arrays["classes"] = np.array(CLASSES)
+    np.savez(path, **arrays)
+    return truth
+
+
+def write_torchvision(root: Path, kind: str = "cifar10", per_file: int = 3) -> dict:
+    """A tiny directory in torchvision's CIFAR python format (not the official files)."""
+    rng = np.random.default_rng(0)
+    if kind == "cifar10":
+        base, train, test = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
+        key, meta, meta_key, names = "labels", "batches.meta", "label_names", CLASSES
+    else:
+        base, train, test = root / "cifar-100-python", ["train"], ["test"]
+        key, meta, meta_key, names = "fine_labels", "meta", "fine_label_names", [f"c{i}" for i in range(100)]
+    base.mkdir(parents=True)
+    out = {"train": ([], []), "test": ([], [])}
+    for split, files in (("train", train), ("test", test)):
+        for j, fname in enumerate(files):
+            data = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
+            labels = [int(v) for v in rng.integers(0, len(names), size=per_file)]
+            with open(base / fname, "wb") as f:
+                pickle.dump({"batch_label": fname, "data": data, key: labels}, f, protocol=2 if j % 2 else 5)
+            out[split][0].append(data)
+            out[split][1].extend(labels)
+    with open(base / meta, "wb") as f:
+        pickle.dump({meta_key: names}, f, protocol=2)
+    return {s: (np.concatenate(d).reshape(-1, 3, 32, 32), np.array(l)) for s, (d, l) in out.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory) -> tuple[Path, dict]:
+    p = tmp_path_factory.mktemp("data") / "tiny.npz"
+    return p, write_npz(p)
+
+
+def tiny_config(npz: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(npz), subset=16, batch_size=8, epochs=1, seeds=(0,), progress=False, out=str(out),
+                eval_batch_size=8)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ----------------------------------------------------------------------------- data
+def test_npz_loader_decodes_shapes_labels_and_pixels(tiny_npz):
+    path, truth = tiny_npz
+    d = load_data(str(path))
+    assert d.train_x.shape == (24, 3, 32, 32) and d.train_x.dtype == torch.uint8
+    assert d.test_x.shape == (12, 3, 32, 32)
+    assert d.train_y.dtype == torch.int64
+    assert d.train_y.tolist() == truth["train"][1].tolist()
+    assert d.test_y.tolist() == truth["test"][1].tolist()
+    assert d.classes == CLASSES and d.num_classes == 10
+    err = (d.train_x.float() - truth["train"][0].float()).abs().mean()
+    assert err < 3.0  # JPEG at quality 95 on smooth images
+    assert d.mean.shape == (3,) and torch.all(d.std > 0)
+    z = d.normalize(d.train_x)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+
+
+def test_subset_is_class_balanced_and_deterministic(tiny_npz):
+    path, _ = tiny_npz
+    labels = np.sort(np.arange(50) % 10)
+    idx = subset_indices(labels, 20)
+    assert np.bincount(labels[idx], minlength=10).tolist() == [2] * 10
+    assert subset_indices(labels, 20).tolist() == idx.tolist()
+    d = load_data(str(path), subset=10)
+    assert d.train_x.shape[0] == 10 and sorted(d.train_y.tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
+def test_torchvision_format_loader(tmp_path, kind, caplog):
+    truth = write_torchvision(tmp_path, kind)
+    d = load_data(f"torchvision-{kind}:{tmp_path}")
+    n_train = 15 if kind == "cifar10" else 3
+    assert d.train_x.shape == (n_train, 3, 32, 32) and d.test_x.shape == (3, 3, 32, 32)
+    assert torch.equal(d.train_x, torch.from_numpy(truth["train"][0]))  # lossless format
+    assert d.train_y.tolist() == truth["train"][1].tolist()
+    assert d.test_y.tolist() == truth["test"][1].tolist()
+    assert d.num_classes == (10 if kind == "cifar10" else 100)
+    assert "restricted unpickler" in caplog.text  # not the official MD5s
+    d2 = load_data(str(tmp_path))  # a root directory is recognised too
+    assert torch.equal(d2.test_x, d.test_x)
+
+
+def test_torchvision_format_refuses_foreign_pickle_globals(tmp_path):
+    write_torchvision(tmp_path, "cifar10")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [0]}, f)
+    with pytest.raises(DataError, match="not allowed"):
+        load_data(f"torchvision-cifar10:{tmp_path}")
+
+
+def test_missing_and_corrupt_data_give_one_line_errors(tmp_path):
+    with pytest.raises(CliError, match="not found") as e:
+        load_data(str(tmp_path / "nope.npz"))
+    assert "\n" not in str(e.value)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    with pytest.raises(CliError, match="corrupt") as e:
+        load_data(str(bad))
+    assert "\n" not in str(e.value)
+    other = tmp_path / "other.npz"
+    np.savez(other, x=np.zeros(3))
+    with pytest.raises(CliError, match="lacks array"):
+        load_data(str(other))
+    badjpeg = tmp_path / "badjpeg.npz"
+    write_npz(badjpeg, 4, 2, corrupt_jpeg=True)
+    with pytest.raises(CliError, match="JPEG decoding failed") as e:
+        load_data(str(badjpeg))
+    assert "\n" not in str(e.value)
+    with pytest.raises(CliError, match="not found"):
+        load_data(f"torchvision-cifar10:{tmp_path / 'nothing'}")
+    write_torchvision(tmp_path / "tv", "cifar10")
+    (tmp_path / "tv" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x05garbage")
+    with pytest.raises(CliError, match="corrupt"):
+        load_data(f"torchvision-cifar10:{tmp_path / 'tv'}")
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path, capsys):
+    rc = main(["train", "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("fxbackmatch: error:") and "not found" in err and "\n" not in err
+    rc = main(["train", "--model", "alexnet-ish", "--out", str(tmp_path / "o2")])
+    assert rc == 2 and "unknown model" in capsys.readouterr().err
+
+
+def test_augment_is_seeded_and_shape_preserving():
+    x = torch.randn(4, 3, 32, 32)
+    a = augment_batch(x, torch.Generator().manual_seed(3), 10.0)
+    b = augment_batch(x, torch.Generator().manual_seed(3), 10.0)
+    assert a.shape == x.shape and torch.equal(a, b)
+    flipped = augment_batch(x, torch.Generator().manual_seed(3), 0.0)
+    for i in range(4):  # with no rotation, each image is itself or its mirror
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def four_methods(tiny_npz, tmp_path_factory):
+    """Each method, 2 steps (16 images, batch 8), from the same init on the same batches."""
+    path, _ = tiny_npz
+    cfg = tiny_config(path, tmp_path_factory.mktemp("run4"), methods=("sgd", "backmatch", "lars", "lsalr"),
+                      weight_decay=5e-4)
+    return cfg, train(cfg)
+
+
+def test_every_method_trains_two_steps(four_methods):
+    cfg, res = four_methods
+    assert [r["method"] for r in res.rows] == list(cfg.methods)
+    init = initial_model(cfg, 0, 10).state_dict()
+    finals = {}
+    for m in cfg.methods:
+        row = next(r for r in res.rows if r["method"] == m)
+        assert math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])
+        assert 0.0 <= row["test_acc"] <= 1.0 and row["lr"] == cfg.lr_for(m)
+        ck = torch.load(Path(cfg.out) / f"{m}-seed0" / "checkpoint.pt", weights_only=True)
+        assert ck["epoch"] == 1 and len(ck["optimizer"]["state"]) > 0
+        moved = [k for k, v in ck["model"].items() if v.is_floating_point() and not torch.equal(v, init[k])]
+        assert any(k.endswith("weight") for k in moved), m
+        finals[m] = ck["model"]["0.weight"]
+    # the layer-wise scales make a difference: same init and batches, different weights
+    assert not torch.equal(finals["sgd"], finals["backmatch"])
+
+
+def test_same_initial_weights_and_batches_for_every_method(four_methods):
+    cfg, res = four_methods
+    runs = [res.runs[f"{m}/0"] for m in cfg.methods]
+    assert len({r["init_digest"] for r in runs}) == 1
+    assert runs[0]["init_digest"] == state_digest(initial_model(cfg, 0, 10))
+    assert all(r["first_batch"] == runs[0]["first_batch"] for r in runs)
+    assert len(runs[0]["first_batch"]) == 8
+    # the order comes from the seed alone
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert all(torch.equal(a, b) for a, b in zip(epoch_batches(16, 8, g1), epoch_batches(16, 8, g2)))
+
+
+def test_outputs_written(four_methods):
+    cfg, res = four_methods
+    out = Path(cfg.out)
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and set(rows[0]) == {"method", "seed", "epoch", "train_loss", "train_acc", "test_loss",
+                                               "test_acc", "lr", "epoch_seconds", "images_per_s"}
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == set(cfg.methods)
+    s = summary["methods"]["backmatch"]
+    assert s["best_test_acc"]["std"] == 0.0 and s["final_test_acc"]["mean"] == res.rows[1]["test_acc"]
+    assert s["mean_epoch_seconds"] > 0
+    assert load_config(out).methods == cfg.methods
+    with pytest.raises(CliError, match="already holds a run"):
+        train(cfg)
+
+
+def test_resume_is_bitwise_identical(tiny_npz, tmp_path):
+    path, _ = tiny_npz
+    kw = dict(methods=("backmatch", "lars"), batch_size=6, augment=True, nesterov=True, weight_decay=5e-4,
+              lr_decay_every=1, lr_decay=0.5)
+    straight = train(tiny_config(path, tmp_path / "a", epochs=2, **kw))
+    train(tiny_config(path, tmp_path / "b", epochs=1, **kw))
+    cfg = load_config(tmp_path / "b")
+    cfg.epochs = 2
+    resumed = train(cfg, resume=True)
+    for m in kw["methods"]:
+        a = torch.load(tmp_path / "a" / f"{m}-seed0" / "checkpoint.pt", weights_only=True)
+        b = torch.load(tmp_path / "b" / f"{m}-seed0" / "checkpoint.pt", weights_only=True)
+        assert a["epoch"] == b["epoch"] == 2
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (m, k)
+        for pid, st in a["optimizer"]["state"].items():
+            assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
+        assert torch.equal(a["shuffle_rng"], b["shuffle_rng"]) and torch.equal(a["augment_rng"], b["augment_rng"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_s")} for r in rows]  # noqa: E731
+    assert strip(straight.rows) == strip(resumed.rows)
+    assert [r["lr"] for r in resumed.rows if r["method"] == "lars"] == [2.0, 1.0]
+
+
+def test_cli_options_and_resume_conflicts(tiny_npz, tmp_path):
+    path, _ = tiny_npz
+    args = _parser().parse_args(["train", "--data", str(path), "--lr", "sgd=0.5,backmatch=0.01", "--seeds", "1,2",
+                                 "--methods", "sgd,backmatch", "--nesterov", "--out", str(tmp_path)])
+    cfg, resume = config_from_args(args)
+    assert not resume and cfg.lr_for("sgd") == 0.5 and cfg.lr_for("backmatch") == 0.01
+    assert cfg.seeds == (1, 2) and cfg.nesterov and cfg.momentum == 0.9 and cfg.batch_size == 128
+    assert TrainConfig(lr={"*": 0.3}).lr_for("lars") == 0.3
+    assert TrainConfig().lr_for("lars") == 2.0 and TrainConfig().lr_for("backmatch") == 0.02
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    args = _parser().parse_args(["train", "--resume", str(tmp_path), "--batch-size", "64"])
+    with pytest.raises(CliError, match="batch-size"):
+        config_from_args(args)
+    args = _parser().parse_args(["train", "--resume", str(tmp_path), "--epochs", "7"])
+    cfg2, resume = config_from_args(args)
+    assert resume and cfg2.epochs == 7 and cfg2.lr == cfg.lr and cfg2.out == str(tmp_path)
+
+
+def test_cli_subprocess_writes_metrics(tiny_npz, tmp_path):
+    path, _ = tiny_npz
+    out = tmp_path / "cli"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run(
+        [sys.executable, "-m", "fxbackmatch", "train", "--data", str(path), "--subset", "16", "--batch-size", "8",
+         "--eval-batch-size", "8", "--epochs", "1", "--methods", "sgd,backmatch", "--out", str(out), "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["sgd", "backmatch"]
+    assert (out / "summary.json").is_file()
