@@ -173,7 +173,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     if not console.is_terminal:  # a log file: long lines rather than wrapped ones
-        console = Console(stderr=True, width=max(console.width, 140))
+        console = Console(stderr=True, width=max(console.width, 180))
     root = logging.getLogger("fxbackmatch")
     if not root.handlers:
         root.addHandler(RichHandler(console=console, show_path=False))

@@ -125,7 +125,7 @@ class ImageData:
         )
 
 
-def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(x: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std (population) of uint8 images on the [0, 1] scale, float32."""
     if x.numel() == 0:
         raise DataError("the training split is empty")
@@ -348,6 +348,10 @@ def load_data(spec: str | os.PathLike, subset: int | None = None) -> ImageData:
                 raise DataError(f"--data {s!r}: give the root directory after the colon")
             return load_torchvision(root, kind.lower(), subset)
     p = Path(s)
+    if s == DEFAULT_DATA and not p.exists():  # the default is relative to the repository root
+        alt = Path(__file__).resolve().parents[2] / DEFAULT_DATA
+        if alt.exists():
+            p = alt
     if p.is_dir():
         for kind, fmt in _TV_FORMATS.items():
             if (p / fmt["folder"]).is_dir():
