@@ -28,6 +28,7 @@ class GeneratedFactors:
 
     code: str
     fn: Callable[..., torch.Tensor]
+    from_base: Callable[..., torch.Tensor]
     constants: dict[str, torch.Tensor]
     weight_refs: list[str]  # order of the ``weight_sq`` argument
     grad_refs: list[str]  # order of ``grad_sq``
@@ -87,7 +88,15 @@ def generate(
         lines.append(f"    base = torch.stack({' + '.join(parts)})")
     else:
         lines.append('    base = C["b"].new_zeros(0)')
-    lines.append(f"    log_atoms = torch.log(base.clamp_min({EPS!r}))")
+    lines += [
+        "    return factors_from_base(base, C)",
+        "",
+        "",
+        "def factors_from_base(base: torch.Tensor, C: dict[str, torch.Tensor]) -> torch.Tensor:",
+        '    """The chain from the stacked [weight_sq, grad_sq, stat] vector (sharded models',
+        '    all-reduce their local partial sums into it first)."""',
+        f"    log_atoms = torch.log(base.to(torch.float64).clamp_min({EPS!r}))",
+    ]
     width = len(order)
     for i, a in enumerate(atoms):
         if a.kind in base:
@@ -142,6 +151,7 @@ def generate(
     return GeneratedFactors(
         code=code,
         fn=namespace["factors"],
+        from_base=namespace["factors_from_base"],
         constants=consts,
         weight_refs=[atoms[i].ref for i in base["weight_sumsq"]],
         grad_refs=[atoms[i].ref for i in base["grad_sumsq"]],

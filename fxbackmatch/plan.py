@@ -264,6 +264,34 @@ class Plan:
     # ------------------------------------------------------------------ safety
     def _check(self) -> None:
         self._need()
+        try:
+            self._check_identity()
+        except PlanMismatchError:
+            if not self._follow_sharded():
+                raise
+
+    def _follow_sharded(self) -> bool:
+        """Follow parameters that ``fully_shard`` replaced by DTensors of the same global
+        shape (a plan prepared before sharding); anything else stays an error."""
+        from .runtime import _is_dtensor
+
+        params = dict(self.model.named_parameters())
+        changed = False
+        for n in self._targets:
+            cur = params.get(n)
+            if cur is None or tuple(cur.shape) != self._shapes[n]:
+                return False
+            if cur is not self._params.get(n):
+                if not _is_dtensor(cur):
+                    return False
+                changed = True
+        if not changed:
+            return False
+        self._finish()
+        log.info("fxbackmatch: plan follows %s into its sharded parameters", type(self.model).__name__)
+        return True
+
+    def _check_identity(self) -> None:
         for parent, key, child in self._links:
             if parent._modules.get(key) is not child:
                 raise PlanMismatchError(

@@ -10,6 +10,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+import torch.distributed as dist
+
 from .codegen import GeneratedFactors
 
 __all__ = ["Runtime"]
@@ -35,6 +37,7 @@ class Runtime:
         self.targets = [params[t] for t in targets]
         self._fn = None
         self._consts: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._sharded = any(_is_dtensor(t) for t in self.weights + self.targets)
 
     @property
     def fn(self):
@@ -47,8 +50,12 @@ class Runtime:
 
     def device(self) -> torch.device:
         for t in self.targets or self.weights:
-            return t.device
+            return _local(t)[0].device
         return torch.device("cpu")
+
+    @property
+    def sharded(self) -> bool:
+        return self._sharded
 
     @torch.no_grad()
     def scales(self) -> torch.Tensor:
@@ -62,17 +69,72 @@ class Runtime:
         consts = self._consts.get(dev)
         if consts is None:
             consts = self._consts[dev] = self.gen.constants_on(dev)
+        if self._sharded:
+            return self._sharded_scales(grads, stats, consts, dev)
         return self.fn(self.weights, grads, stats, consts)
+
+    def _sharded_scales(self, grads, stats, consts, dev) -> torch.Tensor:
+        """Sharded (FSDP2 / DTensor) weights: each rank sums the squares of its local shard,
+        one all-reduce adds all layers' partial sums at once, then the chain runs as usual.
+        Unsharded tensors contribute ``1/world`` of their sum on every rank."""
+        parts, group, world = [], None, 1
+        for t in list(self.weights) + list(grads):
+            local, shards = _local(t)
+            if shards > 1:
+                if group is None:
+                    group, world = _group_of(t)
+            parts.append((local, shards))
+        if group is None:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+        partial = torch.stack(
+            [l.to(torch.float64).square().sum() / (1.0 if n > 1 else world) for l, n in parts]
+        ) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
+        if dist.is_initialized():
+            dist.all_reduce(partial, group=group)  # the one collective of the step
+        stat = [s.to(torch.float64).mean() for s in stats]
+        base = torch.cat([partial, torch.stack(stat)]) if stat else partial
+        return self.gen.from_base(base.to(dev), consts)
 
     @torch.no_grad()
     def rescale_(self) -> torch.Tensor:
         scales = self.scales()
         groups: dict[tuple, list[int]] = defaultdict(list)
+        grads = []
         for i, p in enumerate(self.targets):
             g = p.grad
             if g is not None:
+                g = _local(g)[0] if self._sharded else g
+                grads.append(g)
                 groups[(g.device, g.dtype)].append(i)
+            else:
+                grads.append(None)
         for (dev, dtype), idx in groups.items():
             sc = scales.to(device=dev, dtype=dtype).unbind(0)
-            torch._foreach_mul_([self.targets[i].grad for i in idx], [sc[i] for i in idx])
+            torch._foreach_mul_([grads[i] for i in idx], [sc[i] for i in idx])
         return scales
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
+
+
+def _local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The local tensor and the number of shards it is one of (1 when not sharded)."""
+    if not _is_dtensor(t):
+        return t, 1
+    from torch.distributed.tensor import Shard
+
+    shards = 1
+    for mesh_dim, pl in enumerate(t.placements):
+        if isinstance(pl, Shard):
+            shards *= t.device_mesh.size(mesh_dim)
+    return t.to_local(), shards
+
+
+def _group_of(t) -> tuple[object, int]:
+    mesh = t.device_mesh
+    return (mesh.get_group() if mesh.ndim == 1 else None), mesh.size()
