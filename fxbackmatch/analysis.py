@@ -12,7 +12,8 @@ Two quantities flow backwards along every edge:
 Where a value has several consumers (a fork) the consumers' factors are combined by the
 harmonic mean ``k / Σ 1/m_i`` — back-matching sums the matched signals ``δ'a = Σ δa_i/m_i``,
 and with comparable ``δa_i`` the ratio ``δa/δ'a`` is that harmonic mean — and the
-gradient-carrying fractions by their maximum.
+gradient-carrying fractions by their sum, capped at 1 (disjoint slices add up; consumers
+of the whole tensor give 1).
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ class RuleContext:
 
     # ----- parameters ---------------------------------------------------------------
     def module_param(self, attr: str) -> str | None:
-        """Canonical name of ``self.module.<attr>`` if it is a trainable parameter."""
+        """Canonical name of ``self.module.<attr>`` if it is a parameter (frozen ones too:
+        their norms still enter ``m``; ``add_layer`` does not scale them)."""
         p = getattr(self.module, attr, None)
         return self._w.claim(p, self.node)
 
@@ -216,7 +218,7 @@ class _Walker:
         self.atoms = AtomTable()
         self.params: dict[str, nn.Parameter] = {}
         self.param_names: dict[int, str] = {}
-        for name, p in model.named_parameters():
+        for name, p in model.named_parameters():  # frozen ones too: their norms enter m
             self.param_names[id(p)] = name
             self.params[name] = p
         self.contrib: dict[fx.Node, list[tuple[Mono, float, fx.Node]]] = {}
@@ -234,10 +236,7 @@ class _Walker:
             return None
         if get_attr is not None:
             self.claimed.add((get_attr, user))
-        name = self.param_names.get(id(p))
-        if name is None or not p.requires_grad:
-            return None
-        return name
+        return self.param_names.get(id(p))
 
     def contribute(self, node: fx.Node, m: Mono, frac: float, src: fx.Node) -> None:
         self.contrib.setdefault(node, []).append((m, frac, src))
@@ -254,6 +253,9 @@ class _Walker:
                 continue
             if role not in ROLES:
                 raise ValueError(f"unknown parameter role {role!r}; use one of {ROLES}")
+            if not self.params[pname].requires_grad:
+                notes = tuple(notes) + (f"frozen {role}",)
+                continue
             self.uses.setdefault(pname, []).append(ParamUse(pname, role, ctx.m_out, float(ps)))
             names.append((pname, role))
         self.layers.append(
@@ -314,7 +316,7 @@ class _Walker:
                 m, frac = got[0][0], got[0][1]
             else:
                 m = self.atoms.harmonic_mean([c[0] for c in got], label=f"fork at '{node.name}'")
-                frac = max(c[1] for c in got)
+                frac = min(1.0, sum(c[1] for c in got))
             self.m_at[node] = m
             node.meta["fxbackmatch.m"] = m
             node.meta["fxbackmatch.frac"] = frac
