@@ -28,6 +28,8 @@ def _activation_instances():
         if cls is nn.Unflatten:
             continue
         kwargs = {"dim": 1} if cls in (nn.Softmax, nn.LogSoftmax) else {}
+        if cls.__name__ == "StochasticDepth":
+            kwargs = {"p": 0.2, "mode": "row"}
         out.append(cls(**kwargs))
     out += [nn.Dropout(0.5), nn.Dropout1d(0.2)]
     return out
@@ -136,3 +138,29 @@ def test_competitor_zero_norm_guards():
     torch.testing.assert_close(
         lsalr.scale_tensor(), torch.tensor([s2[n] for n in lsalr.targets], dtype=torch.float64), rtol=1e-9, atol=0
     )
+
+
+def test_group_and_layer_norm_and_conv_transpose():
+    from oracles import coln, rown
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.GroupNorm(2, 8), nn.ReLU(),
+        nn.ConvTranspose2d(8, 4, 2, stride=2, bias=False), nn.Flatten(2), nn.LayerNorm(256),
+    )
+    x = torch.randn(2, 3, 8, 8)
+    plan = fxbackmatch.prepare(net, x, compile=False)
+    s = plan.scales()
+    ln_g = net[5].weight
+    # LayerNorm at the output: m = 1; γ, β shared over the 4 channels; s = 4
+    assert s["5.weight"] == pytest.approx(1 / 4) and s["5.bias"] == s["5.weight"]
+    # the LN's input comes from the transposed conv: Var ≈ sum(W²)/(out·Π stride)
+    wt = net[3].weight
+    var_t = float(wt.detach().double().pow(2).sum()) / (4 * 4)
+    m_t = float(ln_g.detach().double().pow(2).mean()) / var_t
+    assert s["3.weight"] == pytest.approx(1 / (m_t * 64), rel=1e-9)  # s = input locations
+    m_gn = m_t * float(wt.detach().double().pow(2).sum()) / 8  # c = 1
+    assert s["1.weight"] == pytest.approx(1 / (m_gn * 64), rel=1e-9)
+    m_conv = m_gn * float(net[1].weight.detach().double().pow(2).mean()) / rown(net[0].weight)
+    assert s["0.weight"] == pytest.approx(1 / (m_conv * 64), rel=1e-9)
+    assert coln(net[0].weight) > 0

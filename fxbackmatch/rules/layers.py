@@ -142,7 +142,7 @@ for _d, _f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
 
 
 # ------------------------------------------------------------------------- BatchNorm
-def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind) -> None:
+def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = None) -> None:
     """BatchNorm (§2.3, eq. 36): ``m ← m / Var[a]`` with ``Var[a] ≈ ||W_below||²_{2,μ}``, the
     row norm of the weighted layer feeding the BN (looking through pointwise ops). With no
     weighted layer right below (BN on the input, after an addition) or with
@@ -167,10 +167,11 @@ def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind) -> None:
     notes.append(how)
     m_in = ctx.m_out / var
     if gamma is not None:
-        m_in = m_in * ctx.sumsq(gamma) / ctx.param_shape(gamma)[0]
+        m_in = m_in * ctx.sumsq(gamma) / math.prod(ctx.param_shape(gamma))
         notes.append("γ²→m")
     if gamma is not None or beta is not None:
-        s = ctx.frac_out * positions(ctx.out_shape, 1)
+        if s is None:
+            s = ctx.frac_out * positions(ctx.out_shape, 1)
         ctx.add_layer(
             kind, [(gamma, "norm_scale", s), (beta, "norm_shift", s)],
             weight=gamma or beta, s=s, c=1.0, input_node=x, notes=tuple(notes),
@@ -197,3 +198,55 @@ def functional_batch_norm_rule(ctx: RuleContext) -> None:
         ctx, ctx.param_from_arg(ctx.arg(3, "weight")), ctx.param_from_arg(ctx.arg(4, "bias")),
         ctx.buffer_from_arg(ctx.arg(2, "running_var")), "F.batch_norm",
     )
+
+
+@register_rule(module=nn.GroupNorm)
+def group_norm_rule(ctx: RuleContext) -> None:
+    """nn.GroupNorm: as BatchNorm (Var[a] ≈ ||W_below||²_{2,μ}; no running statistics, so
+    with no weighted layer right below Var is taken as 1, noted); γ, β per channel with
+    ``s`` the spatial locations."""
+    _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), None, "GroupNorm")
+
+
+@register_rule(module=nn.LayerNorm)
+def layer_norm_rule(ctx: RuleContext) -> None:
+    """nn.LayerNorm: as BatchNorm over the normalized features (Var[a] ≈ ||W_below||²_{2,μ},
+    or 1 with no weighted layer right below, noted); γ, β have the normalized shape and are
+    shared over the remaining positions, ``s`` = numel / (batch · normalized numel)."""
+    m = ctx.module
+    shape = ctx.out_shape
+    s = ctx.frac_out * max(1, math.prod(shape) // max(1, shape[0] * math.prod(m.normalized_shape)))
+    _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), None, "LayerNorm", s=s)
+
+
+def _conv_t_row_norm(ctx: RuleContext) -> Mono | None:
+    w = ctx.module_param("weight")
+    if w is None:
+        return None
+    m = ctx.module
+    return ctx.sumsq(w) / (m.out_channels * math.prod(m.stride))
+
+
+@register_rule(module=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), row_norm=_conv_t_row_norm)
+def conv_transpose_rule(ctx: RuleContext) -> None:
+    """nn.ConvTranspose1d/2d/3d: the adjoint of a conv. Every input location meets every
+    kernel tap, so ``||W_col||²_{2,μ} = sum(W²)/in_channels`` with ``c = 1/frac`` (only the
+    carrying share of the outputs counts); the weight is shared over the input locations,
+    ``s = frac · in_locations``; an output location receives ``1/Π stride`` of the taps, so the
+    row norm seen by a BN above is ``sum(W²)/(out_channels · Π stride)`` (approximations,
+    noted)."""
+    m = ctx.module
+    w, b = ctx.module_param("weight"), ctx.module_param("bias")
+    x = ctx.inputs[0]
+    if w is None:
+        ctx.pass_all()
+        return
+    dims = len(m.kernel_size)
+    in_loc = math.prod(ctx.shape(x)[-dims:])
+    s = ctx.frac_out * in_loc
+    c = 1.0 / max(ctx.frac_out, 1e-12)
+    ctx.add_layer(
+        type(m).__name__, [(w, "weight", s), (b, "bias", s)], weight=w, s=s, c=c, input_node=x,
+        notes=("transposed conv: s over input locations",),
+    )
+    ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) / (m.in_channels * c), 1.0)

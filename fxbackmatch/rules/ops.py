@@ -25,7 +25,12 @@ from ..registry import register_rule
 
 __all__ = ["identity_rule", "pooling_rule", "add_rule", "getitem_rule", "mul_rule"]
 
-_ACTIVATION_MODULES = (
+try:  # torchvision's stochastic depth acts like dropout on the residual branch
+    from torchvision.ops import StochasticDepth as _StochasticDepth
+except Exception:  # pragma: no cover - torchvision is a dependency, but stay importable
+    _StochasticDepth = nn.Identity
+
+_ACTIVATION_MODULES = (_StochasticDepth, 
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
     nn.Softsign, nn.Tanhshrink, nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout,
