@@ -143,6 +143,9 @@ class RuleContext:
     def param_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._w.params[name].shape)
 
+    def numel_of_param(self, name: str) -> int:
+        return self._w.params[name].numel()
+
     def sumsq(self, name: str) -> Mono:
         """``sum(W²)`` of parameter ``name``, as a per-step atom."""
         return Mono.atom(self.atoms.weight(name))
@@ -229,6 +232,7 @@ class _Walker:
         self.claimed: set[tuple[fx.Node, fx.Node]] = set()  # (get_attr node, user)
         self.m_at: dict[fx.Node, Mono] = {}
         self.pending_notes: dict[fx.Node, list[str]] = {}
+        self._var_memo: dict[fx.Node, Mono | None] = {}
 
     # --- bookkeeping used by RuleContext
     def claim(self, p, user: fx.Node, get_attr: fx.Node | None = None) -> str | None:
@@ -240,6 +244,7 @@ class _Walker:
 
     def contribute(self, node: fx.Node, m: Mono, frac: float, src: fx.Node) -> None:
         self.contrib.setdefault(node, []).append((m, frac, src))
+
 
     def add_layer(self, ctx: RuleContext, kind, params, weight, s, c, input_node, notes):
         node = ctx.node
@@ -275,28 +280,43 @@ class _Walker:
         )
 
     def variance_below(self, node: fx.Node) -> tuple[Mono, str]:
-        start = node
+        """``Var[a]`` of value ``node`` from the weights that produce it (row-homogeneous):
+        a weighted layer's ``||W||²_{2,μ}`` (its input normalized by the BN below it), a norm
+        layer's ``mean(γ²)``, looking through transparent ops, and the channel-weighted mean
+        over the parts of a concatenation. Anything else (an addition, an input) has no
+        estimate: the caller falls back to the measured variance."""
         if self.variance != "measured":
-            seen = 0
-            while isinstance(node, fx.Node) and seen < 64:
-                seen += 1
-                rule = self.registry.lookup(node, self.gm) if node.op.startswith("call") else None
-                if rule is None:
-                    break
-                if rule.row_norm is not None:
-                    ctx = RuleContext(self, node, rule, ONE, 1.0)
-                    got = rule.row_norm(ctx)
-                    if got is not None:
-                        where = node.target if node.op == "call_module" else node.name
-                        self.pending_notes.setdefault(node, []).append("BN above: Var≈‖W‖²row")
-                        return got, f"Var≈‖W‖²row of {where}"
-                if not rule.transparent:
-                    break
-                ins = [a for a in _flat_nodes((node.args, node.kwargs)) if carries_tensor(a)]
-                if not ins:
-                    break
-                node = ins[0]
-        return ONE, f"no weighted layer right below '{start.name}'"
+            got = self._variance(node, 0)
+            if got is not None:
+                return got, "Var≈‖W‖²row below"
+        return ONE, f"no weighted layer right below '{node.name}'"
+
+    def _variance(self, node, depth: int) -> Mono | None:
+        if not isinstance(node, fx.Node) or depth > 256 or not node.op.startswith("call"):
+            return None
+        if node in self._var_memo:
+            return self._var_memo[node]
+        rule = self.registry.lookup(node, self.gm)
+        out: Mono | None = None
+        if rule is not None and rule.row_norm is not None:
+            out = rule.row_norm(RuleContext(self, node, rule, ONE, 1.0))
+            if out is not None:
+                self.pending_notes.setdefault(node, []).append("BN above: Var≈‖W‖²row")
+        elif rule is not None and rule.transparent:
+            ins = [a for a in _flat_nodes((node.args, node.kwargs)) if carries_tensor(a) and a.op != "get_attr"]
+            out = self._variance(ins[0], depth + 1) if ins else None
+        elif node.op == "call_function" and node.target in (torch.cat, torch.concat):
+            parts = [a for a in _flat_nodes(node.args[0]) if carries_tensor(a)]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            sizes = [shape_of(p)[dim] if shape_of(p) else 0 for p in parts]
+            vars_ = [self._variance(p, depth + 1) for p in parts]
+            if dim in (1, -3) and parts and all(v is not None for v in vars_) and sum(sizes):
+                total = sum(sizes)
+                out = self.atoms.sum_of(
+                    ((n / total, v) for n, v in zip(sizes, vars_)), label=f"Var of cat '{node.name}'"
+                )
+        self._var_memo[node] = out
+        return out
 
     # --- the walk
     def run(self) -> Analysis:

@@ -12,7 +12,7 @@ import torch
 
 from .expr import EPS, Atom, Mono
 
-__all__ = ["atom_values", "eval_mono", "lars_rate", "lsalr_rate"]
+__all__ = ["atom_values", "eval_mono", "log_mono", "lars_rate", "lsalr_rate"]
 
 
 def lars_rate(w_sq: float, g_sq: float, trust: float) -> float:
@@ -27,11 +27,18 @@ def lsalr_rate(g_sq: float) -> float:
     return 1.0 + math.log1p(1.0 / math.sqrt(max(g_sq, EPS)))
 
 
-def eval_mono(mono: Mono, values: Sequence[float]) -> float:
+def log_mono(mono: Mono, values: Sequence[float]) -> float:
+    """``log`` of the monomial (atoms floored at EPS)."""
     out = mono.log_const
     for i, p in mono.powers:
         out += p * math.log(max(values[i], EPS))
-    return math.exp(out)
+    return out
+
+
+def eval_mono(mono: Mono, values: Sequence[float]) -> float:
+    """The monomial's value; ``inf`` past float64's range rather than an exception."""
+    lg = log_mono(mono, values)
+    return math.exp(lg) if lg < 709.0 else math.inf
 
 
 def atom_values(
@@ -50,7 +57,9 @@ def atom_values(
         elif a.kind == "stat_mean":
             v = float(tensor(a.ref).detach().double().mean())
         elif a.kind == "sum":
-            v = sum(w * eval_mono(m, vals) for w, m in a.terms)
+            logs = [math.log(w) + log_mono(m, vals) for w, m in a.terms]
+            top = max(logs)
+            v = math.exp(top + math.log(sum(math.exp(x - top) for x in logs))) if top < 709.0 else math.inf
         elif a.kind == "lars":
             v = lars_rate(vals[a.args[0]], vals[a.args[1]], a.param)
         elif a.kind == "lsalr":

@@ -184,3 +184,26 @@ def test_variance_measured_everywhere_on_lenet():
     # BN4 (before fc3's input relu) has running_var 5: m = ||fc3ᵀ||²/5 at fc2's output
     assert s["12.weight"] == pytest.approx(5 / coln(fc3), rel=1e-12)
     assert s["9.weight"] == pytest.approx(5 * 4 / (coln(fc3) * coln(fc2)), rel=1e-12)
+
+
+class LayerScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = lin(4, 6), lin(6, 2)
+        self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+        self.beta = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        return self.head(self.fc(x) * self.gamma + self.beta)
+
+
+def test_parameter_scale_and_offset_are_layers():
+    net = LayerScale()
+    plan = prep(net, 3, 4)
+    s = plan.scales()
+    m = coln(net.head.weight)
+    assert plan.roles["gamma"] == "norm_scale" and plan.roles["beta"] == "bias"
+    assert s["beta"] == pytest.approx(1 / m, rel=1e-12) and s["gamma"] == pytest.approx(1 / m, rel=1e-12)
+    g2 = float(net.gamma.detach().double().pow(2).mean())
+    assert s["fc.weight"] == pytest.approx(1 / (m * g2), rel=1e-12)
+    assert plan.uncovered == ()

@@ -152,11 +152,9 @@ def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = 
     ``s`` its gradient-carrying locations."""
     x = ctx.inputs[0]
     notes: list[str] = []
-    var, how = (None, "")
-    if ctx.variance_mode != "measured":
-        var, how = ctx.variance_below(x)
-        if how.startswith("no weighted layer"):
-            var = None
+    var, how = ctx.variance_below(x)
+    if how.startswith("no weighted layer"):
+        var = None
     if var is None:
         if running_var_ref is not None:
             var = ctx.stat_mean(running_var_ref)
@@ -181,7 +179,15 @@ def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = 
     ctx.pass_to(x, m_in, ctx.frac_out)
 
 
-@register_rule(module=nn.modules.batchnorm._BatchNorm)
+def _norm_out_variance(ctx: RuleContext) -> Mono | None:
+    """A norm layer's output variance: ``mean(γ²)`` (1 without affine)."""
+    g = ctx.module_param("weight") if ctx.module is not None else ctx.param_from_arg(ctx.arg(3, "weight"))
+    if g is None:
+        return Mono()
+    return ctx.sumsq(g) / math.prod(ctx.param_shape(g))
+
+
+@register_rule(module=nn.modules.batchnorm._BatchNorm, row_norm=_norm_out_variance)
 def batch_norm_rule(ctx: RuleContext) -> None:
     """nn.BatchNorm1d/2d/3d and SyncBatchNorm, affine or not: see :func:`_bn`."""
     m = ctx.module
@@ -191,7 +197,7 @@ def batch_norm_rule(ctx: RuleContext) -> None:
     _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), rv, type(m).__name__)
 
 
-@register_rule(function=F.batch_norm)
+@register_rule(function=F.batch_norm, row_norm=_norm_out_variance)
 def functional_batch_norm_rule(ctx: RuleContext) -> None:
     """F.batch_norm(x, running_mean, running_var, weight, bias, ...): as nn.BatchNorm."""
     _bn(
@@ -200,7 +206,7 @@ def functional_batch_norm_rule(ctx: RuleContext) -> None:
     )
 
 
-@register_rule(module=nn.GroupNorm)
+@register_rule(module=nn.GroupNorm, row_norm=_norm_out_variance)
 def group_norm_rule(ctx: RuleContext) -> None:
     """nn.GroupNorm: as BatchNorm (Var[a] ≈ ||W_below||²_{2,μ}; no running statistics, so
     with no weighted layer right below Var is taken as 1, noted); γ, β per channel with
@@ -208,7 +214,7 @@ def group_norm_rule(ctx: RuleContext) -> None:
     _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), None, "GroupNorm")
 
 
-@register_rule(module=nn.LayerNorm)
+@register_rule(module=nn.LayerNorm, row_norm=_norm_out_variance)
 def layer_norm_rule(ctx: RuleContext) -> None:
     """nn.LayerNorm: as BatchNorm over the normalized features (Var[a] ≈ ||W_below||²_{2,μ},
     or 1 with no weighted layer right below, noted); γ, β have the normalized shape and are

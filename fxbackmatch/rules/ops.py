@@ -91,8 +91,23 @@ def pooling_rule(ctx: RuleContext) -> None:
     method=("add", "add_", "sub", "sub_"),
 )
 def add_rule(ctx: RuleContext) -> None:
-    """Addition (residual connections): every tensor input receives ``m`` and ``frac``."""
+    """Addition (residual connections): every tensor input receives ``m`` and ``frac``.
+    Adding a parameter (``x + self.offset``) makes it a bias of this node: scale ``1/(m·s)``
+    with ``s`` the positions it is broadcast over."""
+    for a in ctx.node.args[:2]:
+        name = ctx.param_from_arg(a)
+        if name is not None:
+            s = ctx.frac_out * _broadcast_positions(ctx, name)
+            ctx.add_layer("add (parameter)", [(name, "bias", s)], weight=name, s=s, c=1.0, input_node=ctx.inputs[0] if ctx.inputs else None)
     ctx.pass_all()
+
+
+def _broadcast_positions(ctx: RuleContext, name: str) -> float:
+    import math
+
+    out = ctx.out_shape or (1,)
+    per_sample = math.prod(out[1:]) if len(out) > 1 else 1
+    return max(1.0, per_sample / max(1, math.prod(ctx.param_shape(name))))
 
 
 @register_rule(function=(torch.cat, torch.concat, torch.stack, torch.chunk, torch.split), method=("chunk", "split"))
@@ -113,8 +128,21 @@ def getitem_rule(ctx: RuleContext) -> None:
 @register_rule(function=(operator.mul, operator.imul, torch.mul, operator.truediv, torch.div), method=("mul", "mul_", "div", "div_"))
 def mul_rule(ctx: RuleContext) -> None:
     """Multiplication by a constant ``k`` (division: ``1/k``): ``m ← m·k²``. By another
-    tensor (a gate, as in squeeze-excitation): each operand keeps ``m`` (noted)."""
+    tensor (a gate, as in squeeze-excitation): each operand keeps ``m`` (noted). By a
+    parameter (a layer scale): as BN's γ — ``m ← m·mean(γ²)``, the parameter's scale
+    ``1/(m·s)`` over the positions it is broadcast over."""
     args = list(ctx.node.args[:2])
+    params = [ctx.param_from_arg(a) for a in args]
+    if any(params) and ctx.node.target in (operator.mul, operator.imul, torch.mul, "mul", "mul_") and ctx.inputs:
+        # x * self.layer_scale: a per-channel scale like BN's γ (ConvNeXt's layer scale)
+        name = next(p for p in params if p)
+        s = ctx.frac_out * _broadcast_positions(ctx, name)
+        ctx.add_layer("mul (parameter)", [(name, "norm_scale", s)], weight=name, s=s, c=1.0,
+                      input_node=ctx.inputs[0], notes=("γ²→m",))
+        m = ctx.m_out * ctx.sumsq(name) / ctx.numel_of_param(name)
+        for inp in ctx.inputs:
+            ctx.pass_to(inp, m, ctx.frac_out)
+        return
     consts = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
     if len(ctx.inputs) == 1 and consts:
         k = float(consts[0])
