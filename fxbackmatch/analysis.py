@@ -9,9 +9,9 @@ Two quantities flow backwards along every edge:
   a max/avg pooling keeps ``out/in`` of its input's locations). A weighted layer's sharing
   factor is ``s = frac · positions(output)``, e.g. ``s_cv1 = 784 · 1/4 = 196`` in LeNet.
 
-Where a value has several consumers (a fork) the consumers' factors are combined by the
-harmonic mean ``k / Σ 1/m_i`` — back-matching sums the matched signals ``δ'a = Σ δa_i/m_i``,
-and with comparable ``δa_i`` the ratio ``δa/δ'a`` is that harmonic mean — and the
+Where a value has several consumers (a fork) the consumers' factors are combined by
+``m = Σ √m_i / Σ 1/√m_i`` (:meth:`~fxbackmatch.expr.AtomTable.fork_mean`: back-matching sums
+the matched signals ``δ'a = Σ δa_i/m_i`` with BP amplitudes ``δa_i ∝ √m_i``) — and the
 gradient-carrying fractions by their sum, capped at 1 (disjoint slices add up; consumers
 of the whole tensor give 1).
 """
@@ -251,7 +251,7 @@ class _Walker:
         name = str(node.target) if node.op == "call_module" else node.name
         notes = tuple(notes) + tuple(dict.fromkeys(self.pending_notes.get(node, ())))
         if any(self.atoms.atoms[i].kind == "sum" for i in ctx.m_out.atoms()):
-            notes = tuple(notes) + ("fork (harmonic m)",)
+            notes = tuple(notes) + ("fork-combined m",)
         names = []
         for pname, role, ps in params:
             if pname is None:
@@ -335,7 +335,7 @@ class _Walker:
             if len(got) == 1:
                 m, frac = got[0][0], got[0][1]
             else:
-                m = self.atoms.harmonic_mean([c[0] for c in got], label=f"fork at '{node.name}'")
+                m = self.atoms.fork_mean([c[0] for c in got], label=f"fork at '{node.name}'")
                 frac = min(1.0, sum(c[1] for c in got))
             self.m_at[node] = m
             node.meta["fxbackmatch.m"] = m

@@ -8,12 +8,12 @@ from the model each step:
   ``||Wᵀ||²_{2,μ}`` are this divided by the number of rows or columns, a constant);
 * ``grad_sumsq``: ``sum(δW**2)`` (for the LARS and LSALR rules);
 * ``stat_mean``: the mean of a buffer (BatchNorm ``running_var``, "measured variance");
-* ``sum``: ``Σ_j weight_j · mono_j`` over earlier atoms — forks (harmonic mean of the
+* ``sum``: ``Σ_j weight_j · mono_j`` over earlier atoms — forks (``Σ√m_i / Σ1/√m_i`` over the
   consumers' factors) and weights used more than once (sharing factor summed over uses);
 * ``lars`` / ``lsalr``: the competitors' per-layer rates, with their zero-norm guards.
 
 A chain of layers therefore has log-scales that are a fixed linear map of the log atoms,
-fixed at ``prepare`` time; forks add one log-sum-exp each.
+fixed at ``prepare`` time; forks add two log-sum-exps each.
 """
 from __future__ import annotations
 
@@ -125,8 +125,29 @@ class AtomTable:
         return Mono.atom(self.intern(Atom("sum", terms=terms, label=label)))
 
     def harmonic_mean(self, parts: Iterable[Mono], label: str = "") -> Mono:
-        """``k / Σ 1/part``: the combination of a fork's consumers (see ``rules`` docs)."""
+        """``k / Σ 1/part`` (kept for custom rules; forks use :meth:`fork_mean`)."""
         parts = tuple(parts)
         if len(set(parts)) == 1:
             return parts[0]
         return self.sum_of(((1.0, p.inverse()) for p in parts), label).inverse() * len(parts)
+
+    def fork_mean(self, parts: Iterable[Mono], label: str = "") -> Mono:
+        """The backward factor of a value consumed ``k`` times (a fork).
+
+        Back-matching sums the consumers' matched signals, ``δ'a = Σ δa_i/m_i``, while
+        back-propagation sums ``δa = Σ δa_i``. Along a chain every rule multiplies ``m`` by
+        the square of what it multiplies the BP amplitude by, so ``δa_i ∝ √m_i``; hence
+        ``m = δa/δ'a = Σ √m_i / Σ 1/√m_i`` (for two consumers the geometric mean
+        ``√(m_1 m_2)``). With equal amplitudes instead it would be the harmonic mean, which
+        lets a near-silent branch (a residual branch scaled by 1e-6) dictate the factor.
+        """
+        parts = tuple(parts)
+        if len(set(parts)) == 1:
+            return parts[0]
+        num = self.sum_of(((1.0, _pow(p, 0.5)) for p in parts), label + " (Σ√m)")
+        den = self.sum_of(((1.0, _pow(p, -0.5)) for p in parts), label + " (Σ1/√m)")
+        return num / den
+
+
+def _pow(m: Mono, k: float) -> Mono:
+    return Mono(tuple((i, p * k) for i, p in m.powers), m.log_const * k)

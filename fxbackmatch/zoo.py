@@ -37,23 +37,11 @@ def _input_side(name: str) -> int:
 
 
 def build(name: str) -> nn.Module:
-    """The model with ``weights=None``, built on meta and materialized with small random
-    weights (cheaper than torchvision's init for the 600M-parameter models)."""
+    """The model with ``weights=None`` and torchvision's own initialization."""
     import torchvision
 
-    with torch.device("meta"):
-        model = torchvision.models.get_model(name, weights=None)
-    model.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05, generator=g)
-        for n, b in model.named_buffers():
-            if n.endswith("running_var"):
-                b.fill_(1.0)
-            elif b.is_floating_point():
-                b.zero_()
-    return model
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None)
 
 
 def sweep_model(name: str) -> ZooResult:

@@ -12,8 +12,8 @@ from oracles import coln, rown
 
 
 def hm(*ms: float) -> float:
-    """The fork rule: harmonic mean of the consumers' factors."""
-    return len(ms) / sum(1 / m for m in ms)
+    """The fork rule: Σ√m_i / Σ 1/√m_i (BP amplitudes ∝ √m_i); for two, the geometric mean."""
+    return sum(m**0.5 for m in ms) / sum(m**-0.5 for m in ms)
 
 
 def lin(i, o, bias=False):
@@ -38,7 +38,12 @@ class Fork(nn.Module):
         return self.fc1(h), self.fc2(h)  # two outputs, m = 1 at each
 
 
-def test_fork_harmonic_mean_and_several_outputs():
+def test_fork_rule_for_two_is_geometric_mean():
+    assert hm(4.0, 9.0) == pytest.approx(6.0)
+    assert hm(2.0, 2.0, 2.0) == pytest.approx(2.0)
+
+
+def test_fork_mean_and_several_outputs():
     net = Fork()
     s = prep(net, 4, 5).scales()
     assert s["fc1.weight"] == 1.0 and s["fc2.weight"] == 1.0
