@@ -119,7 +119,10 @@ class RuleRegistry:
         if node.op == "call_module":
             return self._module_rule(type(gm.get_submodule(node.target)))
         if node.op == "call_function":
-            return self._rules.get(("function", node.target))
+            rule = self._rules.get(("function", node.target))
+            if rule is None and isinstance(node.target, type) and issubclass(node.target, tuple):
+                rule = self._rules.get(("function", tuple))  # namedtuple outputs
+            return rule
         if node.op == "call_method":
             return self._rules.get(("method", node.target))
         return None

@@ -14,7 +14,7 @@ from .errors import FxBackmatchError
 __all__ = ["ZooResult", "sweep_model", "INPUT_SIZE"]
 
 #: input side per model family (others: 64); weights are never downloaded
-INPUT_SIZE = {"inception_v3": 96, "maxvit_t": 224, "vit": 224, "swin": 64}
+INPUT_SIZE = {"inception_v3": 299, "maxvit_t": 224, "vit": 224, "swin": 64}
 
 
 @dataclass
@@ -51,7 +51,7 @@ def sweep_model(name: str) -> ZooResult:
     n_m = sum(p.numel() for p in model.parameters()) / 1e6
     t = time.perf_counter()
     try:
-        plan = prepare(model, torch.randn(1, 3, side, side), compile=False)
+        plan = prepare(model, torch.randn(2, 3, side, side), compile=False)
     except FxBackmatchError as e:
         return ZooResult(name, type(e).__name__, str(e).splitlines()[0], 0, total, False, time.perf_counter() - t, n_m)
     dt = time.perf_counter() - t

@@ -116,6 +116,13 @@ def concat_rule(ctx: RuleContext) -> None:
     ctx.pass_all()
 
 
+@register_rule(function=(tuple, list, dict))
+def container_rule(ctx: RuleContext) -> None:
+    """Building a tuple / namedtuple / list / dict of tensors (model outputs such as
+    GoogLeNet's): each element keeps the factor."""
+    ctx.pass_all()
+
+
 @register_rule(function=operator.getitem)
 def getitem_rule(ctx: RuleContext) -> None:
     """Indexing a tensor (slicing) or a tuple of tensors (after split/chunk): the factor is
