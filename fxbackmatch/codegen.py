@@ -111,7 +111,7 @@ def generate(
             consts[f"{k}_A"] = torch.tensor(rows, dtype=torch.float64)
             consts[f"{k}_b"] = torch.tensor(bs, dtype=torch.float64)
             lines.append(f"    # {a.label or 'sum'}: log Σ over {len(rows)} terms")
-            lines.append(f'    {k} = torch.logsumexp(C["{k}_A"] @ log_atoms + C["{k}_b"], dim=0)')
+            lines.append(f'    {k} = torch.logsumexp(_lin(C["{k}_A"], log_atoms) + C["{k}_b"], dim=0)')
         elif a.kind == "lars":
             w, g = (pos[j] for j in a.args)
             lines.append(f"    # LARS rate of {a.ref}: τ·||W||/||δW||, 1 where a norm is zero")
@@ -137,7 +137,15 @@ def generate(
     consts["A"] = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), width)
     consts["b"] = torch.tensor(bs, dtype=torch.float64)
     lines.append("    # every scale 1/(m·s) at once: log-scales are linear in the log atoms")
-    lines.append('    return torch.exp(C["A"] @ log_atoms + C["b"])')
+    lines.append('    return torch.exp(_lin(C["A"], log_atoms) + C["b"])')
+    lines += [
+        "",
+        "",
+        "def _lin(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:",
+        '    """``A @ x`` where a zero coefficient ignores its atom, so a non-finite norm only',
+        '    reaches the scales that depend on it (a matmul would spread 0·inf = NaN)."""',
+        "    return torch.where(A != 0, A * x, torch.zeros_like(A)).sum(-1)",
+    ]
     lines.append("")
     lines.append("# Scales, in order:")
     for n, (name, _) in enumerate(scales):

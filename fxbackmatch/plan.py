@@ -198,6 +198,16 @@ class Plan:
             out[n] = eval_mono(expr, vals)
         return out
 
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteWeightError` naming the first weight with a non-finite norm.
+
+        ``rescale_grads_()`` never synchronizes with the host, so it does not check: scales
+        that depend on a non-finite weight come out NaN/inf and make the step non-finite,
+        which a GradScaler skips. ``scales()`` and the report check (they sync anyway).
+        """
+        self._need()
+        self._atom_values()
+
     def scale_tensor(self) -> torch.Tensor:
         """The generated function's scales (float64, on the parameters' device), in the
         order of :attr:`targets`."""

@@ -51,6 +51,15 @@ def atom_values(
     for a in atoms:
         if a.kind == "weight_sumsq":
             v = float(tensor(a.ref).detach().double().pow(2).sum())
+            if not math.isfinite(v):
+                from .errors import NonFiniteWeightError
+
+                raise NonFiniteWeightError(
+                    f"weight '{a.ref}' has a non-finite norm ({v}); its layer and every layer "
+                    f"below it on the backward chain have no meaningful scale.\n  What to do: "
+                    f"restore the weights from a checkpoint (lower the learning rate) — the "
+                    f"rescale itself never creates non-finite values from finite weights."
+                )
         elif a.kind == "grad_sumsq":
             g = grad(a.ref)
             v = 0.0 if g is None else float(g.detach().double().pow(2).sum())
