@@ -24,6 +24,7 @@ def prepare(
     compile: bool = True,
     trust_coefficient: float = 1e-3,
     registry: RuleRegistry | None = None,
+    capture: str = "auto",
 ) -> Plan:
     """Trace ``model``, propagate shapes, walk the graph and build its layer-wise scales.
 
@@ -53,6 +54,7 @@ def prepare(
         compile=compile,
         trust_coefficient=trust_coefficient,
         registry=registry,
+        capture=capture,
     )
     if example_inputs is None:
         plan._arm()

@@ -17,8 +17,8 @@ from .methods import scale_of
 from .reference import atom_values, eval_mono
 from .registry import REGISTRY, RuleRegistry
 from .runtime import Runtime
-from .shapes import propagate_shapes
-from .tracing import trace, unwrap_model
+from .capture import capture
+from .tracing import unwrap_model
 
 __all__ = ["Plan"]
 
@@ -47,7 +47,12 @@ class Plan:
         compile: bool = True,
         trust_coefficient: float = 1e-3,
         registry: RuleRegistry | None = None,
+        capture: str = "auto",
     ) -> None:
+        if capture not in ("auto", "fx", "hooks"):
+            raise ValueError(f"capture must be 'auto', 'fx' or 'hooks', got {capture!r}")
+        self.capture_mode = capture
+        self.capture: str | None = None
         if adapt not in ("all", "weights"):
             raise ValueError(f"adapt must be 'all' or 'weights', got {adapt!r}")
         from .methods import METHODS
@@ -71,11 +76,17 @@ class Plan:
 
     # ------------------------------------------------------------------ building
     def _build(self, example_inputs: Sequence[torch.Tensor]) -> None:
-        gm = trace(self.model, self.registry.has_module_rule, self.leaf_modules)
-        propagate_shapes(gm, example_inputs)
+        gm, self.capture = capture(
+            self.model, example_inputs, self.registry.has_module_rule, self.leaf_modules, self.capture_mode
+        )
         self._analysis = analyze(gm, self.model, self.registry, strict=self.strict, variance=self.variance)
         for n in gm.graph.nodes:  # keep shapes, drop the fake tensors
             n.meta.pop("val", None)
+        if self.capture == "hooks":
+            self._analysis.notes.insert(
+                0, "captured with hooks (torch.fx could not trace): modules in execution order, "
+                "functional ops between them unseen, chain assumed"
+            )
         self.input_shapes = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
         self._finish()
 

@@ -63,7 +63,7 @@ def _title(plan: "Plan") -> str:
     shapes = ", ".join(_shape(s) for s in (plan.input_shapes or ()))
     return (
         f"fxbackmatch · {type(plan.model).__name__} · rule={plan.rule} · input {shapes} · "
-        f"{covered}/{total} parameters scaled"
+        f"{covered}/{total} parameters scaled" + (" · capture=hooks" if plan.capture == "hooks" else "")
     )
 
 
@@ -96,6 +96,7 @@ def plan_to_dict(plan: "Plan", compare: Sequence[str] = ()) -> dict[str, Any]:
     return {
         "model": type(plan.model).__name__,
         "rule": plan.rule,
+        "capture": plan.capture,
         "input_shapes": [list(s) for s in (plan.input_shapes or ())],
         "scaled": len(plan.targets),
         "trainable": sum(1 for p in plan.model.parameters() if p.requires_grad),

@@ -59,14 +59,14 @@ class Alpha(nn.Module):
 
 def test_untraceable_model_says_use_leaf_modules():
     with pytest.raises(fxbackmatch.TraceError, match="leaf_modules") as e:
-        fxbackmatch.prepare(DataDependent(), torch.randn(2, 4))
+        fxbackmatch.prepare(DataDependent(), torch.randn(2, 4), capture="fx")
     assert "DataDependent" in str(e.value)
     assert e.value.__cause__ is not None
 
 
 def test_leaf_module_with_registered_rule():
     with pytest.raises(fxbackmatch.TraceError):
-        fxbackmatch.prepare(WithGate(), torch.randn(2, 4))
+        fxbackmatch.prepare(WithGate(), torch.randn(2, 4), capture="fx")
     with pytest.raises(fxbackmatch.UnsupportedOpError, match=r"register_rule\(module=Gate\)"):
         fxbackmatch.prepare(WithGate(), torch.randn(2, 4), leaf_modules=[Gate])
     reg = fxbackmatch.RuleRegistry()

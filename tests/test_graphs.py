@@ -212,3 +212,45 @@ def test_parameter_scale_and_offset_are_layers():
     g2 = float(net.gamma.detach().double().pow(2).mean())
     assert s["fc.weight"] == pytest.approx(1 / (m * g2), rel=1e-12)
     assert plan.uncovered == ()
+
+
+class Branchy(nn.Module):
+    """LeNet-like chain whose forward has data-dependent control flow (not fx-traceable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cv1, self.bn1 = nn.Conv2d(3, 6, 5, bias=False), nn.BatchNorm2d(6, affine=False)
+        self.pool = nn.MaxPool2d(2)
+        self.cv2, self.bn2 = nn.Conv2d(6, 16, 5, bias=False), nn.BatchNorm2d(16, affine=False)
+        self.fc1, self.bn3 = nn.Linear(400, 120, bias=False), nn.BatchNorm1d(120, affine=False)
+        self.fc2 = nn.Linear(120, 10, bias=False)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if x.mean() > 100:  # data-dependent: symbolic tracing fails here
+            x = x / 2
+        x = self.pool(self.act(self.bn1(self.cv1(x))))
+        x = self.pool(self.act(self.bn2(self.cv2(x))))
+        x = self.act(self.bn3(self.fc1(x.flatten(1))))
+        return self.fc2(x)
+
+
+def test_untraceable_model_falls_back_to_hook_capture():
+    torch.manual_seed(0)
+    net = Branchy()
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    plan = fxbackmatch.prepare(net, torch.randn(4, 3, 32, 32), compile=False)
+    assert plan.capture == "hooks" and "capture=hooks" in str(plan).splitlines()[0]
+    assert any("hooks" in n for n in plan.notes)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # untouched
+    assert [r.s for r in plan.layers] == [196.0, 25.0, 1.0, 1.0]
+    s = plan.scales()
+    m_fc1 = coln(net.fc2.weight) / rown(net.fc1.weight)
+    assert s["fc1.weight"] == pytest.approx(1 / m_fc1, rel=1e-12)
+    m_cv2 = m_fc1 * coln(net.fc1.weight) / rown(net.cv2.weight)
+    assert s["cv2.weight"] == pytest.approx(1 / (25 * m_cv2), rel=1e-12)
+    m_cv1 = m_cv2 * coln(net.cv2.weight) / (196 / 25) / rown(net.cv1.weight)
+    assert s["cv1.weight"] == pytest.approx(1 / (196 * m_cv1), rel=1e-12)
+    with pytest.raises(fxbackmatch.TraceError):
+        fxbackmatch.prepare(net, torch.randn(4, 3, 32, 32), capture="fx")
