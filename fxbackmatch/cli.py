@@ -29,7 +29,10 @@ def resolve_model(spec: str) -> nn.Module:
     from .models import BUILTIN_MODELS
 
     if spec in BUILTIN_MODELS:
-        return BUILTIN_MODELS[spec]()
+        try:
+            return BUILTIN_MODELS[spec]()
+        except Exception as e:
+            raise CliError(f"building {spec} failed: {type(e).__name__}: {e}") from e
     if ":" not in spec:
         raise CliError(
             f"unknown model {spec!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}) or "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["lenet_bn", "vgg_paper", "VGG_CONFIGS", "BUILTIN_MODELS"]
+__all__ = ["lenet_bn", "vgg_paper", "resnet18_paper", "VGG_CONFIGS", "BUILTIN_MODELS"]
 
 
 def lenet_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
@@ -48,10 +48,24 @@ def vgg_paper(depth: int | str = 11, num_classes: int = 10, width: float = 1.0) 
     return nn.Sequential(*layers)
 
 
+def resnet18_paper(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 in the paper's style: BatchNorm without trainable affine
+    (residual graphs are beyond the paper; see the fork rule)."""
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    for mod in list(net.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(mod, name, nn.BatchNorm2d(child.num_features, affine=False))
+    return net
+
+
 BUILTIN_MODELS = {
     "lenet-bn": lenet_bn,
     "vgg11-bn-paper": lambda: vgg_paper(11),
     "vgg13-bn-paper": lambda: vgg_paper(13),
     "vgg16-bn-paper": lambda: vgg_paper(16),
     "vgg19-bn-paper": lambda: vgg_paper(19),
+    "resnet18-paper": resnet18_paper,
 }

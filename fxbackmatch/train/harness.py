@@ -70,7 +70,7 @@ METRIC_FIELDS = ("method", "seed", "epoch", "train_loss", "train_acc", "test_los
                  "epoch_seconds", "images_per_s")
 
 CHECKPOINT_VERSION = 1
-MODELS = ("lenet-bn", "vgg11", "vgg13", "vgg16", "vgg19")
+MODELS = ("lenet-bn", "vgg11", "vgg13", "vgg16", "vgg19", "resnet18-paper")
 
 
 @dataclass
@@ -198,6 +198,10 @@ def build_model(name: str, num_classes: int, width: float = 1.0, *, check_only: 
         return None if check_only else lenet_bn(num_classes=num_classes)
     if key in ("vgg11", "vgg13", "vgg16", "vgg19"):
         return None if check_only else vgg_paper(key, num_classes=num_classes, width=width)
+    if key in ("resnet18-paper", "resnet18"):
+        from ..models import resnet18_paper
+
+        return None if check_only else resnet18_paper(num_classes=num_classes)
     raise CliError(f"unknown model {name!r}; choose from {', '.join(MODELS)} or tv:NAME (a torchvision model)")
 
 
