@@ -30,6 +30,8 @@ def child(variant: str, model: str) -> None:
     x = torch.randn(8, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (8,), device=dev)
     opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9, foreach=True)
+    # every variant loads the compiler (its code and threads are RSS, not tensor memory)
+    torch.compile(lambda t: t * 2, fullgraph=True)(torch.ones(2, device=dev))
     if variant != "baseline":
         plan = fxbackmatch.prepare(net, x, compile=(variant == "compiled"))
         plan.attach(opt)

@@ -71,18 +71,17 @@ def generate(
         "def factors(weights: list[torch.Tensor], grads: list[torch.Tensor], stats: list[torch.Tensor],",
         "            C: dict[str, torch.Tensor]) -> torch.Tensor:",
         f'    """Return the {len(scales)} scales, in the order listed at the end of this file."""',
-        "    f64 = torch.float64",
         "    # squared norms accumulated in float64 (one read of each tensor, fused by inductor)",
     ]
     parts = []
     if n_w:
-        lines.append(f"    weight_sq = [w.to(f64).square().sum() for w in weights]  # {n_w} weights")
+        lines.append(f"    weight_sq = [_sq(w) for w in weights]  # {n_w} weights")
         parts.append("weight_sq")
     if n_g:
-        lines.append(f"    grad_sq = [g.to(f64).square().sum() for g in grads]  # {n_g} gradients")
+        lines.append(f"    grad_sq = [_sq(g) for g in grads]  # {n_g} gradients")
         parts.append("grad_sq")
     if n_s:
-        lines.append(f"    stat = [s.to(f64).mean() for s in stats]  # {n_s} running variances")
+        lines.append(f"    stat = [s.to(torch.float64).mean() for s in stats]  # {n_s} running variances")
         parts.append("stat")
     if parts:
         lines.append(f"    base = torch.stack({' + '.join(parts)})")
@@ -139,6 +138,15 @@ def generate(
     lines.append("    # every scale 1/(m·s) at once: log-scales are linear in the log atoms")
     lines.append('    return torch.exp(_lin(C["A"], log_atoms) + C["b"])')
     lines += [
+        "",
+        "",
+        "def _sq(t: torch.Tensor) -> torch.Tensor:",
+        '    """sum(t²) accumulated in float64: fused into one read when compiled; eagerly in',
+        '    chunks of 2**20 elements so no float64 copy of a whole weight is ever made."""',
+        "    if torch.compiler.is_compiling():",
+        "        return t.to(torch.float64).square().sum()",
+        "    flat = t.detach().reshape(-1)",
+        "    return torch.stack([c.to(torch.float64).square().sum() for c in flat.split(1 << 20)]).sum()",
         "",
         "",
         "def _lin(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:",
