@@ -25,7 +25,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import NoWeightedLayerError, UncoveredParameterError, UnsupportedOpError
+from .errors import (
+    FxBackmatchError,
+    NoWeightedLayerError,
+    RuleError,
+    UncoveredParameterError,
+    UnsupportedOpError,
+)
 from .expr import ONE, AtomTable, Mono
 from .registry import Rule, RuleRegistry
 from .shapes import shape_of
@@ -344,7 +350,17 @@ class _Walker:
             if rule is None:
                 self._no_rule(node, m, frac)
                 continue
-            rule(RuleContext(self, node, rule, m, frac))
+            try:
+                rule(RuleContext(self, node, rule, m, frac))
+            except FxBackmatchError:
+                raise
+            except Exception as e:
+                raise RuleError(
+                    f"rule {rule.name} ({_describe(node, self.gm)}) failed at node "
+                    f"{node.format_node()}: {type(e).__name__}: {e}\n  What to do: register a "
+                    f"rule that handles this use with {_register_hint(node, self.gm)}(..., "
+                    f"override=True), or keep the module opaque with leaf_modules=."
+                ) from e
         self._check_params(g)
         if not self.layers:
             raise NoWeightedLayerError(

@@ -9,6 +9,7 @@ __all__ = [
     "TraceError",
     "ShapePropagationError",
     "UnsupportedOpError",
+    "RuleError",
     "UncoveredParameterError",
     "NoWeightedLayerError",
     "PlanNotReadyError",
@@ -32,6 +33,10 @@ class ShapePropagationError(FxBackmatchError):
 
 class UnsupportedOpError(FxBackmatchError):
     """An op on a gradient path has no rule in the registry."""
+
+
+class RuleError(FxBackmatchError):
+    """A registered rule failed on a node it was asked about."""
 
 
 class UncoveredParameterError(FxBackmatchError):

@@ -160,3 +160,18 @@ def test_replaced_or_resized_parameter_is_detected():
     net2[15] = nn.Linear(84, 12, bias=False)
     with pytest.raises(fxbackmatch.PlanMismatchError, match="replaced"):
         plan2.scales()
+
+
+def test_a_failing_rule_is_reported_with_its_node():
+    reg = fxbackmatch.RuleRegistry()
+    for rule in fxbackmatch.REGISTRY:
+        reg.register(rule.fn, **{rule.key[0]: rule.key[1]}, transparent=rule.transparent, row_norm=rule.row_norm)
+
+    @reg.register(module=nn.ReLU, override=True)
+    def broken(ctx):
+        raise KeyError("oops")
+
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(fxbackmatch.RuleError, match=r"rule broken .*ReLU.* failed at node .*KeyError") as e:
+        fxbackmatch.prepare(net, torch.randn(2, 3), registry=reg)
+    assert "override=True" in str(e.value)

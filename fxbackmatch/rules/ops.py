@@ -81,6 +81,8 @@ def pooling_rule(ctx: RuleContext) -> None:
     ``frac_out · numel(out)/numel(in)`` — a 2×2 max pool keeps a quarter of the locations,
     a global average pool one per channel (the paper counts a conv's sharing factor after
     the pooling that follows it; average pooling is given the same count)."""
+    if not ctx.inputs:
+        return
     x = ctx.inputs[0]
     ratio = ctx.numel(ctx.node) / max(1, ctx.numel(x))
     ctx.pass_to(x, ctx.m_out, ctx.frac_out * min(1.0, ratio))
@@ -127,6 +129,8 @@ def container_rule(ctx: RuleContext) -> None:
 def getitem_rule(ctx: RuleContext) -> None:
     """Indexing a tensor (slicing) or a tuple of tensors (after split/chunk): the factor is
     kept; the carrying fraction shrinks to the selected share of the elements."""
+    if not ctx.inputs:  # indexing a parameter or a constant: nothing to hand back
+        return
     x = ctx.inputs[0]
     ratio = ctx.numel(ctx.node) / max(1, ctx.numel(x))
     ctx.pass_to(x, ctx.m_out, ctx.frac_out * min(1.0, ratio))
