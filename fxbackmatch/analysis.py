@@ -105,9 +105,11 @@ class RuleContext:
         )
         self.atoms = analysis.atoms
         self.variance_mode = analysis.variance
-        #: the node's tensor-valued input nodes, in argument order (kwargs after args)
+        #: the node's tensor-valued inputs, in argument order (kwargs after args); parameters
+        #: (get_attr of an nn.Parameter) are not inputs — rules claim them with param_from_arg
         self.inputs: list[fx.Node] = [
-            a for a in _flat_nodes((node.args, node.kwargs)) if carries_tensor(a) and a.op != "get_attr"
+            a for a in _flat_nodes((node.args, node.kwargs))
+            if carries_tensor(a) and not (a.op == "get_attr" and isinstance(_fetch_attr(analysis.gm, a.target), nn.Parameter))
         ]
 
     # ----- shapes -------------------------------------------------------------------
