@@ -61,7 +61,7 @@ def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"input shape must be comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"input shape must be comma-separated integers, got {text!r}") from None
     if not shape or any(d <= 0 for d in shape):
         raise argparse.ArgumentTypeError(f"input shape must be positive integers, got {text!r}")
     return shape

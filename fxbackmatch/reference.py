@@ -6,7 +6,7 @@ symbolic factors term by term with no vectorization.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 

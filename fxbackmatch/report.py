@@ -8,7 +8,6 @@ approximation used.
 from __future__ import annotations
 
 import io
-import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rich import box
@@ -83,7 +82,7 @@ def plan_to_dict(plan: "Plan", compare: Sequence[str] = ()) -> dict[str, Any]:
             "output_shape": list(rec.output_shape) if rec.output_shape else None,
             "s": rec.s,
             "c": rec.c,
-            "m": rec.m,
+            "m": rec.m if plan.rule == "backmatch" else None,  # the chain is back-matching's
             "scale": scales.get(main, 1.0) if main else None,
             "params": {n: {"role": role, "scale": scales.get(n, 1.0)} for n, role in rec.params},
             "notes": list(rec.notes) + (["kept at scale 1 (adapt='weights')"] if main and main not in plan.targets else []),

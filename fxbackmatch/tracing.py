@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-import torch
 import torch.fx as fx
 from torch import nn
 

@@ -62,7 +62,6 @@ def sequential_loop(net: nn.Sequential, hw: int) -> dict[str, float]:
         size = out_size[name]
     m_fac = 1.0
     scales = {}
-    last_weighted = None
     for i in range(len(mods) - 1, -1, -1):
         name, m = mods[i]
         if isinstance(m, (nn.Conv2d, nn.Linear)):
