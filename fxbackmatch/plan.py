@@ -76,6 +76,7 @@ class Plan:
 
     # ------------------------------------------------------------------ building
     def _build(self, example_inputs: Sequence[torch.Tensor]) -> None:
+        _refuse_sharded(self.model)
         gm, self.capture = capture(
             self.model, example_inputs, self.registry.has_module_rule, self.leaf_modules, self.capture_mode
         )
@@ -378,6 +379,25 @@ class Plan:
         if new._analysis is not None:
             new._finish()
         return new
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """FSDP2 modules run lazy initialization and collectives on any forward call, so tracing
+    a sharded model would change it: prepare before ``fully_shard`` (the plan follows)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, FSDPModule):
+            from .errors import PlanMismatchError
+
+            raise PlanMismatchError(
+                f"module '{name or type(model).__name__}' is already sharded by fully_shard; "
+                f"preparing it would run FSDP's forward hooks and change its state.\n  What to "
+                f"do: call fxbackmatch.prepare(model, ...) before fully_shard — the plan follows "
+                f"the parameters into their sharded form at the next rescale."
+            )
 
 
 def _owner(model: nn.Module, name: str):

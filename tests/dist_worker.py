@@ -64,6 +64,27 @@ def main(rank: int, world: int, mode: str, out: str, port: str) -> None:
         ddp = nn.parallel.DistributedDataParallel(net)
         plan = fxbackmatch.prepare(ddp, torch.randn(2, 3, 8, 8), compile=False)
         train(ddp, plan, rank, world, log)
+    elif mode == "fsdp-after":  # prepare on the already sharded model
+        from torch.distributed.fsdp import fully_shard
+
+        for m in net:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fully_shard(m)
+        fully_shard(net)
+        try:
+            fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)
+        except fxbackmatch.PlanMismatchError as e:
+            assert "before fully_shard" in str(e)
+        else:
+            raise AssertionError("prepare on a sharded model must refuse")
+        # the refused prepare left FSDP's state alone: the sharded model still trains
+        x, y = data()[0]
+        F.cross_entropy(net(x), y).backward()
+        if rank == 0:
+            torch.save({"refused": True}, f"{out}.0.pt")
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     elif mode in ("fsdp", "fsdp-local"):
         from torch.distributed.fsdp import fully_shard
 

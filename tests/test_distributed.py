@@ -60,3 +60,8 @@ def test_fsdp2_sharded_norms_match_single_process(single, tmp_path):
     bad = torch.load(f"{_run('fsdp-local', 2, tmp_path)}.0.pt", weights_only=True)
     err = max(float(((a - b).abs() / b).max()) for a, b in zip(bad["scales"], single["scales"]))
     assert err > 1e-2
+
+
+def test_fsdp2_prepare_after_sharding_refuses_and_leaves_model_working(tmp_path):
+    out = _run("fsdp-after", 2, tmp_path)
+    assert torch.load(f"{out}.0.pt", weights_only=True) == {"refused": True}
