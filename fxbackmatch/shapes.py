@@ -7,6 +7,7 @@ running statistics and ``num_batches_tracked`` never move. Results are stored in
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Sequence
 
@@ -78,7 +79,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)  # it logs every failing op with a traceback; we re-raise
     try:
-        with _reparametrize_module(gm, state, tie_weights=True):
+        with _reparametrize_module(gm, state, tie_weights=True), _hooks_silenced(gm):
             prop.propagate_dont_convert_inputs(*fake_inputs)
     except Exception as e:
         n = prop.current
@@ -97,6 +98,24 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     for n in gm.graph.nodes:
         val = n.meta.get("val")
         n.meta[SHAPE_KEY] = tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+@contextlib.contextmanager
+def _hooks_silenced(root: torch.nn.Module):
+    """The user's forward (pre-)hooks must not see fake tensors (an activation logger would
+    keep them): they are set aside while the graph runs and put back after."""
+    names = ("_forward_hooks", "_forward_pre_hooks")
+    saved = []
+    for m in root.modules():
+        saved.append((m, [getattr(m, n) for n in names]))
+        for n in names:
+            setattr(m, n, type(getattr(m, n))())
+    try:
+        yield
+    finally:
+        for m, hooks in saved:
+            for n, h in zip(names, hooks):
+                setattr(m, n, h)
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:

@@ -243,3 +243,16 @@ def test_linear_on_3d_input_shares_over_tokens():
     s = plan.scales()
     assert s["2.weight"] == pytest.approx(1 / 7)
     assert s["0.weight"] == pytest.approx(1 / (7 * coln(net[2].weight)), rel=1e-9)
+
+
+def test_prepare_does_not_run_user_forward_hooks():
+    net = lenet_bn()
+    seen = []
+    h1 = net[0].register_forward_hook(lambda m, a, out: seen.append(out))
+    h2 = net.register_forward_pre_hook(lambda m, a: seen.append(a))
+    fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+    assert seen == []
+    net(torch.randn(2, 3, 32, 32))
+    assert len(seen) == 2  # the hooks are back
+    h1.remove()
+    h2.remove()
