@@ -171,8 +171,9 @@ class RuleContext:
         for inp in self.inputs:
             self.pass_to(inp, self.m_out if m is None else m, self.frac_out if frac is None else frac)
 
-    def variance_below(self, node: fx.Node) -> tuple[Mono, str]:
-        """``Var[a]`` of the value ``node`` for the BN rule, and a note saying how."""
+    def variance_below(self, node: fx.Node) -> tuple[Mono | None, str]:
+        """``Var[a]`` of the value ``node`` for the BN rule (``None`` when the weights give no
+        estimate, or with ``variance="measured"``), and a note saying how."""
         return self._w.variance_below(node)
 
     def add_layer(
@@ -287,7 +288,7 @@ class _Walker:
             )
         )
 
-    def variance_below(self, node: fx.Node) -> tuple[Mono, str]:
+    def variance_below(self, node: fx.Node) -> tuple[Mono | None, str]:
         """``Var[a]`` of value ``node`` from the weights that produce it (row-homogeneous):
         a weighted layer's ``||W||²_{2,μ}`` (its input normalized by the BN below it), a norm
         layer's ``mean(γ²)``, looking through transparent ops, and the channel-weighted mean
@@ -297,7 +298,7 @@ class _Walker:
             got = self._variance(node, 0)
             if got is not None:
                 return got, "Var≈‖W‖²row below"
-        return ONE, f"no weighted layer right below '{node.name}'"
+        return None, f"no weighted layer right below '{node.name}'"
 
     def _variance(self, node, depth: int) -> Mono | None:
         if not isinstance(node, fx.Node) or depth > 256 or not node.op.startswith("call"):

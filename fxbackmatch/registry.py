@@ -36,8 +36,10 @@ class Rule:
 
     ``transparent`` rules leave the signal's variance alone (pointwise ops, reshapes,
     pooling, dropout): the BatchNorm rule looks through them for the weighted layer below.
-    ``row_norm(analysis, node)`` returns ``||W||²_{2,μ}`` of the node's weight for weighted
-    rules (the BN approximation ``Var[a] ≈ ||W||²_{2,μ}``, eq. 36).
+    ``row_norm(ctx)`` returns the variance of the node's output for unit-variance input:
+    ``||W||²_{2,μ}`` of a weighted layer's weight (the BN approximation
+    ``Var[a] ≈ ||W||²_{2,μ}``, eq. 36) or ``mean(γ²)`` of a norm layer; the BatchNorm rule
+    above uses it.
     """
 
     name: str

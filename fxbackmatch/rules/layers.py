@@ -153,8 +153,6 @@ def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = 
     x = ctx.inputs[0]
     notes: list[str] = []
     var, how = ctx.variance_below(x)
-    if how.startswith("no weighted layer"):
-        var = None
     if var is None:
         if running_var_ref is not None:
             var = ctx.stat_mean(running_var_ref)
