@@ -254,7 +254,6 @@ class _Walker:
     def contribute(self, node: fx.Node, m: Mono, frac: float, src: fx.Node) -> None:
         self.contrib.setdefault(node, []).append((m, frac, src))
 
-
     def add_layer(self, ctx: RuleContext, kind, params, weight, s, c, input_node, notes):
         node = ctx.node
         name = str(node.target) if node.op == "call_module" else node.name

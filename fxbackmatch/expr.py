@@ -124,13 +124,6 @@ class AtomTable:
             return terms[0][1] * sum(w for w, _ in terms)
         return Mono.atom(self.intern(Atom("sum", terms=terms, label=label)))
 
-    def harmonic_mean(self, parts: Iterable[Mono], label: str = "") -> Mono:
-        """``k / Σ 1/part`` (kept for custom rules; forks use :meth:`fork_mean`)."""
-        parts = tuple(parts)
-        if len(set(parts)) == 1:
-            return parts[0]
-        return self.sum_of(((1.0, p.inverse()) for p in parts), label).inverse() * len(parts)
-
     def fork_mean(self, parts: Iterable[Mono], label: str = "") -> Mono:
         """The backward factor of a value consumed ``k`` times (a fork).
 

@@ -20,7 +20,8 @@ __all__ = ["linear_rule", "conv_rule", "batch_norm_rule", "touched_fraction"]
 
 
 # ---------------------------------------------------------------------------- Linear
-def _linear_row_norm(ctx: RuleContext) -> Mono | None:
+def _weight_row_norm(ctx: RuleContext) -> Mono | None:
+    """``||W||²_{2,μ} = sum(W²)/out`` of a Linear/Conv weight (module or functional form)."""
     w = ctx.module_param("weight") if ctx.module is not None else ctx.param_from_arg(ctx.arg(1, "weight"))
     if w is None:
         return None
@@ -41,13 +42,13 @@ def _linear(ctx: RuleContext, w: str | None, b: str | None, kind: str) -> None:
     ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) / in_f, ctx.frac_out)
 
 
-@register_rule(module=nn.Linear, row_norm=_linear_row_norm)
+@register_rule(module=nn.Linear, row_norm=_weight_row_norm)
 def linear_rule(ctx: RuleContext) -> None:
     """nn.Linear: see :func:`_linear`."""
     _linear(ctx, ctx.module_param("weight"), ctx.module_param("bias"), "Linear")
 
 
-@register_rule(function=F.linear, row_norm=_linear_row_norm)
+@register_rule(function=F.linear, row_norm=_weight_row_norm)
 def functional_linear_rule(ctx: RuleContext) -> None:
     """F.linear(x, weight, bias): as nn.Linear, with the parameters read from get_attr args."""
     w = ctx.param_from_arg(ctx.arg(1, "weight"))
@@ -90,10 +91,10 @@ def _conv(ctx: RuleContext, w, b, dims, stride, padding, dilation, groups, kind)
     ``s_cv2 = 25``); ``c`` = input locations read divided by ``s`` (cv2: 196/25);
     ``m ← m·||W_col||²_{2,μ}/c`` with ``||W_col||²_{2,μ} = sum(W²)/in_channels``. Any stride,
     padding, dilation and groups (depthwise included); the bias takes the weight's scale."""
-    kernel = tuple(ctx.param_shape(w)[2:]) if w is not None else None
     if w is None:
         ctx.pass_all()
         return
+    kernel = tuple(ctx.param_shape(w)[2:])
     x, in_loc, out_loc, touched = _conv_geometry(ctx, dims, stride, padding, dilation, kernel)
     s = ctx.frac_out * out_loc
     c = (in_loc * touched) / s
@@ -102,14 +103,7 @@ def _conv(ctx: RuleContext, w, b, dims, stride, padding, dilation, groups, kind)
     ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) / (in_ch * c), touched)
 
 
-def _conv_row_norm(ctx: RuleContext) -> Mono | None:
-    w = ctx.module_param("weight") if ctx.module is not None else ctx.param_from_arg(ctx.arg(1, "weight"))
-    if w is None:
-        return None
-    return ctx.sumsq(w) / ctx.param_shape(w)[0]
-
-
-@register_rule(module=(nn.Conv1d, nn.Conv2d, nn.Conv3d), row_norm=_conv_row_norm)
+@register_rule(module=(nn.Conv1d, nn.Conv2d, nn.Conv3d), row_norm=_weight_row_norm)
 def conv_rule(ctx: RuleContext) -> None:
     """nn.Conv1d/2d/3d: see :func:`_conv`."""
     m = ctx.module
@@ -138,7 +132,7 @@ def _functional_conv(dims: int):
 
 
 for _d, _f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
-    register_rule(_functional_conv(_d), function=_f, row_norm=_conv_row_norm)
+    register_rule(_functional_conv(_d), function=_f, row_norm=_weight_row_norm)
 
 
 # ------------------------------------------------------------------------- BatchNorm

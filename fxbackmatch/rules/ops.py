@@ -14,6 +14,7 @@ reductions, additions, concatenation, slicing and scaling.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -105,8 +106,6 @@ def add_rule(ctx: RuleContext) -> None:
 
 
 def _broadcast_positions(ctx: RuleContext, name: str) -> float:
-    import math
-
     out = ctx.out_shape or (1,)
     per_sample = math.prod(out[1:]) if len(out) > 1 else 1
     return max(1.0, per_sample / max(1, math.prod(ctx.param_shape(name))))
