@@ -9,7 +9,8 @@
 True
 """
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
-from .analysis import LayerRecord, RuleContext
+from .context import RuleContext
+from .records import LayerRecord
 from .api import prepare
 from .errors import (
     DuplicateRuleError,
@@ -17,6 +18,7 @@ from .errors import (
     NoWeightedLayerError,
     NonFiniteWeightError,
     PlanMismatchError,
+    ScaleRangeWarning,
     PlanNotReadyError,
     RuleError,
     ShapePropagationError,
@@ -52,4 +54,5 @@ __all__ = [
     "PlanMismatchError",
     "DuplicateRuleError",
     "NonFiniteWeightError",
+    "ScaleRangeWarning",
 ]

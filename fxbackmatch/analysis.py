@@ -1,30 +1,28 @@
-"""The factor analysis: walk the graph from the outputs down and build every layer's
+"""The factor analysis: walk the graph from the loss outputs down and build every layer's
 backward factor ``m`` and sharing factor ``s`` (Algorithm 1, generalized to DAGs).
 
-Two quantities flow backwards along every edge:
+What flows backwards along every edge is a :class:`~fxbackmatch.records.Flow`: the factor
+``m`` (1 at each loss output; each rule multiplies it by its ``δa/δ'a``), and the fractions of
+positions (``frac``) and channels (``chan``) of the value that carry gradient.
 
-* ``m`` — the backward factor at a value (a :class:`~fxbackmatch.expr.Mono`), 1 at each
-  output; a rule multiplies it by its ``δa/δ'a``;
-* ``frac`` — the fraction of the value's elements that carry gradient (1 at the outputs;
-  a max/avg pooling keeps ``out/in`` of its input's locations). A weighted layer's sharing
-  factor is ``s = frac · positions(output)``, e.g. ``s_cv1 = 784 · 1/4 = 196`` in LeNet.
-
-Where a value has several consumers (a fork) the consumers' factors are combined by
-``m = Σ √m_i / Σ 1/√m_i`` (:meth:`~fxbackmatch.expr.AtomTable.fork_mean`: back-matching sums
-the matched signals ``δ'a = Σ δa_i/m_i`` with BP amplitudes ``δa_i ∝ √m_i``) — and the
-gradient-carrying fractions by their sum, capped at 1 (disjoint slices add up; consumers
-of the whole tensor give 1).
+**Forks are least squares over the stacked Jacobians.** A value read by ``k`` ops has the
+Jacobian ``J = [J_1; …; J_k]``, so ``JᵀJ = Σ J_iᵀJ_i``: under the paper's approximation
+``J_iᵀJ_i ≈ m_i·I`` on the elements consumer ``i`` reads, the factor at an element is the
+*sum* of the factors of the consumers that read it, and the value's scalar ``m`` is the mean
+over the elements that carry gradient:
+``m = Σ_i cover_i·m_i / cover``, with ``cover_i`` the share of elements consumer ``i`` reads
+and ``cover = min(1, Σ cover_i)`` (exact when the consumers read all of it or disjoint
+parts). A residual ``h + f(h)`` gives ``m_h = m_y + m_f``; a silent branch adds nothing.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
 
+from .context import RuleContext, fetch_attr, flat_nodes, positions  # noqa: F401 (positions: 0.1 API)
 from .errors import (
     FxBackmatchError,
     NoWeightedLayerError,
@@ -33,48 +31,17 @@ from .errors import (
     UnsupportedOpError,
 )
 from .expr import ONE, AtomTable, Mono
-from .registry import Rule, RuleRegistry
+from .records import ROLES, Flow, LayerRecord, ParamUse
+from .registry import RuleRegistry
 from .shapes import shape_of
-from .topology import backward_order, build_digraph, carries_tensor, numel_of, output_nodes
+from .topology import backward_order, build_digraph, carries_tensor, select_outputs
+from .variance import VarianceEstimator
 
-__all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze"]
+__all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze", "GAMMA_MODES"]
 
-ROLES = ("weight", "bias", "norm_scale", "norm_shift")
-
-
-@dataclass(frozen=True)
-class ParamUse:
-    """One use of a parameter by a layer: the scale of this use is ``1/(m·s)``."""
-
-    name: str
-    role: str
-    m: Mono
-    s: float
-
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """What the analysis decided for one layer (one FX node that owns parameters).
-
-    ``m`` is the backward factor at the layer's output under the current weights (a float
-    in :attr:`Plan.layers`); ``m_expr`` is its symbolic form.
-    """
-
-    name: str
-    kind: str
-    node: str
-    weight_shape: tuple[int, ...] | None
-    input_shape: tuple[int, ...] | None
-    output_shape: tuple[int, ...] | None
-    s: float
-    c: float
-    params: tuple[tuple[str, str], ...]
-    notes: tuple[str, ...]
-    m_expr: Mono = field(repr=False, default=ONE)
-    m: float | None = None
-
-    def with_m(self, value: float) -> "LayerRecord":
-        return replace(self, m=value)
+#: how multiplicative parameters (norm γ, layer scales) enter the chain: ``"one"`` treats
+#: them as 1 (the paper, §3.4: BN without trainable γ); ``"exact"`` multiplies by mean(γ²).
+GAMMA_MODES = ("one", "exact")
 
 
 @dataclass
@@ -89,119 +56,9 @@ class Analysis:
     notes: list[str]
     param_names: dict[int, str]
     variance: str
-
-
-class RuleContext:
-    """What a rule sees for one node, and how it reports back (see :mod:`registry`)."""
-
-    def __init__(self, analysis: "_Walker", node: fx.Node, rule: Rule, m_out: Mono, frac_out: float):
-        self._w = analysis
-        self.node = node
-        self.rule = rule
-        self.m_out = m_out
-        self.frac_out = frac_out
-        self.module: nn.Module | None = (
-            analysis.gm.get_submodule(node.target) if node.op == "call_module" else None
-        )
-        self.atoms = analysis.atoms
-        self.variance_mode = analysis.variance
-        #: the node's tensor-valued inputs, in argument order (kwargs after args); parameters
-        #: (get_attr of an nn.Parameter) are not inputs — rules claim them with param_from_arg
-        self.inputs: list[fx.Node] = [
-            a for a in _flat_nodes((node.args, node.kwargs))
-            if carries_tensor(a) and not (a.op == "get_attr" and isinstance(_fetch_attr(analysis.gm, a.target), nn.Parameter))
-        ]
-
-    # ----- shapes -------------------------------------------------------------------
-    @property
-    def out_shape(self) -> tuple[int, ...] | None:
-        return shape_of(self.node)
-
-    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
-        return shape_of(node)
-
-    def numel(self, node: fx.Node) -> int:
-        return numel_of(node)
-
-    def arg(self, index: int, name: str, default: Any = None) -> Any:
-        """Positional-or-keyword argument of a call_function / call_method node."""
-        if len(self.node.args) > index:
-            return self.node.args[index]
-        return self.node.kwargs.get(name, default)
-
-    # ----- parameters ---------------------------------------------------------------
-    def module_param(self, attr: str) -> str | None:
-        """Canonical name of ``self.module.<attr>`` if it is a parameter (frozen ones too:
-        their norms still enter ``m``; ``add_layer`` does not scale them)."""
-        p = getattr(self.module, attr, None)
-        return self._w.claim(p, self.node)
-
-    def param_from_arg(self, arg: Any) -> str | None:
-        """Canonical name of the parameter a ``get_attr`` argument refers to."""
-        if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            p = _fetch_attr(self._w.gm, arg.target)
-            return self._w.claim(p, self.node, arg)
-        return None
-
-    def buffer_from_arg(self, arg: Any) -> str | None:
-        if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            return arg.target
-        return None
-
-    def param_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._w.params[name].shape)
-
-    def numel_of_param(self, name: str) -> int:
-        return self._w.params[name].numel()
-
-    def sumsq(self, name: str) -> Mono:
-        """``sum(W²)`` of parameter ``name``, as a per-step atom."""
-        return Mono.atom(self.atoms.weight(name))
-
-    def stat_mean(self, ref: str) -> Mono:
-        """Mean of the buffer at qualified name ``ref`` (e.g. a BN ``running_var``)."""
-        return Mono.atom(self.atoms.stat(ref))
-
-    # ----- the walk -----------------------------------------------------------------
-    def pass_to(self, node: fx.Node, m: Mono, frac: float) -> None:
-        """Hand ``node`` (an input of this node) its backward factor and carrying fraction."""
-        self._w.contribute(node, m, min(max(frac, 0.0), 1.0), self.node)
-
-    def pass_all(self, m: Mono | None = None, frac: float | None = None) -> None:
-        for inp in self.inputs:
-            self.pass_to(inp, self.m_out if m is None else m, self.frac_out if frac is None else frac)
-
-    def variance_below(self, node: fx.Node) -> tuple[Mono | None, str]:
-        """``Var[a]`` of the value ``node`` for the BN rule (``None`` when the weights give no
-        estimate, or with ``variance="measured"``), and a note saying how."""
-        return self._w.variance_below(node)
-
-    def add_layer(
-        self,
-        kind: str,
-        params: list[tuple[str | None, str, float]],
-        *,
-        weight: str | None,
-        s: float,
-        c: float,
-        input_node: fx.Node | None = None,
-        notes: tuple[str, ...] = (),
-    ) -> None:
-        """Declare a layer. ``params`` are ``(name, role, s)``; ``None`` names are skipped."""
-        self._w.add_layer(self, kind, params, weight, s, c, input_node, notes)
-
-
-def _flat_nodes(args) -> list[fx.Node]:
-    out: list[fx.Node] = []
-    fx.node.map_arg(args, lambda a: out.append(a))
-    return out
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    obj: Any = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
+    outputs: list[str]  # labels of the loss outputs, as the user named them
+    output_nodes: list[str] = field(default_factory=list)
+    gamma: str = "one"
 
 
 def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -222,28 +79,32 @@ def _register_hint(node: fx.Node, gm: fx.GraphModule) -> str:
 
 
 class _Walker:
-    def __init__(self, gm, registry: RuleRegistry, model: nn.Module, strict: bool, variance: str):
+    def __init__(self, gm, registry: RuleRegistry, model: nn.Module, strict: bool, variance: str, gamma: str):
         self.gm = gm
         self.registry = registry
         self.strict = strict
         self.variance = variance
+        self.gamma = gamma
         self.atoms = AtomTable()
         self.params: dict[str, nn.Parameter] = {}
         self.param_names: dict[int, str] = {}
         for name, p in model.named_parameters():  # frozen ones too: their norms enter m
             self.param_names[id(p)] = name
             self.params[name] = p
-        self.contrib: dict[fx.Node, list[tuple[Mono, float, fx.Node]]] = {}
+        self.contrib: dict[fx.Node, list[tuple[Flow, fx.Node]]] = {}
         self.layers: list[LayerRecord] = []
         self.uses: dict[str, list[ParamUse]] = {}
         self.uncovered: dict[str, str] = {}
         self.notes: list[str] = []
+        self.node_notes: dict[fx.Node, list[str]] = {}
+        self.layer_nodes: set[fx.Node] = set()
         self.claimed: set[tuple[fx.Node, fx.Node]] = set()  # (get_attr node, user)
         self.m_at: dict[fx.Node, Mono] = {}
-        self.pending_notes: dict[fx.Node, list[str]] = {}
-        self._var_memo: dict[fx.Node, Mono | None] = {}
+        self._moment = VarianceEstimator(
+            gm, registry, self.atoms, lambda n, r: RuleContext(self, n, r, Flow(ONE)), self.note
+        )
 
-    # --- bookkeeping used by RuleContext
+    # --- callbacks of RuleContext
     def claim(self, p, user: fx.Node, get_attr: fx.Node | None = None) -> str | None:
         if not isinstance(p, nn.Parameter):
             return None
@@ -251,25 +112,45 @@ class _Walker:
             self.claimed.add((get_attr, user))
         return self.param_names.get(id(p))
 
-    def contribute(self, node: fx.Node, m: Mono, frac: float, src: fx.Node) -> None:
-        self.contrib.setdefault(node, []).append((m, frac, src))
+    def contribute(self, node: fx.Node, flow: Flow, src: fx.Node) -> None:
+        self.contrib.setdefault(node, []).append((flow, src))
+
+    def note(self, node: fx.Node, text: str) -> None:
+        got = self.node_notes.setdefault(node, [])
+        if text not in got:
+            got.append(text)
+
+    def channel_dim_below(self, node: fx.Node, depth: int = 0) -> int | None:
+        if not isinstance(node, fx.Node) or depth > 64 or not node.op.startswith("call"):
+            return None
+        rule = self.registry.lookup(node, self.gm)
+        if rule is None:
+            return None
+        if rule.channel_dim is not None:
+            return rule.channel_dim
+        if rule.transparent or rule.name in ("getitem_rule", "concat_rule"):  # layout-keeping
+            ins = [a for a in node.all_input_nodes if carries_tensor(a) and a.op != "get_attr"]
+            return self.channel_dim_below(ins[0], depth + 1) if ins else None
+        return None
 
     def add_layer(self, ctx: RuleContext, kind, params, weight, s, c, input_node, notes):
         node = ctx.node
+        self.layer_nodes.add(node)
         name = str(node.target) if node.op == "call_module" else node.name
-        notes = tuple(notes) + tuple(dict.fromkeys(self.pending_notes.get(node, ())))
-        if any(self.atoms.atoms[i].kind == "sum" for i in ctx.m_out.atoms()):
-            notes = tuple(notes) + ("fork-combined m",)
+        for t in notes:
+            self.note(node, t)
         names = []
-        for pname, role, ps in params:
+        for entry in params:
+            pname, role, ps = entry[:3]
+            extra = entry[3] if len(entry) > 3 else ONE
             if pname is None:
                 continue
             if role not in ROLES:
                 raise ValueError(f"unknown parameter role {role!r}; use one of {ROLES}")
             if not self.params[pname].requires_grad:
-                notes = tuple(notes) + (f"frozen {role}",)
+                self.note(node, f"frozen {role}")
                 continue
-            self.uses.setdefault(pname, []).append(ParamUse(pname, role, ctx.m_out, float(ps)))
+            self.uses.setdefault(pname, []).append(ParamUse(pname, role, ctx.m_out * extra, float(ps)))
             names.append((pname, role))
         self.layers.append(
             LayerRecord(
@@ -282,78 +163,45 @@ class _Walker:
                 s=float(s),
                 c=float(c),
                 params=tuple(names),
-                notes=tuple(notes),
+                notes=(),  # filled from node_notes when the walk ends
                 m_expr=ctx.m_out,
             )
         )
 
     def variance_below(self, node: fx.Node) -> tuple[Mono | None, str]:
-        """``Var[a]`` of value ``node`` from the weights that produce it (row-homogeneous):
-        a weighted layer's ``||W||²_{2,μ}`` (its input normalized by the BN below it), a norm
-        layer's ``mean(γ²)``, looking through transparent ops, and the channel-weighted mean
-        over the parts of a concatenation. Anything else (an addition, an input) has no
-        estimate: the caller falls back to the measured variance."""
         if self.variance != "measured":
-            got = self._variance(node, 0)
+            got = self._moment(node)
             if got is not None:
-                return got, "Var≈‖W‖²row below"
-        return None, f"no weighted layer right below '{node.name}'"
-
-    def _variance(self, node, depth: int) -> Mono | None:
-        if not isinstance(node, fx.Node) or depth > 256 or not node.op.startswith("call"):
-            return None
-        if node in self._var_memo:
-            return self._var_memo[node]
-        rule = self.registry.lookup(node, self.gm)
-        out: Mono | None = None
-        if rule is not None and rule.row_norm is not None:
-            out = rule.row_norm(RuleContext(self, node, rule, ONE, 1.0))
-            if out is not None:
-                self.pending_notes.setdefault(node, []).append("BN above: Var≈‖W‖²row")
-        elif rule is not None and rule.transparent:
-            ins = [a for a in _flat_nodes((node.args, node.kwargs)) if carries_tensor(a) and a.op != "get_attr"]
-            out = self._variance(ins[0], depth + 1) if ins else None
-        elif node.op == "call_function" and node.target in (torch.cat, torch.concat):
-            parts = [a for a in _flat_nodes(node.args[0]) if carries_tensor(a)]
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            sizes = [shape_of(p)[dim] if shape_of(p) else 0 for p in parts]
-            vars_ = [self._variance(p, depth + 1) for p in parts]
-            if dim in (1, -3) and parts and all(v is not None for v in vars_) and sum(sizes):
-                total = sum(sizes)
-                out = self.atoms.sum_of(
-                    ((n / total, v) for n, v in zip(sizes, vars_)), label=f"Var of cat '{node.name}'"
-                )
-        self._var_memo[node] = out
-        return out
+                return got, "Var from weights below"
+            return None, f"no estimate of E[a²] below '{node.name}'"
+        return None, "variance='measured'"
 
     # --- the walk
-    def run(self) -> Analysis:
+    def run(self, outputs: Any = None) -> Analysis:
         g = build_digraph(self.gm)
         for i, n in enumerate(self.gm.graph.nodes):
             n.meta["fxbackmatch.index"] = i
-        outs = output_nodes(self.gm)
+        outs, labels = select_outputs(self.gm, outputs)
+        self._outs = outs
         for o in outs:
-            self.contribute(o, ONE, 1.0, o)
+            self.contribute(o, Flow(ONE), o)
         for node in backward_order(g):
             if node.op in ("output", "placeholder", "get_attr"):
                 continue
             got = self.contrib.get(node)
             if not got or not carries_tensor(node):
                 continue
-            if len(got) == 1:
-                m, frac = got[0][0], got[0][1]
-            else:
-                m = self.atoms.fork_mean([c[0] for c in got], label=f"fork at '{node.name}'")
-                frac = min(1.0, sum(c[1] for c in got))
-            self.m_at[node] = m
-            node.meta["fxbackmatch.m"] = m
-            node.meta["fxbackmatch.frac"] = frac
+            flow = self._combine(node, [f for f, _ in got])
+            self.m_at[node] = flow.m
+            node.meta["fxbackmatch.m"] = flow.m
+            node.meta["fxbackmatch.frac"] = flow.frac
+            node.meta["fxbackmatch.chan"] = flow.chan
             rule = self.registry.lookup(node, self.gm)
             if rule is None:
-                self._no_rule(node, m, frac)
+                self._no_rule(node, flow)
                 continue
             try:
-                rule(RuleContext(self, node, rule, m, frac))
+                rule(RuleContext(self, node, rule, flow))
             except FxBackmatchError:
                 raise
             except Exception as e:
@@ -370,6 +218,7 @@ class _Walker:
                 f"Conv or norm layer on a gradient path).\n  What to do: register a rule for "
                 f"your weighted layer with fxbackmatch.register_rule(module=YourLayer)."
             )
+        self._finish_notes()
         return Analysis(
             gm=self.gm,
             atoms=self.atoms,
@@ -379,9 +228,38 @@ class _Walker:
             notes=self.notes,
             param_names=self.param_names,
             variance=self.variance,
+            outputs=labels,
+            output_nodes=[o.name for o in outs],
+            gamma=self.gamma,
         )
 
-    def _no_rule(self, node: fx.Node, m: Mono, frac: float) -> None:
+    def _combine(self, node: fx.Node, flows: list[Flow]) -> Flow:
+        """The stacked-Jacobian (least-squares) combination of a value's consumers."""
+        if len(flows) == 1:
+            return flows[0]
+        cover = min(1.0, sum(f.cover for f in flows))
+        frac = min(1.0, sum(f.frac for f in flows))
+        chan = min(1.0, cover / frac) if frac > 0 else 1.0
+        if cover <= 0:
+            return Flow(flows[0].m, 0.0, 0.0)
+        m = self.atoms.sum_of(((f.cover / cover, f.m) for f in flows), label=f"fork at '{node.name}': Σ m_i")
+        return Flow(m, frac, chan)
+
+    def _finish_notes(self) -> None:
+        import dataclasses
+
+        by_node = {n.name: n for n in self.node_notes}
+        for i, rec in enumerate(self.layers):
+            n = by_node.get(rec.node)
+            if n is not None:
+                self.layers[i] = dataclasses.replace(rec, notes=tuple(self.node_notes[n]))
+        for n, texts in self.node_notes.items():
+            if n in self.layer_nodes:
+                continue
+            for t in texts:
+                self.notes.append(f"{n.name}: {t}")
+
+    def _no_rule(self, node: fx.Node, flow: Flow) -> None:
         what = _describe(node, self.gm)
         if self.strict:
             raise UnsupportedOpError(
@@ -396,16 +274,16 @@ class _Walker:
                 name = self.param_names.get(id(p))
                 if name and p.requires_grad:
                     self.uncovered.setdefault(name, f"{what} has no rule")
-        for inp in _flat_nodes((node.args, node.kwargs)):
+        for inp in flat_nodes((node.args, node.kwargs)):
             if carries_tensor(inp) and inp.op != "get_attr":
-                self.contribute(inp, m, frac, node)
+                self.contribute(inp, flow, node)
 
     def _check_params(self, g) -> None:
         # parameters reached through get_attr by a node whose rule did not claim them
         for n in self.gm.graph.nodes:
             if n.op != "get_attr":
                 continue
-            p = _fetch_attr(self.gm, n.target)
+            p = fetch_attr(self.gm, n.target)
             name = self.param_names.get(id(p))
             if not isinstance(p, nn.Parameter) or name is None or not p.requires_grad:
                 continue
@@ -427,7 +305,7 @@ class _Walker:
                 self.uncovered[name] = msg
         for name, p in self.params.items():
             if p.requires_grad and name not in self.uses and name not in self.uncovered:
-                self.uncovered[name] = "no gradient path from the outputs reaches it in the traced forward"
+                self.uncovered[name] = "no gradient path from the loss outputs reaches it in the traced forward"
 
 
 def analyze(
@@ -437,17 +315,17 @@ def analyze(
     *,
     strict: bool = True,
     variance: str = "weights",
+    gamma: str = "one",
+    outputs: Any = None,
 ) -> Analysis:
-    """Walk ``gm`` (with shapes propagated) and return the symbolic factors of every layer."""
+    """Walk ``gm`` (with shapes propagated) and return the symbolic factors of every layer.
+
+    ``outputs`` selects the graph outputs that enter the loss (see :func:`select_outputs`);
+    ``None`` takes every tensor output.
+    """
     if variance not in ("weights", "measured"):
         raise ValueError(f"variance must be 'weights' or 'measured', got {variance!r}")
-    return _Walker(gm, registry, model, strict, variance).run()
+    if gamma not in GAMMA_MODES:
+        raise ValueError(f"gamma must be one of {GAMMA_MODES}, got {gamma!r}")
+    return _Walker(gm, registry, model, strict, variance, gamma).run(outputs)
 
-
-def positions(shape: tuple[int, ...] | None, channel_dim: int) -> int:
-    """Positions per sample and channel: ``numel / (batch · channels)`` (batch = dim 0)."""
-    if not shape:
-        return 1
-    total = math.prod(shape)
-    ch = shape[channel_dim] if len(shape) > 1 else 1
-    return max(1, total // max(1, shape[0] * ch)) if len(shape) > 1 else 1

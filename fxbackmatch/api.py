@@ -1,7 +1,7 @@
 """``prepare``: the entry point of the pass."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ def prepare(
     trust_coefficient: float = 1e-3,
     registry: RuleRegistry | None = None,
     capture: str = "auto",
+    gamma: str = "one",
+    outputs: Any = None,
+    cap: float | None = None,
 ) -> Plan:
     """Trace ``model``, propagate shapes, walk the graph and build its layer-wise scales.
 
@@ -37,6 +40,12 @@ def prepare(
     uses BatchNorm running variances instead of the row-norm approximation; ``strict=False``
     passes ops with no rule through (their parameters stay at scale 1, listed in
     ``plan.uncovered``); ``compile=False`` runs the generated function eagerly.
+    ``outputs`` names the outputs that enter the loss (tuple index, dict key or field name,
+    or a sequence of them; default: every tensor output) — only they start the chain with
+    ``m = 1``. ``gamma="one"`` (default) treats multiplicative parameters (norm γ, layer
+    scales) as 1 in the chain, as the paper's BN (§3.4); ``gamma="exact"`` multiplies by
+    ``mean(γ²)``. ``cap`` keeps every scale in ``[1/cap, cap]``. Scales outside
+    ``fxbackmatch.guards.SCALE_RANGE`` at the current weights raise a ``ScaleRangeWarning``.
 
     >>> import torch, fxbackmatch
     >>> from fxbackmatch.models import lenet_bn
@@ -55,6 +64,9 @@ def prepare(
         trust_coefficient=trust_coefficient,
         registry=registry,
         capture=capture,
+        gamma=gamma,
+        outputs=outputs,
+        cap=cap,
     )
     if example_inputs is None:
         plan._arm()

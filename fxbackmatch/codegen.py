@@ -50,8 +50,14 @@ def generate(
     scales: Sequence[tuple[str, Mono]],
     *,
     title: str = "fxbackmatch",
+    cap: float | None = None,
+    chains: dict[str, str] | None = None,
 ) -> GeneratedFactors:
-    """Emit ``factors(weights, grads, stats, C) -> scales`` for the given scale monos."""
+    """Emit ``factors(weights, grads, stats, C) -> scales`` for the given scale monos.
+
+    ``cap`` keeps every scale in ``[1/cap, cap]``; ``chains`` (parameter -> its ``m`` and
+    ``s`` in words) are written as comments so a reader can check them by hand."""
+    from .explain import sum_str
     base = {k: [i for i, a in enumerate(atoms) if a.kind == k] for k in ("weight_sumsq", "grad_sumsq", "stat_mean")}
     order = base["weight_sumsq"] + base["grad_sumsq"] + base["stat_mean"]
     pos = {i: n for n, i in enumerate(order)}
@@ -109,7 +115,7 @@ def generate(
                 bs.append(b + math.log(w))
             consts[f"{k}_A"] = torch.tensor(rows, dtype=torch.float64)
             consts[f"{k}_b"] = torch.tensor(bs, dtype=torch.float64)
-            lines.append(f"    # {a.label or 'sum'}: log Σ over {len(rows)} terms")
+            lines.append(f"    # {sum_str(i, atoms)}")
             lines.append(f'    {k} = torch.logsumexp(_lin(C["{k}_A"], log_atoms) + C["{k}_b"], dim=0)')
         elif a.kind == "lars":
             w, g = (pos[j] for j in a.args)
@@ -136,7 +142,12 @@ def generate(
     consts["A"] = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), width)
     consts["b"] = torch.tensor(bs, dtype=torch.float64)
     lines.append("    # every scale 1/(m·s) at once: log-scales are linear in the log atoms")
-    lines.append('    return torch.exp(_lin(C["A"], log_atoms) + C["b"])')
+    if cap is None:
+        lines.append('    return torch.exp(_lin(C["A"], log_atoms) + C["b"])')
+    else:
+        lc = math.log(cap)
+        lines.append(f"    # cap={cap!r}: every scale kept in [1/cap, cap]")
+        lines.append(f'    return torch.exp((_lin(C["A"], log_atoms) + C["b"]).clamp({-lc!r}, {lc!r}))')
     lines += [
         "",
         "",
@@ -155,9 +166,10 @@ def generate(
         "    return torch.where(A != 0, A * x, torch.zeros_like(A)).sum(-1)",
     ]
     lines.append("")
-    lines.append("# Scales, in order:")
+    lines.append("# Scales 1/(m·s), in order (Σx² is sum(x**2); S<k> a sum atom above):")
     for n, (name, _) in enumerate(scales):
-        lines.append(f"#   [{n}] {name}")
+        chain = (chains or {}).get(name)
+        lines.append(f"#   [{n}] {name}" + (f": {chain}" if chain else ""))
     code = "\n".join(lines) + "\n"
     key = hashlib.sha1(code.encode()).hexdigest()[:12]
     filename = f"<fxbackmatch-generated-{key}>"

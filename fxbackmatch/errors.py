@@ -16,6 +16,7 @@ __all__ = [
     "PlanMismatchError",
     "DuplicateRuleError",
     "NonFiniteWeightError",
+    "ScaleRangeWarning",
 ]
 
 
@@ -61,3 +62,7 @@ class DuplicateRuleError(FxBackmatchError):
 
 class NonFiniteWeightError(FxBackmatchError):
     """A weight norm is not finite, so no meaningful scale exists."""
+
+
+class ScaleRangeWarning(UserWarning):
+    """A scale lies outside the documented range (``fxbackmatch.guards.SCALE_RANGE``)."""

@@ -9,7 +9,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .analysis import Analysis, LayerRecord, analyze
+import dataclasses
+import math
+import warnings
+
+from .analysis import GAMMA_MODES, Analysis, LayerRecord, analyze
+from .errors import FxBackmatchError, ScaleRangeWarning
+from .guards import SCALE_RANGE, out_of_range, unnormalized_layers
 from .codegen import GeneratedFactors, generate
 from .errors import PlanMismatchError, PlanNotReadyError
 from .expr import Mono
@@ -25,6 +31,8 @@ __all__ = ["Plan"]
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+NO_NORM_NOTE = "no norm above"
 
 
 class Plan:
@@ -48,6 +56,9 @@ class Plan:
         trust_coefficient: float = 1e-3,
         registry: RuleRegistry | None = None,
         capture: str = "auto",
+        gamma: str = "one",
+        outputs: Any = None,
+        cap: float | None = None,
     ) -> None:
         if capture not in ("auto", "fx", "hooks"):
             raise ValueError(f"capture must be 'auto', 'fx' or 'hooks', got {capture!r}")
@@ -65,6 +76,13 @@ class Plan:
         self.rule = rule
         self.adapt = adapt
         self.variance = variance
+        if gamma not in GAMMA_MODES:
+            raise ValueError(f"gamma must be one of {GAMMA_MODES}, got {gamma!r}")
+        self.gamma = gamma
+        self.outputs = outputs
+        if cap is not None and not (math.isfinite(cap) and cap > 1):
+            raise ValueError(f"cap must be a finite number > 1 (scales are kept in [1/cap, cap]), got {cap!r}")
+        self.cap = cap
         self.strict = strict
         self.compile = compile
         self.trust_coefficient = trust_coefficient
@@ -80,7 +98,15 @@ class Plan:
         gm, self.capture = capture(
             self.model, example_inputs, self.registry.has_module_rule, self.leaf_modules, self.capture_mode
         )
-        self._analysis = analyze(gm, self.model, self.registry, strict=self.strict, variance=self.variance)
+        self._analysis = analyze(
+            gm, self.model, self.registry, strict=self.strict, variance=self.variance,
+            gamma=self.gamma, outputs=self.outputs,
+        )
+        bare = unnormalized_layers(gm, self.registry, [r.node for r in self._analysis.layers])
+        self._analysis.layers = [
+            dataclasses.replace(r, notes=r.notes + (NO_NORM_NOTE,)) if r.node in bare else r
+            for r in self._analysis.layers
+        ]
         for n in gm.graph.nodes:  # keep shapes, drop the fake tensors
             n.meta.pop("val", None)
         if self.capture == "hooks":
@@ -90,6 +116,32 @@ class Plan:
             )
         self.input_shapes = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
         self._finish()
+        self._warn_range()
+
+    def _warn_range(self) -> None:
+        """Warn (once per prepare) about scales outside the documented range at these weights."""
+        try:
+            flags = self.flags
+        except FxBackmatchError:  # non-finite weights: reported when the scales are used
+            return
+        if flags:
+            more = f" (and {len(flags) - 3} more)" if len(flags) > 3 else ""
+            warnings.warn(
+                f"fxbackmatch: {len(flags)} scale(s) of {type(self.model).__name__} lie outside "
+                f"{list(SCALE_RANGE)} at the current weights: " + "; ".join(flags[:3]) + more
+                + ".\n  What to do: check the report (plan.report()); pass cap= to prepare to "
+                "bound the scales, or register a rule for the layer kind named.",
+                ScaleRangeWarning, stacklevel=4,
+            )
+
+    @property
+    def flags(self) -> list[str]:
+        """Scales outside :data:`~fxbackmatch.guards.SCALE_RANGE` under the current weights,
+        before any ``cap``, each with its layer and the approximations behind it."""
+        a = self._need()
+        vals = self._atom_values()
+        raw = {n: eval_mono(e, vals) for n, e in self._scale_expr.items()}
+        return out_of_range(raw, a.layers)
 
     def _finish(self) -> None:
         a = self._analysis
@@ -113,6 +165,7 @@ class Plan:
         self._generated: GeneratedFactors = generate(
             a.atoms.atoms, [(n, self._scale_expr[n]) for n in self._targets],
             title=f"{type(self.model).__name__}, rule={self.rule}, {len(self._targets)} scaled parameters",
+            cap=self.cap, chains=_chains(a),
         )
         buffers = dict(self.model.named_buffers())
         self._runtime = Runtime(self._generated, params, buffers, self._targets, self.compile)
@@ -207,8 +260,43 @@ class Plan:
         vals = self._atom_values()
         out = {n: 1.0 for n, p in self._params.items() if p.requires_grad}
         for n, expr in self._scale_expr.items():
-            out[n] = eval_mono(expr, vals)
+            v = eval_mono(expr, vals)
+            out[n] = v if self.cap is None else min(max(v, 1.0 / self.cap), self.cap)
         return out
+
+    def measure(self, *inputs: torch.Tensor, probes: int = 16, seed: int = 0, values: bool = False) -> list[dict[str, Any]]:
+        """The rule's ``m`` beside the measured one (``mean diag(JᵀJ)`` by autograd, see
+        :mod:`fxbackmatch.measure`) on a real batch, per layer (per value with
+        ``values=True``). Touches no ``.grad``; restores BatchNorm statistics.
+
+        >>> for row in plan.measure(x): print(row["layer"], row["rule_m"], row["measured_m"])  # doctest: +SKIP
+        """
+        from .measure import measure_values
+
+        a = self._need()
+        if self.capture != "fx":
+            raise FxBackmatchError(
+                f"plan.measure needs the traced graph; this plan of {type(self.model).__name__} "
+                f"was captured with hooks.\n  What to do: make the model traceable (or register "
+                f"rules for the untraceable parts as leaf modules) and prepare with capture='fx'."
+            )
+        if values:
+            picked = [(n.name, n.name, n.meta["fxbackmatch.m"], _kind_of(n, a.gm)) for n in a.gm.graph.nodes if "fxbackmatch.m" in n.meta]
+        else:
+            picked = [(r.name, r.node, r.m_expr, r.kind) for r in self.layers]
+        measured = measure_values(
+            a.gm, self.model, inputs, a.output_nodes, [p[1] for p in picked], probes=probes, seed=seed
+        )
+        vals = self._atom_values()
+        rows = []
+        for name, node, expr, kind in picked:
+            rule_m = eval_mono(expr, vals)
+            got = measured.get(node)
+            rows.append({
+                "layer": name, "node": node, "kind": kind, "rule_m": rule_m, "measured_m": got,
+                "ratio": (rule_m / got) if got else None,
+            })
+        return rows
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteWeightError` naming the first weight with a non-finite norm.
@@ -340,6 +428,7 @@ class Plan:
             "rule": self.rule,
             "adapt": self.adapt,
             "variance": self.variance,
+            "gamma": self.gamma,
             "trust_coefficient": self.trust_coefficient,
             "fingerprint": self.fingerprint,
             "input_shapes": [list(s) for s in (self.input_shapes or ())],
@@ -357,8 +446,8 @@ class Plan:
                 "differ).\n  What to do: load it into the model it was saved with, or start a "
                 "new plan with fxbackmatch.prepare."
             )
-        for key in ("rule", "adapt", "variance", "trust_coefficient"):
-            if state.get(key) != getattr(self, key):
+        for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma"):
+            if state.get(key, "one" if key == "gamma" else None) != getattr(self, key):
                 raise PlanMismatchError(
                     f"plan state has {key}={state.get(key)!r} but this plan has "
                     f"{key}={getattr(self, key)!r}; prepare with the same options to resume."
@@ -379,6 +468,19 @@ class Plan:
         if new._analysis is not None:
             new._finish()
         return new
+
+
+def _kind_of(node, gm) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _chains(a: Analysis) -> dict[str, str]:
+    """Each scaled parameter's chain in words, for the generated code's comments."""
+    from .explain import describe_uses
+
+    return describe_uses(a)
 
 
 def _refuse_sharded(model: nn.Module) -> None:

@@ -48,6 +48,8 @@ class Rule:
     transparent: bool = False
     row_norm: Callable[..., Any] | None = None
     doc: str = ""
+    channel_dim: int | None = None
+    norm: bool = False
 
     def __call__(self, ctx) -> None:
         self.fn(ctx)
@@ -68,6 +70,8 @@ class RuleRegistry:
         method: str | tuple[str, ...] = (),
         transparent: bool = False,
         row_norm: Callable[..., Any] | None = None,
+        channel_dim: int | None = None,
+        norm: bool = False,
         override: bool = False,
     ):
         """Register ``fn`` for module types, function targets and/or method names.
@@ -95,6 +99,8 @@ class RuleRegistry:
                     transparent=transparent,
                     row_norm=row_norm,
                     doc=(f.__doc__ or "").strip(),
+                    channel_dim=channel_dim,
+                    norm=norm,
                 )
             return f
 

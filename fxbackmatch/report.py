@@ -96,6 +96,7 @@ def plan_to_dict(plan: "Plan", compare: Sequence[str] = ()) -> dict[str, Any]:
         "model": type(plan.model).__name__,
         "rule": plan.rule,
         "capture": plan.capture,
+        "outputs": list(plan._analysis.outputs),
         "input_shapes": [list(s) for s in (plan.input_shapes or ())],
         "scaled": len(plan.targets),
         "trainable": sum(1 for p in plan.model.parameters() if p.requires_grad),

@@ -5,7 +5,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-__all__ = ["build_digraph", "backward_order", "output_nodes", "carries_tensor", "numel_of"]
+__all__ = ["build_digraph", "backward_order", "output_nodes", "select_outputs", "carries_tensor", "numel_of"]
 
 
 def carries_tensor(node: fx.Node) -> bool:
@@ -47,6 +47,75 @@ def output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
         if n.op == "output":
             fx.node.map_arg(n.args, lambda a: outs.append(a))
     return [o for o in dict.fromkeys(outs) if carries_tensor(o)]
+
+
+def select_outputs(gm: fx.GraphModule, spec=None) -> tuple[list[fx.Node], list[str]]:
+    """The graph outputs that enter the loss, and a label for each.
+
+    ``spec`` is ``None`` (every tensor output), or an index / key / attribute name, or a
+    sequence of them, naming elements of what the model returns: ``0`` (the first element of
+    a tuple), ``"logits"`` (a dict key or a namedtuple field), ``("out", "aux")``.
+    """
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    if spec is None:
+        outs = output_nodes(gm)
+        return outs, [o.name for o in outs]
+    keys = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    root = out_node.args[0]
+    found: list[fx.Node] = []
+    labels: list[str] = []
+    for key in keys:
+        node = _select(root, key)
+        if node is None:
+            raise ValueError(
+                f"outputs={spec!r}: the model's output has no element {key!r} (it returns "
+                f"{_describe_output(root)}).\n  What to do: name the loss outputs by tuple "
+                f"index, dict key or field name, e.g. outputs=0 or outputs='logits'."
+            )
+        for n in _tensor_nodes(node):
+            if n not in found:
+                found.append(n)
+                labels.append(f"{key}")
+    if not found:
+        raise ValueError(f"outputs={spec!r} selects no tensor the model returns")
+    return found, labels
+
+
+def _select(root, key):
+    if isinstance(root, (tuple, list)) and isinstance(key, int) and -len(root) <= key < len(root):
+        return root[key]
+    if isinstance(root, dict) and key in root:
+        return root[key]
+    if isinstance(root, fx.Node) and root.op == "call_function" and isinstance(root.target, type):
+        fields = getattr(root.target, "_fields", None)
+        if isinstance(key, str) and key in root.kwargs:
+            return root.kwargs[key]
+        if fields and isinstance(key, str) and key in fields:
+            idx = fields.index(key)
+            return root.args[idx] if idx < len(root.args) else root.kwargs.get(key)
+        if isinstance(key, int) and root.args and key < len(root.args):
+            return root.args[key]
+    if isinstance(root, fx.Node) and not isinstance(key, int):
+        return None
+    if isinstance(root, fx.Node) and key == 0 and carries_tensor(root):
+        return root
+    return None
+
+
+def _tensor_nodes(x) -> list[fx.Node]:
+    outs: list[fx.Node] = []
+    fx.node.map_arg(x, lambda a: outs.append(a))
+    return [o for o in outs if carries_tensor(o)]
+
+
+def _describe_output(root) -> str:
+    if isinstance(root, (tuple, list)):
+        return f"a {type(root).__name__} of {len(root)}"
+    if isinstance(root, dict):
+        return f"a dict with keys {list(root)}"
+    if isinstance(root, fx.Node) and isinstance(root.target, type):
+        return f"a {root.target.__name__} with fields {list(getattr(root.target, '_fields', ())) or list(root.kwargs)}"
+    return "one tensor"
 
 
 def backward_order(g: nx.DiGraph) -> list[fx.Node]:

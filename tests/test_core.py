@@ -192,10 +192,14 @@ def test_biases_and_affine_bn_roles_and_adapt_weights():
     s_bn = 16  # 4×4 locations after the pool carry gradient
     assert s["1.weight"] == pytest.approx(1 / (m_bn_out * s_bn), rel=1e-9)
     assert s["1.bias"] == s["1.weight"]
-    gamma2 = float(bn.detach().double().pow(2).mean())
-    m_cv_out = m_bn_out * gamma2 / rown(cv)
+    # default gamma="one": γ is 1 in the chain (the paper's BN without trainable affine)
+    m_cv_out = m_bn_out / rown(cv)
     assert s["0.weight"] == pytest.approx(1 / (m_cv_out * 16), rel=1e-9)
     assert s["0.bias"] == s["0.weight"]
+    gamma2 = float(bn.detach().double().pow(2).mean())
+    s_exact = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, gamma="exact").scales()
+    assert s_exact["0.weight"] == pytest.approx(1 / (m_cv_out * gamma2 * 16), rel=1e-9)
+    assert s_exact["1.weight"] == s["1.weight"]  # γ's own scale does not depend on the mode
     plan_w = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, adapt="weights")
     sw = plan_w.scales()
     assert sw["0.bias"] == sw["1.weight"] == sw["1.bias"] == sw["5.bias"] == 1.0

@@ -10,7 +10,7 @@ from torch import nn
 
 import fxbackmatch
 from fxbackmatch.models import lenet_bn
-from fxbackmatch.rules.ops import _ACTIVATION_MODULES, _POOL_MODULES
+from fxbackmatch.rules.ops import _ACTIVATION_MODULES, _MAX_POOL_MODULES
 
 RULES = list(fxbackmatch.REGISTRY)
 
@@ -50,7 +50,7 @@ def test_transparent_modules_leave_factors_unchanged(mod):
 
 def _pool_instances():
     out = []
-    for cls in _POOL_MODULES:
+    for cls in _MAX_POOL_MODULES:
         name = cls.__name__
         dims = int(name[-2]) if name[-2].isdigit() else 2
         if "Adaptive" in name:

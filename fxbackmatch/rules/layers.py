@@ -12,7 +12,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis import RuleContext, positions
+from ..context import RuleContext, positions
 from ..expr import Mono
 from ..registry import register_rule
 
@@ -31,24 +31,26 @@ def _weight_row_norm(ctx: RuleContext) -> Mono | None:
 def _linear(ctx: RuleContext, w: str | None, b: str | None, kind: str) -> None:
     """FC layer (§2.1, eq. 34): scale ``1/(m·s)`` with ``s`` = positions that carry gradient
     (1 for a 2-D input; the token count for ``Linear`` on 3-D input); ``m ← m·||Wᵀ||²_{2,μ}``;
-    ``c = 1``. The bias takes the weight's scale."""
+    ``c = 1``. The bias takes the weight's scale. When only a share ``chan`` of the output
+    units carries gradient (a channel slice above), the column norms count those rows only:
+    ``m ← m·chan·||Wᵀ||²_{2,μ}`` (row-homogeneous), as for the smaller layer."""
     x = ctx.inputs[0]
     s = ctx.frac_out * positions(ctx.out_shape, -1)
     if w is None:  # frozen weight: nothing to rescale, but the factor still flows
-        ctx.pass_to(x, ctx.m_out, ctx.frac_out)
+        ctx.pass_to(x, ctx.m_out)
         return
     out_f, in_f = ctx.param_shape(w)
     ctx.add_layer(kind, [(w, "weight", s), (b, "bias", s)], weight=w, s=s, c=1.0, input_node=x)
-    ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) / in_f, ctx.frac_out)
+    ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) * (ctx.chan_out / in_f), ctx.frac_out, 1.0)
 
 
-@register_rule(module=nn.Linear, row_norm=_weight_row_norm)
+@register_rule(module=nn.Linear, row_norm=_weight_row_norm, channel_dim=-1)
 def linear_rule(ctx: RuleContext) -> None:
     """nn.Linear: see :func:`_linear`."""
     _linear(ctx, ctx.module_param("weight"), ctx.module_param("bias"), "Linear")
 
 
-@register_rule(function=F.linear, row_norm=_weight_row_norm)
+@register_rule(function=F.linear, row_norm=_weight_row_norm, channel_dim=-1)
 def functional_linear_rule(ctx: RuleContext) -> None:
     """F.linear(x, weight, bias): as nn.Linear, with the parameters read from get_attr args."""
     w = ctx.param_from_arg(ctx.arg(1, "weight"))
@@ -89,8 +91,9 @@ def _conv(ctx: RuleContext, w, b, dims, stride, padding, dilation, groups, kind)
     """Convolution (§2.2, eqs. 33, 35). ``s`` = output locations that carry gradient (after
     the pooling that follows before the next weighted layer: LeNet ``s_cv1 = 196``,
     ``s_cv2 = 25``); ``c`` = input locations read divided by ``s`` (cv2: 196/25);
-    ``m ← m·||W_col||²_{2,μ}/c`` with ``||W_col||²_{2,μ} = sum(W²)/in_channels``. Any stride,
-    padding, dilation and groups (depthwise included); the bias takes the weight's scale."""
+    ``m ← m·chan·||W_col||²_{2,μ}/c`` with ``||W_col||²_{2,μ} = sum(W²)/in_channels`` and
+    ``chan`` the share of output channels carrying gradient. Any stride, padding, dilation
+    and groups (depthwise included); the bias takes the weight's scale."""
     if w is None:
         ctx.pass_all()
         return
@@ -100,10 +103,10 @@ def _conv(ctx: RuleContext, w, b, dims, stride, padding, dilation, groups, kind)
     c = (in_loc * touched) / s
     in_ch = ctx.param_shape(w)[1] * groups
     ctx.add_layer(kind, [(w, "weight", s), (b, "bias", s)], weight=w, s=s, c=c, input_node=x)
-    ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) / (in_ch * c), touched)
+    ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) * (ctx.chan_out / (in_ch * c)), touched, 1.0)
 
 
-@register_rule(module=(nn.Conv1d, nn.Conv2d, nn.Conv3d), row_norm=_weight_row_norm)
+@register_rule(module=(nn.Conv1d, nn.Conv2d, nn.Conv3d), row_norm=_weight_row_norm, channel_dim=1)
 def conv_rule(ctx: RuleContext) -> None:
     """nn.Conv1d/2d/3d: see :func:`_conv`."""
     m = ctx.module
@@ -132,54 +135,56 @@ def _functional_conv(dims: int):
 
 
 for _d, _f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
-    register_rule(_functional_conv(_d), function=_f, row_norm=_weight_row_norm)
+    register_rule(_functional_conv(_d), function=_f, row_norm=_weight_row_norm, channel_dim=1)
 
 
 # ------------------------------------------------------------------------- BatchNorm
 def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = None) -> None:
     """BatchNorm (§2.3, eq. 36): ``m ← m / Var[a]`` with ``Var[a] ≈ ||W_below||²_{2,μ}``, the
-    row norm of the weighted layer feeding the BN (looking through pointwise ops). With no
-    weighted layer right below (BN on the input, after an addition) or with
-    ``variance="measured"``, ``Var[a]`` is the mean of ``running_var`` (eq. 27); without
-    running statistics it is 1 (noted). An affine BN's γ enters ``m`` as ``mean(γ²)``
-    (``δ'x̂ = δb/γ``, row-homogeneous) and γ, β take ``1/(m·s)`` at the BN's output with
-    ``s`` its gradient-carrying locations."""
+    row norm of the weighted layer feeding the BN (looking through pointwise ops; a sum of
+    branches adds their moments). With no estimate from the weights (BN on the input) or
+    with ``variance="measured"``, ``Var[a]`` is the mean of ``running_var`` (eq. 27); without
+    running statistics it is 1 (noted).
+
+    γ: by default treated as 1 in the chain, as the paper's BN without trainable affine
+    (§3.4) — so a zero-initialized γ (ResNet's last BN of a block) does not make the layers
+    below unbounded; ``gamma="exact"`` multiplies ``m`` by ``mean(γ²)`` (``δ'x̂ = δb/γ``).
+    γ and β take ``1/(m·s)`` at the BN's output (``x̂`` is normalized: ``E[x̂²] = 1``), ``s``
+    its gradient-carrying positions."""
     x = ctx.inputs[0]
-    notes: list[str] = []
     var, how = ctx.variance_below(x)
     if var is None:
         if running_var_ref is not None:
             var = ctx.stat_mean(running_var_ref)
-            how = "measured Var (running_var)"
+            ctx.note("Var[a] from running_var")
         else:
             var = Mono()
-            how = "Var taken as 1 (no layer below, no stats)"
-    notes.append(how)
+            ctx.note("Var[a] taken as 1 (no estimate below, no running statistics)")
     m_in = ctx.m_out / var
-    if gamma is not None:
-        m_in = m_in * ctx.sumsq(gamma) / math.prod(ctx.param_shape(gamma))
-        notes.append("γ²→m")
+    if gamma is not None and ctx.gamma_mode == "exact":
+        m_in = m_in * ctx.mean_sq(gamma)
+        ctx.note("γ²→m (gamma='exact')")
     if gamma is not None or beta is not None:
         if s is None:
             s = ctx.frac_out * positions(ctx.out_shape, 1)
         ctx.add_layer(
             kind, [(gamma, "norm_scale", s), (beta, "norm_shift", s)],
-            weight=gamma or beta, s=s, c=1.0, input_node=x, notes=tuple(notes),
+            weight=gamma or beta, s=s, c=1.0, input_node=x,
         )
-    else:
-        ctx.node.meta["fxbackmatch.notes"] = tuple(notes)
-    ctx.pass_to(x, m_in, ctx.frac_out)
+    ctx.pass_to(x, m_in)
 
 
 def _norm_out_variance(ctx: RuleContext) -> Mono | None:
-    """A norm layer's output variance: ``mean(γ²)`` (1 without affine)."""
+    """A norm layer's output moment: 1 (γ treated as 1), ``mean(γ²)`` with ``gamma="exact"``."""
+    if ctx.gamma_mode != "exact":
+        return Mono()
     g = ctx.module_param("weight") if ctx.module is not None else ctx.param_from_arg(ctx.arg(3, "weight"))
     if g is None:
         return Mono()
-    return ctx.sumsq(g) / math.prod(ctx.param_shape(g))
+    return ctx.mean_sq(g)
 
 
-@register_rule(module=nn.modules.batchnorm._BatchNorm, row_norm=_norm_out_variance)
+@register_rule(module=nn.modules.batchnorm._BatchNorm, row_norm=_norm_out_variance, channel_dim=1, norm=True)
 def batch_norm_rule(ctx: RuleContext) -> None:
     """nn.BatchNorm1d/2d/3d and SyncBatchNorm, affine or not: see :func:`_bn`."""
     m = ctx.module
@@ -189,7 +194,7 @@ def batch_norm_rule(ctx: RuleContext) -> None:
     _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), rv, type(m).__name__)
 
 
-@register_rule(function=F.batch_norm, row_norm=_norm_out_variance)
+@register_rule(function=F.batch_norm, row_norm=_norm_out_variance, channel_dim=1, norm=True)
 def functional_batch_norm_rule(ctx: RuleContext) -> None:
     """F.batch_norm(x, running_mean, running_var, weight, bias, ...): as nn.BatchNorm."""
     _bn(
@@ -198,19 +203,19 @@ def functional_batch_norm_rule(ctx: RuleContext) -> None:
     )
 
 
-@register_rule(module=nn.GroupNorm, row_norm=_norm_out_variance)
+@register_rule(module=nn.GroupNorm, row_norm=_norm_out_variance, channel_dim=1, norm=True)
 def group_norm_rule(ctx: RuleContext) -> None:
-    """nn.GroupNorm: as BatchNorm (Var[a] ≈ ||W_below||²_{2,μ}; no running statistics, so
-    with no weighted layer right below Var is taken as 1, noted); γ, β per channel with
-    ``s`` the spatial locations."""
+    """nn.GroupNorm: as BatchNorm (Var[a] from the weights below; no running statistics, so
+    with no estimate Var is taken as 1, noted); γ, β per channel with ``s`` the positions.
+    A heuristic: the normalization is per sample and group, the variance a layer mean."""
     _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), None, "GroupNorm")
 
 
-@register_rule(module=nn.LayerNorm, row_norm=_norm_out_variance)
+@register_rule(module=nn.LayerNorm, row_norm=_norm_out_variance, channel_dim=-1, norm=True)
 def layer_norm_rule(ctx: RuleContext) -> None:
-    """nn.LayerNorm: as BatchNorm over the normalized features (Var[a] ≈ ||W_below||²_{2,μ},
-    or 1 with no weighted layer right below, noted); γ, β have the normalized shape and are
-    shared over the remaining positions, ``s`` = numel / (batch · normalized numel)."""
+    """nn.LayerNorm: as BatchNorm over the normalized features (Var[a] from the weights
+    below, or 1, noted); γ, β have the normalized shape and are shared over the remaining
+    positions, ``s`` = numel / (batch · normalized numel). A heuristic like GroupNorm's."""
     m = ctx.module
     shape = ctx.out_shape
     s = ctx.frac_out * max(1, math.prod(shape) // max(1, shape[0] * math.prod(m.normalized_shape)))
@@ -225,7 +230,7 @@ def _conv_t_row_norm(ctx: RuleContext) -> Mono | None:
     return ctx.sumsq(w) / (m.out_channels * math.prod(m.stride))
 
 
-@register_rule(module=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), row_norm=_conv_t_row_norm)
+@register_rule(module=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), row_norm=_conv_t_row_norm, channel_dim=1)
 def conv_transpose_rule(ctx: RuleContext) -> None:
     """nn.ConvTranspose1d/2d/3d: the adjoint of a conv. Every input location meets every
     kernel tap, so ``||W_col||²_{2,μ} = sum(W²)/in_channels`` with ``c = 1/frac`` (only the
@@ -245,6 +250,5 @@ def conv_transpose_rule(ctx: RuleContext) -> None:
     c = 1.0 / max(ctx.frac_out, 1e-12)
     ctx.add_layer(
         type(m).__name__, [(w, "weight", s), (b, "bias", s)], weight=w, s=s, c=c, input_node=x,
-        notes=("transposed conv: s over input locations",),
     )
-    ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) / (m.in_channels * c), 1.0)
+    ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) * (ctx.chan_out / (m.in_channels * c)), 1.0, 1.0)

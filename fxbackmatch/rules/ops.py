@@ -1,16 +1,24 @@
 """Rules for parameter-free ops: activations, dropout, identity, reshapes, pooling,
-reductions, additions, concatenation, slicing and scaling.
+reductions, additions, concatenation, slicing, scaling and gates.
+
+Each is the least-squares factor of the op's (linearized) Jacobian, ``mean diag(JᵀJ)`` under
+the paper's approximations (see ``docs/derivations.md``):
 
 * pointwise activations — ``δ'a = δa`` (the paper's ReLU result, eq. 31; other activations
   are treated the same way: their derivative is applied by back-propagation itself);
-* reshapes / dropout / identity — factor and carrying fraction pass unchanged;
-* pooling and mean/sum reductions — the factor is unchanged and only ``out/in`` of the
-  input's locations carry gradient (this is what makes ``s_cv1 = 196`` in LeNet);
-* addition — every tensor input receives the output's factor (a residual adds the
-  signals, each branch must match all of ``δb``);
-* concatenation, split, chunk, slicing — each slice keeps the factor;
-* multiplication by a constant ``k`` — ``δa = k·δb``, ``δ'a = δb/k``: ``m ← m·k²``;
-  multiplication by another tensor (a gate) — both operands keep the factor (noted).
+* reshapes / dropout / identity — ``m``, positions and channels unchanged;
+* max pooling, ``amax`` — ``m`` unchanged, only ``out/in`` of the positions carry gradient
+  (this is what makes ``s_cv1 = 196`` in LeNet);
+* average pooling, ``mean``, ``sum`` — the linear maps they are: every position carries
+  gradient and ``m ← m·r̄·w²`` with ``w`` the weight (``1/K`` for a mean over ``K``) and
+  ``r̄`` how many outputs read an input on average — the factors of the equivalent frozen
+  depthwise conv;
+* addition — every tensor input receives the output's factor (the fork rule sums them);
+* concatenation, split, chunk, slicing — a slice keeps ``m``; slicing the channel dimension
+  drops channels, any other dimension positions;
+* multiplication by a constant ``k`` — ``m ← m·k²``; by a parameter (a layer scale) — the
+  parameter is a layer with ``E[x²]`` of the tensor it scales; by another tensor (a gate) —
+  each operand ``A`` gets ``m·r_A·E[B²]``, with ``r_A`` the positions ``A`` is broadcast over.
 """
 from __future__ import annotations
 
@@ -18,38 +26,42 @@ import math
 import operator
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis import RuleContext
+from ..context import RuleContext
+from ..expr import Mono
 from ..registry import register_rule
 
-__all__ = ["identity_rule", "pooling_rule", "add_rule", "getitem_rule", "mul_rule"]
+__all__ = [
+    "identity_rule", "sigmoid_rule", "max_pool_rule", "avg_pool_rule", "reduce_rule",
+    "add_rule", "concat_rule", "container_rule", "getitem_rule", "mul_rule",
+]
 
 try:  # torchvision's stochastic depth acts like dropout on the residual branch
     from torchvision.ops import StochasticDepth as _StochasticDepth
 except Exception:  # pragma: no cover - torchvision is a dependency, but stay importable
     _StochasticDepth = nn.Identity
 
-_ACTIVATION_MODULES = (_StochasticDepth, 
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
-    nn.Softsign, nn.Tanhshrink, nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout,
-    nn.Flatten, nn.Unflatten, nn.LogSoftmax, nn.Softmax,
+_ACTIVATION_MODULES = (
+    _StochasticDepth, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+    nn.SiLU, nn.Mish, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.Flatten,
+    nn.Unflatten, nn.LogSoftmax, nn.Softmax,
 )
 _ACTIVATION_FUNCTIONS = (
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
-    F.gelu, F.silu, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardtanh,
-    F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.dropout, F.dropout1d, F.dropout2d,
-    F.dropout3d, F.alpha_dropout, torch.flatten, torch.reshape, torch.squeeze,
-    torch.unsqueeze, torch.permute, torch.transpose, torch.clone, F.log_softmax, F.softmax,
-    torch.log_softmax, torch.softmax,
+    F.gelu, F.silu, F.mish, torch.tanh, F.tanh, F.hardtanh, F.hardswish, F.softplus,
+    F.softsign, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+    torch.transpose, torch.clone, F.log_softmax, F.softmax, torch.log_softmax, torch.softmax,
 )
 _ACTIVATION_METHODS = (
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "view", "view_as", "reshape",
-    "reshape_as", "flatten", "contiguous", "permute", "transpose", "squeeze", "unsqueeze",
-    "clone", "float", "double", "half", "bfloat16", "to", "type_as", "expand", "expand_as",
-    "softmax", "log_softmax", "detach_",
+    "relu", "relu_", "tanh", "tanh_", "view", "view_as", "reshape", "reshape_as", "flatten",
+    "contiguous", "permute", "transpose", "squeeze", "unsqueeze", "clone", "float", "double",
+    "half", "bfloat16", "to", "type_as", "expand", "expand_as", "softmax", "log_softmax",
+    "detach_",
 )
 
 
@@ -58,35 +70,116 @@ _ACTIVATION_METHODS = (
     transparent=True,
 )
 def identity_rule(ctx: RuleContext) -> None:
-    """Pointwise activations, dropout, identity and reshapes: ``m`` and ``frac`` unchanged."""
+    """Pointwise activations, dropout, identity and reshapes: the flow passes unchanged."""
     if ctx.inputs:
-        ctx.pass_to(ctx.inputs[0], ctx.m_out, ctx.frac_out)
+        ctx.pass_to(ctx.inputs[0], ctx.m_out)
 
 
-_POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+#: ``E[σ(z)²]`` of a gate near its initial value (``σ(0)² = 1/4``): a heuristic, noted where used
+GATE_MOMENT = 0.25
+
+
+@register_rule(
+    module=(nn.Sigmoid, nn.Hardsigmoid), function=(torch.sigmoid, F.sigmoid, F.hardsigmoid),
+    method=("sigmoid", "sigmoid_"), transparent=True, row_norm=lambda ctx: Mono.const(GATE_MOMENT),
 )
-_POOL_FUNCTIONS = (
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.mean,
-    torch.sum, torch.amax, torch.max_pool2d, torch.max_pool1d, torch.avg_pool1d,
+def sigmoid_rule(ctx: RuleContext) -> None:
+    """Sigmoid-type gates: the flow passes unchanged (as every activation); a product with the
+    gate estimates its second moment as ``σ(0)² = 1/4`` (noted there)."""
+    if ctx.inputs:
+        ctx.pass_to(ctx.inputs[0], ctx.m_out)
+
+
+def _ratio(ctx: RuleContext, x: fx.Node) -> float:
+    return min(1.0, ctx.numel(ctx.node) / max(1, ctx.numel(x)))
+
+
+_MAX_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+)
+_MAX_POOL_FUNCTIONS = (
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d, torch.amax, torch.max_pool2d, torch.max_pool1d,
 )
 
 
-@register_rule(module=_POOL_MODULES, function=_POOL_FUNCTIONS, method=("mean", "sum", "amax"), transparent=True)
-def pooling_rule(ctx: RuleContext) -> None:
-    """Pooling and reductions: ``m`` unchanged; the input's carrying fraction is
-    ``frac_out · numel(out)/numel(in)`` — a 2×2 max pool keeps a quarter of the locations,
-    a global average pool one per channel (the paper counts a conv's sharing factor after
-    the pooling that follows it; average pooling is given the same count)."""
+@register_rule(module=_MAX_POOL_MODULES, function=_MAX_POOL_FUNCTIONS, method=("amax",), transparent=True)
+def max_pool_rule(ctx: RuleContext) -> None:
+    """Max pooling and ``amax``: the selected input has Jacobian entry 1, so ``m`` is
+    unchanged; only ``out/in`` of the positions carry gradient (a 2×2 pool keeps a quarter —
+    the paper's count for a conv's sharing factor). LP pooling is treated the same way."""
     if not ctx.inputs:
         return
     x = ctx.inputs[0]
-    ratio = ctx.numel(ctx.node) / max(1, ctx.numel(x))
-    ctx.pass_to(x, ctx.m_out, ctx.frac_out * min(1.0, ratio))
+    ctx.pass_to(x, ctx.m_out, ctx.frac_out * _ratio(ctx, x))
+
+
+_AVG_POOL_MODULES = (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+_AVG_POOL_FUNCTIONS = (
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, torch.avg_pool1d,
+)
+
+
+def _window(ctx: RuleContext, x: fx.Node) -> float:
+    """Elements averaged per output: the kernel volume, or ``in/out`` per pooled dimension
+    for adaptive pooling."""
+    mod = ctx.module
+    k = getattr(mod, "kernel_size", None) if mod is not None else ctx.arg(1, "kernel_size")
+    if mod is None and ctx.node.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
+        k = None
+    if k is not None and not isinstance(mod, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        ks = tuple(k) if isinstance(k, (tuple, list)) else (int(k),)
+        dims = len(ctx.shape(x)) - 2
+        if len(ks) == 1 and dims > 1:
+            ks = ks * dims
+        return float(math.prod(ks))
+    return ctx.numel(x) / max(1, ctx.numel(ctx.node))
+
+
+def _avg_row_norm(ctx: RuleContext) -> Mono:
+    """Row norm of an average: ``K·(1/K)² = 1/K`` (``E[out²] = E[in²]/K`` for uncorrelated
+    positions — the frozen depthwise conv's ``||W||²_{2,μ}``)."""
+    x = ctx.inputs[0]
+    return Mono.const(1.0 / _window(ctx, x))
+
+
+@register_rule(module=_AVG_POOL_MODULES, function=_AVG_POOL_FUNCTIONS, row_norm=_avg_row_norm)
+def avg_pool_rule(ctx: RuleContext) -> None:
+    """Average pooling: a linear map with weight ``1/K`` on each of the ``K`` inputs of a
+    window. Column ``j`` of its Jacobian has ``r_j`` entries ``1/K`` (``r_j`` windows read
+    input ``j``), so ``m ← m·r̄/K²`` with ``r̄ = K·out/in``: ``m ← m·(out/in)/K`` — ``1/16``
+    for 2×2/stride 2, ``1/49²`` for a 7×7 global pool — and every position carries gradient.
+    The same factors as the frozen depthwise conv with weights ``1/K``."""
+    if not ctx.inputs:
+        return
+    x = ctx.inputs[0]
+    k = _window(ctx, x)
+    ctx.pass_to(x, ctx.m_out * (_ratio(ctx, x) / k))
+
+
+def _reduce_row_norm(ctx: RuleContext) -> Mono:
+    """Row norm of a mean (``1/K``) or a sum (``K``) over ``K`` elements."""
+    x = ctx.inputs[0]
+    k = ctx.numel(x) / max(1, ctx.numel(ctx.node))
+    return Mono.const(1.0 / k if ctx.node.target in (torch.mean, "mean") else k)
+
+
+@register_rule(function=(torch.mean, torch.sum), method=("mean", "sum"), row_norm=_reduce_row_norm)
+def reduce_rule(ctx: RuleContext) -> None:
+    """``mean`` / ``sum`` over ``K = in/out`` elements: linear maps with weight ``1/K`` / 1 read
+    once per input, so ``m ← m/K²`` / ``m``; every position carries gradient. Their output
+    moment is ``E[in²]/K`` / ``K·E[in²]`` (uncorrelated elements)."""
+    if not ctx.inputs:
+        return
+    x = ctx.inputs[0]
+    k = ctx.numel(x) / max(1, ctx.numel(ctx.node))
+    is_mean = ctx.node.target in (torch.mean, "mean")
+    ctx.pass_to(x, ctx.m_out / (k * k) if is_mean else ctx.m_out)
 
 
 @register_rule(
@@ -94,14 +187,16 @@ def pooling_rule(ctx: RuleContext) -> None:
     method=("add", "add_", "sub", "sub_"),
 )
 def add_rule(ctx: RuleContext) -> None:
-    """Addition (residual connections): every tensor input receives ``m`` and ``frac``.
-    Adding a parameter (``x + self.offset``) makes it a bias of this node: scale ``1/(m·s)``
-    with ``s`` the positions it is broadcast over."""
+    """Addition (residual connections): every tensor input receives ``m`` (``J_i = I``); where
+    a value feeds several ops the fork rule sums their factors. Adding a parameter
+    (``x + self.offset``) makes it a bias of this node: scale ``1/(m·s)`` with ``s`` the
+    positions it is broadcast over."""
     for a in ctx.node.args[:2]:
         name = ctx.param_from_arg(a)
         if name is not None:
             s = ctx.frac_out * _broadcast_positions(ctx, name)
-            ctx.add_layer("add (parameter)", [(name, "bias", s)], weight=name, s=s, c=1.0, input_node=ctx.inputs[0] if ctx.inputs else None)
+            ctx.add_layer("add (parameter)", [(name, "bias", s)], weight=name, s=s, c=1.0,
+                          input_node=ctx.inputs[0] if ctx.inputs else None)
     ctx.pass_all()
 
 
@@ -111,9 +206,14 @@ def _broadcast_positions(ctx: RuleContext, name: str) -> float:
     return max(1.0, per_sample / max(1, math.prod(ctx.param_shape(name))))
 
 
-@register_rule(function=(torch.cat, torch.concat, torch.stack, torch.chunk, torch.split), method=("chunk", "split"))
+_SPLITS = (torch.chunk, torch.split, torch.unbind, "chunk", "split", "unbind")
+
+
+@register_rule(function=(torch.cat, torch.concat, torch.stack, torch.chunk, torch.split, torch.unbind),
+               method=("chunk", "split", "unbind"))
 def concat_rule(ctx: RuleContext) -> None:
-    """Concatenation, stacking, split and chunk: each slice keeps the factor."""
+    """Concatenation, stacking, split and chunk: each part keeps the flow (an equal split
+    re-concatenated changes nothing)."""
     ctx.pass_all()
 
 
@@ -124,42 +224,146 @@ def container_rule(ctx: RuleContext) -> None:
     ctx.pass_all()
 
 
+def _channel_dim(ctx: RuleContext, x: fx.Node, rank: int) -> int | None:
+    ch = ctx.channel_dim_below(x)
+    if ch is None:
+        ch = 1 if rank >= 2 else None
+    return None if ch is None else ch % rank
+
+
+def _index_ratios(index, shape: tuple[int, ...]) -> list[float] | None:
+    """Per input dimension, the share an index keeps; ``None`` for advanced indexing."""
+    idx = index if isinstance(index, tuple) else (index,)
+    rank = len(shape)
+    ratios = [1.0] * rank
+    d = 0
+    for k, it in enumerate(idx):
+        if it is Ellipsis:
+            rest = sum(1 for x in idx[k + 1:] if x is not None and x is not Ellipsis)
+            d = rank - rest
+        elif it is None:
+            continue
+        elif isinstance(it, bool):
+            return None
+        elif isinstance(it, int):
+            if d >= rank:
+                return None
+            ratios[d] = 1.0 / max(1, shape[d])
+            d += 1
+        elif isinstance(it, slice):
+            if d >= rank or not all(v is None or isinstance(v, int) for v in (it.start, it.stop, it.step)):
+                return None
+            ratios[d] = len(range(*it.indices(shape[d]))) / max(1, shape[d])
+            d += 1
+        else:
+            return None
+    return ratios
+
+
 @register_rule(function=operator.getitem)
 def getitem_rule(ctx: RuleContext) -> None:
-    """Indexing a tensor (slicing) or a tuple of tensors (after split/chunk): the factor is
-    kept; the carrying fraction shrinks to the selected share of the elements."""
+    """Indexing: a slice keeps ``m``. Selecting channels (the dimension the layer below
+    mixes) shrinks ``chan``, selecting along any other dimension shrinks ``frac`` (a CLS
+    token of ``T``: ``1/T`` of the positions); the batch dimension is not a position. For
+    the parts of a split/chunk, the split's dimension decides."""
     if not ctx.inputs:  # indexing a parameter or a constant: nothing to hand back
         return
     x = ctx.inputs[0]
     ratio = ctx.numel(ctx.node) / max(1, ctx.numel(x))
-    ctx.pass_to(x, ctx.m_out, ctx.frac_out * min(1.0, ratio))
+    in_shape = ctx.shape(x)
+    if in_shape is None:  # a tuple (split, chunk, a module's tuple output)
+        dim = None
+        if (x.op == "call_function" and x.target in _SPLITS) or (x.op == "call_method" and x.target in _SPLITS):
+            src = x.all_input_nodes[0] if x.all_input_nodes else None
+            dim = x.args[2] if len(x.args) > 2 else x.kwargs.get("dim", 0 if x.target not in (torch.unbind, "unbind") else 0)
+            rank = len(ctx.shape(src) or ())
+            is_chan = src is not None and rank and dim % rank == _channel_dim(ctx, src, rank)
+        else:
+            is_chan = False
+        if is_chan:
+            ctx.pass_to(x, ctx.m_out, ctx.frac_out, ctx.chan_out * ratio)
+        else:
+            ctx.pass_to(x, ctx.m_out, ctx.frac_out * ratio, ctx.chan_out)
+        return
+    ratios = _index_ratios(ctx.node.args[1], in_shape)
+    if ratios is None:  # advanced indexing: count the share as positions
+        ctx.pass_to(x, ctx.m_out, ctx.frac_out * min(1.0, ratio))
+        ctx.note("advanced indexing: selected share counted as positions")
+        return
+    ch = _channel_dim(ctx, x, len(in_shape))
+    chan = ratios[ch] if ch is not None and ch != 0 else 1.0
+    pos = math.prod(r for d, r in enumerate(ratios) if d not in (0, ch))
+    ctx.pass_to(x, ctx.m_out, ctx.frac_out * pos, ctx.chan_out * chan)
+
+
+_MULS = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
+_DIVS = (operator.truediv, torch.div, "div", "div_")
 
 
 @register_rule(function=(operator.mul, operator.imul, torch.mul, operator.truediv, torch.div), method=("mul", "mul_", "div", "div_"))
 def mul_rule(ctx: RuleContext) -> None:
-    """Multiplication by a constant ``k`` (division: ``1/k``): ``m ← m·k²``. By another
-    tensor (a gate, as in squeeze-excitation): each operand keeps ``m`` (noted). By a
-    parameter (a layer scale): as BN's γ — ``m ← m·mean(γ²)``, the parameter's scale
-    ``1/(m·s)`` over the positions it is broadcast over."""
+    """Products.
+
+    * by a constant ``k`` (division: ``1/k``): ``J = k·I``, ``m ← m·k²``;
+    * by a parameter ``γ`` (a layer scale ``y = γ ⊙ x``): γ is a layer — its column of ``J``
+      holds ``x`` at the ``s`` positions it is broadcast over, so its scale is
+      ``1/(m·s·E[x²])`` with ``E[x²]`` estimated from the graph below (1 if none, noted); the
+      input keeps ``m`` (γ treated as 1, as the paper's BN) or, with ``gamma="exact"``, gets
+      ``m·mean(γ²)``;
+    * by another tensor (a gate, ``y = A ⊙ B`` with broadcasting): operand ``A`` gets
+      ``m·r_A·E[B²]`` — its gradient sums ``B·δy`` over the ``r_A = numel(y)/numel(A)``
+      positions it is broadcast over — with ``E[B²]`` from the graph below (a sigmoid gate:
+      1/4); a broadcast operand carries gradient at all of its positions.
+    """
     args = list(ctx.node.args[:2])
     params = [ctx.param_from_arg(a) for a in args]
-    if any(params) and ctx.node.target in (operator.mul, operator.imul, torch.mul, "mul", "mul_") and ctx.inputs:
-        # x * self.layer_scale: a per-channel scale like BN's γ (ConvNeXt's layer scale)
+    is_mul = ctx.node.target in _MULS
+    if any(params) and is_mul and ctx.inputs:
         name = next(p for p in params if p)
+        x = ctx.inputs[0]
         s = ctx.frac_out * _broadcast_positions(ctx, name)
-        ctx.add_layer("mul (parameter)", [(name, "norm_scale", s)], weight=name, s=s, c=1.0,
-                      input_node=ctx.inputs[0], notes=("γ²→m",))
-        m = ctx.m_out * ctx.sumsq(name) / ctx.numel_of_param(name)
-        for inp in ctx.inputs:
-            ctx.pass_to(inp, m, ctx.frac_out)
+        ex2, how = ctx.variance_below(x)
+        if ex2 is None:
+            ex2 = Mono()
+            ctx.note("layer scale: E[x²] taken as 1")
+        ctx.add_layer("mul (parameter)", [(name, "norm_scale", s, ex2)], weight=name, s=s, c=1.0, input_node=x)
+        m = ctx.m_out
+        if ctx.gamma_mode == "exact":
+            m = m * ctx.mean_sq(name)
+            ctx.note("γ²→m (gamma='exact')")
+        ctx.pass_to(x, m)
         return
     consts = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
     if len(ctx.inputs) == 1 and consts:
         k = float(consts[0])
-        if ctx.node.target in (operator.truediv, torch.div, "div", "div_") and args[1] is consts[0]:
+        if ctx.node.target in _DIVS and args[1] is consts[0]:
             k = 1.0 / k if k else 0.0
-        ctx.pass_to(ctx.inputs[0], ctx.m_out * (k * k) if k else ctx.m_out, ctx.frac_out)
+        if k == 0.0:  # J = 0: this consumer adds nothing to JᵀJ below
+            ctx.note("multiplied by 0: no gradient flows through")
+            return
+        ctx.pass_to(ctx.inputs[0], ctx.m_out * (k * k))
+        return
+    tensors = [a for a in args if isinstance(a, fx.Node) and a in ctx.inputs]
+    if len(tensors) == 2 and is_mul:
+        out_n = max(1, ctx.numel(ctx.node))
+        for a, b in ((tensors[0], tensors[1]), (tensors[1], tensors[0])):
+            eb2, _ = ctx.variance_below(b)
+            if eb2 is None:
+                eb2 = Mono()
+                ctx.note(f"gate: E[{b.name}²] taken as 1")
+            elif _is_sigmoid(ctx, b):
+                ctx.note(f"gate: E[{b.name}²] ≈ σ(0)² = {GATE_MOMENT}")
+            r = out_n / max(1, ctx.numel(a))
+            if r > 1:
+                ctx.pass_to(a, ctx.m_out * eb2 * r, 1.0, 1.0)
+            else:
+                ctx.pass_to(a, ctx.m_out * eb2)
         return
     if len(ctx.inputs) > 1:
-        ctx.node.meta["fxbackmatch.notes"] = ("gating product: each operand keeps m",)
+        ctx.note("division by a tensor: each operand keeps m (heuristic)")
     ctx.pass_all()
+
+
+def _is_sigmoid(ctx: RuleContext, node: fx.Node) -> bool:
+    rule = ctx.rule_of(node)
+    return rule is not None and rule.fn is sigmoid_rule

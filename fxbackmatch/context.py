@@ -1,0 +1,180 @@
+"""The rule API: what a rule sees for one node (:class:`RuleContext`) and its helpers.
+
+Rules import this module only — never the graph walker (:mod:`fxbackmatch.analysis`), which
+implements the small set of callbacks a context forwards to (``claim``, ``contribute``,
+``add_layer``, ``note``, ``variance_below``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from .expr import Mono
+from .records import Flow
+from .shapes import shape_of
+from .topology import carries_tensor, numel_of
+
+__all__ = ["RuleContext", "positions", "flat_nodes", "fetch_attr"]
+
+
+def flat_nodes(args) -> list[fx.Node]:
+    """Every FX node in a nested args/kwargs structure, in order."""
+    out: list[fx.Node] = []
+    fx.node.map_arg(args, lambda a: out.append(a))
+    return out
+
+
+def fetch_attr(gm: fx.GraphModule, target: str):
+    obj: Any = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def positions(shape: tuple[int, ...] | None, channel_dim: int) -> int:
+    """Positions per sample and channel: ``numel / (batch · channels)`` (batch = dim 0)."""
+    if not shape or len(shape) < 2:
+        return 1
+    total = math.prod(shape)
+    ch = shape[channel_dim]
+    return max(1, total // max(1, shape[0] * ch))
+
+
+class RuleContext:
+    """What a rule sees for one node, and how it reports back (see :mod:`registry`).
+
+    ``m_out``, ``frac_out`` and ``chan_out`` describe the gradient at the node's output
+    (see :class:`~fxbackmatch.records.Flow`); a rule hands each tensor input its own with
+    :meth:`pass_to` and declares parameters with :meth:`add_layer`.
+    """
+
+    def __init__(self, walker, node: fx.Node, rule, flow: Flow):
+        self._w = walker
+        self.node = node
+        self.rule = rule
+        self.flow = flow
+        self.m_out: Mono = flow.m
+        self.frac_out: float = flow.frac
+        self.chan_out: float = flow.chan
+        self.gm: fx.GraphModule = walker.gm
+        self.module: nn.Module | None = (
+            walker.gm.get_submodule(node.target) if node.op == "call_module" else None
+        )
+        self.atoms = walker.atoms
+        self.variance_mode: str = walker.variance
+        self.gamma_mode: str = walker.gamma
+        #: the node's tensor-valued inputs, in argument order (kwargs after args); parameters
+        #: (get_attr of an nn.Parameter) are not inputs — rules claim them with param_from_arg
+        self.inputs: list[fx.Node] = [
+            a for a in flat_nodes((node.args, node.kwargs))
+            if carries_tensor(a) and not (a.op == "get_attr" and isinstance(fetch_attr(walker.gm, a.target), nn.Parameter))
+        ]
+
+    # ----- shapes -------------------------------------------------------------------
+    @property
+    def out_shape(self) -> tuple[int, ...] | None:
+        return shape_of(self.node)
+
+    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
+        return shape_of(node)
+
+    def numel(self, node: fx.Node) -> int:
+        return numel_of(node)
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """Positional-or-keyword argument of a call_function / call_method node."""
+        if len(self.node.args) > index:
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def rule_of(self, node: fx.Node):
+        """The registered rule of another node (``None`` for inputs and parameters)."""
+        return self._w.registry.lookup(node, self.gm) if node.op.startswith("call") else None
+
+    def channel_dim_below(self, node: fx.Node) -> int | None:
+        """The channel dimension of the nearest rule below ``node`` that declares one
+        (conv/BN: 1, linear/LayerNorm: -1), looking through transparent ops."""
+        return self._w.channel_dim_below(node)
+
+    # ----- parameters ---------------------------------------------------------------
+    def module_param(self, attr: str) -> str | None:
+        """Canonical name of ``self.module.<attr>`` if it is a parameter (frozen ones too:
+        their norms still enter ``m``; ``add_layer`` does not scale them)."""
+        p = getattr(self.module, attr, None)
+        return self._w.claim(p, self.node)
+
+    def param_from_arg(self, arg: Any) -> str | None:
+        """Canonical name of the parameter a ``get_attr`` argument refers to."""
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            p = fetch_attr(self._w.gm, arg.target)
+            return self._w.claim(p, self.node, arg)
+        return None
+
+    def buffer_from_arg(self, arg: Any) -> str | None:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            return arg.target
+        return None
+
+    def param_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._w.params[name].shape)
+
+    def numel_of_param(self, name: str) -> int:
+        return self._w.params[name].numel()
+
+    def sumsq(self, name: str) -> Mono:
+        """``sum(W²)`` of parameter ``name``, as a per-step atom."""
+        return Mono.atom(self.atoms.weight(name))
+
+    def mean_sq(self, name: str) -> Mono:
+        """``mean(W²)`` of parameter ``name`` (e.g. ``mean(γ²)``)."""
+        return self.sumsq(name) / self.numel_of_param(name)
+
+    def stat_mean(self, ref: str) -> Mono:
+        """Mean of the buffer at qualified name ``ref`` (e.g. a BN ``running_var``)."""
+        return Mono.atom(self.atoms.stat(ref))
+
+    # ----- the walk -----------------------------------------------------------------
+    def pass_to(self, node: fx.Node, m: Mono, frac: float | None = None, chan: float | None = None) -> None:
+        """Hand ``node`` (an input of this node) its backward factor ``m``, the fraction of
+        its positions (``frac``) and of its channels (``chan``) that carry gradient. Both
+        fractions default to the output's (right for ops that keep the layout)."""
+        frac = self.frac_out if frac is None else frac
+        chan = self.chan_out if chan is None else chan
+        self._w.contribute(node, Flow(m, _unit(frac), _unit(chan)), self.node)
+
+    def pass_all(self, m: Mono | None = None, frac: float | None = None, chan: float | None = None) -> None:
+        for inp in self.inputs:
+            self.pass_to(inp, self.m_out if m is None else m, frac, chan)
+
+    def variance_below(self, node: fx.Node) -> tuple[Mono | None, str]:
+        """``E[a²]`` of the value ``node`` estimated from the graph below it (the weights of
+        the layer that produces it, a norm layer, a bounded activation), ``None`` when the
+        graph gives no estimate; and a note saying how."""
+        return self._w.variance_below(node)
+
+    def note(self, text: str) -> None:
+        """Name an approximation this rule made at this node (shown in the report)."""
+        self._w.note(self.node, text)
+
+    def add_layer(
+        self,
+        kind: str,
+        params: list[tuple],
+        *,
+        weight: str | None,
+        s: float,
+        c: float,
+        input_node: fx.Node | None = None,
+        notes: tuple[str, ...] = (),
+    ) -> None:
+        """Declare a layer. ``params`` are ``(name, role, s)`` or ``(name, role, s, k)`` with
+        ``k`` a :class:`Mono` that multiplies ``m`` for that parameter only (a layer scale's
+        ``E[x²]``); ``None`` names are skipped."""
+        self._w.add_layer(self, kind, params, weight, s, c, input_node, notes)
+
+
+def _unit(x: float) -> float:
+    return min(max(float(x), 0.0), 1.0)

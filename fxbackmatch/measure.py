@@ -1,0 +1,94 @@
+"""Measured backward factors: ``mean diag(JᵀJ)`` at every value of the graph, by autograd.
+
+The rules *derive* each value's factor ``m`` under the paper's approximations; this module
+*measures* it. With ``J`` the Jacobian of the loss outputs with respect to a value ``a``,
+a random probe ``v`` at the outputs (Rademacher: ``E[vvᵀ] = I``) back-propagates to
+``u = Jᵀv`` at every value at once, and ``E[u²] = diag(JᵀJ)`` (Hutchinson). The measured
+``m`` of a value is the mean of that diagonal over the elements that carry gradient.
+
+It runs the model's own graph on a real batch (activation derivatives included — ReLU
+masks, BN's batch coupling), on ``torch.autograd.grad`` only: no parameter's ``.grad`` is
+touched, and buffers (BatchNorm running statistics) are restored afterwards.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["measure_values", "carrying_mean"]
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, keep: set[str]):
+        super().__init__(gm)
+        self.keep = keep
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.keep and isinstance(out, torch.Tensor) and out.is_floating_point() and out.requires_grad:
+            self.values[n.name] = out
+        return out
+
+
+def carrying_mean(diag: torch.Tensor, rel: float = 1e-10) -> float:
+    """Mean of a measured diagonal over its elements that carry gradient (``> rel·max``)."""
+    d = diag.detach().double().reshape(-1)
+    top = float(d.max()) if d.numel() else 0.0
+    if top <= 0:
+        return 0.0
+    keep = d > rel * top
+    return float(d[keep].mean())
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    for name, b in model.named_buffers():
+        if name in saved:
+            b.copy_(saved[name])
+
+
+def measure_values(
+    gm: fx.GraphModule,
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    outputs: Iterable[str],
+    nodes: Iterable[str] | None = None,
+    *,
+    probes: int = 16,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Measured ``mean diag(JᵀJ)`` at the named nodes (every tensor node if ``None``), with
+    ``J`` the Jacobian of the nodes named in ``outputs`` (the loss outputs)."""
+    outputs = list(outputs)
+    keep = {n.name for n in gm.graph.nodes if n.op not in ("output", "get_attr")} if nodes is None else set(nodes)
+    keep |= set(outputs)
+    saved = {k: v.detach().clone() for k, v in model.named_buffers()}
+    inputs = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs]
+    try:
+        with torch.enable_grad():
+            rec = _Recorder(gm, keep)
+            rec.run(*inputs)
+            vals = rec.values
+            outs = [vals[o] for o in outputs if o in vals]
+            if not outs:
+                raise ValueError("no loss output of the graph depends on a differentiable value")
+            names = [k for k in vals if k in keep]
+            targets = [vals[k] for k in names]
+            acc = [torch.zeros_like(t, dtype=torch.float64) for t in targets]
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            for _ in range(probes):
+                vs = [
+                    (torch.randint(0, 2, o.shape, generator=gen).to(o.device, o.dtype) * 2 - 1)
+                    for o in outs
+                ]
+                grads = torch.autograd.grad(outs, targets, grad_outputs=vs, retain_graph=True, allow_unused=True)
+                for a, g in zip(acc, grads):
+                    if g is not None:
+                        a.add_(g.detach().double().square())
+    finally:
+        _restore(model, saved)
+    return {k: carrying_mean(a / probes) for k, a in zip(names, acc)}
