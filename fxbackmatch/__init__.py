@@ -13,6 +13,7 @@ from .context import RuleContext
 from .records import LayerRecord
 from .api import prepare
 from .errors import (
+    AlreadyAttachedError,
     DuplicateRuleError,
     FxBackmatchError,
     NoWeightedLayerError,
@@ -55,4 +56,5 @@ __all__ = [
     "DuplicateRuleError",
     "NonFiniteWeightError",
     "ScaleRangeWarning",
+    "AlreadyAttachedError",
 ]

@@ -16,7 +16,7 @@ parts). A residual ``h + f(h)`` gives ``m_h = m_y + m_f``; a silent branch adds 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.fx as fx
@@ -182,7 +182,6 @@ class _Walker:
         for i, n in enumerate(self.gm.graph.nodes):
             n.meta["fxbackmatch.index"] = i
         outs, labels = select_outputs(self.gm, outputs)
-        self._outs = outs
         for o in outs:
             self.contribute(o, Flow(ONE), o)
         for node in backward_order(g):
@@ -246,13 +245,11 @@ class _Walker:
         return Flow(m, frac, chan)
 
     def _finish_notes(self) -> None:
-        import dataclasses
-
         by_node = {n.name: n for n in self.node_notes}
         for i, rec in enumerate(self.layers):
             n = by_node.get(rec.node)
             if n is not None:
-                self.layers[i] = dataclasses.replace(rec, notes=tuple(self.node_notes[n]))
+                self.layers[i] = replace(rec, notes=tuple(self.node_notes[n]))
         for n, texts in self.node_notes.items():
             if n in self.layer_nodes:
                 continue

@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .errors import CliError
+
 __all__ = ["main", "resolve_model"]
 
 EXAMPLES = """examples:
@@ -19,9 +21,6 @@ EXAMPLES = """examples:
   fxbackmatch report lenet-bn --rule lars
 """
 
-
-class CliError(Exception):
-    """A one-line user error: printed without traceback, exit status 2."""
 
 
 def resolve_model(spec: str) -> nn.Module:

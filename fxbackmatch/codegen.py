@@ -73,6 +73,8 @@ def generate(
     lines += [
         "import torch",
         "",
+        "from fxbackmatch.norms import sumsq as _sq  # float64 sum(t²): fused when compiled, chunked eagerly",
+        "",
         "",
         "def factors(weights: list[torch.Tensor], grads: list[torch.Tensor], stats: list[torch.Tensor],",
         "            C: dict[str, torch.Tensor]) -> torch.Tensor:",
@@ -149,15 +151,6 @@ def generate(
         lines.append(f"    # cap={cap!r}: every scale kept in [1/cap, cap]")
         lines.append(f'    return torch.exp((_lin(C["A"], log_atoms) + C["b"]).clamp({-lc!r}, {lc!r}))')
     lines += [
-        "",
-        "",
-        "def _sq(t: torch.Tensor) -> torch.Tensor:",
-        '    """sum(t²) accumulated in float64: fused into one read when compiled; eagerly in',
-        '    chunks of 2**20 elements so no float64 copy of a whole weight is ever made."""',
-        "    if torch.compiler.is_compiling():",
-        "        return t.to(torch.float64).square().sum()",
-        "    flat = t.detach().reshape(-1)",
-        "    return torch.stack([c.to(torch.float64).square().sum() for c in flat.split(1 << 20)]).sum()",
         "",
         "",
         "def _lin(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:",

@@ -17,6 +17,8 @@ __all__ = [
     "DuplicateRuleError",
     "NonFiniteWeightError",
     "ScaleRangeWarning",
+    "AlreadyAttachedError",
+    "CliError",
 ]
 
 
@@ -66,3 +68,12 @@ class NonFiniteWeightError(FxBackmatchError):
 
 class ScaleRangeWarning(UserWarning):
     """A scale lies outside the documented range (``fxbackmatch.guards.SCALE_RANGE``)."""
+
+
+class AlreadyAttachedError(FxBackmatchError):
+    """A plan would scale a parameter that an attached plan already scales on this optimizer."""
+
+
+class CliError(Exception):
+    """A one-line user error of the command line or the training harness: the CLI prints it
+    without a traceback and exits with status 2."""

@@ -8,12 +8,13 @@ from the model each step:
   ``||Wᵀ||²_{2,μ}`` are this divided by the number of rows or columns, a constant);
 * ``grad_sumsq``: ``sum(δW**2)`` (for the LARS and LSALR rules);
 * ``stat_mean``: the mean of a buffer (BatchNorm ``running_var``, "measured variance");
-* ``sum``: ``Σ_j weight_j · mono_j`` over earlier atoms — forks (``Σ√m_i / Σ1/√m_i`` over the
-  consumers' factors) and weights used more than once (sharing factor summed over uses);
+* ``sum``: ``Σ_j weight_j · mono_j`` over earlier atoms — forks (the consumers' factors
+  summed: stacked Jacobians), second moments of sums and concatenations, and weights used
+  more than once (sharing factor summed over uses);
 * ``lars`` / ``lsalr``: the competitors' per-layer rates, with their zero-norm guards.
 
 A chain of layers therefore has log-scales that are a fixed linear map of the log atoms,
-fixed at ``prepare`` time; forks add two log-sum-exps each.
+fixed at ``prepare`` time; each sum atom adds one log-sum-exp.
 """
 from __future__ import annotations
 
@@ -118,29 +119,16 @@ class AtomTable:
         return Mono.atom(self.intern(Atom("lsalr", ref, args=(self.grad(ref),))))
 
     def sum_of(self, terms: Iterable[tuple[float, Mono]], label: str = "") -> Mono:
-        """``Σ w·mono`` as a new atom (identical terms are collapsed analytically)."""
-        terms = tuple(terms)
-        if len({m for _, m in terms}) == 1:
-            return terms[0][1] * sum(w for w, _ in terms)
-        return Mono.atom(self.intern(Atom("sum", terms=terms, label=label)))
-
-    def fork_mean(self, parts: Iterable[Mono], label: str = "") -> Mono:
-        """The backward factor of a value consumed ``k`` times (a fork).
-
-        Back-matching sums the consumers' matched signals, ``δ'a = Σ δa_i/m_i``, while
-        back-propagation sums ``δa = Σ δa_i``. Along a chain every rule multiplies ``m`` by
-        the square of what it multiplies the BP amplitude by, so ``δa_i ∝ √m_i``; hence
-        ``m = δa/δ'a = Σ √m_i / Σ 1/√m_i`` (for two consumers the geometric mean
-        ``√(m_1 m_2)``). With equal amplitudes instead it would be the harmonic mean, which
-        lets a near-silent branch (a residual branch scaled by 1e-6) dictate the factor.
-        """
-        parts = tuple(parts)
-        if len(set(parts)) == 1:
-            return parts[0]
-        num = self.sum_of(((1.0, _pow(p, 0.5)) for p in parts), label + " (Σ√m)")
-        den = self.sum_of(((1.0, _pow(p, -0.5)) for p in parts), label + " (Σ1/√m)")
-        return num / den
-
-
-def _pow(m: Mono, k: float) -> Mono:
-    return Mono(tuple((i, p * k) for i, p in m.powers), m.log_const * k)
+        """``Σ w·mono`` as a new atom; terms with the same powers are added analytically
+        (``a·x + b·x = (a+b)·x``), and a sum left with one term is no atom at all."""
+        merged: dict[tuple, float] = {}
+        for w, m in terms:
+            if w > 0:
+                merged[m.powers] = merged.get(m.powers, 0.0) + w * math.exp(m.log_const)
+        if not merged:
+            raise ValueError("a sum of factors needs at least one positive term")
+        if len(merged) == 1:
+            (powers, c), = merged.items()
+            return Mono(powers, math.log(c))
+        canon = tuple((1.0, Mono(p, math.log(c))) for p, c in merged.items())
+        return Mono.atom(self.intern(Atom("sum", terms=canon, label=label)))

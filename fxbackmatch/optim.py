@@ -4,18 +4,31 @@ Unlike wrappers that hide the optimizer (apex LARC, torchlars), the optimizer st
 user's: LR schedulers, ``state_dict`` and other hooks keep working. With a GradScaler,
 ``scaler.step(opt)`` unscales first and skips ``opt.step()`` on inf/NaN, so the hook sees
 unscaled gradients and a skipped step stays skipped.
+
+Closure-style steps (``opt.step(closure)``: LBFGS, Lightning's automatic optimization) run
+step pre-hooks *before* the closure computes the gradients; the hook then wraps the closure
+so that weight decay and the rescale follow each of its backward passes.
+
+One optimizer takes one plan per parameter: attaching a plan twice, or two plans that scale
+the same parameter, raises (the scales would multiply).
 """
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import AlreadyAttachedError
+
 if TYPE_CHECKING:
     from .plan import Plan
 
 __all__ = ["AttachHandle", "attach"]
+
+#: optimizer -> its live handles
+_HANDLES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[AttachHandle]]" = weakref.WeakKeyDictionary()
 
 
 class AttachHandle:
@@ -27,9 +40,26 @@ class AttachHandle:
         self.weight_decay = float(weight_decay)
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         plan._attached.append(self)
+        _HANDLES.setdefault(optimizer, []).append(self)
+
+    def _pre_step(self, optimizer, args, kwargs):
+        # args are step()'s positional arguments, the optimizer itself first
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._apply(optimizer)
+            return None
+
+        def closure_then_rescale():
+            loss = closure()
+            self._apply(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, dict(kwargs, closure=closure_then_rescale)
+        return (args[0], closure_then_rescale) + tuple(args[2:]), kwargs
 
     @torch.no_grad()
-    def _pre_step(self, optimizer, args, kwargs) -> None:
+    def _apply(self, optimizer) -> None:
         if self.weight_decay:
             groups = defaultdict(lambda: ([], []))
             for group in optimizer.param_groups:
@@ -58,9 +88,23 @@ class AttachHandle:
             self._hook = None
             if self in self.plan._attached:
                 self.plan._attached.remove(self)
+            live = _HANDLES.get(self.optimizer)
+            if live is not None and self in live:
+                live.remove(self)
 
 
 def attach(plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: float = 0.0) -> AttachHandle:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    mine = {id(plan._params[n]) for n in plan.targets}
+    for other in _HANDLES.get(optimizer, []):
+        theirs = {id(other.plan._params[n]) for n in other.plan.targets}
+        if mine & theirs:
+            what = "this plan is" if other.plan is plan else f"another plan ({other.plan!r}) is"
+            raise AlreadyAttachedError(
+                f"{what} already attached to this {type(optimizer).__name__} and scales "
+                f"{len(mine & theirs)} of the same parameters: their scales would multiply.\n"
+                f"  What to do: keep one attachment — call .remove() on the handle the first "
+                f"attach() returned before attaching again."
+            )
     return AttachHandle(plan, optimizer, weight_decay)

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from .expr import EPS, Atom, Mono
+from .norms import sumsq
 
 __all__ = ["atom_values", "eval_mono", "log_mono", "lars_rate", "lsalr_rate"]
 
@@ -50,7 +51,7 @@ def atom_values(
     vals: list[float] = []
     for a in atoms:
         if a.kind == "weight_sumsq":
-            v = float(tensor(a.ref).detach().double().pow(2).sum())
+            v = float(sumsq(tensor(a.ref)))
             if not math.isfinite(v):
                 from .errors import NonFiniteWeightError
 
@@ -62,7 +63,7 @@ def atom_values(
                 )
         elif a.kind == "grad_sumsq":
             g = grad(a.ref)
-            v = 0.0 if g is None else float(g.detach().double().pow(2).sum())
+            v = 0.0 if g is None else float(sumsq(g))
         elif a.kind == "stat_mean":
             v = float(tensor(a.ref).detach().double().mean())
         elif a.kind == "sum":

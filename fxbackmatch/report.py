@@ -14,6 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .norms import sumsq
 from .reference import lars_rate, lsalr_rate
 
 if TYPE_CHECKING:
@@ -39,9 +40,9 @@ def _shape(s) -> str:
 def _compare_rates(plan: "Plan", name: str, rules: Sequence[str]) -> dict[str, float | None]:
     p = plan._params[name]
     out: dict[str, float | None] = {}
-    w_sq = float(p.detach().double().pow(2).sum())
+    w_sq = float(sumsq(p))
     g = p.grad
-    g_sq = None if g is None else float(g.detach().double().pow(2).sum())
+    g_sq = None if g is None else float(sumsq(g))
     for r in rules:
         if r == "lars":
             out[r] = None if g_sq is None else lars_rate(w_sq, g_sq, plan.trust_coefficient)
@@ -107,13 +108,23 @@ def plan_to_dict(plan: "Plan", compare: Sequence[str] = ()) -> dict[str, Any]:
     }
 
 
-def build_table(plan: "Plan", compare: Sequence[str] = (), *, plain: bool = False) -> Table:
-    d = plan_to_dict(plan, compare)
+def note_legend(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each distinct note -> its short marker (``1``, ``2``, …), in order of appearance."""
+    legend: dict[str, str] = {}
+    for row in rows:
+        for n in row["notes"]:
+            legend.setdefault(n, str(len(legend) + 1))
+    return legend
+
+
+def build_table(plan: "Plan", compare: Sequence[str] = (), *, plain: bool = False, d: dict | None = None) -> Table:
+    d = d or plan_to_dict(plan, compare)
+    legend = note_legend(d["layers"])
     t = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False)
-    t.add_column("layer", overflow="fold")
-    t.add_column("op", overflow="fold", max_width=12)
-    t.add_column("weight", overflow="fold", max_width=12)
-    t.add_column("output", overflow="fold", max_width=12)
+    t.add_column("layer", overflow="ellipsis", no_wrap=True, max_width=28)
+    t.add_column("op", overflow="ellipsis", no_wrap=True, max_width=12)
+    t.add_column("weight", overflow="ellipsis", no_wrap=True, max_width=12)
+    t.add_column("output", overflow="ellipsis", no_wrap=True, max_width=12)
     for c in ("s", "c", "m", "scale"):
         t.add_column(c, justify="right", no_wrap=True)
     n_opt = max((len(r.get("effective_lr", [])) for r in d["layers"]), default=0)
@@ -121,7 +132,7 @@ def build_table(plan: "Plan", compare: Sequence[str] = (), *, plain: bool = Fals
         t.add_column(f"lr·scale{'' if n_opt == 1 else f' #{i}'}", justify="right")
     for r in compare:
         t.add_column(f"{r} rate", justify="right")
-    t.add_column("notes", ratio=1)
+    t.add_column("notes", no_wrap=True)
     for row in d["layers"]:
         cells = [
             row["name"], row["op"], _shape(row["weight_shape"]), _shape(row["output_shape"][1:] if row["output_shape"] else None),
@@ -130,14 +141,21 @@ def build_table(plan: "Plan", compare: Sequence[str] = (), *, plain: bool = Fals
         lrs = row.get("effective_lr", [])
         cells += [_fmt(lrs[i]) if i < len(lrs) else "" for i in range(n_opt)]
         cells += [_fmt(row.get("compare", {}).get(r)) for r in compare]
-        cells.append("; ".join(row["notes"]))
+        cells.append(",".join(legend[n] for n in row["notes"]))
         t.add_row(*cells)
     return t
 
 
 def _render(plan: "Plan", console: Console, compare: Sequence[str], plain: bool) -> None:
     console.print(_title(plan), highlight=False, style=None if plain else "bold")
-    console.print(build_table(plan, compare, plain=plain))
+    d = plan_to_dict(plan, compare)
+    console.print(build_table(plan, compare, plain=plain, d=d))
+    for text, mark in note_legend(d["layers"]).items():
+        console.print(f"  [{mark}] {text}", highlight=False, markup=False)
+    if d["outputs"] and plan.outputs is not None:
+        console.print(f"loss outputs: {', '.join(d['outputs'])}", highlight=False)
+    for flag in plan.flags:
+        console.print(f"out of range: {flag}", highlight=False)
     d_unc = plan.uncovered_reasons
     if d_unc:
         console.print(f"Not covered (scale 1): {len(d_unc)} parameter(s)")

@@ -11,10 +11,11 @@ from torch import nn
 from .api import prepare
 from .errors import FxBackmatchError
 
-__all__ = ["ZooResult", "sweep_model", "INPUT_SIZE"]
+__all__ = ["ZooResult", "sweep_model", "scale_stats", "trains", "INPUT_SIZE"]
 
-#: input side per model family (others: 64); weights are never downloaded
-INPUT_SIZE = {"inception_v3": 299, "maxvit_t": 224, "vit": 224, "swin": 64}
+#: input side per model family (others: CIFAR's 32; AlexNet's pools need 63, inception_v3's
+#: auxiliary head its own 299); weights are never downloaded
+INPUT_SIZE = {"inception_v3": 299, "maxvit_t": 224, "vit": 224, "swin": 64, "alexnet": 64}
 
 
 @dataclass
@@ -28,24 +29,78 @@ class ZooResult:
     prepare_s: float
     n_params_m: float
     lenient_covered: int | None = None  # scaled tensors with strict=False, when strict failed
+    scale_min: float | None = None
+    scale_median: float | None = None
+    scale_max: float | None = None
+    trains: str | None = None  # "ok" or why not (see :func:`trains`)
+    seconds: float | None = None  # wall time of the whole sweep entry
+
+
+def scale_stats(plan) -> tuple[float, float, float]:
+    """Min, median and max of the plan's scales (scaled parameters only)."""
+    vals = sorted(v for n, v in plan.scales().items() if n in plan.targets)
+    return vals[0], vals[len(vals) // 2], vals[-1]
+
+
+def trains(model: nn.Module, plan, batches, *, lr: float = 2e-3, momentum: float = 0.9) -> str:
+    """20 (``len(batches)``) SGD-momentum steps with the plan attached: ``"ok"`` when every
+    loss is finite and no conv/linear weight moves more than its own norm in the first step;
+    otherwise what went wrong. ``batches`` are ``(x, y)`` pairs; the model is trained in place."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    handle = plan.attach(opt)
+    watched = {n: m.weight for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight.requires_grad}
+    try:
+        for step, (x, y) in enumerate(batches):
+            before = {n: w.detach().clone() for n, w in watched.items()} if step == 0 else None
+            opt.zero_grad(set_to_none=True)
+            out = model(x)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            elif not isinstance(out, torch.Tensor) and hasattr(out, "logits"):
+                out = out.logits
+            loss = nn.functional.cross_entropy(out, y)
+            if not torch.isfinite(loss):
+                return f"loss {float(loss):.3g} at step {step + 1}"
+            loss.backward()
+            opt.step()
+            if before is not None:
+                worst = max(
+                    ((float((w - before[n]).norm() / before[n].norm().clamp_min(1e-12)), n) for n, w in watched.items()),
+                    default=(0.0, ""),
+                )
+                if not worst[0] <= 1.0:
+                    return f"'{worst[1]}' moved {worst[0]:.3g}× its norm in step 1"
+    finally:
+        handle.remove()
+    return "ok"
 
 
 def _input_side(name: str) -> int:
     for key, side in INPUT_SIZE.items():
         if name.startswith(key):
             return side
-    return 64
+    return 32
 
 
-def build(name: str) -> nn.Module:
-    """The model with ``weights=None`` and torchvision's own initialization."""
+#: extra builder arguments of zoo entries that are variants of a torchvision model
+VARIANTS = {"resnet18(zero_init_residual=True)": ("resnet18", {"zero_init_residual": True})}
+
+
+def build(name: str, num_classes: int = 10) -> nn.Module:
+    """The model with ``weights=None`` and torchvision's own initialization (a ``num_classes``
+    head: CIFAR-10's by default)."""
     import torchvision
 
+    base, kw = VARIANTS.get(name, (name, {}))
     torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None)
+    return torchvision.models.get_model(base, weights=None, num_classes=num_classes, **kw)
 
 
-def sweep_model(name: str) -> ZooResult:
+def sweep_model(name: str, batches=None) -> ZooResult:
+    """Prepare ``name`` (strict, then lenient if that fails), its scale statistics, and with
+    ``batches`` (CIFAR-10 ``(x, y)`` pairs) whether it trains (:func:`trains`)."""
     model = build(name)
     side = _input_side(name)
     total = sum(1 for p in model.parameters() if p.requires_grad)
@@ -65,8 +120,15 @@ def sweep_model(name: str) -> ZooResult:
     names = {id(p): n for n, p in model.named_parameters()}
     conv_lin = {names[id(m.weight)] for mn, m in model.named_modules()
                 if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight.requires_grad}
+    lo, med, hi = scale_stats(plan)
+    how = None
+    if batches is not None:
+        if side != 32:
+            batches = [(nn.functional.interpolate(x, size=(side, side), mode="bilinear"), y) for x, y in batches]
+        how = trains(model, plan, batches)
     return ZooResult(
-        name, "ok", "", len(plan.targets), total, conv_lin <= set(plan.targets), dt, n_m
+        name, "ok", "", len(plan.targets), total, conv_lin <= set(plan.targets), dt, n_m,
+        scale_min=lo, scale_median=med, scale_max=hi, trains=how,
     )
 
 

@@ -127,3 +127,17 @@ def test_cli_in_process_json_errors_and_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and "torchvision.models:resnet18" in out
+
+
+def test_resnet_report_keeps_one_line_per_layer_with_a_legend():
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False, outputs=0, gamma="exact")
+    lines = str(plan).splitlines()
+    assert max(len(line) for line in lines) <= 100
+    rows = [line for line in lines if line.startswith("|") and not line.startswith("|-") and "layer" not in line.split("|")[1]]
+    assert len(rows) == len(plan.layers)
+    assert any(line.startswith("  [1] ") for line in lines)  # the notes' legend under the table
+    assert "loss outputs: 0" in lines

@@ -150,7 +150,7 @@ _OPTION_FIELDS = ("data", "subset", "model", "width", "methods", "lr", "epochs",
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     """The :class:`TrainConfig` of parsed ``train`` arguments, and whether to resume."""
-    from ..cli import CliError
+    from ..errors import CliError
 
     given = {k: getattr(args, k) for k in _OPTION_FIELDS if getattr(args, k, None) is not None}
     if args.resume:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cli import CliError
+from ..errors import CliError
 
 __all__ = [
     "DataError",

@@ -43,7 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from ..cli import CliError
+from ..errors import CliError
 from .data import DEFAULT_DATA, ImageData, augment_batch, load_data, subset_indices
 
 __all__ = [

@@ -1,0 +1,38 @@
+"""The one sum-of-squares implementation: the eager reference, the generated code, the
+runtime's foreach path, the sharded path and the report all read ``sum(t²)`` from here."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+__all__ = ["sumsq", "sumsq_many"]
+
+_CHUNK = 1 << 20
+
+
+def sumsq(t: torch.Tensor) -> torch.Tensor:
+    """``sum(t²)`` accumulated in float64, as a 0-d tensor on ``t``'s device. Fused into one
+    read when compiled; eagerly in chunks of 2**20 elements, so no float64 copy of a whole
+    weight is ever made."""
+    if torch.compiler.is_compiling():
+        return t.to(torch.float64).square().sum()
+    flat = t.detach().reshape(-1)
+    if flat.numel() <= _CHUNK:
+        return flat.to(torch.float64).square().sum()
+    return torch.stack([c.to(torch.float64).square().sum() for c in flat.split(_CHUNK)]).sum()
+
+
+def sumsq_many(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``sum(t²)`` of each tensor as float64, one ``torch._foreach_norm`` per (device, dtype)
+    (a multi-tensor kernel; float32 accumulation for lower precisions)."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    for (_, dtype), idx in groups.items():
+        acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        norms = torch._foreach_norm([tensors[i].detach() for i in idx], 2, dtype=acc)
+        for i, n in zip(idx, norms):
+            out[i] = n.to(torch.float64).square()
+    return out  # type: ignore[return-value]
