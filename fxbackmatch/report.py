@@ -132,7 +132,7 @@ def build_table(plan: "Plan", compare: Sequence[str] = (), *, plain: bool = Fals
         t.add_column(f"lr·scale{'' if n_opt == 1 else f' #{i}'}", justify="right")
     for r in compare:
         t.add_column(f"{r} rate", justify="right")
-    t.add_column("notes", no_wrap=True)
+    t.add_column("notes", no_wrap=True, min_width=5)
     for row in d["layers"]:
         cells = [
             row["name"], row["op"], _shape(row["weight_shape"]), _shape(row["output_shape"][1:] if row["output_shape"] else None),
