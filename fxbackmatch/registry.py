@@ -50,6 +50,7 @@ class Rule:
     doc: str = ""
     channel_dim: int | None = None
     norm: bool = False
+    moment: Callable[..., Any] | None = None
 
     def __call__(self, ctx) -> None:
         self.fn(ctx)
@@ -72,6 +73,7 @@ class RuleRegistry:
         row_norm: Callable[..., Any] | None = None,
         channel_dim: int | None = None,
         norm: bool = False,
+        moment: Callable[..., Any] | None = None,
         override: bool = False,
     ):
         """Register ``fn`` for module types, function targets and/or method names.
@@ -101,6 +103,7 @@ class RuleRegistry:
                     doc=(f.__doc__ or "").strip(),
                     channel_dim=channel_dim,
                     norm=norm,
+                    moment=moment,
                 )
             return f
 

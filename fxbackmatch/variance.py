@@ -7,8 +7,9 @@ layer that produces it, whose own input is normalized); a layer scale and a gate
 * a weighted layer gives ``||W||²_{2,μ}·E[a²]`` of its input ``a`` (``E[a²] = 1``, the
   paper's normalized input, where the graph gives no estimate below: on the paper's nets
   every weighted layer reads a BN output or the data, and nothing changes);
-* a norm layer ends the search with its output moment (1, or ``mean(γ²)`` with
-  ``gamma="exact"``), a bounded activation with its constant;
+* a rule's ``moment`` hook gives the output moment outright: a norm layer's ``mean(γ²)``
+  (the forward statistics are what they are — only the *backward chain* treats γ as 1),
+  a sigmoid gate's ``1/4``, a product's moments multiplied (a layer scale: ``mean(γ²)·E[x²]``);
 * ``transparent`` rules (pointwise ops, reshapes, pooling) are looked through;
 * a concatenation along channels is the channel-weighted mean of its parts;
 * an addition is the sum of its parts' moments (independent summands);
@@ -51,7 +52,9 @@ class VarianceEstimator:
         rule = self.registry.lookup(node, self.gm)
         ins = [a for a in node.all_input_nodes if carries_tensor(a) and a.op != "get_attr"]
         out: Mono | None = None
-        if rule is not None and rule.row_norm is not None:
+        if rule is not None and rule.moment is not None:
+            out = rule.moment(self._make_ctx(node, rule))
+        elif rule is not None and rule.row_norm is not None:
             out = rule.row_norm(self._make_ctx(node, rule))
             if out is not None and not rule.norm and not rule.transparent and ins:
                 # a weighted layer: Var[Wa] = ||W||²row · E[a²]; the paper takes E[a²] = 1
@@ -62,7 +65,11 @@ class VarianceEstimator:
         elif rule is not None and rule.transparent:
             out = self(ins[0], depth + 1) if ins else None
         elif node.op == "call_function" and node.target in (torch.cat, torch.concat):
-            parts = [a for a in fx.node.map_aggregate(node.args[0], lambda a: a) if isinstance(a, fx.Node) and carries_tensor(a)]
+            first = node.args[0]
+            if isinstance(first, fx.Node):  # torch.cat(x.chunk(k)): the parts of one tensor
+                self._memo[node] = out = self(first.all_input_nodes[0], depth + 1) if first.all_input_nodes else None
+                return out
+            parts = [a for a in first if isinstance(a, fx.Node) and carries_tensor(a)]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             sizes = [shape_of(p)[dim] if shape_of(p) else 0 for p in parts]
             moments = [self(p, depth + 1) for p in parts]

@@ -187,7 +187,9 @@ def test_biases_and_affine_bn_roles_and_adapt_weights():
     }
     s = plan.scales()
     fc, bn, cv = net[5].weight, net[1].weight, net[0].weight
-    assert s["5.weight"] == s["5.bias"] == 1.0
+    gamma2 = float(bn.detach().double().pow(2).mean())
+    assert s["5.bias"] == 1.0
+    assert s["5.weight"] == pytest.approx(1 / gamma2, rel=1e-9)  # its input's E[a²] = mean(γ²)
     m_bn_out = coln(fc)  # fc consumes flatten(pool(relu(bn)))
     s_bn = 16  # 4×4 locations after the pool carry gradient
     assert s["1.weight"] == pytest.approx(1 / (m_bn_out * s_bn), rel=1e-9)
@@ -196,7 +198,6 @@ def test_biases_and_affine_bn_roles_and_adapt_weights():
     m_cv_out = m_bn_out / rown(cv)
     assert s["0.weight"] == pytest.approx(1 / (m_cv_out * 16), rel=1e-9)
     assert s["0.bias"] == s["0.weight"]
-    gamma2 = float(bn.detach().double().pow(2).mean())
     s_exact = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, gamma="exact").scales()
     assert s_exact["0.weight"] == pytest.approx(1 / (m_cv_out * gamma2 * 16), rel=1e-9)
     assert s_exact["1.weight"] == s["1.weight"]  # γ's own scale does not depend on the mode
@@ -245,7 +246,8 @@ def test_linear_on_3d_input_shares_over_tokens():
     plan = fxbackmatch.prepare(net, torch.randn(2, 7, 6), compile=False)
     assert [r.s for r in plan.layers] == [7.0, 7.0]
     s = plan.scales()
-    assert s["2.weight"] == pytest.approx(1 / 7)
+    # no norm between them: the top layer's input has E[a²] = ‖W0‖²row (eq. 13, E aaᵀ ≈ E[a²]·I)
+    assert s["2.weight"] == pytest.approx(1 / (7 * rown(net[0].weight)), rel=1e-9)
     assert s["0.weight"] == pytest.approx(1 / (7 * coln(net[2].weight)), rel=1e-9)
 
 

@@ -50,7 +50,8 @@ def test_shared_and_tied_weights_accumulate_sharing(cls, name):
     w = net.get_parameter(name)
     m_outer = coln(net.head.weight)
     m_inner = m_outer * coln(w)
-    assert s[name] == pytest.approx(1 / (m_outer * 1 + m_inner * 1), rel=1e-12)
+    # the outer use reads relu(W x): its input moment E[a²] = ‖W‖²row (ReLU as identity)
+    assert s[name] == pytest.approx(1 / (m_outer * rown(w) + m_inner * 1), rel=1e-12)
     assert len([r for r in plan.layers if r.params and r.params[0][0] == name]) == 2
     assert "b.weight" not in s  # tied: one parameter, listed once
 

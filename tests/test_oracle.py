@@ -385,7 +385,8 @@ def test_residual_factors_add_by_hand():
     m3 = coln(net.head.weight)  # at the last sum
     var2 = rown(net.f2.weight) * 2  # f2 reads h0 + b1(…): E[h²] = 1 + 1
     m2 = m3 + m3 / var2 * coln(net.f2.weight)  # skip + branch
-    _same(s["f2.weight"], var2 / m3)
+    # f2's own normal matrix E aaᵀ ≈ E[h²]·I = 2·I (eq. 13): its scale divides by 2 as well
+    _same(s["f2.weight"], var2 / m3 / 2)
     _same(s["f1.weight"], rown(net.f1.weight) / m2)
     m1 = m2 + m2 / rown(net.f1.weight) * coln(net.f1.weight)
     _same(s["stem.weight"], rown(net.stem.weight) / m1)
@@ -405,7 +406,8 @@ def test_shared_weight_sums_uses():
     plan = prep(net, torch.randn(3, 4))
     m_outer = coln(net.head.weight)
     m_inner = m_outer * coln(net.fc.weight)
-    _same(plan.scales()["fc.weight"], 1 / (m_outer + m_inner))
+    # the outer use reads fc(x): E[a²] = ‖W‖²row enters that use's normal matrix
+    _same(plan.scales()["fc.weight"], 1 / (m_outer * rown(net.fc.weight) + m_inner))
     assert len([r for r in plan.layers if r.params and r.params[0][0] == "fc.weight"]) == 2
 
 
@@ -444,8 +446,9 @@ def test_gate_operands_by_hand():
     s = prep(net, x).scales()
     m_y = coln(net.fc.weight) / 36 ** 2 / rown(net.c2.weight) * coln(net.c2.weight)  # at y
     # g is broadcast over 36 positions of h, whose E[h²] = 1 (BN): m_g = 36·m_y; the BN on
-    # se's output divides by Var = ||se||²row · E[mean²] = ||se||²row / 36
-    _same(s["se.weight"], rown(net.se.weight) / 36 / (36 * m_y))
+    # se's output divides by Var = ||se||²row · E[mean²] = ||se||²row / 36, and se's own
+    # normal matrix has E[mean²] = 1/36
+    _same(s["se.weight"], rown(net.se.weight) / 36 / (36 * m_y) * 36)
 
 
 def test_out_of_range_scales_warn_and_cap_bounds_them():

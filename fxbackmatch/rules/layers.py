@@ -19,6 +19,15 @@ from ..registry import register_rule
 __all__ = ["linear_rule", "conv_rule", "batch_norm_rule", "touched_fraction"]
 
 
+def _input_moment(ctx: RuleContext, x) -> Mono:
+    """``E[a²]`` of a weighted layer's input, for its least-squares normal matrix
+    ``E aaᵀ ≈ E[a²]·I`` (eq. 13: ``δ'W = (E aaᵀ)⁻¹ δW``). The paper's BN makes it 1; where the
+    graph knows better (a residual stream after ``k`` blocks: ``≈ k + 1``) it is used; 1 where
+    there is no estimate (the data)."""
+    got, _ = ctx.variance_below(x)
+    return Mono() if got is None else got
+
+
 # ---------------------------------------------------------------------------- Linear
 def _weight_row_norm(ctx: RuleContext) -> Mono | None:
     """``||W||²_{2,μ} = sum(W²)/out`` of a Linear/Conv weight (module or functional form)."""
@@ -40,7 +49,7 @@ def _linear(ctx: RuleContext, w: str | None, b: str | None, kind: str) -> None:
         ctx.pass_to(x, ctx.m_out)
         return
     out_f, in_f = ctx.param_shape(w)
-    ctx.add_layer(kind, [(w, "weight", s), (b, "bias", s)], weight=w, s=s, c=1.0, input_node=x)
+    ctx.add_layer(kind, [(w, "weight", s, _input_moment(ctx, x)), (b, "bias", s)], weight=w, s=s, c=1.0, input_node=x)
     ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) * (ctx.chan_out / in_f), ctx.frac_out, 1.0)
 
 
@@ -102,7 +111,7 @@ def _conv(ctx: RuleContext, w, b, dims, stride, padding, dilation, groups, kind)
     s = ctx.frac_out * out_loc
     c = (in_loc * touched) / s
     in_ch = ctx.param_shape(w)[1] * groups
-    ctx.add_layer(kind, [(w, "weight", s), (b, "bias", s)], weight=w, s=s, c=c, input_node=x)
+    ctx.add_layer(kind, [(w, "weight", s, _input_moment(ctx, x)), (b, "bias", s)], weight=w, s=s, c=c, input_node=x)
     ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) * (ctx.chan_out / (in_ch * c)), touched, 1.0)
 
 
@@ -175,16 +184,16 @@ def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = 
 
 
 def _norm_out_variance(ctx: RuleContext) -> Mono | None:
-    """A norm layer's output moment: 1 (γ treated as 1), ``mean(γ²)`` with ``gamma="exact"``."""
-    if ctx.gamma_mode != "exact":
-        return Mono()
+    """A norm layer's output moment ``E[(γx̂)²] = mean(γ²)`` (1 without affine). The forward
+    statistics use the actual γ in every mode: a zero-initialized γ really silences its branch
+    (``gamma`` decides only how γ enters the backward chain)."""
     g = ctx.module_param("weight") if ctx.module is not None else ctx.param_from_arg(ctx.arg(3, "weight"))
     if g is None:
         return Mono()
     return ctx.mean_sq(g)
 
 
-@register_rule(module=nn.modules.batchnorm._BatchNorm, row_norm=_norm_out_variance, channel_dim=1, norm=True)
+@register_rule(module=nn.modules.batchnorm._BatchNorm, moment=_norm_out_variance, channel_dim=1, norm=True)
 def batch_norm_rule(ctx: RuleContext) -> None:
     """nn.BatchNorm1d/2d/3d and SyncBatchNorm, affine or not: see :func:`_bn`."""
     m = ctx.module
@@ -194,7 +203,7 @@ def batch_norm_rule(ctx: RuleContext) -> None:
     _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), rv, type(m).__name__)
 
 
-@register_rule(function=F.batch_norm, row_norm=_norm_out_variance, channel_dim=1, norm=True)
+@register_rule(function=F.batch_norm, moment=_norm_out_variance, channel_dim=1, norm=True)
 def functional_batch_norm_rule(ctx: RuleContext) -> None:
     """F.batch_norm(x, running_mean, running_var, weight, bias, ...): as nn.BatchNorm."""
     _bn(
@@ -203,7 +212,7 @@ def functional_batch_norm_rule(ctx: RuleContext) -> None:
     )
 
 
-@register_rule(module=nn.GroupNorm, row_norm=_norm_out_variance, channel_dim=1, norm=True)
+@register_rule(module=nn.GroupNorm, moment=_norm_out_variance, channel_dim=1, norm=True)
 def group_norm_rule(ctx: RuleContext) -> None:
     """nn.GroupNorm: as BatchNorm (Var[a] from the weights below; no running statistics, so
     with no estimate Var is taken as 1, noted); γ, β per channel with ``s`` the positions.
@@ -211,7 +220,7 @@ def group_norm_rule(ctx: RuleContext) -> None:
     _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), None, "GroupNorm")
 
 
-@register_rule(module=nn.LayerNorm, row_norm=_norm_out_variance, channel_dim=-1, norm=True)
+@register_rule(module=nn.LayerNorm, moment=_norm_out_variance, channel_dim=-1, norm=True)
 def layer_norm_rule(ctx: RuleContext) -> None:
     """nn.LayerNorm: as BatchNorm over the normalized features (Var[a] from the weights
     below, or 1, noted); γ, β have the normalized shape and are shared over the remaining

@@ -81,7 +81,7 @@ GATE_MOMENT = 0.25
 
 @register_rule(
     module=(nn.Sigmoid, nn.Hardsigmoid), function=(torch.sigmoid, F.sigmoid, F.hardsigmoid),
-    method=("sigmoid", "sigmoid_"), transparent=True, row_norm=lambda ctx: Mono.const(GATE_MOMENT),
+    method=("sigmoid", "sigmoid_"), transparent=True, moment=lambda ctx: Mono.const(GATE_MOMENT),
 )
 def sigmoid_rule(ctx: RuleContext) -> None:
     """Sigmoid-type gates: the flow passes unchanged (as every activation); a product with the
@@ -300,7 +300,35 @@ _MULS = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
 _DIVS = (operator.truediv, torch.div, "div", "div_")
 
 
-@register_rule(function=(operator.mul, operator.imul, torch.mul, operator.truediv, torch.div), method=("mul", "mul_", "div", "div_"))
+def _product_moment(ctx: RuleContext) -> Mono | None:
+    """``E[y²]`` of a product: the operands' moments multiplied (independent operands) — a
+    parameter counts ``mean(γ²)``, a constant ``k²``; ``None`` for a division by a tensor."""
+    args = list(ctx.node.args[:2])
+    div = ctx.node.target in _DIVS
+    out = Mono()
+    for i, a in enumerate(args):
+        if isinstance(a, fx.Node) and a in ctx.inputs:
+            if div and i == 1:
+                return None
+            v, _ = ctx.variance_below(a)
+            if v is None:
+                return None
+            out = out * v
+        elif isinstance(a, fx.Node):
+            name = ctx.param_from_arg(a)
+            if name is None or div:
+                return None
+            out = out * ctx.mean_sq(name)
+        elif isinstance(a, (int, float)) and not isinstance(a, bool):
+            k = float(a) if not (div and i == 1) else (1.0 / float(a) if a else 0.0)
+            if k == 0.0:
+                return None
+            out = out * (k * k)
+    return out
+
+
+@register_rule(function=(operator.mul, operator.imul, torch.mul, operator.truediv, torch.div),
+               method=("mul", "mul_", "div", "div_"), moment=_product_moment)
 def mul_rule(ctx: RuleContext) -> None:
     """Products.
 
