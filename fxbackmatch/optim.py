@@ -93,12 +93,19 @@ class AttachHandle:
                 live.remove(self)
 
 
+def _scaled_ids(plan: "Plan") -> set[int]:
+    """Ids of the parameters a plan scales (all of its model's while it waits for a forward)."""
+    if not plan.ready:
+        return {id(p) for p in plan.model.parameters()}
+    return {id(plan._params[n]) for n in plan.targets}
+
+
 def attach(plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: float = 0.0) -> AttachHandle:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    mine = {id(plan._params[n]) for n in plan.targets}
+    mine = _scaled_ids(plan)
     for other in _HANDLES.get(optimizer, []):
-        theirs = {id(other.plan._params[n]) for n in other.plan.targets}
+        theirs = _scaled_ids(other.plan)
         if mine & theirs:
             what = "this plan is" if other.plan is plan else f"another plan ({other.plan!r}) is"
             raise AlreadyAttachedError(

@@ -50,7 +50,7 @@ def test_non_finite_weight_raises_in_eager_paths():
     assert not torch.isfinite(v).all() and torch.isfinite(v[plan.targets.index("15.weight")])
 
 
-def test_model_converted_with_to_is_followed_with_one_recompile():
+def test_model_converted_with_to_is_followed_without_recompiling():
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -60,10 +60,11 @@ def test_model_converted_with_to_is_followed_with_one_recompile():
     g0 = counters["stats"]["unique_graphs"]
     net.double()
     v = plan.scale_tensor()
-    assert counters["stats"]["unique_graphs"] == g0 + 1
+    # the compiled chain takes the float64 norm vector only: a dtype change never recompiles
+    assert counters["stats"]["unique_graphs"] == g0
     for _ in range(3):
         plan.scale_tensor()
-    assert counters["stats"]["unique_graphs"] == g0 + 1
+    assert counters["stats"]["unique_graphs"] == g0
     torch.testing.assert_close(v, _vec(plan), rtol=1e-9, atol=0)
     net(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
     g = net[0].weight.grad.clone()
