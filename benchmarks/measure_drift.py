@@ -44,7 +44,7 @@ def linearize(net: nn.Module) -> nn.Module:
     net = copy.deepcopy(net)
     for mod in list(net.modules()):
         for name, child in list(mod.named_children()):
-            if isinstance(child, nn.ReLU):
+            if isinstance(child, (nn.ReLU, nn.SiLU)):
                 setattr(mod, name, nn.Identity())
     return net
 
@@ -69,16 +69,19 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=16)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-jpeg.npz"))
-    ap.add_argument("--nets", default="lenet,vgg16,resnet50")
+    ap.add_argument("--nets", default="lenet,vgg16,resnet50,efficientnet_b0")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    torch.set_num_threads(2)
+    pass  # threads: OMP_NUM_THREADS
     from fxbackmatch.train.data import load_npz
 
     data = load_npz(args.data, subset=21 * args.batch)
     xs = [data.normalize(data.train_x[i * args.batch:(i + 1) * args.batch]) for i in range(21)]
     x = xs[-1]
-    builders = {"lenet": lenet_bn, "vgg16": lambda: vgg_paper(16), "resnet50": resnet50_paper}
+    import torchvision
+
+    builders = {"lenet": lenet_bn, "vgg16": lambda: vgg_paper(16), "resnet50": resnet50_paper,
+                "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10)}
     print(f"# {machine()}, batch {args.batch}, {args.probes} Rademacher probes, CIFAR-10 training images")
     for name in args.nets.split(","):
         torch.manual_seed(0)

@@ -19,7 +19,10 @@ import torch
 
 from .expr import EPS, Atom, Mono
 
-__all__ = ["GeneratedFactors", "generate"]
+__all__ = ["GeneratedFactors", "generate", "STAT_KINDS"]
+
+#: atoms read from buffers (a mean, or the mean of the reciprocal)
+STAT_KINDS = ("stat_mean", "stat_inv_mean")
 
 
 @dataclass
@@ -33,6 +36,7 @@ class GeneratedFactors:
     weight_refs: list[str]  # order of the ``weight_sq`` argument
     grad_refs: list[str]  # order of ``grad_sq``
     stat_refs: list[str]  # order of ``stats``
+    stat_inverse: list[bool]  # per stat: the mean of its reciprocal
 
     def constants_on(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in self.constants.items()}
@@ -58,7 +62,8 @@ def generate(
     ``cap`` keeps every scale in ``[1/cap, cap]``; ``chains`` (parameter -> its ``m`` and
     ``s`` in words) are written as comments so a reader can check them by hand."""
     from .explain import sum_str
-    base = {k: [i for i, a in enumerate(atoms) if a.kind == k] for k in ("weight_sumsq", "grad_sumsq", "stat_mean")}
+    base = {k: [i for i, a in enumerate(atoms) if a.kind == k] for k in ("weight_sumsq", "grad_sumsq")}
+    base["stat_mean"] = [i for i, a in enumerate(atoms) if a.kind in STAT_KINDS]
     order = base["weight_sumsq"] + base["grad_sumsq"] + base["stat_mean"]
     pos = {i: n for n, i in enumerate(order)}
     consts: dict[str, torch.Tensor] = {}
@@ -89,7 +94,12 @@ def generate(
         lines.append(f"    grad_sq = [_sq(g) for g in grads]  # {n_g} gradients")
         parts.append("grad_sq")
     if n_s:
-        lines.append(f"    stat = [s.to(torch.float64).mean() for s in stats]  # {n_s} running variances")
+        exprs = [
+            f"stats[{k}].to(torch.float64).clamp_min({EPS!r}).reciprocal().mean()"
+            if atoms[i].kind == "stat_inv_mean" else f"stats[{k}].to(torch.float64).mean()"
+            for k, i in enumerate(base["stat_mean"])
+        ]
+        lines.append(f"    stat = [{', '.join(exprs)}]  # means of running variances (or of their reciprocals)")
         parts.append("stat")
     if parts:
         lines.append(f"    base = torch.stack({' + '.join(parts)})")
@@ -106,7 +116,7 @@ def generate(
     ]
     width = len(order)
     for i, a in enumerate(atoms):
-        if a.kind in base:
+        if a.kind in base or a.kind in STAT_KINDS:
             continue
         k = f"a{i}"
         if a.kind == "sum":
@@ -177,4 +187,5 @@ def generate(
         weight_refs=[atoms[i].ref for i in base["weight_sumsq"]],
         grad_refs=[atoms[i].ref for i in base["grad_sumsq"]],
         stat_refs=[atoms[i].ref for i in base["stat_mean"]],
+        stat_inverse=[atoms[i].kind == "stat_inv_mean" for i in base["stat_mean"]],
     )

@@ -136,6 +136,10 @@ class RuleContext:
         """Mean of the buffer at qualified name ``ref`` (e.g. a BN ``running_var``)."""
         return Mono.atom(self.atoms.stat(ref))
 
+    def stat_inv_mean(self, ref: str) -> Mono:
+        """Mean of the reciprocal of the buffer at ``ref`` (``mean_c(1/running_var_c)``)."""
+        return Mono.atom(self.atoms.stat_inv(ref))
+
     # ----- the walk -----------------------------------------------------------------
     def pass_to(self, node: fx.Node, m: Mono, frac: float | None = None, chan: float | None = None) -> None:
         """Hand ``node`` (an input of this node) its backward factor ``m``, the fraction of

@@ -8,6 +8,8 @@ from the model each step:
   ``||Wᵀ||²_{2,μ}`` are this divided by the number of rows or columns, a constant);
 * ``grad_sumsq``: ``sum(δW**2)`` (for the LARS and LSALR rules);
 * ``stat_mean``: the mean of a buffer (BatchNorm ``running_var``, "measured variance");
+* ``stat_inv_mean``: the mean of its reciprocal (``mean_c(1/running_var_c)`` — BN's
+  ``mean diag(JᵀJ)``, which ``1/mean(running_var)`` underestimates by Jensen's inequality);
 * ``sum``: ``Σ_j weight_j · mono_j`` over earlier atoms — forks (the consumers' factors
   summed: stacked Jacobians), second moments of sums and concatenations, and weights used
   more than once (sharing factor summed over uses);
@@ -76,7 +78,7 @@ ONE = Mono()
 class Atom:
     """A per-step quantity. ``ref`` names the tensor (parameter or buffer qualified name)."""
 
-    kind: str  # weight_sumsq | grad_sumsq | stat_mean | sum | lars | lsalr
+    kind: str  # weight_sumsq | grad_sumsq | stat_mean | stat_inv_mean | sum | lars | lsalr
     ref: str = ""
     terms: tuple[tuple[float, Mono], ...] = ()  # for kind == "sum"
     args: tuple[int, ...] = ()  # argument atoms for lars (weight, grad) and lsalr (grad)
@@ -108,6 +110,9 @@ class AtomTable:
 
     def stat(self, ref: str) -> int:
         return self.intern(Atom("stat_mean", ref))
+
+    def stat_inv(self, ref: str) -> int:
+        return self.intern(Atom("stat_inv_mean", ref))
 
     def lars(self, ref: str, trust: float) -> Mono:
         """LARS rate ``τ·||W||/||δW||`` of parameter ``ref`` (1 if either norm is 0)."""

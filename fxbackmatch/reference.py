@@ -66,6 +66,8 @@ def atom_values(
             v = 0.0 if g is None else float(sumsq(g))
         elif a.kind == "stat_mean":
             v = float(tensor(a.ref).detach().double().mean())
+        elif a.kind == "stat_inv_mean":
+            v = float(tensor(a.ref).detach().double().clamp_min(EPS).reciprocal().mean())
         elif a.kind == "sum":
             logs = [math.log(w) + log_mono(m, vals) for w, m in a.terms]
             top = max(logs)

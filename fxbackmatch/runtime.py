@@ -55,8 +55,10 @@ class Runtime:
             if self.compile:
                 chain = torch.compile(self.gen.from_base, fullgraph=True, dynamic=False)
 
+                inverse = self.gen.stat_inverse
+
                 def fn(weights, grads, stats, consts):
-                    return chain(_base(weights, grads, stats), consts)
+                    return chain(_base(weights, grads, stats, inverse), consts)
 
                 self._fn = fn
             else:
@@ -106,7 +108,7 @@ class Runtime:
         ) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
         if dist.is_initialized():
             dist.all_reduce(partial, group=group)  # the one collective of the step
-        stat = [s.to(torch.float64).mean() for s in stats]
+        stat = _stat_means(stats, self.gen.stat_inverse)
         base = torch.cat([partial, torch.stack(stat)]) if stat else partial
         return self.gen.from_base(base.to(dev), consts)
 
@@ -129,10 +131,20 @@ class Runtime:
         return scales
 
 
-def _base(weights, grads, stats) -> torch.Tensor:
+def _stat_means(stats, inverse) -> list[torch.Tensor]:
+    """float64 mean of each statistic (of its reciprocal where ``inverse``)."""
+    from .expr import EPS
+
+    return [
+        s.detach().to(torch.float64).clamp_min(EPS).reciprocal().mean() if inv else s.detach().to(torch.float64).mean()
+        for s, inv in zip(stats, inverse)
+    ]
+
+
+def _base(weights, grads, stats, inverse) -> torch.Tensor:
     """The stacked ``[weight_sq, grad_sq, stat]`` vector ``factors_from_base`` takes."""
     parts = sumsq_many(list(weights)) + sumsq_many(list(grads))
-    parts += [s.detach().to(torch.float64).mean() for s in stats]
+    parts += _stat_means(stats, inverse)
     if not parts:
         return torch.zeros(0, dtype=torch.float64)
     dev = parts[0].device

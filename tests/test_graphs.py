@@ -92,7 +92,8 @@ def test_bn_with_no_estimate_below_reads_running_var():
     assert any("running_var" in n for n in plan.notes)  # the op note reaches the report
     assert "running_var" in str(plan)
     s = plan.scales()
-    m = coln(net.head.weight) / 3.0 * 0.25  # /mean(running_var), then the product with 0.5
+    # J = diag(1/σ_c): m·mean_c(1/running_var_c) (not 1/mean: Jensen), then the product with 0.5
+    m = coln(net.head.weight) * (1 + 1 / 2 + 1 / 6) / 3 * 0.25
     assert s["a.weight"] == pytest.approx(1 / m, rel=1e-12)
     with torch.no_grad():
         net.bn.running_var.mul_(2)  # the statistic is read every step

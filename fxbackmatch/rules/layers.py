@@ -162,14 +162,14 @@ def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = 
     its gradient-carrying positions."""
     x = ctx.inputs[0]
     var, how = ctx.variance_below(x)
-    if var is None:
-        if running_var_ref is not None:
-            var = ctx.stat_mean(running_var_ref)
-            ctx.note("Var[a] from running_var")
-        else:
-            var = Mono()
-            ctx.note("Var[a] taken as 1 (no estimate below, no running statistics)")
-    m_in = ctx.m_out / var
+    if var is not None:
+        m_in = ctx.m_out / var
+    elif running_var_ref is not None:  # J = diag(1/σ_c): mean diag(JᵀJ) = mean_c(1/Var_c)
+        m_in = ctx.m_out * ctx.stat_inv_mean(running_var_ref)
+        ctx.note("Var[a] from running_var: mean(1/Var)")
+    else:
+        m_in = ctx.m_out
+        ctx.note("Var[a] taken as 1 (no estimate below, no running statistics)")
     if gamma is not None and ctx.gamma_mode == "exact":
         m_in = m_in * ctx.mean_sq(gamma)
         ctx.note("γ²→m (gamma='exact')")
