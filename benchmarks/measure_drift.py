@@ -10,7 +10,9 @@ four settings that take the paper's approximations apart:
   i.e. the variance approximation Var[a] ≈ ||W||²row·E[a²] taken out;
 * ``linear``    — every ReLU replaced by the identity (the paper's own linearization: its
   ReLU rule is the identity), default rules;
-* ``relu-only`` — ``measured`` and the ReLU masks: real ReLUs, BN variances measured.
+* ``linear+measured`` — both;
+* ``relu=exact``— the rules with ``relu="exact"`` (half of the units carry gradient,
+  ``Var[relu(z)] = (1/2 − 1/2π)``), real ReLUs.
 
 Writes nothing; prints a markdown table per net for docs/derivations.md.
 """
@@ -94,6 +96,7 @@ def main() -> None:
             "measured": ratios(net, x, args.probes, variance="measured"),
             "linear": ratios(lin, x, args.probes),
             "linear+measured": ratios(lin, x, args.probes, variance="measured"),
+            "relu=exact": ratios(net, x, args.probes, relu="exact"),
         }
         print(f"\n## {name}: rule m / measured m at each weighted layer, bottom → top\n")
         print("| layer | " + " | ".join(cols) + " |")

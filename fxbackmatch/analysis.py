@@ -37,11 +37,14 @@ from .shapes import shape_of
 from .topology import backward_order, build_digraph, carries_tensor, select_outputs
 from .variance import VarianceEstimator
 
-__all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze", "GAMMA_MODES"]
+__all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze", "GAMMA_MODES", "RELU_MODES"]
 
 #: how multiplicative parameters (norm γ, layer scales) enter the chain: ``"one"`` treats
 #: them as 1 (the paper, §3.4: BN without trainable γ); ``"exact"`` multiplies by mean(γ²).
 GAMMA_MODES = ("one", "exact")
+#: how ReLU enters: ``"paper"`` — the identity (eq. 31); ``"exact"`` — half of the units carry
+#: gradient and ``Var[relu(z)] = (1/2 − 1/2π)·E[z²]`` (see docs/derivations.md)
+RELU_MODES = ("paper", "exact")
 
 
 @dataclass
@@ -79,12 +82,14 @@ def _register_hint(node: fx.Node, gm: fx.GraphModule) -> str:
 
 
 class _Walker:
-    def __init__(self, gm, registry: RuleRegistry, model: nn.Module, strict: bool, variance: str, gamma: str):
+    def __init__(self, gm, registry: RuleRegistry, model: nn.Module, strict: bool, variance: str, gamma: str,
+                 relu: str = "paper"):
         self.gm = gm
         self.registry = registry
         self.strict = strict
         self.variance = variance
         self.gamma = gamma
+        self.relu = relu
         self.atoms = AtomTable()
         self.params: dict[str, nn.Parameter] = {}
         self.param_names: dict[int, str] = {}
@@ -314,6 +319,7 @@ def analyze(
     variance: str = "weights",
     gamma: str = "one",
     outputs: Any = None,
+    relu: str = "paper",
 ) -> Analysis:
     """Walk ``gm`` (with shapes propagated) and return the symbolic factors of every layer.
 
@@ -324,5 +330,7 @@ def analyze(
         raise ValueError(f"variance must be 'weights' or 'measured', got {variance!r}")
     if gamma not in GAMMA_MODES:
         raise ValueError(f"gamma must be one of {GAMMA_MODES}, got {gamma!r}")
-    return _Walker(gm, registry, model, strict, variance, gamma).run(outputs)
+    if relu not in RELU_MODES:
+        raise ValueError(f"relu must be one of {RELU_MODES}, got {relu!r}")
+    return _Walker(gm, registry, model, strict, variance, gamma, relu).run(outputs)
 

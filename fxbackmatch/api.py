@@ -28,6 +28,7 @@ def prepare(
     gamma: str = "one",
     outputs: Any = None,
     cap: float | None = None,
+    relu: str = "paper",
 ) -> Plan:
     """Trace ``model``, propagate shapes, walk the graph and build its layer-wise scales.
 
@@ -44,7 +45,9 @@ def prepare(
     or a sequence of them; default: every tensor output) — only they start the chain with
     ``m = 1``. ``gamma="one"`` (default) treats multiplicative parameters (norm γ, layer
     scales) as 1 in the chain, as the paper's BN (§3.4); ``gamma="exact"`` multiplies by
-    ``mean(γ²)``. ``cap`` keeps every scale in ``[1/cap, cap]``. Scales outside
+    ``mean(γ²)``. ``cap`` keeps every scale in ``[1/cap, cap]``. ``relu="exact"``
+    counts that half of a ReLU's units carry gradient and that ``Var[relu(z)] = (1/2 − 1/2π)``
+    (the paper's identity, ``relu="paper"``, drifts by ``1 − 1/π`` per layer on deep nets). Scales outside
     ``fxbackmatch.guards.SCALE_RANGE`` at the current weights raise a ``ScaleRangeWarning``.
 
     >>> import torch, fxbackmatch
@@ -67,6 +70,7 @@ def prepare(
         gamma=gamma,
         outputs=outputs,
         cap=cap,
+        relu=relu,
     )
     if example_inputs is None:
         plan._arm()

@@ -36,7 +36,7 @@ class GeneratedFactors:
     weight_refs: list[str]  # order of the ``weight_sq`` argument
     grad_refs: list[str]  # order of ``grad_sq``
     stat_refs: list[str]  # order of ``stats``
-    stat_inverse: list[bool]  # per stat: the mean of its reciprocal
+    stat_inverse: list[float | None]  # per stat: eps of mean(1/(x + eps)), None for mean(x)
 
     def constants_on(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in self.constants.items()}
@@ -95,7 +95,7 @@ def generate(
         parts.append("grad_sq")
     if n_s:
         exprs = [
-            f"stats[{k}].to(torch.float64).clamp_min({EPS!r}).reciprocal().mean()"
+            f"(stats[{k}].to(torch.float64) + {atoms[i].param!r}).clamp_min({EPS!r}).reciprocal().mean()"
             if atoms[i].kind == "stat_inv_mean" else f"stats[{k}].to(torch.float64).mean()"
             for k, i in enumerate(base["stat_mean"])
         ]
@@ -187,5 +187,5 @@ def generate(
         weight_refs=[atoms[i].ref for i in base["weight_sumsq"]],
         grad_refs=[atoms[i].ref for i in base["grad_sumsq"]],
         stat_refs=[atoms[i].ref for i in base["stat_mean"]],
-        stat_inverse=[atoms[i].kind == "stat_inv_mean" for i in base["stat_mean"]],
+        stat_inverse=[atoms[i].param if atoms[i].kind == "stat_inv_mean" else None for i in base["stat_mean"]],
     )

@@ -66,6 +66,7 @@ class RuleContext:
         self.atoms = walker.atoms
         self.variance_mode: str = walker.variance
         self.gamma_mode: str = walker.gamma
+        self.relu_mode: str = walker.relu
         #: the node's tensor-valued inputs, in argument order (kwargs after args); parameters
         #: (get_attr of an nn.Parameter) are not inputs — rules claim them with param_from_arg
         self.inputs: list[fx.Node] = [
@@ -136,9 +137,9 @@ class RuleContext:
         """Mean of the buffer at qualified name ``ref`` (e.g. a BN ``running_var``)."""
         return Mono.atom(self.atoms.stat(ref))
 
-    def stat_inv_mean(self, ref: str) -> Mono:
-        """Mean of the reciprocal of the buffer at ``ref`` (``mean_c(1/running_var_c)``)."""
-        return Mono.atom(self.atoms.stat_inv(ref))
+    def stat_inv_mean(self, ref: str, eps: float = 0.0) -> Mono:
+        """``mean(1/(x + eps))`` of the buffer at ``ref`` (``mean_c(1/(running_var_c + eps))``)."""
+        return Mono.atom(self.atoms.stat_inv(ref, eps))
 
     # ----- the walk -----------------------------------------------------------------
     def pass_to(self, node: fx.Node, m: Mono, frac: float | None = None, chan: float | None = None) -> None:

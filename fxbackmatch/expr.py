@@ -8,7 +8,7 @@ from the model each step:
   ``||Wᵀ||²_{2,μ}`` are this divided by the number of rows or columns, a constant);
 * ``grad_sumsq``: ``sum(δW**2)`` (for the LARS and LSALR rules);
 * ``stat_mean``: the mean of a buffer (BatchNorm ``running_var``, "measured variance");
-* ``stat_inv_mean``: the mean of its reciprocal (``mean_c(1/running_var_c)`` — BN's
+* ``stat_inv_mean``: the mean of its reciprocal (``mean_c(1/(running_var_c + eps))`` — BN's
   ``mean diag(JᵀJ)``, which ``1/mean(running_var)`` underestimates by Jensen's inequality);
 * ``sum``: ``Σ_j weight_j · mono_j`` over earlier atoms — forks (the consumers' factors
   summed: stacked Jacobians), second moments of sums and concatenations, and weights used
@@ -111,8 +111,9 @@ class AtomTable:
     def stat(self, ref: str) -> int:
         return self.intern(Atom("stat_mean", ref))
 
-    def stat_inv(self, ref: str) -> int:
-        return self.intern(Atom("stat_inv_mean", ref))
+    def stat_inv(self, ref: str, eps: float = 0.0) -> int:
+        """``mean(1/(x + eps))`` of buffer ``ref`` (a BN's own ``eps``)."""
+        return self.intern(Atom("stat_inv_mean", ref, param=float(eps)))
 
     def lars(self, ref: str, trust: float) -> Mono:
         """LARS rate ``τ·||W||/||δW||`` of parameter ``ref`` (1 if either norm is 0)."""

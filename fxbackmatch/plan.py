@@ -13,7 +13,7 @@ import dataclasses
 import math
 import warnings
 
-from .analysis import GAMMA_MODES, Analysis, LayerRecord, analyze
+from .analysis import GAMMA_MODES, RELU_MODES, Analysis, LayerRecord, analyze
 from .errors import FxBackmatchError, ScaleRangeWarning
 from .guards import SCALE_RANGE, out_of_range, unnormalized_layers
 from .codegen import GeneratedFactors, generate
@@ -59,6 +59,7 @@ class Plan:
         gamma: str = "one",
         outputs: Any = None,
         cap: float | None = None,
+        relu: str = "paper",
     ) -> None:
         if capture not in ("auto", "fx", "hooks"):
             raise ValueError(f"capture must be 'auto', 'fx' or 'hooks', got {capture!r}")
@@ -79,6 +80,9 @@ class Plan:
         if gamma not in GAMMA_MODES:
             raise ValueError(f"gamma must be one of {GAMMA_MODES}, got {gamma!r}")
         self.gamma = gamma
+        if relu not in RELU_MODES:
+            raise ValueError(f"relu must be one of {RELU_MODES}, got {relu!r}")
+        self.relu = relu
         self.outputs = outputs
         if cap is not None and not (math.isfinite(cap) and cap > 1):
             raise ValueError(f"cap must be a finite number > 1 (scales are kept in [1/cap, cap]), got {cap!r}")
@@ -100,7 +104,7 @@ class Plan:
         )
         self._analysis = analyze(
             gm, self.model, self.registry, strict=self.strict, variance=self.variance,
-            gamma=self.gamma, outputs=self.outputs,
+            gamma=self.gamma, outputs=self.outputs, relu=self.relu,
         )
         bare = unnormalized_layers(gm, self.registry, [r.node for r in self._analysis.layers])
         self._analysis.layers = [
@@ -429,6 +433,7 @@ class Plan:
             "adapt": self.adapt,
             "variance": self.variance,
             "gamma": self.gamma,
+            "relu": self.relu,
             "trust_coefficient": self.trust_coefficient,
             "fingerprint": self.fingerprint,
             "input_shapes": [list(s) for s in (self.input_shapes or ())],
@@ -446,8 +451,9 @@ class Plan:
                 "differ).\n  What to do: load it into the model it was saved with, or start a "
                 "new plan with fxbackmatch.prepare."
             )
-        for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma"):
-            if state.get(key, "one" if key == "gamma" else None) != getattr(self, key):
+        defaults = {"gamma": "one", "relu": "paper"}  # states saved before these options
+        for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma", "relu"):
+            if state.get(key, defaults.get(key)) != getattr(self, key):
                 raise PlanMismatchError(
                     f"plan state has {key}={state.get(key)!r} but this plan has "
                     f"{key}={getattr(self, key)!r}; prepare with the same options to resume."

@@ -67,7 +67,7 @@ def atom_values(
         elif a.kind == "stat_mean":
             v = float(tensor(a.ref).detach().double().mean())
         elif a.kind == "stat_inv_mean":
-            v = float(tensor(a.ref).detach().double().clamp_min(EPS).reciprocal().mean())
+            v = float((tensor(a.ref).detach().double() + a.param).clamp_min(EPS).reciprocal().mean())
         elif a.kind == "sum":
             logs = [math.log(w) + log_mono(m, vals) for w, m in a.terms]
             top = max(logs)

@@ -132,12 +132,13 @@ class Runtime:
 
 
 def _stat_means(stats, inverse) -> list[torch.Tensor]:
-    """float64 mean of each statistic (of its reciprocal where ``inverse``)."""
+    """float64 mean of each statistic, or ``mean(1/(x + eps))`` where ``inverse`` gives an eps."""
     from .expr import EPS
 
     return [
-        s.detach().to(torch.float64).clamp_min(EPS).reciprocal().mean() if inv else s.detach().to(torch.float64).mean()
-        for s, inv in zip(stats, inverse)
+        s.detach().to(torch.float64).mean() if eps is None
+        else (s.detach().to(torch.float64) + eps).clamp_min(EPS).reciprocal().mean()
+        for s, eps in zip(stats, inverse)
     ]
 
 

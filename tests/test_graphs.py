@@ -93,12 +93,14 @@ def test_bn_with_no_estimate_below_reads_running_var():
     assert "running_var" in str(plan)
     s = plan.scales()
     # J = diag(1/σ_c): m·mean_c(1/running_var_c) (not 1/mean: Jensen), then the product with 0.5
-    m = coln(net.head.weight) * (1 + 1 / 2 + 1 / 6) / 3 * 0.25
+    eps = net.bn.eps
+    m = coln(net.head.weight) * (1 / (1 + eps) + 1 / (2 + eps) + 1 / (6 + eps)) / 3 * 0.25
     assert s["a.weight"] == pytest.approx(1 / m, rel=1e-12)
     with torch.no_grad():
         net.bn.running_var.mul_(2)  # the statistic is read every step
-    assert plan.scales()["a.weight"] == pytest.approx(2 / m, rel=1e-12)
-    torch.testing.assert_close(plan.scale_tensor()[plan.targets.index("a.weight")].item(), 2 / m, rtol=1e-9, atol=0)
+    m2 = coln(net.head.weight) * (1 / (2 + eps) + 1 / (4 + eps) + 1 / (12 + eps)) / 3 * 0.25
+    assert plan.scales()["a.weight"] == pytest.approx(1 / m2, rel=1e-12)
+    torch.testing.assert_close(plan.scale_tensor()[plan.targets.index("a.weight")].item(), 1 / m2, rtol=1e-9, atol=0)
 
 
 def test_variance_measured_everywhere_on_lenet():
@@ -110,9 +112,10 @@ def test_variance_measured_everywhere_on_lenet():
             m.running_var.fill_(float(i + 2))
     s = prep(net, 2, 3, 32, 32, variance="measured").scales()
     fc3, fc2 = net[15].weight, net[12].weight
-    # BN4 (before fc3's input relu) has running_var 5: m = ||fc3ᵀ||²/5 at fc2's output
-    assert s["12.weight"] == pytest.approx(5 / coln(fc3), rel=1e-12)
-    assert s["9.weight"] == pytest.approx(5 * 4 / (coln(fc3) * coln(fc2)), rel=1e-12)
+    # BN4 (before fc3's input relu) has running_var 5: m = ||fc3ᵀ||²/(5 + eps) at fc2's output
+    eps = net[13].eps
+    assert s["12.weight"] == pytest.approx((5 + eps) / coln(fc3), rel=1e-12)
+    assert s["9.weight"] == pytest.approx((5 + eps) * (4 + eps) / (coln(fc3) * coln(fc2)), rel=1e-12)
 
 
 class Branchy(nn.Module):

@@ -148,7 +148,7 @@ for _d, _f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
 
 
 # ------------------------------------------------------------------------- BatchNorm
-def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = None) -> None:
+def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = None, eps: float = 0.0) -> None:
     """BatchNorm (§2.3, eq. 36): ``m ← m / Var[a]`` with ``Var[a] ≈ ||W_below||²_{2,μ}``, the
     row norm of the weighted layer feeding the BN (looking through pointwise ops; a sum of
     branches adds their moments). With no estimate from the weights (BN on the input) or
@@ -165,7 +165,7 @@ def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = 
     if var is not None:
         m_in = ctx.m_out / var
     elif running_var_ref is not None:  # J = diag(1/σ_c): mean diag(JᵀJ) = mean_c(1/Var_c)
-        m_in = ctx.m_out * ctx.stat_inv_mean(running_var_ref)
+        m_in = ctx.m_out * ctx.stat_inv_mean(running_var_ref, eps)
         ctx.note("Var[a] from running_var: mean(1/Var)")
     else:
         m_in = ctx.m_out
@@ -200,7 +200,7 @@ def batch_norm_rule(ctx: RuleContext) -> None:
     rv = None
     if m.track_running_stats and m.running_var is not None:
         rv = f"{ctx.node.target}.running_var"
-    _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), rv, type(m).__name__)
+    _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), rv, type(m).__name__, eps=float(m.eps))
 
 
 @register_rule(function=F.batch_norm, moment=_norm_out_variance, channel_dim=1, norm=True)
@@ -208,7 +208,7 @@ def functional_batch_norm_rule(ctx: RuleContext) -> None:
     """F.batch_norm(x, running_mean, running_var, weight, bias, ...): as nn.BatchNorm."""
     _bn(
         ctx, ctx.param_from_arg(ctx.arg(3, "weight")), ctx.param_from_arg(ctx.arg(4, "bias")),
-        ctx.buffer_from_arg(ctx.arg(2, "running_var")), "F.batch_norm",
+        ctx.buffer_from_arg(ctx.arg(2, "running_var")), "F.batch_norm", eps=float(ctx.arg(7, "eps", 1e-5)),
     )
 
 

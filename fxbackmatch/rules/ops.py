@@ -45,20 +45,20 @@ except Exception:  # pragma: no cover - torchvision is a dependency, but stay im
     _StochasticDepth = nn.Identity
 
 _ACTIVATION_MODULES = (
-    _StochasticDepth, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+    _StochasticDepth, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
     nn.SiLU, nn.Mish, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.Flatten,
     nn.Unflatten, nn.LogSoftmax, nn.Softmax,
 )
 _ACTIVATION_FUNCTIONS = (
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
+    F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
     F.gelu, F.silu, F.mish, torch.tanh, F.tanh, F.hardtanh, F.hardswish, F.softplus,
     F.softsign, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
     torch.transpose, torch.clone, F.log_softmax, F.softmax, torch.log_softmax, torch.softmax,
 )
 _ACTIVATION_METHODS = (
-    "relu", "relu_", "tanh", "tanh_", "view", "view_as", "reshape", "reshape_as", "flatten",
+    "tanh", "tanh_", "view", "view_as", "reshape", "reshape_as", "flatten",
     "contiguous", "permute", "transpose", "squeeze", "unsqueeze", "clone", "float", "double",
     "half", "bfloat16", "to", "type_as", "expand", "expand_as", "softmax", "log_softmax",
     "detach_",
@@ -73,6 +73,32 @@ def identity_rule(ctx: RuleContext) -> None:
     """Pointwise activations, dropout, identity and reshapes: the flow passes unchanged."""
     if ctx.inputs:
         ctx.pass_to(ctx.inputs[0], ctx.m_out)
+
+
+#: ``Var[relu(z)]`` for a normalized ``z``
+RELU_VAR = 0.5 - 1 / (2 * math.pi)
+
+
+def _relu_moment(ctx: RuleContext) -> Mono | None:
+    below, _ = ctx.variance_below(ctx.inputs[0]) if ctx.inputs else (None, "")
+    if ctx.relu_mode != "exact":
+        return below  # the paper: ReLU as the identity
+    return (below if below is not None else Mono()) * RELU_VAR
+
+
+@register_rule(
+    module=nn.ReLU, function=(F.relu, F.relu_, torch.relu, torch.relu_), method=("relu", "relu_"),
+    transparent=True, moment=_relu_moment,
+)
+def relu_rule(ctx: RuleContext) -> None:
+    """ReLU. ``relu="paper"`` (default): the identity (eq. 31) — ``m``, positions and channels
+    unchanged. ``relu="exact"``: only half of the units carry gradient, so ``chan`` halves
+    (the layer below sees half of its column norm) and the output variance is
+    ``(1/2 − 1/2π)·E[z²]`` — together ``1 − 1/π`` per conv–BN–ReLU stage, the paper's drift
+    on deep nets (docs/derivations.md). ``s`` still counts every position, as the paper's."""
+    if ctx.inputs:
+        chan = ctx.chan_out * (0.5 if ctx.relu_mode == "exact" else 1.0)
+        ctx.pass_to(ctx.inputs[0], ctx.m_out, None, chan)
 
 
 #: ``E[σ(z)²]`` of a gate near its operating point ``z ≈ 0`` (``σ(0)² = 1/4``): a heuristic, noted
