@@ -10,10 +10,17 @@ import warnings
 import pytest
 import torchvision
 
+from fxbackmatch.errors import ScaleRangeWarning
 from fxbackmatch.guards import SCALE_RANGE
 from fxbackmatch.zoo import VARIANTS, sweep_model
 
 MODELS = torchvision.models.list_models(module=torchvision.models) + list(VARIANTS)
+#: CNNs with scales outside the documented range at 32×32 (299 for Inception), each measured and
+#: explained in docs/derivations.md; the guard must flag them (ScaleRangeWarning, plan.flags)
+KNOWN_OUT_OF_RANGE = {
+    "convnext_large": "7×7 depthwise convs on 1×1 maps: the conv rule counts 49 taps where padding leaves 1",
+    "inception_v3": "the auxiliary classifier's weights are initialized with std 0.001",
+}
 TARGET_FAMILIES = (
     "resnet", "resnext", "wide_resnet", "vgg", "densenet", "mobilenet", "efficientnet", "regnet",
     "shufflenet", "squeezenet", "mnasnet", "googlenet", "convnext", "alexnet", "inception",
@@ -23,13 +30,16 @@ TARGET_FAMILIES = (
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_zoo_model(name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # out-of-range scales of the transformer families
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         r = sweep_model(name)  # raises AssertionError on non-finite scales, anything else escapes
+    flagged = any(issubclass(w.category, ScaleRangeWarning) for w in seen)
     if name.startswith(TARGET_FAMILIES):
         assert r.outcome == "ok", r.message
         assert r.conv_linear_covered and r.covered == r.total
-        assert SCALE_RANGE[0] <= r.scale_min and r.scale_max <= SCALE_RANGE[1], (r.scale_min, r.scale_max)
+        in_range = SCALE_RANGE[0] <= r.scale_min and r.scale_max <= SCALE_RANGE[1]
+        assert in_range != (name in KNOWN_OUT_OF_RANGE), (r.scale_min, r.scale_max)
+        assert flagged == (not in_range)  # the guard warns exactly when a scale is out of range
     else:
         assert r.outcome == "ok" or r.outcome.endswith("Error"), r
         if r.outcome != "ok":
