@@ -37,6 +37,7 @@ class GeneratedFactors:
     grad_refs: list[str]  # order of ``grad_sq``
     stat_refs: list[str]  # order of ``stats``
     stat_inverse: list[float | None]  # per stat: eps of mean(1/(x + eps)), None for mean(x)
+    n_stages: int = 0  # sequential stages of the chain (sum / lars / lsalr atoms)
 
     def constants_on(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in self.constants.items()}
@@ -188,4 +189,5 @@ def generate(
         grad_refs=[atoms[i].ref for i in base["grad_sumsq"]],
         stat_refs=[atoms[i].ref for i in base["stat_mean"]],
         stat_inverse=[atoms[i].param if atoms[i].kind == "stat_inv_mean" else None for i in base["stat_mean"]],
+        n_stages=sum(1 for a in atoms if a.kind in ("sum", "lars", "lsalr")),
     )

@@ -4,9 +4,10 @@ weight, then the (compiled) chain, then the gradients multiplied in place with
 
 Compiled, the norms are read by one ``torch._foreach_norm`` per device and dtype (a
 multi-tensor kernel; float32 accumulation at least) and only the chain
-(``factors_from_base``: logs, fork sums, one matrix-vector product) is compiled — a graph of a
-few dozen ops whatever the model's size, so the first call compiles in seconds where one
-inductor reduction per weight took half a minute on ResNet-152. Eagerly, the generated
+(``factors_from_base``: logs, fork sums, one matrix-vector product) is compiled — a graph that
+grows with the number of fork sums, not of weights; past :data:`COMPILE_MAX_STAGES` stages it
+runs eagerly instead (ResNet-152: no compile at all, where 0.1 spent 35 s compiling one
+inductor reduction per weight). Eagerly, the generated
 ``factors`` reads each weight in float64 chunks (the reference precision). Gradients that
 are ``None`` are skipped outside the compiled region, so a changing set of missing gradients
 never recompiles it.
@@ -22,7 +23,12 @@ import torch.distributed as dist
 from .codegen import GeneratedFactors
 from .norms import sumsq, sumsq_many
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "COMPILE_MAX_STAGES"]
+
+#: chains with more sequential stages (fork sums) than this run eagerly: a few hundred tiny
+#: ops per step (~1–5 ms on a CPU) instead of a first-call compile that grows with the
+#: number of stages (57 s for ResNet-152's ~150 stages)
+COMPILE_MAX_STAGES = 24
 
 
 class Runtime:
@@ -53,7 +59,9 @@ class Runtime:
         compiled, foreach norms then the compiled chain."""
         if self._fn is None:
             if self.compile:
-                chain = torch.compile(self.gen.from_base, fullgraph=True, dynamic=False)
+                chain = self.gen.from_base
+                if self.gen.n_stages <= COMPILE_MAX_STAGES:
+                    chain = torch.compile(chain, fullgraph=True, dynamic=False)
 
                 inverse = self.gen.stat_inverse
 
