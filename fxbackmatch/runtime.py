@@ -29,6 +29,9 @@ __all__ = ["Runtime", "COMPILE_MAX_STAGES"]
 #: ops per step (~1–5 ms on a CPU) instead of a first-call compile that grows with the
 #: number of stages (57 s for ResNet-152's ~150 stages)
 COMPILE_MAX_STAGES = 24
+#: models with at most this many tensors to read compile the whole function, norms included
+#: (inductor's fused reductions read at copy bandwidth; its compile time grows per tensor)
+FUSED_MAX_TENSORS = 64
 
 
 class Runtime:
@@ -58,7 +61,11 @@ class Runtime:
         """``fn(weights, grads, stats, C) -> scales``: eager, the generated ``factors``;
         compiled, foreach norms then the compiled chain."""
         if self._fn is None:
-            if self.compile:
+            if self.compile and self.gen.n_stages <= COMPILE_MAX_STAGES and (
+                len(self.weights) + len(self.grad_params) <= FUSED_MAX_TENSORS
+            ):  # few tensors: inductor fuses every float64 reduction into one read (0.1's path)
+                self._fn = torch.compile(self.gen.fn, fullgraph=True, dynamic=False)
+            elif self.compile:
                 chain = self.gen.from_base
                 if self.gen.n_stages <= COMPILE_MAX_STAGES:
                     chain = torch.compile(chain, fullgraph=True, dynamic=False)

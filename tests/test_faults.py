@@ -50,7 +50,7 @@ def test_non_finite_weight_raises_in_eager_paths():
     assert not torch.isfinite(v).all() and torch.isfinite(v[plan.targets.index("15.weight")])
 
 
-def test_model_converted_with_to_is_followed_without_recompiling():
+def test_model_converted_with_to_is_followed_with_at_most_one_recompile():
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -60,11 +60,13 @@ def test_model_converted_with_to_is_followed_without_recompiling():
     g0 = counters["stats"]["unique_graphs"]
     net.double()
     v = plan.scale_tensor()
-    # the compiled chain takes the float64 norm vector only: a dtype change never recompiles
-    assert counters["stats"]["unique_graphs"] == g0
+    # small models compile the norms too (one recompile for the new dtype); large ones compile
+    # only the float64 chain (none)
+    assert counters["stats"]["unique_graphs"] <= g0 + 1
+    g1 = counters["stats"]["unique_graphs"]
     for _ in range(3):
         plan.scale_tensor()
-    assert counters["stats"]["unique_graphs"] == g0
+    assert counters["stats"]["unique_graphs"] == g1
     torch.testing.assert_close(v, _vec(plan), rtol=1e-9, atol=0)
     net(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
     g = net[0].weight.grad.clone()
