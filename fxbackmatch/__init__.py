@@ -13,6 +13,7 @@ from .context import RuleContext
 from .records import LayerRecord
 from .api import prepare
 from .errors import (
+    AdaptiveOptimizerWarning,
     AlreadyAttachedError,
     DuplicateRuleError,
     FxBackmatchError,
@@ -57,4 +58,5 @@ __all__ = [
     "NonFiniteWeightError",
     "ScaleRangeWarning",
     "AlreadyAttachedError",
+    "AdaptiveOptimizerWarning",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "DuplicateRuleError",
     "NonFiniteWeightError",
     "ScaleRangeWarning",
+    "AdaptiveOptimizerWarning",
     "AlreadyAttachedError",
     "CliError",
 ]
@@ -68,6 +69,10 @@ class NonFiniteWeightError(FxBackmatchError):
 
 class ScaleRangeWarning(UserWarning):
     """A scale lies outside the documented range (``fxbackmatch.guards.SCALE_RANGE``)."""
+
+
+class AdaptiveOptimizerWarning(UserWarning):
+    """A gradient rescale was attached to an optimizer whose normalization cancels it."""
 
 
 class AlreadyAttachedError(FxBackmatchError):

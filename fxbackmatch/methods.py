@@ -7,7 +7,13 @@ Each method maps a parameter (with the uses the analysis found) to a symbolic sc
 * ``lars`` — You et al. 2017: ``τ·||W||/||δW||`` with trust coefficient ``τ`` (0.001 unless
   set); 1 where either norm is zero;
 * ``lsalr`` — Singh et al. 2015: ``1 + log(1 + 1/||δW||)``, ``||δW||²`` floored at EPS;
-* ``sgd`` — every scale 1.
+* ``sgd`` — every scale 1;
+* ``lamb`` — You et al. 2019: ``‖W‖``, an *absolute* step length: only for the step-length
+  mode (``plan.attach(adamw, mode="length")`` is then LAMB exactly; see :mod:`.length`).
+
+Every method also has a *length unit* for the step-length mode: ``"gradient"`` (the target
+length is ``lr · scale · ‖ḡ‖``, the step the method takes with SGD) or ``"absolute"``
+(``lr · scale``).
 
 The global learning rate ``η`` stays the optimizer's ``lr``.
 """
@@ -18,14 +24,23 @@ from typing import Callable
 from .analysis import ParamUse
 from .expr import ONE, AtomTable, Mono
 
-__all__ = ["METHODS", "register_method", "scale_of"]
+__all__ = ["METHODS", "LENGTH_UNITS", "register_method", "scale_of", "length_unit"]
 
 MethodFn = Callable[[AtomTable, str, list[ParamUse], dict], Mono]
 METHODS: dict[str, MethodFn] = {}
+#: method name -> "gradient" (a gradient scale) or "absolute" (a step length: length mode only)
+LENGTH_UNITS: dict[str, str] = {}
 
 
-def register_method(name: str, fn: MethodFn | None = None):
-    """Register a layer-wise rate method under ``name`` (usable as a decorator)."""
+def register_method(name: str, fn: MethodFn | None = None, *, unit: str = "gradient"):
+    """Register a layer-wise rate method under ``name`` (usable as a decorator).
+
+    ``unit="gradient"``: the method's value multiplies the gradient (SGD) or sets the step
+    length ``lr · value · ‖ḡ‖`` (step-length mode); ``unit="absolute"``: the value is the step
+    length over ``lr`` and the method works in the step-length mode only.
+    """
+    if unit not in ("gradient", "absolute"):
+        raise ValueError(f"unit must be 'gradient' or 'absolute', got {unit!r}")
 
     def deco(f: MethodFn) -> MethodFn:
         if name in METHODS:
@@ -33,6 +48,7 @@ def register_method(name: str, fn: MethodFn | None = None):
 
             raise DuplicateRuleError(f"a method named {name!r} is already registered")
         METHODS[name] = f
+        LENGTH_UNITS[name] = unit
         return f
 
     return deco(fn) if fn is not None else deco
@@ -58,6 +74,15 @@ def _lsalr(atoms: AtomTable, name: str, uses: list[ParamUse], opts: dict) -> Mon
 @register_method("sgd")
 def _sgd(atoms: AtomTable, name: str, uses: list[ParamUse], opts: dict) -> Mono:
     return ONE
+
+
+@register_method("lamb", unit="absolute")
+def _lamb(atoms: AtomTable, name: str, uses: list[ParamUse], opts: dict) -> Mono:
+    return Mono.atom(atoms.weight(name), 0.5)
+
+
+def length_unit(method: str) -> str:
+    return LENGTH_UNITS.get(method, "gradient")
 
 
 def scale_of(method: str, atoms: AtomTable, name: str, uses: list[ParamUse], opts: dict) -> Mono:

@@ -14,18 +14,23 @@ the same parameter, raises (the scales would multiply).
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import AlreadyAttachedError
+from .errors import AdaptiveOptimizerWarning, AlreadyAttachedError
 
 if TYPE_CHECKING:
     from .plan import Plan
 
-__all__ = ["AttachHandle", "attach"]
+__all__ = ["AttachHandle", "attach", "MODES"]
+
+#: ``grad``: rescale the gradient (SGD and its momentum variants); ``length``: keep the
+#: optimizer's direction and set each layer's step length (Adam & co; :mod:`.length`).
+MODES = ("grad", "length")
 
 #: optimizer -> its live handles
 _HANDLES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[AttachHandle]]" = weakref.WeakKeyDictionary()
@@ -100,9 +105,37 @@ def _scaled_ids(plan: "Plan") -> set[int]:
     return {id(plan._params[n]) for n in plan.targets}
 
 
-def attach(plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: float = 0.0) -> AttachHandle:
+def attach(
+    plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: float = 0.0, *,
+    mode: str = "grad", target: str = "momentum",
+):
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    from .length import LengthHandle, is_adaptive
+    from .methods import length_unit
+
+    opt_name = type(optimizer).__name__
+    if mode == "grad" and length_unit(plan.rule) == "absolute":
+        raise ValueError(
+            f"rule {plan.rule!r} sets step lengths, not gradient scales.\n  What to do: "
+            f"plan.attach(optimizer, mode='length') (with Adam/AdamW this is {plan.rule.upper()})."
+        )
+    if mode == "length" and weight_decay:
+        raise ValueError(
+            "weight_decay= adds decay to the gradient before a rescale (mode='grad'); in "
+            "mode='length' the optimizer's own weight_decay is part of the update whose length "
+            "is set.\n  What to do: pass weight_decay to the optimizer (AdamW) instead."
+        )
+    if mode == "grad" and is_adaptive(optimizer):
+        warnings.warn(
+            f"fxbackmatch: {opt_name} normalizes each coordinate by its gradient's running "
+            f"magnitude, which cancels a per-layer gradient rescale (measured: < 1 % change in "
+            f"each layer's update).\n  What to do: plan.attach(optimizer, mode='length') keeps "
+            f"{opt_name}'s direction and gives each layer's update back-matching's length.",
+            AdaptiveOptimizerWarning, stacklevel=3,
+        )
     mine = _scaled_ids(plan)
     for other in _HANDLES.get(optimizer, []):
         theirs = _scaled_ids(other.plan)
@@ -114,4 +147,7 @@ def attach(plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: float =
                 f"  What to do: keep one attachment — call .remove() on the handle the first "
                 f"attach() returned before attaching again."
             )
-    return AttachHandle(plan, optimizer, weight_decay)
+    handle = LengthHandle(plan, optimizer, target) if mode == "length" else AttachHandle(plan, optimizer, weight_decay)
+    if mode == "length":
+        _HANDLES.setdefault(optimizer, []).append(handle)
+    return handle

@@ -328,17 +328,28 @@ class Plan:
         self._check()
         self._runtime.rescale_()
 
-    def attach(self, optimizer: torch.optim.Optimizer, weight_decay: float = 0.0):
+    def attach(
+        self, optimizer: torch.optim.Optimizer, weight_decay: float = 0.0, *,
+        mode: str = "grad", target: str = "momentum",
+    ):
         """Rescale inside every ``optimizer.step()``; returns a handle with ``remove()``.
 
-        The pre-step hook first adds ``weight_decay·W`` to each gradient, then rescales (the
-        paper's order, §3.2). Use the optimizer's own ``weight_decay=0`` with it.
+        ``mode="grad"`` (SGD and its momentum variants): the pre-step hook first adds
+        ``weight_decay·W`` to each gradient, then rescales (the paper's order, §3.2); use the
+        optimizer's own ``weight_decay=0`` with it. An adaptive optimizer (Adam, AdamW,
+        RMSprop, ...) cancels that rescale and gets an :class:`AdaptiveOptimizerWarning`.
+
+        ``mode="length"`` (Adam & co): the optimizer keeps its direction and each layer's
+        update gets the length the rule asks for, ``lr · scale · ‖ḡ‖`` with ``ḡ`` the
+        optimizer's first moment over ``1 − β₁`` (``target="momentum"``) or the raw gradient
+        (``target="grad"``); ``rule="lamb"`` with AdamW is LAMB. See :mod:`fxbackmatch.length`.
 
         >>> handle = plan.attach(torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9))  # doctest: +SKIP
+        >>> handle = plan.attach(torch.optim.AdamW(net.parameters(), lr=2e-3), mode="length")  # doctest: +SKIP
         """
         from .optim import attach
 
-        return attach(self, optimizer, weight_decay)
+        return attach(self, optimizer, weight_decay, mode=mode, target=target)
 
     def compile_step(self, optimizer: torch.optim.Optimizer, weight_decay: float = 0.0):
         """A compiled callable that replaces ``optimizer.step()``: scales and update fused.

@@ -3,6 +3,7 @@ two steps, the paper's protocol (same init, same batches), CLI, bitwise resume."
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -238,6 +239,25 @@ def test_every_method_trains_two_steps(four_methods):
         finals[m] = ck["model"]["0.weight"]
     # the layer-wise scales make a difference: same init and batches, different weights
     assert not torch.equal(finals["sgd"], finals["backmatch"])
+
+
+def test_adamw_methods_train_with_the_step_length_mode(tiny_npz, tmp_path):
+    """``backmatch@adamw`` and ``lamb`` run AdamW with the rule setting each layer's step
+    length; ``sgd@adamw`` is plain AdamW: from the same init, three different results."""
+    path, _ = tiny_npz
+    cfg = tiny_config(path, tmp_path, methods=("sgd@adamw", "backmatch@adamw", "lamb"), weight_decay=5e-4)
+    res = train(cfg)
+    finals = {}
+    for m in cfg.methods:
+        row = next(r for r in res.rows if r["method"] == m)
+        assert math.isfinite(row["train_loss"]) and row["lr"] == cfg.lr_for(m)
+        ck = torch.load(Path(cfg.out) / f"{m}-seed0" / "checkpoint.pt", weights_only=True)
+        assert any("exp_avg_sq" in st for st in ck["optimizer"]["state"].values())  # AdamW's state
+        finals[m] = ck["model"]["0.weight"]
+    assert not torch.equal(finals["sgd@adamw"], finals["backmatch@adamw"])
+    assert not torch.equal(finals["lamb"], finals["backmatch@adamw"])
+    with pytest.raises(CliError, match="@optimizer"):
+        dataclasses.replace(cfg, methods=("backmatch@rmsprop",)).validate()
 
 
 def test_same_initial_weights_and_batches_for_every_method(four_methods):

@@ -48,6 +48,8 @@ from .data import DEFAULT_DATA, ImageData, augment_batch, load_data, subset_indi
 
 __all__ = [
     "DEFAULT_LRS",
+    "OPTIMIZERS",
+    "split_method",
     "METRIC_FIELDS",
     "TrainConfig",
     "TrainResult",
@@ -64,7 +66,28 @@ log = logging.getLogger(__name__)
 
 #: Global learning rates of the paper: SGD 0.1 and back-matching 0.02 (§3.3, LeNet);
 #: LARS 2 on top of trust coefficient 0.001 and LSALR 0.1 (§4).
-DEFAULT_LRS: dict[str, float] = {"sgd": 0.1, "backmatch": 0.02, "lars": 2.0, "lsalr": 0.1}
+DEFAULT_LRS: dict[str, float] = {
+    "sgd": 0.1, "backmatch": 0.02, "lars": 2.0, "lsalr": 0.1,
+    "sgd@adamw": 1e-3, "backmatch@adamw": 0.02, "lamb": 1e-2, "lars@adamw": 2.0,
+}
+
+#: optimizers a method may name after "@" (``backmatch@adamw``); a rule of absolute step
+#: length (``lamb``) defaults to AdamW, every other rule to SGD-momentum.
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """``"backmatch@adamw"`` -> ``("backmatch", "adamw")``; ``"lamb"`` -> ``("lamb", "adamw")``.
+
+    With AdamW, the rule sets each layer's step length (``attach(mode="length")``);
+    ``sgd@adamw`` is plain AdamW.
+    """
+    from ..methods import length_unit
+
+    rule, _, opt = method.partition("@")
+    if not opt:
+        opt = "adamw" if length_unit(rule) == "absolute" else "sgd"
+    return rule, opt
 
 METRIC_FIELDS = ("method", "seed", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
                  "epoch_seconds", "images_per_s")
@@ -135,9 +158,15 @@ class TrainConfig:
 
         if not self.methods:
             raise CliError("--methods is empty")
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if split_method(m)[0] not in METHODS or split_method(m)[1] not in OPTIMIZERS]
         if bad:
-            raise CliError(f"unknown method {bad[0]!r}; choose from {', '.join(sorted(METHODS))}")
+            raise CliError(
+                f"unknown method {bad[0]!r}; choose from {', '.join(sorted(METHODS))}, each optionally "
+                f"followed by @optimizer ({', '.join(OPTIMIZERS)}), e.g. backmatch@adamw"
+            )
+        wrong = [m for m in self.methods if split_method(m) == ("lamb", "sgd")]
+        if wrong:
+            raise CliError("lamb sets step lengths for AdamW; name it lamb (or lamb@adamw)")
         if len(set(self.methods)) != len(self.methods):
             raise CliError("--methods lists a method twice")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -304,16 +333,22 @@ class _Run:
         plan_compile = cfg.plan_compile if cfg.plan_compile is not None else device.type == "cuda"
         example = torch.zeros((2, *data.image_shape), device=device)
         try:
-            self.plan = prepare(self.model, example, rule=method, compile=plan_compile,
+            rule, optimizer = split_method(method)
+            self.plan = prepare(self.model, example, rule=rule, compile=plan_compile,
                                 trust_coefficient=cfg.trust_coefficient, strict=False)
         except FxBackmatchError as e:
             raise CliError(f"fxbackmatch cannot prepare {cfg.model}: {str(e).splitlines()[0]}") from e
         if self.plan.uncovered:
             log.warning("%s: %d parameter(s) not covered by any rule keep scale 1: %s", cfg.model,
                         len(self.plan.uncovered), ", ".join(self.plan.uncovered[:5]))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr_for(method), momentum=cfg.momentum,
-                                   nesterov=cfg.nesterov, weight_decay=0.0)
-        self.handle = self.plan.attach(self.opt, weight_decay=cfg.weight_decay)
+        if optimizer == "adamw":  # decoupled decay inside AdamW; the rule sets the step length
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr_for(method), betas=(cfg.momentum, 0.999),
+                                         weight_decay=cfg.weight_decay)
+            self.handle = None if rule == "sgd" else self.plan.attach(self.opt, mode="length")
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr_for(method), momentum=cfg.momentum,
+                                       nesterov=cfg.nesterov, weight_decay=0.0)
+            self.handle = self.plan.attach(self.opt, weight_decay=cfg.weight_decay)
         self.net = torch.compile(self.model) if cfg.compile else self.model
         self.shuffle = _gen(seed, 0)
         self.aug = _gen(seed, 1)
@@ -647,7 +682,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
                     run.save()
                     _write_metrics(out, rows_flat())
                 runs[f"{method}/{seed}"] = {**run.info, "checkpoint": str(ckpt), "epochs": run.epoch}
-                run.handle.remove()
+                if run.handle is not None:
+                    run.handle.remove()
                 del run
     rows = rows_flat()
     _write_metrics(out, rows)

@@ -1,0 +1,218 @@
+"""Step-length mode for adaptive optimizers (issue 12), against hand-written Adam/AdamW/LAMB."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxbackmatch
+from fxbackmatch.length import rescale_updates_
+from fxbackmatch.models import lenet_bn
+
+STEPS = 4
+
+
+def _setup(seed=0, rule="backmatch"):
+    """float64 throughout: Adam amplifies rounding where a gradient is near 0 (``m/√v`` of a
+    1e-9 gradient flips with its last bits), so float32 runs of equal maths part after a step."""
+    torch.manual_seed(seed)
+    net = lenet_bn().double()
+    x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
+    plan = fxbackmatch.prepare(net, x[:2], compile=False, rule=rule)
+    ref = lenet_bn().double()
+    ref.load_state_dict(net.state_dict())
+    ref_plan = fxbackmatch.prepare(ref, x[:2], compile=False, rule=rule)
+    return net, plan, ref, ref_plan, x, y
+
+
+def _adam_hand(ref, ref_plan, x, y, *, lr, betas, eps, wd, decoupled, target_of, steps=STEPS):
+    """A plain loop: Adam(W)'s update written out, then each covered layer's update rescaled
+    to ``target_of(name, W, m, g, scale)`` (length) by hand."""
+    b1, b2 = betas
+    m = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    v = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    for t in range(1, steps + 1):
+        for p in ref.parameters():
+            p.grad = None
+        F.cross_entropy(ref(x), y).backward()
+        scales = ref_plan.scales()
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                g = p.grad if decoupled or not wd else p.grad + wd * p
+                m[n].mul_(b1).add_(g, alpha=1 - b1)
+                v[n].mul_(b2).addcmul_(g, g, value=1 - b2)
+                # torch's own order of operations (float32 rounding matches)
+                denom = v[n].sqrt() / math.sqrt(1 - b2**t) + eps
+                u = -(lr / (1 - b1**t)) * m[n] / denom
+                if decoupled:
+                    u = u - lr * wd * p
+                if n in scales:
+                    length = float(u.double().norm())
+                    want = target_of(n, p, m[n], p.grad, scales[n], lr, b1)
+                    if length > 0 and want > 0:
+                        u = u * (want / length)
+                p.add_(u)
+
+
+def _run(net, opt, x, y, steps=STEPS, closure=False):
+    for _ in range(steps):
+        if closure:
+            def c():
+                opt.zero_grad()
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                return loss
+            opt.step(c)
+        else:
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+
+
+def _bm_momentum(n, w, m, g, scale, lr, b1):
+    return lr * scale * float(m.double().norm()) / (1 - b1)
+
+
+def _bm_grad(n, w, m, g, scale, lr, b1):
+    return lr * scale * float(g.double().norm())
+
+
+@pytest.mark.parametrize(
+    "opt_cls, wd, decoupled, target, want",
+    [
+        (torch.optim.Adam, 0.0, False, "momentum", _bm_momentum),
+        (torch.optim.AdamW, 0.05, True, "momentum", _bm_momentum),
+        (torch.optim.Adam, 1e-3, False, "grad", _bm_grad),
+    ],
+    ids=["adam-momentum", "adamw-momentum", "adam-l2-grad"],
+)
+def test_length_mode_matches_hand_loop(opt_cls, wd, decoupled, target, want):
+    net, plan, ref, ref_plan, x, y = _setup()
+    opt = opt_cls(net.parameters(), lr=2e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd)
+    plan.attach(opt, mode="length", target=target)
+    _run(net, opt, x, y)
+    _adam_hand(ref, ref_plan, x, y, lr=2e-3, betas=(0.9, 0.99), eps=1e-8, wd=wd, decoupled=decoupled, target_of=want)
+    for (n, a), b in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_lamb_is_adamw_with_the_weight_norm_trust_ratio():
+    """You et al. 2019, Algorithm 2: W ← W − η·‖W‖/‖r + λW‖·(r + λW); ratio 1 for ‖W‖ = 0
+    (the zero-initialized bias; BN's own bias starts at 0 too)."""
+    torch.manual_seed(2)
+
+    def mlp():
+        net = torch.nn.Sequential(
+            torch.nn.Linear(6, 16, bias=False), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+        ).double()
+        with torch.no_grad():
+            net[3].bias.zero_()
+        return net
+
+    net = mlp()
+    ref = mlp()
+    ref.load_state_dict(net.state_dict())
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 4, (32,))
+    plan = fxbackmatch.prepare(net, x, compile=False, rule="lamb")
+    ref_plan = fxbackmatch.prepare(ref, x, compile=False, rule="lamb")
+    assert "3.bias" in plan.targets
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.01)
+    plan.attach(opt, mode="length")
+    _run(net, opt, x, y)
+
+    def lamb(n, w, m, g, scale, lr, b1):
+        return lr * float(w.double().norm())
+
+    _adam_hand(ref, ref_plan, x, y, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, wd=0.01, decoupled=True, target_of=lamb)
+    for (n, a), b in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_lamb_needs_the_length_mode():
+    net, plan, *_ = _setup(rule="lamb")
+    with pytest.raises(ValueError, match="mode='length'"):
+        plan.attach(torch.optim.AdamW(net.parameters()))
+
+
+def test_length_mode_on_plain_sgd_is_the_gradient_rescale():
+    """SGD without momentum: u = −lr·g, and the length lr·scale·‖g‖ gives −lr·scale·g —
+    the gradient mode's step, computed another way."""
+    net, plan, ref, ref_plan, x, y = _setup(3)
+    plan.attach(torch.optim.SGD(net.parameters(), lr=0.05), mode="length", target="grad")
+    ref_plan.attach(torch.optim.SGD(ref.parameters(), lr=0.05))
+    opt_a = plan._attached[0].optimizer
+    opt_b = ref_plan._attached[0].optimizer
+    _run(net, opt_a, x, y, steps=3)
+    _run(ref, opt_b, x, y, steps=3)
+    for (n, a), b in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_length_mode_with_a_closure_equals_the_plain_step():
+    net, plan, ref, ref_plan, x, y = _setup(4)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+    plan.attach(opt, mode="length")
+    ref_plan.attach(ref_opt, mode="length")
+    _run(net, opt, x, y, steps=3, closure=True)
+    _run(ref, ref_opt, x, y, steps=3)
+    for (n, a), b in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_length_mode_changes_adams_steps_by_the_scales_ratios():
+    """The measurement of the issue: a gradient rescale leaves Adam's per-layer step
+    unchanged; the length mode makes the ratio between two layers' steps follow the rule."""
+    net, plan, ref, ref_plan, x, y = _setup(5)
+    with pytest.warns(fxbackmatch.AdaptiveOptimizerWarning, match="mode='length'"):
+        ref_plan.attach(torch.optim.Adam(ref.parameters(), lr=1e-3))
+    plain = lenet_bn().double()
+    plain.load_state_dict(ref.state_dict())
+    w0 = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    _run(ref, ref_plan._attached[0].optimizer, x, y, steps=1)
+    _run(plain, torch.optim.Adam(plain.parameters(), lr=1e-3), x, y, steps=1)
+    for (n, a), b in zip(ref.named_parameters(), plain.parameters()):
+        d_bm, d_plain = (a - w0[n]).norm(), (b - w0[n]).norm()
+        assert abs(float((d_bm / d_plain).detach()) - 1) < 1e-2, n  # cancelled (to Adam's eps)
+
+    scales = plan.scales()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    plan.attach(opt, mode="length", target="grad")
+    F.cross_entropy(net(x), y).backward()
+    gnorm = {n: float(p.grad.double().norm()) for n, p in net.named_parameters()}
+    opt.step()
+    for n, p in net.named_parameters():
+        if n in scales:
+            step = float((p - w0[n]).detach().double().norm())
+            assert step == pytest.approx(1e-3 * scales[n] * gnorm[n], rel=1e-6), n
+
+
+def test_rescale_updates_core_against_reference():
+    torch.manual_seed(0)
+    before = [torch.randn(5, 3), torch.randn(7), torch.randn(2)]
+    after = [b + 0.1 * torch.randn_like(b) for b in before]
+    after[2] = before[2].clone()  # zero update: kept
+    targets = torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64)  # target 0: kept
+    params = [a.clone() for a in after]
+    ratios = rescale_updates_(params, before, targets)
+    u0 = after[0] - before[0]
+    torch.testing.assert_close(params[0], before[0] + u0 * (0.5 / u0.norm()))
+    torch.testing.assert_close(params[1], after[1])
+    torch.testing.assert_close(params[2], after[2])
+    assert float(params[0].sub(before[0]).norm()) == pytest.approx(0.5, rel=1e-6)
+    assert ratios[1].item() == 1.0 and ratios[2].item() == 1.0
+    assert math.isclose(ratios[0].item(), 0.5 / float(u0.double().norm()), rel_tol=1e-6)
+
+
+def test_length_mode_refuses_gradient_weight_decay_and_attaching_twice():
+    net, plan, *_ = _setup()
+    opt = torch.optim.AdamW(net.parameters())
+    with pytest.raises(ValueError, match="to the optimizer"):
+        plan.attach(opt, weight_decay=1e-4, mode="length")
+    h = plan.attach(opt, mode="length")
+    with pytest.raises(fxbackmatch.AlreadyAttachedError):
+        plan.attach(opt, mode="length")
+    h.remove()
+    plan.attach(opt, mode="length")
