@@ -79,6 +79,16 @@ class FusedStep:
                         "compile_step supports Adam/AdamW without amsgrad/maximize (Adam: pass "
                         "weight_decay to compile_step); use attach() otherwise"
                     )
+            import warnings
+
+            from .errors import AdaptiveOptimizerWarning
+
+            warnings.warn(
+                f"fxbackmatch: compile_step fuses a gradient rescale into {kind.__name__}, whose "
+                f"normalization cancels it.\n  What to do: plan.attach(optimizer, mode='length') "
+                f"gives each layer's update back-matching's length.",
+                AdaptiveOptimizerWarning, stacklevel=3,
+            )
         else:
             raise TypeError(f"compile_step supports torch.optim.SGD, Adam and AdamW, not {kind.__name__}; use attach()")
         self.params = [p for g in optimizer.param_groups for p in g["params"]]

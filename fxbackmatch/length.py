@@ -23,11 +23,12 @@ user's own optimizer (its ``state_dict``, schedulers, GradScaler and DDP keep wo
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from .norms import sumsq_many
+from .runtime import _local
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 __all__ = ["LengthHandle", "rescale_updates_", "TARGETS", "is_adaptive"]
 
 TARGETS = ("momentum", "grad")
+
+#: tensors below this many elements take the eager foreach path even when compiled
+SMALL = 1 << 16
 
 #: Optimizers whose update a gradient rescale does not change (or barely): their
 #: per-coordinate normalization absorbs a per-layer constant.
@@ -53,24 +57,52 @@ def rescale_updates_(
     params: Sequence[torch.Tensor],
     before: Sequence[torch.Tensor],
     targets: torch.Tensor,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Rescale each update ``params[i] − before[i]`` in place to length ``targets[i]``.
 
     ``targets`` is a float64 vector; an update of length 0, or a target that is not positive
-    and finite, keeps the optimizer's own update (ratio 1). Returns the ratios applied.
+    and finite, keeps the optimizer's own update (ratio 1). ``reduce`` turns the local
+    squared lengths into global ones (sharded tensors: one all-reduce). Returns the ratios.
     """
     if not params:
         return torch.zeros(0, dtype=torch.float64)
     updates = torch._foreach_sub([p.detach() for p in params], list(before))
-    lengths = torch.stack(sumsq_many(updates)).sqrt()
-    targets = targets.to(lengths.device, torch.float64)
-    ok = (lengths > 0) & (targets > 0) & torch.isfinite(targets)
-    ratio = torch.where(ok, targets / torch.where(ok, lengths, torch.ones_like(lengths)), torch.ones_like(lengths))
+    sq = torch.stack(sumsq_many(updates))
+    lengths = (reduce(sq) if reduce is not None else sq).sqrt()
+    ratio = _ratio(lengths, targets.to(lengths.device, torch.float64))
     # W ← before + ratio·u  ==  lerp(W, before, 1 − ratio)
     for dev_dtype, idx in _groups(params).items():
         w = (1.0 - ratio).to(*dev_dtype).unbind(0)
         torch._foreach_lerp_([params[i].detach() for i in idx], [before[i] for i in idx], [w[i] for i in idx])
     return ratio
+
+
+def _ratio(lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    ok = (lengths > 0) & (targets > 0) & torch.isfinite(targets)
+    return torch.where(ok, targets / torch.where(ok, lengths, torch.ones_like(lengths)), torch.ones_like(lengths))
+
+
+def _step_one(p: torch.Tensor, b: torch.Tensor, ref: torch.Tensor, coef: torch.Tensor, absolute: bool) -> torch.Tensor:
+    """One flattened tensor, fused when compiled: the target ``coef·‖ref‖`` (absolute methods:
+    ``coef·[ref ≠ 0]``), the length ``‖p − b‖``, and ``p ← b + ratio·(p − b)``."""
+    r = ref.to(torch.float64).square().sum()
+    target = coef * (r > 0).to(torch.float64) if absolute else coef * r.sqrt()
+    length = (p - b).to(torch.float64).square().sum().sqrt()
+    ratio = _ratio(length, target)
+    p.copy_(b + ratio.to(p.dtype) * (p - b))
+    return ratio
+
+
+_COMPILED: list = []
+
+
+def _compiled_step_one():
+    """One compiled kernel for every tensor (flattened, dynamic size): compile time does not
+    grow with the model."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_step_one, dynamic=True, fullgraph=True))
+    return _COMPILED[0]
 
 
 def _groups(tensors) -> dict[tuple, list[int]]:
@@ -105,6 +137,7 @@ class LengthHandle:
     # ---------------------------------------------------------------- hooks
     def _pre_step(self, optimizer, args, kwargs):
         closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        self.plan._check()  # follows parameters FSDP2 replaced by shards, before the snapshot
         self._snapshot()
         if closure is None:
             self._scales = self.plan.scale_tensor()
@@ -125,11 +158,13 @@ class LengthHandle:
         keep = {id(p) for p in params}
         for k in [k for k in self._before if k not in keep]:
             del self._before[k]
-        fresh = [p for p in params if id(p) not in self._before or self._before[id(p)].shape != p.shape]
-        for p in fresh:
-            self._before[id(p)] = torch.empty_like(p.detach())
+        local = [_local(p.detach())[0] for p in params]  # FSDP2: the rank's own shard
+        for p, lp in zip(params, local):
+            b = self._before.get(id(p))
+            if b is None or b.shape != lp.shape or b.stride() != lp.stride():
+                self._before[id(p)] = torch.empty_like(lp)
         if params:
-            torch._foreach_copy_([self._before[id(p)] for p in params], [p.detach() for p in params])
+            torch._foreach_copy_([self._before[id(p)] for p in params], local)
 
     def _params(self) -> list[torch.Tensor]:
         # every target: in a closure step the gradients do not exist yet at the pre-hook
@@ -140,43 +175,99 @@ class LengthHandle:
         scales, self._scales = self._scales, None
         if scales is None:  # the closure never ran
             return
-        names = self.plan.targets
-        live = [(i, n, self.plan._params[n]) for i, n in enumerate(names) if self.plan._params[n].grad is not None]
+        live = [(i, n, self.plan._params[n]) for i, n in enumerate(self.plan.targets)
+                if self.plan._params[n].grad is not None]
         if not live:
             return
-        idx = torch.tensor([i for i, _, _ in live], device=scales.device)
         params = [p for _, _, p in live]
         before = [self._before[id(p)] for p in params]
-        lr, refs = self._lr_and_refs(params, before)
-        targets = lr * scales.index_select(0, idx).to(lr.device) * refs
-        self._last = ([n for _, n, _ in live], rescale_updates_(params, before, targets))  # no host sync
+        coefs, refs = self._coefs_and_refs(params, before)
+        dev = coefs.device
+        coefs = coefs * scales.to(dev).index_select(0, torch.tensor([i for i, _, _ in live], device=dev))
+        if self.plan._runtime.sharded:
+            ratios = self._sharded(params, before, refs, coefs)
+        elif self.plan.compile:
+            ratios = self._compiled(params, before, refs, coefs)
+        else:
+            ratios = self._eager(params, before, refs, coefs)
+        self._last = ([n for _, n, _ in live], ratios)  # kept as a tensor: no host sync
 
-    def _lr_and_refs(self, params, before) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per parameter: its group's learning rate and the norm the scale multiplies
-        (``‖ḡ‖`` for gradient-scale methods, 1 for absolute ones such as LAMB)."""
-        group_of = {}
-        for g in self.optimizer.param_groups:
-            for p in g["params"]:
-                group_of[id(p)] = g
-        dev = params[0].device
-        lr = torch.tensor([float(group_of[id(p)]["lr"]) for p in params], dtype=torch.float64, device=dev)
+    def _eager(self, params, before, refs, coefs) -> torch.Tensor:
+        dev = coefs.device
+        ref_sq = torch.stack([t.to(dev) for t in sumsq_many([r.detach() for r in refs])])
+        return rescale_updates_(params, before, coefs * self._target_of(ref_sq))
+
+    def _compiled(self, params, before, refs, coefs) -> torch.Tensor:
+        """Large contiguous tensors: the compiled per-tensor kernel (two reads of ``p`` and
+        ``b``); small or strided ones: the eager foreach core in one go (a call per tiny
+        BatchNorm vector would cost more than its bytes)."""
+        step, absolute = _compiled_step_one(), self.unit == "absolute"
+        ratios: list = [None] * len(params)
+        small = []
+        for i, (p, b, r, c) in enumerate(zip(params, before, refs, coefs.unbind(0))):
+            if p.numel() >= SMALL and p.is_contiguous() and b.is_contiguous():
+                ratios[i] = step(p.detach().view(-1), b.view(-1), r.detach().reshape(-1), c, absolute)
+            else:
+                small.append(i)
+        if small:
+            got = self._eager([params[i] for i in small], [before[i] for i in small],
+                              [refs[i] for i in small], coefs[small])
+            for i, r in zip(small, got.unbind(0)):
+                ratios[i] = r
+        return torch.stack(ratios)
+
+    def _target_of(self, ref_sumsq: torch.Tensor) -> torch.Tensor:
         if self.unit == "absolute":  # a zero weight keeps the optimizer's step (LAMB's guard)
-            nonzero = torch.stack([n.to(dev) for n in sumsq_many(list(before))]) > 0
-            return lr, nonzero.to(torch.float64)
-        refs: list[torch.Tensor] = []
-        factors: list[float] = []
+            return (ref_sumsq > 0).to(torch.float64)
+        return ref_sumsq.sqrt()
+
+    def _sharded(self, params, before, refs, coefs) -> torch.Tensor:
+        """FSDP2 / DTensor: local shards; one all-reduce adds every partial sum of squares
+        (references and updates together). Replicated tensors count ``1/world`` per rank."""
+        import torch.distributed as dist
+
+        from .runtime import _group_of
+
+        local, shares, group, world = [], [], None, 1
         for p in params:
+            lp, shards = _local(p.detach())
+            if shards > 1 and group is None:
+                group, world = _group_of(p)
+            local.append(lp)
+            shares.append(shards)
+        if group is None:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+        dev = coefs.device
+        share = torch.tensor([1.0 if n > 1 else 1.0 / world for n in shares], dtype=torch.float64, device=dev)
+        ref_sq = torch.stack([t.to(dev) for t in sumsq_many([_local(r.detach())[0] for r in refs])])
+        upd_sq = torch.stack([t.to(dev) for t in sumsq_many(torch._foreach_sub(local, list(before)))])
+        both = torch.cat([ref_sq, upd_sq]) * share.repeat(2)
+        if dist.is_initialized():
+            dist.all_reduce(both, group=group)  # the one collective of the mode
+        k = len(params)
+        return rescale_updates_(local, before, coefs * self._target_of(both[:k]), reduce=lambda _: both[k:])
+
+    def _coefs_and_refs(self, params, before) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per parameter: ``lr`` (over ``1 − β₁`` where the reference is the first moment) and
+        the tensor whose norm the scale multiplies — Adam's first moment or the gradient; for
+        absolute methods (LAMB) the weight itself, read only for the zero guard."""
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        coefs: list[float] = []
+        refs: list[torch.Tensor] = []
+        for p, b in zip(params, before):
             g = group_of[id(p)]
-            state = self.optimizer.state.get(p, {})
+            lr = float(g["lr"])
             beta1 = _beta1(g)
-            if self.target == "momentum" and beta1 and "exp_avg" in state and beta1 < 1:
-                refs.append(state["exp_avg"])
-                factors.append(1.0 / (1.0 - beta1))
+            if self.unit == "absolute":
+                refs.append(b)
+                coefs.append(lr)
+            elif self.target == "momentum" and 0 < beta1 < 1 and "exp_avg" in self.optimizer.state.get(p, {}):
+                refs.append(self.optimizer.state[p]["exp_avg"])
+                coefs.append(lr / (1.0 - beta1))
             else:
                 refs.append(p.grad)
-                factors.append(1.0)
-        norms = torch.stack([n.to(dev) for n in sumsq_many(refs)]).sqrt()
-        return lr, norms * torch.tensor(factors, dtype=torch.float64, device=dev)
+                coefs.append(lr)
+        return torch.tensor(coefs, dtype=torch.float64, device=_local(params[0])[0].device), refs
 
     @property
     def last_ratios(self) -> dict[str, float]:

@@ -31,9 +31,13 @@ def data():
     return [(torch.randn(BATCH, 3, 8, 8, generator=g), torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def train(net, plan, rank: int, world: int, scales_log: list) -> None:
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    plan.attach(opt)
+def train(net, plan, rank: int, world: int, scales_log: list, length: bool = False) -> None:
+    if length:  # the step-length mode on AdamW
+        opt = torch.optim.AdamW(net.parameters(), lr=0.02, weight_decay=0.01)
+        plan.attach(opt, mode="length")
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        plan.attach(opt)
     per = BATCH // world
     for x, y in data():
         xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
@@ -55,6 +59,8 @@ def full_params(net) -> dict[str, torch.Tensor]:
 
 def main(rank: int, world: int, mode: str, out: str, port: str) -> None:
     torch.set_num_threads(1)
+    length = mode.endswith("+length")
+    mode = mode.removesuffix("+length")
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -63,7 +69,7 @@ def main(rank: int, world: int, mode: str, out: str, port: str) -> None:
     if mode == "ddp":
         ddp = nn.parallel.DistributedDataParallel(net)
         plan = fxbackmatch.prepare(ddp, torch.randn(2, 3, 8, 8), compile=False)
-        train(ddp, plan, rank, world, log)
+        train(ddp, plan, rank, world, log, length)
     elif mode == "fsdp-after":  # prepare on the already sharded model
         from torch.distributed.fsdp import fully_shard
 
@@ -98,10 +104,10 @@ def main(rank: int, world: int, mode: str, out: str, port: str) -> None:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 fully_shard(m)
         fully_shard(net)
-        train(net, plan, rank, world, log)
+        train(net, plan, rank, world, log, length)
     else:
         plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)
-        train(net, plan, 0, 1, log)
+        train(net, plan, 0, 1, log, length)
     params = full_params(net)
     if rank == 0 or mode == "ddp":
         torch.save({"params": params, "scales": log, "sharded": plan._runtime.sharded}, f"{out}.{rank}.pt")

@@ -216,3 +216,29 @@ def test_length_mode_refuses_gradient_weight_decay_and_attaching_twice():
         plan.attach(opt, mode="length")
     h.remove()
     plan.attach(opt, mode="length")
+
+
+@pytest.mark.slow
+def test_compiled_length_step_equals_the_eager_core(monkeypatch):
+    """The compiled per-tensor kernel (plan compiled) against the eager foreach core, with a
+    channels-last weight taking the strided path."""
+    import fxbackmatch.length as length
+
+    monkeypatch.setattr(length, "SMALL", 2000)  # LeNet's three largest weights take the kernel
+    calls = []
+    real = length._compiled_step_one
+    monkeypatch.setattr(length, "_compiled_step_one", lambda: (calls.append(1), real())[1])
+    net, plan, ref, ref_plan, x, y = _setup(6)
+    with torch.no_grad():
+        net[0].weight.data = net[0].weight.data.contiguous(memory_format=torch.channels_last)
+    fast = fxbackmatch.prepare(net, x[:2], compile=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=2e-3, weight_decay=0.01)
+    h = fast.attach(opt, mode="length")
+    ref_plan.attach(ref_opt, mode="length")
+    _run(net, opt, x, y, steps=3)
+    _run(ref, ref_opt, x, y, steps=3)
+    assert not net[0].weight.is_contiguous() and calls
+    for (n, a), b in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=n)
+    assert set(h.last_ratios) == set(fast.targets) and all(r > 0 for r in h.last_ratios.values())

@@ -65,3 +65,13 @@ def test_fsdp2_sharded_norms_match_single_process(single, tmp_path):
 def test_fsdp2_prepare_after_sharding_refuses_and_leaves_model_working(tmp_path):
     out = _run("fsdp-after", 2, tmp_path)
     assert torch.load(f"{out}.0.pt", weights_only=True) == {"refused": True}
+
+
+def test_fsdp2_length_mode_matches_single_process(tmp_path):
+    """AdamW in the step-length mode under FSDP2: the update lengths and the first-moment
+    norms are global (one all-reduce), so the sharded run equals one process."""
+    one = torch.load(f"{_run('single+length', 1, tmp_path)}.0.pt", weights_only=True)
+    r0 = torch.load(f"{_run('fsdp+length', 2, tmp_path)}.0.pt", weights_only=True)
+    assert r0["sharded"]
+    for n in r0["params"]:
+        torch.testing.assert_close(r0["params"][n], one["params"][n], rtol=1e-5, atol=1e-5)

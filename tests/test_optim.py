@@ -12,6 +12,10 @@ from torch import nn
 import fxbackmatch
 from fxbackmatch.models import lenet_bn
 
+# these tests check that a gradient rescale rides on every optimizer exactly; on Adam & co it
+# is cancelled, which the warning says (tests/test_adaptive.py checks the warning itself)
+pytestmark = pytest.mark.filterwarnings("ignore::fxbackmatch.AdaptiveOptimizerWarning")
+
 
 def small_net() -> nn.Module:
     """Biases, affine BN, a residual fork: every kind of atom the pass generates."""
