@@ -251,15 +251,58 @@ def test_hf_trainer_matches_hand_loop(tmp_path, max_grad_norm):
 
 
 @needs_hf
-def test_hf_trainer_unwraps_accelerated_optimizer():
+def test_hf_trainer_default_adamw_gets_length_mode(tmp_path):
+    """No optimizers=: the Trainer builds AdamW and hands over accelerate's wrapper."""
+    from transformers import Trainer, TrainingArguments
+
+    from fxbackmatch.integrations import BackmatchTrainerCallback
+
+    seen = {}
+
+    class Spy(BackmatchTrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            seen["modes"] = [getattr(h, "mode", "grad") for h in self.handles]
+            seen["opt"] = [type(h.optimizer).__name__ for h in self.handles]
+
+    torch.manual_seed(0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, report_to=[],
+        save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    Trainer(model=TinyClassifier().to(DT), args=args, train_dataset=DictData(), callbacks=[Spy(compile=False)]).train()
+    assert seen == {"modes": ["length"], "opt": ["AdamW"]}
+
+
+@needs_hf
+@needs_lightning
+def test_unwrap_optimizer_finds_the_torch_optimizer():
     from accelerate.optimizer import AcceleratedOptimizer
+    from lightning.pytorch.core.optimizer import LightningOptimizer
 
     from fxbackmatch.integrations import unwrap_optimizer
 
     opt = _sgd(nn.Linear(2, 2).parameters())
-    assert unwrap_optimizer(AcceleratedOptimizer(opt, device_placement=False)) is opt
+    wrapped = AcceleratedOptimizer.__new__(AcceleratedOptimizer)  # its __init__ needs an Accelerator
+    wrapped.optimizer = opt
+    assert unwrap_optimizer(wrapped) is opt
+    assert unwrap_optimizer(LightningOptimizer(opt)) is opt
+    box = OptimizersContainer([list(nn.Linear(2, 2).parameters())], _sgd)
+    assert unwrap_optimizer(box) is box  # a container with its own step hooks stays itself
     with pytest.raises(TypeError, match="What to do"):
         unwrap_optimizer(object())
+
+
+def test_split_over_two_optimizers_warns():
+    from fxbackmatch.integrations._common import attach_all
+
+    net = _lenet()
+    plan = fxbackmatch.prepare(net, _batches(1)[0][0][:2], compile=False)
+    a, b = (_sgd(p) for p in _halves(net))
+    with pytest.warns(UserWarning, match="split over 2 optimizers"):
+        handles = attach_all(plan, [a, b], weight_decay=0.0, mode=None, target="momentum")
+    assert len(handles) == 2
+    with pytest.raises(ValueError, match="no optimizer holds"):
+        attach_all(plan, [_sgd(nn.Linear(2, 2).parameters())], weight_decay=0.0, mode=None, target="momentum")
 
 
 # ---------------------------------------------------------------------- timm

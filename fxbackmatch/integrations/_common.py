@@ -14,34 +14,38 @@ if TYPE_CHECKING:
 
 __all__ = ["unwrap_optimizer", "resolve_mode", "attach_all"]
 
-#: attributes under which trainers keep the torch optimizer they wrap
-_WRAPPED = ("optimizer", "_optimizer")  # accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer
+#: attributes under which trainers keep the optimizer they wrap: accelerate's
+#: AcceleratedOptimizer (``optimizer``), Lightning's LightningOptimizer (``_optimizer``)
+_WRAPPED = ("optimizer", "_optimizer")
 
 
-def _has_hooks(opt: object) -> bool:
-    return isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "_optimizer_step_pre_hooks")
+def _inner(opt: object) -> object | None:
+    """The optimizer ``opt`` wraps, read from its own ``__dict__`` (LightningOptimizer forwards
+    every other attribute to the optimizer it wraps, hooks included)."""
+    own = getattr(opt, "__dict__", {})
+    return next((own[a] for a in _WRAPPED if own.get(a) is not None and own.get(a) is not opt), None)
 
 
 def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` whose ``step()`` runs the hooks, below trainer wrappers.
 
-    accelerate's ``AcceleratedOptimizer`` subclasses ``Optimizer`` without initializing it (no
-    step hooks of its own) and keeps the real one in ``.optimizer``; Lightning's
-    ``LightningOptimizer`` keeps it in ``._optimizer``. A container that calls
-    ``Optimizer.__init__`` itself (torchtitan's ``OptimizersContainer``) is kept as it is.
+    accelerate's ``AcceleratedOptimizer`` keeps the real one in ``.optimizer`` (it subclasses
+    ``Optimizer`` without initializing it: no step hooks of its own); Lightning's
+    ``LightningOptimizer`` in ``._optimizer``. A container that calls ``Optimizer.__init__``
+    itself and keeps its parts elsewhere (torchtitan's ``OptimizersContainer``) stays as it is.
     """
-    seen = 0
     opt = optimizer
-    while not _has_hooks(opt):
-        inner = next((getattr(opt, a) for a in _WRAPPED if getattr(opt, a, None) is not None), None)
-        seen += 1
-        if inner is None or seen > 8:
-            raise TypeError(
-                f"fxbackmatch needs a torch.optim.Optimizer (or a wrapper that keeps one in "
-                f"`.optimizer`), got {type(optimizer).__name__}.\n  What to do: pass the torch "
-                f"optimizer itself, or call plan.attach(the_torch_optimizer) by hand."
-            )
+    for _ in range(8):
+        inner = _inner(opt)
+        if inner is None:
+            break
         opt = inner
+    if not (isinstance(opt, torch.optim.Optimizer) and "_optimizer_step_pre_hooks" in vars(opt)):
+        raise TypeError(
+            f"fxbackmatch needs a torch.optim.Optimizer (or a wrapper that keeps one in "
+            f"`.optimizer`), got {type(optimizer).__name__}.\n  What to do: pass the torch "
+            f"optimizer itself, or call plan.attach(the_torch_optimizer) by hand."
+        )
     return opt
 
 

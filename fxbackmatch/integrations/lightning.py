@@ -80,7 +80,9 @@ class BackmatchCallback(pl.Callback):
             self.plan, trainer.optimizers, weight_decay=self.weight_decay, mode=self.mode, target=self.target,
         )
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer,
+    ) -> None:
         # runs inside the closure, before the rescale: a clearer error than the hook's
         if self.plan is not None and self.handles and not self.plan.ready:
             name = self.module or type(pl_module).__name__
