@@ -14,6 +14,7 @@ runs the hook on unscaled gradients; a step the scaler skips stays skipped.
 from __future__ import annotations
 
 import inspect
+import keyword
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -41,7 +42,7 @@ class KeywordInputs(nn.Module):
 
     @classmethod
     def wrap(cls, model: nn.Module, names: Sequence[str]) -> "KeywordInputs":
-        bad = [n for n in names if not str(n).isidentifier()]
+        bad = [n for n in names if not str(n).isidentifier() or keyword.iskeyword(n) or n == "self"]
         if bad or not names:
             raise ValueError(f"input_names must be forward's argument names, got {tuple(names)!r}")
         # torch.fx traces named parameters, not *args: write forward with the names themselves
