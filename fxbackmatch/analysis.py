@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -37,7 +38,8 @@ from .shapes import shape_of
 from .topology import backward_order, build_digraph, carries_tensor, select_outputs
 from .variance import VarianceEstimator
 
-__all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze", "GAMMA_MODES", "RELU_MODES"]
+__all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze", "GAMMA_MODES", "RELU_MODES",
+           "UNNORMALIZED_MODES"]
 
 #: how multiplicative parameters (norm γ, layer scales) enter the chain: ``"one"`` treats
 #: them as 1 (the paper, §3.4: BN without trainable γ); ``"exact"`` multiplies by mean(γ²).
@@ -45,6 +47,11 @@ GAMMA_MODES = ("one", "exact")
 #: how ReLU enters: ``"paper"`` — the identity (eq. 31); ``"exact"`` — half of the units carry
 #: gradient and ``Var[relu(z)] = (1/2 − 1/2π)·E[z²]`` (see docs/derivations.md)
 RELU_MODES = ("paper", "exact")
+#: weighted layers with no normalization above them (the paper's precondition, §3.1, broken):
+#: ``"exact"`` chains their Jacobians as they are; ``"virtual"`` acts as if a BN followed each
+#: one (except output layers): ``m ← m / Var[y]`` at its output, ``Var[y] = ||W||²row·E[x²]``,
+#: so the chain no longer depends on the weights' overall scale (e.g. 0.02-std inits)
+UNNORMALIZED_MODES = ("exact", "virtual")
 
 
 @dataclass
@@ -83,13 +90,14 @@ def _register_hint(node: fx.Node, gm: fx.GraphModule) -> str:
 
 class _Walker:
     def __init__(self, gm, registry: RuleRegistry, model: nn.Module, strict: bool, variance: str, gamma: str,
-                 relu: str = "paper"):
+                 relu: str = "paper", unnormalized: str = "exact"):
         self.gm = gm
         self.registry = registry
         self.strict = strict
         self.variance = variance
         self.gamma = gamma
         self.relu = relu
+        self.unnormalized = unnormalized
         self.atoms = AtomTable()
         self.params: dict[str, nn.Parameter] = {}
         self.param_names: dict[int, str] = {}
@@ -105,6 +113,11 @@ class _Walker:
         self.layer_nodes: set[fx.Node] = set()
         self.claimed: set[tuple[fx.Node, fx.Node]] = set()  # (get_attr node, user)
         self.m_at: dict[fx.Node, Mono] = {}
+        self.live = _live_nodes(gm, model)
+        self.batch = next(
+            (n.meta["val"].shape[0] for n in gm.graph.nodes if n.op == "placeholder"
+             and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0), 1
+        )
         self._moment = VarianceEstimator(
             gm, registry, self.atoms, lambda n, r: RuleContext(self, n, r, Flow(ONE)), self.note
         )
@@ -118,6 +131,8 @@ class _Walker:
         return self.param_names.get(id(p))
 
     def contribute(self, node: fx.Node, flow: Flow, src: fx.Node) -> None:
+        if node not in self.live:  # no trainable parameter below: nothing to scale there
+            return
         self.contrib.setdefault(node, []).append((flow, src))
 
     def note(self, node: fx.Node, text: str) -> None:
@@ -204,6 +219,8 @@ class _Walker:
             if rule is None:
                 self._no_rule(node, flow)
                 continue
+            if self.unnormalized == "virtual" and node in self.bare and flow.m != ONE:
+                flow = self._virtual_norm(node, rule, flow)
             try:
                 rule(RuleContext(self, node, rule, flow))
             except FxBackmatchError:
@@ -236,6 +253,27 @@ class _Walker:
             output_nodes=[o.name for o in outs],
             gamma=self.gamma,
         )
+
+    @property
+    def bare(self) -> set[fx.Node]:
+        """Weighted-layer nodes with no normalization above (see :mod:`fxbackmatch.guards`)."""
+        if not hasattr(self, "_bare"):
+            from .guards import unnormalized_layers
+
+            names = unnormalized_layers(self.gm, self.registry, [n.name for n in self.gm.graph.nodes if n.op.startswith("call")])
+            self._bare = {n for n in self.gm.graph.nodes if n.name in names}
+        return self._bare
+
+    def _virtual_norm(self, node: fx.Node, rule, flow: Flow) -> Flow:
+        """``m / Var[y]`` at a weighted layer's output, as if a BN followed it."""
+        ctx = RuleContext(self, node, rule, flow)
+        row = rule.row_norm(ctx)
+        if row is None or not ctx.inputs:
+            return flow
+        below = self._moment(ctx.inputs[0])
+        var = row if below is None else row * below
+        self.note(node, "virtual norm above")
+        return replace(flow, m=flow.m / var)
 
     def _combine(self, node: fx.Node, flows: list[Flow]) -> Flow:
         """The stacked-Jacobian (least-squares) combination of a value's consumers."""
@@ -310,6 +348,43 @@ class _Walker:
                 self.uncovered[name] = "no gradient path from the loss outputs reaches it in the traced forward"
 
 
+def _live_nodes(gm: fx.GraphModule, model: nn.Module) -> set[fx.Node]:
+    """Nodes whose value depends on a trainable parameter, through floating-point values.
+
+    Only they need a rule: masks and position tables built from the inputs and buffers
+    (``arange``, ``cumsum``, comparisons, rotary ``cos``/``sin``) carry no gradient to any
+    parameter, so their factors would scale nothing."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    live: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            try:
+                obj = fetch_attr(gm, n.target)
+            except AttributeError:
+                continue
+            if id(obj) in trainable:
+                live.add(n)
+        elif n.op == "call_module" and _floating(n) and (
+            any(a in live for a in n.all_input_nodes)
+            or any(p.requires_grad for p in gm.get_submodule(n.target).parameters())
+        ):
+            live.add(n)
+        elif n.op.startswith("call") and any(a in live for a in n.all_input_nodes) and _floating(n):
+            live.add(n)
+        elif n.op == "output":
+            live.add(n)
+    return live
+
+
+def _floating(n: fx.Node) -> bool:
+    val = n.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.is_floating_point() or val.is_complex()
+    if isinstance(val, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val) or not val
+    return val is None  # unknown (hook capture): keep
+
+
 def analyze(
     gm: fx.GraphModule,
     model: nn.Module,
@@ -320,6 +395,7 @@ def analyze(
     gamma: str = "one",
     outputs: Any = None,
     relu: str = "paper",
+    unnormalized: str = "exact",
 ) -> Analysis:
     """Walk ``gm`` (with shapes propagated) and return the symbolic factors of every layer.
 
@@ -332,5 +408,7 @@ def analyze(
         raise ValueError(f"gamma must be one of {GAMMA_MODES}, got {gamma!r}")
     if relu not in RELU_MODES:
         raise ValueError(f"relu must be one of {RELU_MODES}, got {relu!r}")
-    return _Walker(gm, registry, model, strict, variance, gamma, relu).run(outputs)
+    if unnormalized not in UNNORMALIZED_MODES:
+        raise ValueError(f"unnormalized must be one of {UNNORMALIZED_MODES}, got {unnormalized!r}")
+    return _Walker(gm, registry, model, strict, variance, gamma, relu, unnormalized).run(outputs)
 

@@ -29,11 +29,17 @@ def prepare(
     outputs: Any = None,
     cap: float | None = None,
     relu: str = "paper",
+    example_kwargs: dict | None = None,
+    unnormalized: str = "exact",
 ) -> Plan:
     """Trace ``model``, propagate shapes, walk the graph and build its layer-wise scales.
 
-    ``example_inputs`` is a tensor or tuple of tensors (batch dimension first). Leave it
-    out and the plan completes itself from the model's first forward call. ``prepare``
+    ``example_inputs`` is a tensor or tuple of tensors (batch dimension first);
+    ``example_kwargs`` keyword inputs (``{"attention_mask": m, "use_cache": False}``). Leave
+    both out and the plan completes itself from the model's first forward call. Capture
+    (``capture=``): ``"auto"`` tries ``torch.fx`` symbolic tracing, then ``torch.export``
+    (non-strict; Hugging Face models); ``"fx"``/``"export"`` force one; ``"hooks"`` records
+    module calls (chains only). ``prepare``
     never changes the model: parameters, buffers and train/eval mode stay as they were.
 
     Options: ``rule`` — ``"backmatch"`` (default), ``"lars"``, ``"lsalr"``, ``"sgd"``;
@@ -47,7 +53,10 @@ def prepare(
     scales) as 1 in the chain, as the paper's BN (§3.4); ``gamma="exact"`` multiplies by
     ``mean(γ²)``. ``cap`` keeps every scale in ``[1/cap, cap]``. ``relu="exact"``
     counts that half of a ReLU's units carry gradient and that ``Var[relu(z)] = (1/2 − 1/2π)``
-    (the paper's identity, ``relu="paper"``, drifts by ``1 − 1/π`` per layer on deep nets). Scales outside
+    (the paper's identity, ``relu="paper"``, drifts by ``1 − 1/π`` per layer on deep nets).
+    ``unnormalized="virtual"`` acts as if a BatchNorm followed every weighted layer that has
+    none above it (the paper's precondition; output layers excepted): the chain then no longer
+    depends on the weights' overall scale — use it for transformers at small-std inits. Scales outside
     ``fxbackmatch.guards.SCALE_RANGE`` at the current weights raise a ``ScaleRangeWarning``.
 
     >>> import torch, fxbackmatch
@@ -71,11 +80,14 @@ def prepare(
         outputs=outputs,
         cap=cap,
         relu=relu,
+        unnormalized=unnormalized,
     )
-    if example_inputs is None:
+    if example_inputs is None and not example_kwargs:
         plan._arm()
         return plan
+    if example_inputs is None:
+        example_inputs = ()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    plan._build(tuple(example_inputs))
+    plan._build(tuple(example_inputs), example_kwargs)
     return plan

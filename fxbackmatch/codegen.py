@@ -34,10 +34,15 @@ class GeneratedFactors:
     from_base: Callable[..., torch.Tensor]
     constants: dict[str, torch.Tensor]
     weight_refs: list[str]  # order of the ``weight_sq`` argument
-    grad_refs: list[str]  # order of ``grad_sq``
+    grad_refs: list[str]  # order of ``grads``: ``grad_sq`` first, then ``rows`` (row counts)
     stat_refs: list[str]  # order of ``stats``
     stat_inverse: list[float | None]  # per stat: eps of mean(1/(x + eps)), None for mean(x)
     n_stages: int = 0  # sequential stages of the chain (sum / lars / lsalr atoms)
+    n_grad_sq: int | None = None  # how many of ``grads`` give ``sum(g²)`` (the rest: row counts)
+
+    def __post_init__(self) -> None:
+        if self.n_grad_sq is None:
+            self.n_grad_sq = len(self.grad_refs)
 
     def constants_on(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in self.constants.items()}
@@ -63,9 +68,9 @@ def generate(
     ``cap`` keeps every scale in ``[1/cap, cap]``; ``chains`` (parameter -> its ``m`` and
     ``s`` in words) are written as comments so a reader can check them by hand."""
     from .explain import sum_str
-    base = {k: [i for i, a in enumerate(atoms) if a.kind == k] for k in ("weight_sumsq", "grad_sumsq")}
+    base = {k: [i for i, a in enumerate(atoms) if a.kind == k] for k in ("weight_sumsq", "grad_sumsq", "grad_rows")}
     base["stat_mean"] = [i for i, a in enumerate(atoms) if a.kind in STAT_KINDS]
-    order = base["weight_sumsq"] + base["grad_sumsq"] + base["stat_mean"]
+    order = base["weight_sumsq"] + base["grad_sumsq"] + base["grad_rows"] + base["stat_mean"]
     pos = {i: n for n, i in enumerate(order)}
     consts: dict[str, torch.Tensor] = {}
     lines = [
@@ -75,11 +80,12 @@ def generate(
     ]
     for i in order:
         lines.append(f"#   [{pos[i]}] {atoms[i].kind}({atoms[i].ref})")
-    n_w, n_g, n_s = (len(base[k]) for k in ("weight_sumsq", "grad_sumsq", "stat_mean"))
+    n_w, n_g, n_r, n_s = (len(base[k]) for k in ("weight_sumsq", "grad_sumsq", "grad_rows", "stat_mean"))
     lines += [
         "import torch",
         "",
         "from fxbackmatch.norms import sumsq as _sq  # float64 sum(t²): fused when compiled, chunked eagerly",
+        "from fxbackmatch.norms import rows_read as _rows  # rows of a gradient that are not all zero",
         "",
         "",
         "def factors(weights: list[torch.Tensor], grads: list[torch.Tensor], stats: list[torch.Tensor],",
@@ -92,8 +98,11 @@ def generate(
         lines.append(f"    weight_sq = [_sq(w) for w in weights]  # {n_w} weights")
         parts.append("weight_sq")
     if n_g:
-        lines.append(f"    grad_sq = [_sq(g) for g in grads]  # {n_g} gradients")
+        lines.append(f"    grad_sq = [_sq(g) for g in grads[:{n_g}]]  # {n_g} gradients")
         parts.append("grad_sq")
+    if n_r:
+        lines.append(f"    rows = [_rows(g) for g in grads[{n_g}:]]  # {n_r} embeddings: rows read")
+        parts.append("rows")
     if n_s:
         exprs = [
             f"(stats[{k}].to(torch.float64) + {atoms[i].param!r}).clamp_min({EPS!r}).reciprocal().mean()"
@@ -186,7 +195,8 @@ def generate(
         from_base=namespace["factors_from_base"],
         constants=consts,
         weight_refs=[atoms[i].ref for i in base["weight_sumsq"]],
-        grad_refs=[atoms[i].ref for i in base["grad_sumsq"]],
+        grad_refs=[atoms[i].ref for i in base["grad_sumsq"] + base["grad_rows"]],
+        n_grad_sq=n_g,
         stat_refs=[atoms[i].ref for i in base["stat_mean"]],
         stat_inverse=[atoms[i].param if atoms[i].kind == "stat_inv_mean" else None for i in base["stat_mean"]],
         n_stages=sum(1 for a in atoms if a.kind in ("sum", "lars", "lsalr")),

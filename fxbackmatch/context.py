@@ -85,6 +85,19 @@ class RuleContext:
     def numel(self, node: fx.Node) -> int:
         return numel_of(node)
 
+    @property
+    def batch(self) -> int:
+        """The batch size: dim 0 of the graph's first tensor input."""
+        return self._w.batch
+
+    def positions_per_sample(self, node: fx.Node, channels: int) -> float:
+        """``numel / (batch · channels)``: positions per sample of a value with ``channels``
+        features, also where the batch was folded into another dimension (``x.view(-1, C)``)."""
+        shape = shape_of(node)
+        if shape and shape[0] == 1 and self.batch > 1:  # broadcast over the batch: every sample reads it
+            return max(1.0, numel_of(node) / max(1, channels))
+        return max(1.0, numel_of(node) / max(1, self.batch * channels))
+
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         """Positional-or-keyword argument of a call_function / call_method node."""
         if len(self.node.args) > index:

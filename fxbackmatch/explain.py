@@ -18,6 +18,8 @@ def atom_str(i: int, atoms: Sequence[Atom]) -> str:
         return f"Σδ{a.ref}²"
     if a.kind == "stat_mean":
         return f"mean({a.ref})"
+    if a.kind == "grad_rows":
+        return f"rows({a.ref})"
     if a.kind == "sum":
         return f"S{i}"
     return f"{a.kind}({a.ref})"

@@ -7,6 +7,7 @@ from the model each step:
 * ``weight_sumsq``: ``sum(W**2)`` of a parameter (the norms ``||W||²_{2,μ}`` and
   ``||Wᵀ||²_{2,μ}`` are this divided by the number of rows or columns, a constant);
 * ``grad_sumsq``: ``sum(δW**2)`` (for the LARS and LSALR rules);
+* ``grad_rows``: the number of rows of ``δW`` not all zero (an embedding's rows read this step);
 * ``stat_mean``: the mean of a buffer (BatchNorm ``running_var``, "measured variance");
 * ``stat_inv_mean``: the mean of its reciprocal (``mean_c(1/(running_var_c + eps))`` — BN's
   ``mean diag(JᵀJ)``, which ``1/mean(running_var)`` underestimates by Jensen's inequality);
@@ -78,7 +79,7 @@ ONE = Mono()
 class Atom:
     """A per-step quantity. ``ref`` names the tensor (parameter or buffer qualified name)."""
 
-    kind: str  # weight_sumsq | grad_sumsq | stat_mean | stat_inv_mean | sum | lars | lsalr
+    kind: str  # weight_sumsq | grad_sumsq | grad_rows | stat_mean | stat_inv_mean | sum | lars | lsalr
     ref: str = ""
     terms: tuple[tuple[float, Mono], ...] = ()  # for kind == "sum"
     args: tuple[int, ...] = ()  # argument atoms for lars (weight, grad) and lsalr (grad)
@@ -107,6 +108,10 @@ class AtomTable:
 
     def grad(self, ref: str) -> int:
         return self.intern(Atom("grad_sumsq", ref))
+
+    def grad_rows(self, ref: str) -> int:
+        """The number of rows of ``δW`` that are not all zero (an embedding's rows read)."""
+        return self.intern(Atom("grad_rows", ref))
 
     def stat(self, ref: str) -> int:
         return self.intern(Atom("stat_mean", ref))

@@ -122,6 +122,12 @@ class LengthHandle:
 
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if any("lr" not in g for g in optimizer.param_groups):
+            raise ValueError(
+                f"mode='length' reads each parameter group's 'lr', and {type(optimizer).__name__}'s "
+                f"groups have none (an optimizer container?).\n  What to do: attach the plan to "
+                f"each inner optimizer — each scales its own parameters."
+            )
         self.plan = plan
         self.optimizer = optimizer
         self.target = target
@@ -167,16 +173,18 @@ class LengthHandle:
             torch._foreach_copy_([self._before[id(p)] for p in params], local)
 
     def _params(self) -> list[torch.Tensor]:
-        # every target: in a closure step the gradients do not exist yet at the pre-hook
-        return [self.plan._params[n] for n in self.plan.targets]
+        # every target this optimizer steps: in a closure step the gradients do not exist yet
+        mine = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        return [p for p in (self.plan._params[n] for n in self.plan.targets) if id(p) in mine]
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
         scales, self._scales = self._scales, None
         if scales is None:  # the closure never ran
             return
+        mine = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         live = [(i, n, self.plan._params[n]) for i, n in enumerate(self.plan.targets)
-                if self.plan._params[n].grad is not None]
+                if self.plan._params[n].grad is not None and id(self.plan._params[n]) in mine]
         if not live:
             return
         params = [p for _, _, p in live]

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import torch
 
-__all__ = ["sumsq", "sumsq_many"]
+__all__ = ["sumsq", "sumsq_many", "rows_read"]
 
 _CHUNK = 1 << 20
 
@@ -36,3 +36,11 @@ def sumsq_many(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         for i, n in zip(idx, norms):
             out[i] = n.to(torch.float64).square()
     return out  # type: ignore[return-value]
+
+
+def rows_read(g: torch.Tensor) -> torch.Tensor:
+    """The number of rows of ``g`` (dim 0) with a non-zero entry, as a float64 0-d tensor."""
+    g = g.detach()
+    if g.dim() == 0:
+        return (g != 0).to(torch.float64)
+    return (g.reshape(g.shape[0], -1) != 0).any(dim=1).sum().to(torch.float64)

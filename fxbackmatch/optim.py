@@ -75,7 +75,10 @@ class AttachHandle:
                         w.append(p)
             for g, w in groups.values():
                 torch._foreach_add_(g, w, alpha=self.weight_decay)
-        self.plan.rescale_grads_()
+        mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        covers_all = all(id(self.plan._params[n]) in mine for n in self.plan.targets)
+        # an optimizer holding part of the model (one of a container's) scales its own part only
+        self.plan.rescale_grads_(None if covers_all else mine)
 
     def effective_lrs(self) -> list[dict[str, float]]:
         """Per parameter group: parameter name -> ``lr · scale`` under the current weights."""

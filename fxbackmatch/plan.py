@@ -60,9 +60,12 @@ class Plan:
         outputs: Any = None,
         cap: float | None = None,
         relu: str = "paper",
+        unnormalized: str = "exact",
     ) -> None:
-        if capture not in ("auto", "fx", "hooks"):
-            raise ValueError(f"capture must be 'auto', 'fx' or 'hooks', got {capture!r}")
+        from .capture import CAPTURES
+
+        if capture not in CAPTURES:
+            raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
         self.capture_mode = capture
         self.capture: str | None = None
         if adapt not in ("all", "weights"):
@@ -83,6 +86,11 @@ class Plan:
         if relu not in RELU_MODES:
             raise ValueError(f"relu must be one of {RELU_MODES}, got {relu!r}")
         self.relu = relu
+        from .analysis import UNNORMALIZED_MODES
+
+        if unnormalized not in UNNORMALIZED_MODES:
+            raise ValueError(f"unnormalized must be one of {UNNORMALIZED_MODES}, got {unnormalized!r}")
+        self.unnormalized = unnormalized
         self.outputs = outputs
         if cap is not None and not (math.isfinite(cap) and cap > 1):
             raise ValueError(f"cap must be a finite number > 1 (scales are kept in [1/cap, cap]), got {cap!r}")
@@ -97,14 +105,16 @@ class Plan:
         self._attached: list = []
 
     # ------------------------------------------------------------------ building
-    def _build(self, example_inputs: Sequence[torch.Tensor]) -> None:
+    def _build(self, example_inputs: Sequence[torch.Tensor], example_kwargs: dict | None = None) -> None:
         _refuse_sharded(self.model)
         gm, self.capture = capture(
-            self.model, example_inputs, self.registry.has_module_rule, self.leaf_modules, self.capture_mode
+            self.model, example_inputs, self.registry.has_module_rule, self.leaf_modules, self.capture_mode,
+            example_kwargs=example_kwargs, has_rule=self.registry.has, lookup=self.registry.lookup,
         )
+        self.example_kwargs = {k: v for k, v in (example_kwargs or {}).items() if not isinstance(v, torch.Tensor)}
         self._analysis = analyze(
             gm, self.model, self.registry, strict=self.strict, variance=self.variance,
-            gamma=self.gamma, outputs=self.outputs, relu=self.relu,
+            gamma=self.gamma, outputs=self.outputs, relu=self.relu, unnormalized=self.unnormalized,
         )
         bare = unnormalized_layers(gm, self.registry, [r.node for r in self._analysis.layers])
         self._analysis.layers = [
@@ -179,12 +189,12 @@ class Plan:
     def _arm(self) -> None:
         """Complete the plan from the model's first forward call (one-shot pre-hook)."""
 
-        def hook(module, args):
+        def hook(module, args, kwargs):
             self._hook.remove()
             self._hook = None
-            self._build(args)
+            self._build(args, kwargs)
 
-        self._hook = self.wrapped.register_forward_pre_hook(hook)
+        self._hook = self.wrapped.register_forward_pre_hook(hook, with_kwargs=True)
 
     @property
     def ready(self) -> bool:
@@ -268,7 +278,8 @@ class Plan:
             out[n] = v if self.cap is None else min(max(v, 1.0 / self.cap), self.cap)
         return out
 
-    def measure(self, *inputs: torch.Tensor, probes: int = 16, seed: int = 0, values: bool = False) -> list[dict[str, Any]]:
+    def measure(self, *inputs: torch.Tensor, probes: int = 16, seed: int = 0, values: bool = False,
+                **kwargs: Any) -> list[dict[str, Any]]:
         """The rule's ``m`` beside the measured one (``mean diag(JᵀJ)`` by autograd, see
         :mod:`fxbackmatch.measure`) on a real batch, per layer (per value with
         ``values=True``). Touches no ``.grad``; restores BatchNorm statistics.
@@ -278,7 +289,8 @@ class Plan:
         from .measure import measure_values
 
         a = self._need()
-        if self.capture != "fx":
+        inputs = self._flat_inputs(inputs, kwargs)
+        if self.capture == "hooks":
             raise FxBackmatchError(
                 f"plan.measure needs the traced graph; this plan of {type(self.model).__name__} "
                 f"was captured with hooks.\n  What to do: make the model traceable (or register "
@@ -302,6 +314,19 @@ class Plan:
             })
         return rows
 
+    def _flat_inputs(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
+        """The graph's placeholders from a call's arguments (export graphs take the
+        flattened ``(args, kwargs)``; the example's non-tensor keywords fill in)."""
+        if self.capture != "export":
+            return list(args)
+        from torch.fx._pytree import tree_flatten_spec
+
+        spec = self._analysis.gm.meta.get("fxbackmatch.in_spec")
+        merged = {**getattr(self, "example_kwargs", {}), **kwargs}
+        flat = tree_flatten_spec((tuple(args), merged), spec) if spec is not None else list(args)
+        n = sum(1 for x in self._analysis.gm.graph.nodes if x.op == "placeholder")
+        return list(flat)[:n]
+
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteWeightError` naming the first weight with a non-finite norm.
 
@@ -323,10 +348,11 @@ class Plan:
         self._need()
         return tuple(self._targets)
 
-    def rescale_grads_(self) -> None:
-        """Multiply every covered ``p.grad`` in place by its scale (``None`` grads skipped)."""
+    def rescale_grads_(self, only: set[int] | None = None) -> None:
+        """Multiply every covered ``p.grad`` in place by its scale (``None`` grads skipped;
+        with ``only``, just the parameters whose ``id`` is in it)."""
         self._check()
-        self._runtime.rescale_()
+        self._runtime.rescale_(only)
 
     def attach(
         self, optimizer: torch.optim.Optimizer, weight_decay: float = 0.0, *,
@@ -445,6 +471,7 @@ class Plan:
             "variance": self.variance,
             "gamma": self.gamma,
             "relu": self.relu,
+            "unnormalized": self.unnormalized,
             "trust_coefficient": self.trust_coefficient,
             "fingerprint": self.fingerprint,
             "input_shapes": [list(s) for s in (self.input_shapes or ())],
@@ -462,8 +489,8 @@ class Plan:
                 "differ).\n  What to do: load it into the model it was saved with, or start a "
                 "new plan with fxbackmatch.prepare."
             )
-        defaults = {"gamma": "one", "relu": "paper"}  # states saved before these options
-        for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma", "relu"):
+        defaults = {"gamma": "one", "relu": "paper", "unnormalized": "exact"}  # states saved before these options
+        for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma", "relu", "unnormalized"):
             if state.get(key, defaults.get(key)) != getattr(self, key):
                 raise PlanMismatchError(
                     f"plan state has {key}={state.get(key)!r} but this plan has "

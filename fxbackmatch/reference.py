@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from .expr import EPS, Atom, Mono
-from .norms import sumsq
+from .norms import rows_read, sumsq
 
 __all__ = ["atom_values", "eval_mono", "log_mono", "lars_rate", "lsalr_rate"]
 
@@ -64,6 +64,9 @@ def atom_values(
         elif a.kind == "grad_sumsq":
             g = grad(a.ref)
             v = 0.0 if g is None else float(sumsq(g))
+        elif a.kind == "grad_rows":  # before any backward: every row (a uniform prior)
+            g = grad(a.ref)
+            v = float(tensor(a.ref).shape[0]) if g is None else float(rows_read(g))
         elif a.kind == "stat_mean":
             v = float(tensor(a.ref).detach().double().mean())
         elif a.kind == "stat_inv_mean":

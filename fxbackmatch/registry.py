@@ -115,6 +115,10 @@ class RuleRegistry:
         ] + [("method", t) for t in _tuple(method)]:
             self._rules.pop(key, None)
 
+    def has(self, kind: str, target: Any) -> bool:
+        """Whether a rule is registered under ``(kind, target)`` (``"function"``/``"method"``)."""
+        return (kind, target) in self._rules
+
     def has_module_rule(self, mod: nn.Module) -> bool:
         return self._module_rule(type(mod)) is not None
 

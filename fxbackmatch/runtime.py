@@ -21,7 +21,7 @@ from torch import nn
 import torch.distributed as dist
 
 from .codegen import GeneratedFactors
-from .norms import sumsq, sumsq_many
+from .norms import rows_read, sumsq, sumsq_many
 
 __all__ = ["Runtime", "COMPILE_MAX_STAGES"]
 
@@ -70,10 +70,10 @@ class Runtime:
                 if self.gen.n_stages <= COMPILE_MAX_STAGES:
                     chain = torch.compile(chain, fullgraph=True, dynamic=False)
 
-                inverse = self.gen.stat_inverse
+                inverse, n_sq = self.gen.stat_inverse, self.gen.n_grad_sq
 
                 def fn(weights, grads, stats, consts):
-                    return chain(_base(weights, grads, stats, inverse), consts)
+                    return chain(_base(weights, grads, stats, inverse, n_sq), consts)
 
                 self._fn = fn
             else:
@@ -118,8 +118,9 @@ class Runtime:
             parts.append((local, shards))
         if group is None:
             world = dist.get_world_size() if dist.is_initialized() else 1
+        n_sq = len(self.weights) + self.gen.n_grad_sq  # then row counts (disjoint row shards add up)
         partial = torch.stack(
-            [sumsq(l) / (1.0 if n > 1 else world) for l, n in parts]
+            [(sumsq(l) if k < n_sq else rows_read(l)) / (1.0 if n > 1 else world) for k, (l, n) in enumerate(parts)]
         ) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
         if dist.is_initialized():
             dist.all_reduce(partial, group=group)  # the one collective of the step
@@ -128,12 +129,14 @@ class Runtime:
         return self.gen.from_base(base.to(dev), consts)
 
     @torch.no_grad()
-    def rescale_(self) -> torch.Tensor:
+    def rescale_(self, only: set[int] | None = None) -> torch.Tensor:
+        """Multiply the targets' gradients by their scales (only those whose ``id`` is in
+        ``only``, when given: the parameters of one optimizer)."""
         scales = self.scales()
         groups: dict[tuple, list[int]] = defaultdict(list)
         grads = []
         for i, p in enumerate(self.targets):
-            g = p.grad
+            g = p.grad if only is None or id(p) in only else None
             if g is not None:
                 g = _local(g)[0] if self._sharded else g
                 grads.append(g)
@@ -157,9 +160,11 @@ def _stat_means(stats, inverse) -> list[torch.Tensor]:
     ]
 
 
-def _base(weights, grads, stats, inverse) -> torch.Tensor:
-    """The stacked ``[weight_sq, grad_sq, stat]`` vector ``factors_from_base`` takes."""
-    parts = sumsq_many(list(weights)) + sumsq_many(list(grads))
+def _base(weights, grads, stats, inverse, n_sq: int | None = None) -> torch.Tensor:
+    """The stacked ``[weight_sq, grad_sq, rows, stat]`` vector ``factors_from_base`` takes."""
+    grads = list(grads)
+    n_sq = len(grads) if n_sq is None else n_sq
+    parts = sumsq_many(list(weights)) + sumsq_many(grads[:n_sq]) + [rows_read(g) for g in grads[n_sq:]]
     parts += _stat_means(stats, inverse)
     if not parts:
         return torch.zeros(0, dtype=torch.float64)

@@ -80,7 +80,12 @@ class VarianceEstimator:
                 )
         elif (node.op == "call_function" and node.target in _ADD) or (node.op == "call_method" and node.target in ("add", "add_")):
             moments = [self(p, depth + 1) for p in ins]
+            consts = [a for a in node.args[:2] if isinstance(a, (int, float)) and not isinstance(a, bool)]
             if len(ins) == 2 and all(v is not None for v in moments):
                 out = self.atoms.sum_of(((1.0, v) for v in moments), label=f"E[a²] of sum '{node.name}'")
+            elif len(ins) == 1 and consts and moments[0] is not None:  # x + c: E[x²] + c²
+                c2 = float(consts[0]) ** 2
+                out = moments[0] if c2 == 0 else self.atoms.sum_of(
+                    ((1.0, moments[0]), (c2, Mono())), label=f"E[a²] of '{node.name}' (plus a constant)")
         self._memo[node] = out
         return out

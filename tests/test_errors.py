@@ -54,7 +54,9 @@ class Alpha(nn.Module):
         self.alpha = nn.Parameter(torch.ones(4))
 
     def forward(self, x):
-        return torch.cat([self.fc(x), self.alpha.expand(x.shape[0], -1)], dim=1)
+        # view keeps the flow but owns no parameter (a parameter expanded directly is a
+        # learned token, which the expand rule owns)
+        return torch.cat([self.fc(x), self.alpha.view(1, -1).expand(x.shape[0], -1)], dim=1)
 
 
 def test_untraceable_model_says_use_leaf_modules():
@@ -116,7 +118,7 @@ def test_no_weighted_layer():
 def test_parameter_no_layer_owns():
     with pytest.raises(fxbackmatch.UncoveredParameterError, match="'alpha'") as e:
         fxbackmatch.prepare(Alpha(), torch.randn(2, 4))
-    assert "expand" in str(e.value) and "strict=False" in str(e.value)
+    assert "view" in str(e.value) and "strict=False" in str(e.value)
     net = Alpha()
     plan = fxbackmatch.prepare(net, torch.randn(2, 4), strict=False, compile=False)
     assert plan.uncovered == ("alpha",)

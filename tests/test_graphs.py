@@ -139,12 +139,17 @@ class Branchy(nn.Module):
         return self.fc2(x)
 
 
-def test_untraceable_model_falls_back_to_hook_capture():
+def test_untraceable_model_needs_hook_capture_asked_for():
+    """Neither torch.fx nor torch.export captures a data-dependent ``if``: the default refuses
+    (the hook fallback assumes a chain — no silent guess), naming ``capture='hooks'``."""
     torch.manual_seed(0)
     net = Branchy()
     net.train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    plan = fxbackmatch.prepare(net, torch.randn(4, 3, 32, 32), compile=False)
+    with pytest.raises(fxbackmatch.TraceError, match="capture='hooks'"):
+        fxbackmatch.prepare(net, torch.randn(4, 3, 32, 32), compile=False)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    plan = fxbackmatch.prepare(net, torch.randn(4, 3, 32, 32), compile=False, capture="hooks")
     assert plan.capture == "hooks" and "capture=hooks" in str(plan).splitlines()[0]
     assert any("hooks" in n for n in plan.notes)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # untouched

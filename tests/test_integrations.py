@@ -373,11 +373,8 @@ def test_container_attach_matches_hand_loop():
     assert _differs(net, _hand_loop(copy.deepcopy(ref0), batches, _sgd, scaled=False))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "core: an attached step rescales the gradients of *all* the plan's parameters, not only "
-    "its optimizer's, so the second inner step scales the first's half again. Attach to the "
-    "container instead. Remove this mark once attach() scales only the optimizer's parameters."))
 def test_container_attach_to_each_inner_optimizer():
+    """Each inner optimizer scales its own parameters only (torchtitan-style per-part attach)."""
     net, batches = _lenet(3), _batches(seed=5)
     ref0 = copy.deepcopy(net)
     _run_container(net, batches, lambda box: box.optimizers)

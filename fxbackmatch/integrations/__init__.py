@@ -5,7 +5,7 @@
   (``fxbackmatch.integrations.hf``).
 
 timm's ``NativeScaler`` loop and torchtitan-style optimizer containers need no callback:
-``plan.attach(optimizer)`` (``docs/trainers.md``). Each trainer is imported only when its
+``plan.attach(optimizer)`` (README, "Use it with your trainer"). Each trainer is imported only when its
 callback is first looked up here, so ``import fxbackmatch`` never imports a trainer.
 """
 from __future__ import annotations

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..context import RuleContext
 from ..expr import Mono
+from .transformer import rms_source
 from ..registry import register_rule
 
 __all__ = [
@@ -48,20 +49,21 @@ _ACTIVATION_MODULES = (
     _StochasticDepth, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
     nn.SiLU, nn.Mish, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.Flatten,
-    nn.Unflatten, nn.LogSoftmax, nn.Softmax,
+    nn.Unflatten, nn.LogSoftmax,
 )
 _ACTIVATION_FUNCTIONS = (
     F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
     F.gelu, F.silu, F.mish, torch.tanh, F.tanh, F.hardtanh, F.hardswish, F.softplus,
     F.softsign, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-    torch.transpose, torch.clone, F.log_softmax, F.softmax, torch.log_softmax, torch.softmax,
+    torch.transpose, torch.clone, F.log_softmax, torch.log_softmax, torch.unflatten,
+    torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
 )
 _ACTIVATION_METHODS = (
     "tanh", "tanh_", "view", "view_as", "reshape", "reshape_as", "flatten",
     "contiguous", "permute", "transpose", "squeeze", "unsqueeze", "clone", "float", "double",
-    "half", "bfloat16", "to", "type_as", "expand", "expand_as", "softmax", "log_softmax",
-    "detach_",
+    "half", "bfloat16", "to", "type_as", "log_softmax", "detach_", "unflatten",
+    "swapaxes", "swapdims", "movedim", "moveaxis",
 )
 
 
@@ -222,7 +224,8 @@ def reduce_rule(ctx: RuleContext) -> None:
 )
 def add_rule(ctx: RuleContext) -> None:
     """Addition (residual connections): every tensor input receives ``m`` (``J_i = I``); where
-    a value feeds several ops the fork rule sums their factors. Adding a parameter
+    a value feeds several ops the fork rule sums their factors. An operand broadcast over
+    ``r`` copies (a bias tensor added to every sample) receives ``m·r``. Adding a parameter
     (``x + self.offset``) makes it a bias of this node: scale ``1/(m·s)`` with ``s`` the
     positions it is broadcast over."""
     for a in ctx.node.args[:2]:
@@ -231,7 +234,13 @@ def add_rule(ctx: RuleContext) -> None:
             s = ctx.frac_out * _broadcast_positions(ctx, name)
             ctx.add_layer("add (parameter)", [(name, "bias", s)], weight=name, s=s, c=1.0,
                           input_node=ctx.inputs[0] if ctx.inputs else None)
-    ctx.pass_all()
+    out_n = ctx.numel(ctx.node)
+    for x in ctx.inputs:  # a broadcast operand is read r times: its copies' Jacobians stack
+        r = out_n / max(1, ctx.numel(x))
+        if r > 1.0 + 1e-9:
+            ctx.pass_to(x, ctx.m_out * r, 1.0, 1.0)
+        else:
+            ctx.pass_to(x, ctx.m_out)
 
 
 def _broadcast_positions(ctx: RuleContext, name: str) -> float:
@@ -294,13 +303,27 @@ def _index_ratios(index, shape: tuple[int, ...]) -> list[float] | None:
     return ratios
 
 
-@register_rule(function=operator.getitem)
+def _getitem_moment(ctx: RuleContext) -> Mono | None:
+    """A slice has the moment of what it slices (elements are alike)."""
+    if not ctx.inputs:
+        return None
+    got, _ = ctx.variance_below(ctx.inputs[0])
+    return got
+
+
+@register_rule(function=operator.getitem, moment=_getitem_moment)
 def getitem_rule(ctx: RuleContext) -> None:
     """Indexing: a slice keeps ``m``. Selecting channels (the dimension the layer below
     mixes) shrinks ``chan``, selecting along any other dimension shrinks ``frac`` (a CLS
     token of ``T``: ``1/T`` of the positions); the batch dimension is not a position. For
     the parts of a split/chunk, the split's dimension decides."""
-    if not ctx.inputs:  # indexing a parameter or a constant: nothing to hand back
+    name = ctx.param_from_arg(ctx.node.args[0]) if ctx.node.args else None
+    if name is not None:  # a table indexed by constants (relative position bias): each entry
+        # is read numel(out)/numel(table) times; it is a bias of the values it fills
+        s = ctx.frac_out * max(1.0, ctx.numel(ctx.node) / max(1, ctx.numel_of_param(name)))
+        ctx.add_layer("indexed parameter", [(name, "bias", s)], weight=name, s=s, c=1.0, input_node=None)
+        return
+    if not ctx.inputs:  # indexing a constant: nothing to hand back
         return
     x = ctx.inputs[0]
     ratio = ctx.numel(ctx.node) / max(1, ctx.numel(x))
@@ -330,6 +353,15 @@ def getitem_rule(ctx: RuleContext) -> None:
     ctx.pass_to(x, ctx.m_out, ctx.frac_out * pos, ctx.chan_out * chan)
 
 
+def _const(a):
+    """A python number, or a node whose value is one (shape arithmetic traced by torch.fx)."""
+    if isinstance(a, fx.Node):
+        a = a.meta.get("val")
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return float(a)
+    return None
+
+
 _MULS = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
 _DIVS = (operator.truediv, torch.div, "div", "div_")
 
@@ -337,7 +369,9 @@ _DIVS = (operator.truediv, torch.div, "div", "div_")
 def _product_moment(ctx: RuleContext) -> Mono | None:
     """``E[y²]`` of a product: the operands' moments multiplied (independent operands) — a
     parameter counts ``mean(γ²)``, a constant ``k²``; ``None`` for a division by a tensor."""
-    args = list(ctx.node.args[:2])
+    args = [_const(a) if _const(a) is not None else a for a in ctx.node.args[:2]]
+    if len(args) == 2 and (rms_source(args[0], args[1]) is not None or rms_source(args[1], args[0]) is not None):
+        return Mono()  # RMS-normalized: E[x̂²] = 1
     div = ctx.node.target in _DIVS
     out = Mono()
     for i, a in enumerate(args):
@@ -377,9 +411,17 @@ def mul_rule(ctx: RuleContext) -> None:
       positions it is broadcast over — with ``E[B²]`` from the graph below (a sigmoid gate:
       1/4); a broadcast operand carries gradient at all of its positions.
     """
-    args = list(ctx.node.args[:2])
+    args = [_const(a) if _const(a) is not None else a for a in ctx.node.args[:2]]
     params = [ctx.param_from_arg(a) for a in args]
     is_mul = ctx.node.target in _MULS
+    src = (rms_source(args[0], args[1]) or rms_source(args[1], args[0])) if len(args) == 2 and is_mul else None
+    if src is not None:  # x·rsqrt(mean(x²) + ε): RMS normalization written out (Llama's RMSNorm)
+        var, _ = ctx.variance_below(src)
+        if var is None:
+            ctx.note("RMS norm: E[x²] taken as 1")
+            var = Mono()
+        ctx.pass_to(src, ctx.m_out / var)
+        return
     if any(params) and is_mul and ctx.inputs:
         name = next(p for p in params if p)
         x = ctx.inputs[0]

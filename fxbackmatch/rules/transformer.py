@@ -1,0 +1,446 @@
+"""Rules for transformer layers, derived by the least-squares principle
+(``docs/derivations.md``, "Transformers"):
+
+* embeddings — a linear layer on one-hot inputs: row ``v`` is read ``count_v`` times, so its
+  exact factor is ``1/(m·T·p_v)`` (``p_v`` its share of the tokens); the per-layer scalar is
+  the mean over the rows read, ``rows/(m·T)``, with ``rows`` counted from the gradient each
+  step (a ``grad_rows`` atom);
+* ``addmm(b, x, W)`` (GPT-2's ``Conv1D``) and ``x @ W`` — linear layers with ``W`` stored
+  ``[in, out]``;
+* ``matmul``/``bmm`` between two activations — ``C = A·B``: ``m_A = m·N·E[B²]``,
+  ``m_B = m·M·E[A²]`` (``J_A = I ⊗ Bᵀ``; times the copies of a broadcast operand);
+* softmax — ``J = diag(p) − ppᵀ``: ``m ← m·(S − 1)/S³`` at uniform attention (``p = 1/S``);
+* ``scaled_dot_product_attention`` — the composition of the above at uniform attention
+  (``Σ_k P_qk² = 1/S``; causal: ``H_L/L`` on average); the value path gets
+  ``m·(L/S)·ρ̄``, queries ``m·τ²·d_v·E[v²]·E[k²]·ρ̄`` and keys ``m·τ²·d_v·E[v²]·E[q²]·(L/S)·ρ̄``;
+  grouped-query attention multiplies the key/value factors by the heads sharing them;
+* functional ``layer_norm``/``group_norm``/``rms_norm`` — as their modules; RMS normalization
+  written out (``x·rsqrt(mean(x²) + ε)``, Llama) is recognized by :func:`rms_source`;
+* ``expand`` — a broadcast read ``r`` times: ``m ← m·r`` (stacked copies);
+* ``neg`` — ``J = −I``; ``cos``/``sin`` — slope² and moment ``1/2`` (rotary phases spread).
+
+The attention estimates hold at initialization (near-uniform attention); trained attention
+is peakier (``ρ̄ → 1``): the measured mode (``prepare(..., factors="measured")``) follows it.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..context import RuleContext
+from ..expr import Mono
+from ..registry import register_rule
+from .layers import _bn, _input_moment
+
+__all__ = [
+    "embedding_rule", "functional_embedding_rule", "addmm_rule", "matmul_rule", "softmax_rule",
+    "sdpa_rule", "functional_layer_norm_rule", "expand_rule", "rms_source", "op_name",
+]
+
+
+def op_name(node) -> str | None:
+    """The op a node computes, whatever the vocabulary: ``torch.rsqrt``, ``.rsqrt()`` and
+    ``aten.rsqrt.default`` are all ``"rsqrt"``."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method":
+        return str(node.target).rstrip("_")
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return t._opname.rstrip("_")
+        return getattr(t, "__name__", str(t)).rstrip("_")
+    return None
+
+
+def _moment(ctx: RuleContext, node) -> Mono:
+    got, _ = ctx.variance_below(node)
+    if got is None:
+        ctx.note(f"E[{node.name}²] taken as 1")
+        return Mono()
+    return got
+
+
+# ------------------------------------------------------------------------- embeddings
+def _embedding(ctx: RuleContext, w: str | None, kind: str) -> None:
+    if w is None:
+        return
+    _, dim = ctx.param_shape(w)
+    s = ctx.frac_out * ctx.positions_per_sample(ctx.node, dim)
+    rows = Mono.atom(ctx.atoms.grad_rows(w), -1.0)  # E[a²] of the one-hot input, over the rows read
+    ctx.add_layer(kind, [(w, "weight", s, rows)], weight=w, s=s, c=1.0, input_node=None)
+    # the indices are integers: nothing flows below
+
+
+def _embedding_moment(ctx: RuleContext) -> Mono | None:
+    w = ctx.module_param("weight") if ctx.module is not None else ctx.param_from_arg(ctx.arg(1, "weight"))
+    return None if w is None else ctx.mean_sq(w)
+
+
+@register_rule(module=nn.Embedding, moment=_embedding_moment, channel_dim=-1)
+def embedding_rule(ctx: RuleContext) -> None:
+    """nn.Embedding: scale ``rows/(m·T)`` — see the module docstring."""
+    _embedding(ctx, ctx.module_param("weight"), "Embedding")
+
+
+@register_rule(function=F.embedding, moment=_embedding_moment, channel_dim=-1)
+def functional_embedding_rule(ctx: RuleContext) -> None:
+    """F.embedding(ids, weight): as nn.Embedding."""
+    _embedding(ctx, ctx.param_from_arg(ctx.arg(1, "weight")), "F.embedding")
+
+
+# ----------------------------------------------------------------- x·W with W [in, out]
+def _in_out_linear(ctx: RuleContext, x: fx.Node, w: str, b: str | None, kind: str) -> None:
+    """``y = x·W (+ b)`` with ``W`` of shape ``[in, out]``: the linear rule, transposed."""
+    in_f, out_f = ctx.param_shape(w)[-2:]
+    s = ctx.frac_out * ctx.positions_per_sample(ctx.node, out_f)
+    ctx.add_layer(kind, [(w, "weight", s, _input_moment(ctx, x)), (b, "bias", s)], weight=w, s=s, c=1.0, input_node=x)
+    ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) * (ctx.chan_out / in_f), ctx.frac_out, 1.0)
+
+
+def _in_out_row_norm(ctx: RuleContext) -> Mono | None:
+    args = ctx.node.args
+    w = ctx.param_from_arg(args[2] if ctx.node.target is torch.addmm and len(args) > 2 else args[1] if len(args) > 1 else None)
+    if w is None or len(ctx.param_shape(w)) != 2:
+        return None
+    return ctx.sumsq(w) / ctx.param_shape(w)[1]
+
+
+@register_rule(function=torch.addmm, row_norm=_in_out_row_norm, channel_dim=-1)
+def addmm_rule(ctx: RuleContext) -> None:
+    """``addmm(b, x, W)`` — GPT-2's ``Conv1D``: a linear layer with ``W`` stored ``[in, out]``
+    (``s`` = tokens per sample, also when the batch is folded into the rows)."""
+    b = ctx.param_from_arg(ctx.arg(0, "input"))
+    w = ctx.param_from_arg(ctx.arg(2, "mat2"))
+    x = ctx.arg(1, "mat1")
+    if w is None or not isinstance(x, fx.Node):
+        ctx.note("addmm of activations: treated as a matmul")
+        _matmul_activations(ctx, ctx.arg(1, "mat1"), ctx.arg(2, "mat2"))
+        return
+    _in_out_linear(ctx, x, w, b, "addmm")
+
+
+# ------------------------------------------------------------------------------ matmul
+def _matmul_moment(ctx: RuleContext) -> Mono | None:
+    a, b = ctx.node.args[:2]
+    pa, pb = ctx.param_from_arg(a), ctx.param_from_arg(b)
+    if pb is not None:
+        return _in_out_row_norm(ctx)
+    if pa is not None or not all(isinstance(t, fx.Node) for t in (a, b)):
+        return None
+    ea, _ = ctx.variance_below(a)
+    eb, _ = ctx.variance_below(b)
+    if ea is None or eb is None:
+        return None
+    k = (ctx.shape(a) or (1,))[-1]
+    return ea * eb * k
+
+
+def _partner(ctx: RuleContext, node) -> Mono:
+    """A bilinear partner's ``E[x²]`` under ``gamma="one"``: 1 (normalized), except for a
+    softmax output, whose moment ``1/S²`` is structural, not a weight scale."""
+    rule = ctx.rule_of(node)
+    while rule is not None and rule.transparent and rule.fn is not softmax_rule and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+        rule = ctx.rule_of(node)
+    if rule is not None and rule.fn is softmax_rule:
+        got, _ = ctx.variance_below(node)
+        return got if got is not None else Mono()
+    return Mono()
+
+
+def _matmul_activations(ctx: RuleContext, a, b) -> None:
+    sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.out_shape
+    if not (sa and sb and so) or len(sa) < 2 or len(sb) < 2:
+        ctx.note("matmul of vectors: each operand keeps m (heuristic)")
+        ctx.pass_all()
+        return
+    m_rows, n_cols = sa[-2], sb[-1]
+    out_n = math.prod(so)
+    ra = out_n / (m_rows * n_cols) / max(1.0, math.prod(sa) / (sa[-2] * sa[-1]))  # broadcast copies
+    rb = out_n / (m_rows * n_cols) / max(1.0, math.prod(sb) / (sb[-2] * sb[-1]))
+    exact = ctx.gamma_mode == "exact"  # else partners taken as normalized (the paper's γ = 1)
+    mb = _moment(ctx, b) if exact else _partner(ctx, b)
+    ma = _moment(ctx, a) if exact else _partner(ctx, a)
+    ctx.pass_to(a, ctx.m_out * mb * (n_cols * max(1.0, ra)), 1.0, 1.0)
+    ctx.pass_to(b, ctx.m_out * ma * (m_rows * max(1.0, rb)), 1.0, 1.0)
+
+
+@register_rule(function=(torch.matmul, operator.matmul, torch.bmm, torch.mm), method=("matmul", "bmm", "mm"),
+               moment=_matmul_moment)
+def matmul_rule(ctx: RuleContext) -> None:
+    """``C = A·B``. With ``B`` a parameter ``[in, out]``: a linear layer. Between two
+    activations (attention scores, ``P·V``): ``J_A = I ⊗ Bᵀ`` gives ``m_A = m·N·E[B²]`` and
+    ``m_B = m·M·E[A²]`` (``A`` is ``M×K``, ``B`` is ``K×N``), times the copies of an operand
+    broadcast over batch dimensions; ``E[·²]`` from the graph below (1 if none, noted)."""
+    a, b = ctx.node.args[:2]
+    pa, pb = ctx.param_from_arg(a), ctx.param_from_arg(b)
+    if pb is not None and isinstance(a, fx.Node) and len(ctx.param_shape(pb)) == 2:
+        _in_out_linear(ctx, a, pb, None, "matmul (parameter)")
+        return
+    if pa is not None:
+        ctx.note("parameter on the left of a matmul: no rule; factor passed through")
+        if isinstance(b, fx.Node):
+            ctx.pass_to(b, ctx.m_out)
+        return
+    _matmul_activations(ctx, a, b)
+
+
+# ----------------------------------------------------------------------------- softmax
+def _softmax_size(ctx: RuleContext) -> int:
+    shape = ctx.shape(ctx.inputs[0]) or (1,)
+    dim = ctx.arg(1, "dim", -1)
+    if dim is None:
+        dim = -1
+    return max(1, shape[dim])
+
+
+@register_rule(module=nn.Softmax, function=(torch.softmax, F.softmax), method=("softmax",),
+               moment=lambda ctx: Mono.const(1.0 / _softmax_size(ctx) ** 2) if ctx.inputs else None)
+def softmax_rule(ctx: RuleContext) -> None:
+    """Softmax over ``S`` entries: ``J = diag(p) − ppᵀ``, ``mean diag(JᵀJ) = (S − 1)/S³`` at
+    ``p = 1/S`` (uniform: attention at initialization); ``E[p²] = 1/S²``. (``log_softmax``'s
+    ``J = I − 1pᵀ`` keeps ``m``: it stays with the identity rules.)"""
+    if not ctx.inputs:
+        return
+    dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim", -1)
+    shape = ctx.shape(ctx.inputs[0]) or (1,)
+    n = max(1, shape[-1 if dim is None else dim])
+    ctx.pass_to(ctx.inputs[0], ctx.m_out * ((n - 1) / n**3) if n > 1 else ctx.m_out)
+
+
+# ---------------------------------------------------------------------------- attention
+def _sdpa_parts(ctx: RuleContext):
+    """Shapes and the attention statistics at uniform attention: with ``n_i`` keys visible to
+    query ``i`` (all ``S``; causal: ``i + 1``), ``ρ_v = mean 1/n`` (``Σ_k P²`` per query),
+    ``ρ_qk = mean (1/n)(1 − 1/n)`` (the same with ``v_k − out_q``, which vanishes for a single
+    key) and ``coh = mean (1 − 1/n)²``."""
+    q, k, v = (ctx.arg(i, n) for i, n in enumerate(("query", "key", "value")))
+    sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
+    L, S, E, Ev = sq[-2], sk[-2], sq[-1], sv[-1]
+    tau = ctx.node.kwargs.get("scale") or (ctx.arg(6, "scale") if len(ctx.node.args) > 6 else None) or 1 / math.sqrt(E)
+    causal = bool(ctx.arg(5, "is_causal", False))
+    mask = ctx.arg(3, "attn_mask", None)
+    mshape = ctx.shape(mask) if isinstance(mask, fx.Node) else None
+    if mshape and len(mshape) >= 2 and mshape[-2] == L == S and L > 1:
+        causal = True  # a mask with a query dimension on self-attention: causal (a padding
+        # mask has a singleton query dimension)
+    n = [min(S, i + 1 + max(0, S - L)) if causal else S for i in range(L)]
+    rho_v = sum(1.0 / x for x in n) / L
+    rho_qk = sum((1.0 / x) * (1 - 1.0 / x) for x in n) / L
+    coh = sum((1 - 1.0 / x) ** 2 for x in n) / L
+    groups = 1.0
+    if ctx.node.kwargs.get("enable_gqa") and len(sq) >= 3 and len(sk) >= 3 and sk[-3]:
+        groups = sq[-3] / sk[-3]
+    width = sq[-3] * sq[-1] if len(sq) >= 4 else sq[-1]
+    return q, k, v, L, S, Ev, float(tau), (rho_v, rho_qk, coh / width), groups, mask is not None
+
+
+def _sdpa_moment(ctx: RuleContext) -> Mono | None:
+    q, k, v, L, S, Ev, tau, (rho_v, _, _), groups, masked = _sdpa_parts(ctx)
+    ev, _ = ctx.variance_below(v)
+    return None if ev is None else ev * rho_v
+
+
+@register_rule(function=F.scaled_dot_product_attention, moment=_sdpa_moment)
+def sdpa_rule(ctx: RuleContext) -> None:
+    """``softmax(τ·QKᵀ + mask)·V`` at uniform attention (see :func:`_sdpa_parts`):
+
+    * value ``m·(L/S)·ρ_v``;
+    * query ``m·τ²·d_v·E[v²]·E[k²]·(ρ_qk + coh/D)`` — ``∂out_q/∂q = τ Σ_k P_qk (v_k − out_q) k_kᵀ``
+      is incoherent over keys (``ρ_qk``) plus a coherent part: a key and its value are read
+      from one token through independent weights, so ``E[v_k k_kᵀ]`` has norm² ``≈ 1/D`` per
+      unit moment (``D`` the model width, heads × head dim);
+    * key ``m·τ²·d_v·E[v²]·E[q²]·(L/S)·ρ_qk``.
+
+    A mask tensor with a query dimension on self-attention is taken as causal, one without
+    as no mask (noted); GQA multiplies the key/value factors by the query heads per key head.
+    Under ``gamma="one"`` the partners' moments are 1 (the paper's γ = 1); ``"exact"`` reads
+    them from the graph."""
+    q, k, v, L, S, Ev, tau, (rho_v, rho_qk, coh), groups, masked = _sdpa_parts(ctx)
+    if masked:
+        ctx.note("attention mask: uniform over the keys it leaves (causal if it has a query dimension)")
+    if ctx.gamma_mode == "exact":
+        ev, eq, ek = _moment(ctx, v), _moment(ctx, q), _moment(ctx, k)
+    else:  # bilinear partners taken as normalized, as the paper's BN takes γ = 1 (§3.4)
+        ev = eq = ek = Mono()
+    m = ctx.m_out
+    ctx.pass_to(v, m * ((L / S) * rho_v * groups), 1.0, 1.0)
+    ctx.pass_to(q, m * ev * ek * (tau * tau * Ev * (rho_qk + coh)), 1.0, 1.0)
+    ctx.pass_to(k, m * ev * eq * (tau * tau * Ev * rho_qk * (L / S) * groups), 1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------- norms
+def _fn_norm_moment(ctx: RuleContext) -> Mono:
+    g = ctx.param_from_arg(ctx.arg(2, "weight"))
+    return Mono() if g is None else ctx.mean_sq(g)
+
+
+def _fn_norm(ctx: RuleContext, gamma, beta, feature_numel: int, kind: str) -> None:
+    s = ctx.frac_out * ctx.positions_per_sample(ctx.node, feature_numel)
+    _bn(ctx, gamma, beta, None, kind, s=s)
+
+
+@register_rule(function=F.layer_norm, moment=_fn_norm_moment, channel_dim=-1, norm=True)
+def functional_layer_norm_rule(ctx: RuleContext) -> None:
+    """F.layer_norm(x, shape, weight, bias): as nn.LayerNorm."""
+    shape = ctx.arg(1, "normalized_shape")
+    _fn_norm(ctx, ctx.param_from_arg(ctx.arg(2, "weight")), ctx.param_from_arg(ctx.arg(3, "bias")),
+             math.prod(shape), "F.layer_norm")
+
+
+@register_rule(function=F.rms_norm, moment=_fn_norm_moment, channel_dim=-1, norm=True)
+def functional_rms_norm_rule(ctx: RuleContext) -> None:
+    """F.rms_norm(x, shape, weight): as LayerNorm without centring (``J ≈ I/rms``)."""
+    shape = ctx.arg(1, "normalized_shape")
+    _fn_norm(ctx, ctx.param_from_arg(ctx.arg(2, "weight")), None, math.prod(shape), "F.rms_norm")
+
+
+@register_rule(function=F.group_norm, moment=_fn_norm_moment, channel_dim=1, norm=True)
+def functional_group_norm_rule(ctx: RuleContext) -> None:
+    """F.group_norm(x, groups, weight, bias): as nn.GroupNorm."""
+    x = ctx.inputs[0]
+    ch = (ctx.shape(x) or (1, 1))[1]
+    _fn_norm(ctx, ctx.param_from_arg(ctx.arg(2, "weight")), ctx.param_from_arg(ctx.arg(3, "bias")), ch, "F.group_norm")
+
+
+def _strip(node):
+    """Look through dtype/device conversions and views that keep every element."""
+    while isinstance(node, fx.Node) and op_name(node) in ("to", "float", "type_as", "contiguous", "clone"):
+        node = node.args[0]
+    return node
+
+
+def rms_source(a, b) -> fx.Node | None:
+    """If ``a·b`` is RMS normalization written out — ``b = rsqrt(mean(a², -1) + ε)`` (any
+    vocabulary, dtype casts allowed) — return ``a``."""
+    b = _strip(b)
+    if op_name(b) != "rsqrt":
+        return None
+    inner = _strip(b.args[0])
+    if op_name(inner) == "add":
+        inner = next((x for x in inner.args if isinstance(x, fx.Node)), None)
+    if op_name(inner) != "mean":
+        return None
+    sq = _strip(inner.args[0])
+    if op_name(sq) == "pow" and len(sq.args) > 1 and sq.args[1] == 2:
+        src = sq.args[0]
+    elif op_name(sq) == "mul" and len(sq.args) == 2 and sq.args[0] is sq.args[1]:
+        src = sq.args[0]
+    else:
+        return None
+    return a if _strip(src) is _strip(a) else None
+
+
+# ------------------------------------------------------------------------ small pieces
+def _exponent(ctx: RuleContext) -> float | None:
+    p = ctx.arg(1, "exponent")
+    return float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else None
+
+
+def _mono_pow(m: Mono, p: float) -> Mono:
+    return Mono(tuple((i, q * p) for i, q in m.powers), m.log_const * p)
+
+
+@register_rule(function=(torch.pow,), method=("pow",), moment=lambda ctx: _pow_moment(ctx))
+def pow_rule(ctx: RuleContext) -> None:
+    """``x**p`` (a constant exponent): ``J = p·x^(p−1)``, ``m ← m·p²·E[x²]^(p−1)`` (a Gaussian's
+    higher moments taken as powers of ``E[x²]``, noted); output moment ``E[x²]^p``."""
+    p = _exponent(ctx)
+    if not ctx.inputs:
+        return
+    if p is None:
+        ctx.note("pow with a tensor exponent: m kept (heuristic)")
+        ctx.pass_to(ctx.inputs[0], ctx.m_out)
+        return
+    ex2 = _moment(ctx, ctx.inputs[0])
+    ctx.note("pow: E[x^(2p−2)] taken as E[x²]^(p−1)")
+    ctx.pass_to(ctx.inputs[0], ctx.m_out * _mono_pow(ex2, p - 1) * (p * p))
+
+
+def _pow_moment(ctx: RuleContext) -> Mono | None:
+    p = _exponent(ctx)
+    if p is None or not ctx.inputs:
+        return None
+    got, _ = ctx.variance_below(ctx.inputs[0])
+    return None if got is None else _mono_pow(got, p)
+
+
+@register_rule(function=(operator.neg, torch.neg), method=("neg",), transparent=True)
+def neg_rule(ctx: RuleContext) -> None:
+    """``−x``: ``J = −I``, ``m`` unchanged."""
+    if ctx.inputs:
+        ctx.pass_to(ctx.inputs[0], ctx.m_out)
+
+
+@register_rule(function=(torch.cos, torch.sin), method=("cos", "sin"), moment=lambda ctx: Mono.const(0.5))
+def trig_rule(ctx: RuleContext) -> None:
+    """``cos``/``sin`` of phases spread over whole periods (rotary tables): ``E[cos'²] =
+    E[sin²] = 1/2``, and the output moment ``1/2``."""
+    if ctx.inputs:
+        ctx.pass_to(ctx.inputs[0], ctx.m_out * 0.5)
+
+
+@register_rule(function=(torch.broadcast_to,), method=("expand", "expand_as"), transparent=True)
+def expand_rule(ctx: RuleContext) -> None:
+    """``expand``: each element is read ``r = numel(out)/numel(in)`` times; stacking the
+    copies' Jacobians gives ``m ← m·r`` (grouped-query attention's ``repeat_kv``). A parameter
+    expanded over the batch (a class token) is a layer: scale ``1/(m·s)``, ``s`` its copies
+    per sample."""
+    name = ctx.param_from_arg(ctx.node.args[0]) if ctx.node.args else None
+    if name is not None:  # a learned token (ViT's class token): a bias of the positions it fills
+        per_sample = ctx.positions_per_sample(ctx.node, 1) / max(1, ctx.numel_of_param(name))
+        s = ctx.frac_out * max(1.0, per_sample)
+        ctx.add_layer("token (parameter)", [(name, "bias", s)], weight=name, s=s, c=1.0, input_node=None)
+        return
+    if ctx.inputs:
+        x = ctx.inputs[0]
+        r = ctx.numel(ctx.node) / max(1, ctx.numel(x))
+        ctx.pass_to(x, ctx.m_out * max(1.0, r), 1.0 if r > 1 else None, 1.0 if r > 1 else None)
+
+
+def _einsum_sizes(eq: str, shapes) -> tuple[list[str], str, dict[str, int]] | None:
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    subs = lhs.split(",")
+    if len(subs) != len(shapes) or any(s is None or len(s) != len(sub) for s, sub in zip(shapes, subs)):
+        return None
+    sizes: dict[str, int] = {}
+    for sub, shape in zip(subs, shapes):
+        for ch, n in zip(sub, shape):
+            sizes[ch] = max(sizes.get(ch, 1), n)
+    return subs, out, sizes
+
+
+@register_rule(function=(torch.einsum,))
+def einsum_rule(ctx: RuleContext) -> None:
+    """``einsum`` of two operands: the bilinear rule of ``matmul`` from the subscripts — an
+    element of ``A`` meets ``N_A`` outputs (the product of the output indices ``A`` lacks),
+    each with a coefficient of ``B``: ``m_A = m·N_A·E[B²]`` (``E[B²]`` taken as 1 under
+    ``gamma="one"`` unless ``B`` is a softmax output). One operand: its indices kept (a
+    permutation) keep ``m``."""
+    eq = ctx.node.args[0]
+    ops = [a for a in ctx.node.args[1:] if isinstance(a, fx.Node)]
+    if len(ops) == 1 and isinstance(ctx.node.args[1], (list, tuple)):
+        ops = [a for a in ctx.node.args[1] if isinstance(a, fx.Node)]
+    parsed = _einsum_sizes(eq, [ctx.shape(o) for o in ops]) if isinstance(eq, str) else None
+    if parsed is None or len(ops) not in (1, 2):
+        ctx.note("einsum: each operand keeps m (heuristic)")
+        ctx.pass_all()
+        return
+    subs, out, sizes = parsed
+    if len(ops) == 1:
+        ctx.pass_to(ops[0], ctx.m_out)
+        return
+    exact = ctx.gamma_mode == "exact"
+    for i, (a, b) in enumerate(((ops[0], ops[1]), (ops[1], ops[0]))):
+        n = math.prod(sizes[ch] for ch in out if ch not in subs[i])
+        eb = _moment(ctx, b) if exact else _partner(ctx, b)
+        ctx.pass_to(a, ctx.m_out * eb * max(1, n), 1.0, 1.0)
