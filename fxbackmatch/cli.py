@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   fxbackmatch report vgg16-bn-paper --json
   fxbackmatch report torchvision.models:resnet18 --input-shape 2,3,64,64
   fxbackmatch report lenet-bn --rule lars
+  fxbackmatch report mypkg.models:tiny_gpt2 --ids 100 --input-shape 2,16 \\
+      --kwarg use_cache=False --outputs logits          # a Hugging Face model (torch.export)
 """
 
 
@@ -66,6 +68,18 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _kwarg(text: str) -> tuple[str, object]:
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise CliError(f"--kwarg needs KEY=VALUE with a Python name as KEY, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fxbackmatch",
@@ -79,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("model", nargs="?", default="lenet-bn", help="built-in name or package.module:callable")
     r.add_argument("--input-shape", type=_shape, default=(2, 3, 32, 32), help="e.g. 2,3,32,32 (batch first)")
     r.add_argument("--rule", default="backmatch", help="backmatch, lars, lsalr or sgd")
+    r.add_argument("--ids", type=int, default=None, metavar="VOCAB",
+                   help="feed integer token ids in [0, VOCAB) of --input-shape (language models)")
+    r.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword input, e.g. use_cache=False (repeatable; Python literals)")
+    r.add_argument("--outputs", default=None, help="the output that enters the loss, e.g. logits")
     r.add_argument("--json", action="store_true", help="print the figures as JSON")
     r.add_argument("--width", type=int, default=None, help="report width in columns")
     try:
@@ -99,8 +118,12 @@ def _report(args) -> int:
         raise CliError(f"unknown rule {args.rule!r}; choose one of {', '.join(sorted(METHODS))}")
     model = resolve_model(args.model)
     model.eval()
+    x = torch.randint(0, args.ids, args.input_shape) if args.ids else torch.randn(args.input_shape)
+    kwargs = dict(_kwarg(k) for k in args.kwarg)
+    outputs = int(args.outputs) if args.outputs and args.outputs.isdigit() else args.outputs
     try:
-        plan = prepare(model, torch.randn(args.input_shape), rule=args.rule, compile=False, strict=False)
+        plan = prepare(model, (x,), rule=args.rule, compile=False, strict=False,
+                       example_kwargs=kwargs or None, outputs=outputs)
     except FxBackmatchError as e:
         raise CliError(str(e).splitlines()[0]) from e
     if args.json:

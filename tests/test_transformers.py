@@ -279,3 +279,28 @@ def test_a_wrapper_returning_logits_prepares_strict():
     plan = fxbackmatch.prepare(wrapped, ids, compile=False)
     assert plan.capture == "export" and plan.uncovered == ()
     assert all(0 < v < float("inf") for v in plan.scales().values())
+
+
+def tiny_gpt2():
+    """A factory for the CLI test (``package.module:callable``)."""
+    return _hf("gpt2")[0]
+
+
+@pytest.mark.slow
+def test_cli_report_on_a_hugging_face_model(capsys, monkeypatch):
+    import json
+    import pathlib
+    import sys
+
+    from fxbackmatch.cli import main
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent))
+    monkeypatch.delitem(sys.modules, "test_transformers", raising=False)
+    rc = main(["report", "test_transformers:tiny_gpt2", "--ids", "100", "--input-shape", "2,16",
+               "--kwarg", "use_cache=False", "--outputs", "logits", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    data = json.loads(out)
+    assert data["capture"] == "export"
+    assert any("wte" in ",".join(p for p in row.get("params", [])) or "embedding" in row.get("op", "")
+               for row in data["layers"])
