@@ -188,13 +188,8 @@ class Plan:
 
     def _arm(self) -> None:
         """Complete the plan from the model's first forward call (one-shot pre-hook)."""
-
-        def hook(module, args, kwargs):
-            self._hook.remove()
-            self._hook = None
-            self._build(args, kwargs)
-
-        self._hook = self.wrapped.register_forward_pre_hook(hook, with_kwargs=True)
+        self._hook = _LazyBuild(self)
+        self.wrapped.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     @property
     def ready(self) -> bool:
@@ -498,20 +493,64 @@ class Plan:
                 )
 
     def __deepcopy__(self, memo):
+        """A copy for a copy of the model: a waiting plan's pre-hook travels with the model's
+        hooks (``copy.deepcopy(model)`` gives the copy a plan of its own that completes from
+        the copy's first call); a ready plan regenerates its runtime for the copied tensors."""
         cls = self.__class__
         new = cls.__new__(cls)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            if k in ("_runtime", "_hook", "_attached", "_generated"):
+            if k in ("_runtime", "_attached", "_generated"):
                 continue
             setattr(new, k, copy.deepcopy(v, memo))
-        new._hook = None
         new._attached = []
-        if self._hook is not None:
-            new._arm()
         if new._analysis is not None:
             new._finish()
         return new
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"a fxbackmatch Plan does not pickle (it holds the graph, the rule registry and "
+            f"compiled code).\n  What to do: save plan.state_dict() beside the model's and, after "
+            f"loading, call fxbackmatch.prepare(model, ...) and plan.load_state_dict(state) — it "
+            f"checks that the model and options match. torch.save(model) itself works: a waiting "
+            f"plan's hook is saved as a no-op."
+        )
+
+
+class _LazyBuild:
+    """The one-shot forward pre-hook of a plan prepared without example inputs: an object
+    (not a closure), so ``copy.deepcopy(model)`` hands the copy's hook a copy of the plan,
+    and ``torch.save(model)`` saves it as a no-op."""
+
+    def __init__(self, plan: "Plan") -> None:
+        self.plan = plan
+
+    def __call__(self, module, args, kwargs):
+        keys = [k for k, h in list(module._forward_pre_hooks.items()) if h is self]
+        for store in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+            hooks = getattr(module, store, {})
+            for key in keys:
+                hooks.pop(key, None)
+        self.plan._hook = None
+        self.plan._build(args, kwargs)
+
+    def __deepcopy__(self, memo):
+        new = _LazyBuild.__new__(_LazyBuild)
+        memo[id(self)] = new
+        new.plan = copy.deepcopy(self.plan, memo)
+        return new
+
+    def __reduce__(self):  # pickling (torch.save(model)): a no-op hook
+        return (_inert_hook_factory, ())
+
+
+def _inert_hook(module, args, kwargs=None):
+    return None
+
+
+def _inert_hook_factory():
+    return _inert_hook
 
 
 def _kind_of(node, gm) -> str:

@@ -103,7 +103,19 @@ class Runtime:
             consts = self._consts[dev] = self.gen.constants_on(dev)
         if self._sharded:
             return self._sharded_scales(grads, stats, consts, dev)
+        if stats and _data_parallel_world() > 1:
+            return self._synced_stat_scales(grads, stats, consts, dev)
         return self.fn(self.weights, grads, stats, consts)
+
+    def _synced_stat_scales(self, grads, stats, consts, dev) -> torch.Tensor:
+        """DDP: weights are replicated, but each rank's BatchNorm running statistics are its
+        own; one all-reduce averages the statistics atoms so every rank gets the same scales."""
+        base = _base(self.weights, grads, stats, self.gen.stat_inverse, self.gen.n_grad_sq)
+        n = len(self.weights) + len(grads)
+        part = base[n:].clone()
+        dist.all_reduce(part)  # the one collective of the step
+        base = torch.cat([base[:n], part / dist.get_world_size()])
+        return self.gen.from_base(base.to(dev), consts)
 
     def _sharded_scales(self, grads, stats, consts, dev) -> torch.Tensor:
         """Sharded (FSDP2 / DTensor) weights: each rank sums the squares of its local shard,
@@ -122,10 +134,12 @@ class Runtime:
         partial = torch.stack(
             [(sumsq(l) if k < n_sq else rows_read(l)) / (1.0 if n > 1 else world) for k, (l, n) in enumerate(parts)]
         ) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
+        stat = _stat_means(stats, self.gen.stat_inverse)
+        if stat:  # each rank's statistics, averaged in the same collective
+            partial = torch.cat([partial, torch.stack([t.to(partial.device) for t in stat]) / world])
         if dist.is_initialized():
             dist.all_reduce(partial, group=group)  # the one collective of the step
-        stat = _stat_means(stats, self.gen.stat_inverse)
-        base = torch.cat([partial, torch.stack(stat)]) if stat else partial
+        base = partial
         return self.gen.from_base(base.to(dev), consts)
 
     @torch.no_grad()
@@ -170,6 +184,13 @@ def _base(weights, grads, stats, inverse, n_sq: int | None = None) -> torch.Tens
         return torch.zeros(0, dtype=torch.float64)
     dev = parts[0].device
     return torch.stack([p.to(dev) for p in parts])
+
+
+def _data_parallel_world() -> int:
+    """World size when running under an initialized process group (DDP), else 1."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
 
 
 def _is_dtensor(t) -> bool:

@@ -26,6 +26,23 @@ def make_net() -> nn.Module:
     )
 
 
+class BNNet(nn.Module):
+    """BatchNorm whose statistics enter the scales: BN after a residual addition, and the
+    plan prepared with variance="measured" (running variances instead of weight norms)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.b1(self.c1(x)))
+        h = self.b2(h + self.c2(h))  # BN after an addition
+        return self.fc(torch.nn.functional.max_pool2d(torch.relu(h), 2).flatten(1))
+
+
 def data():
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(BATCH, 3, 8, 8, generator=g), torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
@@ -64,9 +81,18 @@ def main(rank: int, world: int, mode: str, out: str, port: str) -> None:
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    net = make_net()
+    net = BNNet() if mode.startswith("ddp-bn") else make_net()
     log: list = []
-    if mode == "ddp":
+    if mode.startswith("ddp-bn"):  # per-rank BatchNorm statistics enter the scales
+        if mode == "ddp-bn-local":  # the known failure: each rank's own statistics
+            import fxbackmatch.runtime as rt
+
+            rt._data_parallel_world = lambda: 1
+        ddp = nn.parallel.DistributedDataParallel(net)
+        plan = fxbackmatch.prepare(ddp, torch.randn(2, 3, 8, 8), compile=False, variance="measured")
+        assert plan._analysis.atoms and plan._runtime.stat_refs
+        train(ddp, plan, rank, world, log)
+    elif mode == "ddp":
         ddp = nn.parallel.DistributedDataParallel(net)
         plan = fxbackmatch.prepare(ddp, torch.randn(2, 3, 8, 8), compile=False)
         train(ddp, plan, rank, world, log, length)
@@ -109,7 +135,7 @@ def main(rank: int, world: int, mode: str, out: str, port: str) -> None:
         plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)
         train(net, plan, 0, 1, log, length)
     params = full_params(net)
-    if rank == 0 or mode == "ddp":
+    if rank == 0 or mode.startswith("ddp"):
         torch.save({"params": params, "scales": log, "sharded": plan._runtime.sharded}, f"{out}.{rank}.pt")
     if world > 1:
         dist.barrier()

@@ -75,3 +75,20 @@ def test_fsdp2_length_mode_matches_single_process(tmp_path):
     assert r0["sharded"]
     for n in r0["params"]:
         torch.testing.assert_close(r0["params"][n], one["params"][n], rtol=1e-5, atol=1e-5)
+
+
+def test_ddp_batchnorm_statistics_are_averaged_so_ranks_stay_identical(tmp_path):
+    """BN after an addition with variance="measured": the scales read running variances,
+    which differ per rank; one all-reduce averages them, and the replicas stay bitwise
+    identical. Without it (each rank's own statistics) they part."""
+    out = _run("ddp-bn", 2, tmp_path)
+    r0 = torch.load(f"{out}.0.pt", weights_only=True)
+    r1 = torch.load(f"{out}.1.pt", weights_only=True)
+    for n in r0["params"]:
+        assert torch.equal(r0["params"][n], r1["params"][n]), n
+    for a, b in zip(r0["scales"], r1["scales"]):
+        assert torch.equal(a, b)
+    bad = _run("ddp-bn-local", 2, tmp_path)
+    b0 = torch.load(f"{bad}.0.pt", weights_only=True)
+    b1 = torch.load(f"{bad}.1.pt", weights_only=True)
+    assert any(not torch.equal(b0["params"][n], b1["params"][n]) for n in b0["params"])

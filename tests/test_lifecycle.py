@@ -80,3 +80,81 @@ def test_attaching_twice_raises_and_remove_allows_it():
     h.remove()
     other.attach(opt)  # fine once the first is gone
     plan.attach(torch.optim.SGD(net.parameters(), lr=0.1))  # another optimizer: fine
+
+
+# ---------------------------------------------------------------- lazy plans and persistence
+def _hand_sgd(net, x, y, steps, lr=0.05):
+    """A plain loop: backward, multiply each grad by a fresh plan's eager scales, SGD."""
+    ref_plan = fxbackmatch.prepare(net, x[:2], compile=False)
+    for _ in range(steps):
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        sc = ref_plan.scales()
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                p -= lr * sc[n] * p.grad
+
+
+def test_lazy_plan_follows_deepcopy_of_model_and_plan():
+    """``copy.deepcopy(model)`` (an EMA copy, say) must not complete the original's plan, and
+    a deep-copied waiting plan completes from its own model and trains like the hand loop."""
+    import copy
+
+    torch.manual_seed(5)
+    net = lenet_bn()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    plan = fxbackmatch.prepare(net, compile=False)
+    twin = copy.deepcopy(net)
+    twin(x)
+    twin(x)  # a second call used to raise AttributeError
+    assert not plan.ready
+    plan2 = copy.deepcopy(plan)
+    assert plan2.model is not net and not plan2.ready
+    ref = copy.deepcopy(plan2.model)
+    opt = torch.optim.SGD(plan2.model.parameters(), lr=0.05)
+    plan2.attach(opt)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(plan2.model(x), y).backward()  # the first call completes plan2
+        opt.step()
+    assert plan2.ready and not plan.ready
+    _hand_sgd(ref, x, y, 2)
+    for (n, a), b in zip(plan2.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=n)
+    net(x)
+    assert plan.ready and plan.targets == plan2.targets
+
+
+def test_torch_save_with_a_waiting_plan_and_plan_pickling():
+    import io
+    import pickle
+
+    net = lenet_bn()
+    plan = fxbackmatch.prepare(net, compile=False)
+    buf = io.BytesIO()
+    torch.save(net, buf)  # the waiting plan's hook is saved as a no-op
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    loaded(torch.randn(2, 3, 32, 32))
+    assert not plan.ready
+    with pytest.raises(TypeError, match="state_dict"):
+        pickle.dumps(plan)
+
+
+def test_lazy_plan_from_a_keyword_only_forward():
+    class KW(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = lenet_bn()
+
+        def forward(self, *, images):
+            return self.net(images)
+
+    model = KW()
+    plan = fxbackmatch.prepare(model, compile=False)
+    model(images=torch.randn(2, 3, 32, 32))
+    assert plan.ready and plan.capture == "export"
+    full = fxbackmatch.prepare(model.net, torch.randn(2, 3, 32, 32), compile=False).scales()
+    got = plan.scales()
+    for n, v in full.items():
+        assert got[f"net.{n}"] == pytest.approx(v, rel=1e-9)
