@@ -201,10 +201,8 @@ def test_export_takes_keyword_inputs_and_names_dict_outputs():
 
 
 # --------------------------------------------------------------- models people train
-transformers = pytest.importorskip("transformers")
-
-
 def _hf(name: str):
+    transformers = pytest.importorskip("transformers")
     from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
                               LlamaConfig, LlamaForCausalLM)
 
