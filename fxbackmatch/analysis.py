@@ -170,7 +170,7 @@ class _Walker:
             if not self.params[pname].requires_grad:
                 self.note(node, f"frozen {role}")
                 continue
-            self.uses.setdefault(pname, []).append(ParamUse(pname, role, ctx.m_out * extra, float(ps)))
+            self.uses.setdefault(pname, []).append(ParamUse(pname, role, ctx.m_out * extra, float(ps), node.name))
             names.append((pname, role))
         self.layers.append(
             LayerRecord(

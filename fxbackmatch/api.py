@@ -31,6 +31,9 @@ def prepare(
     relu: str = "paper",
     example_kwargs: dict | None = None,
     unnormalized: str = "exact",
+    factors: str = "derived",
+    refresh: int = 10,
+    probes: int = 4,
 ) -> Plan:
     """Trace ``model``, propagate shapes, walk the graph and build its layer-wise scales.
 
@@ -81,6 +84,9 @@ def prepare(
         cap=cap,
         relu=relu,
         unnormalized=unnormalized,
+        factors=factors,
+        refresh=refresh,
+        probes=probes,
     )
     if example_inputs is None and not example_kwargs:
         plan._arm()

@@ -146,11 +146,13 @@ class LengthHandle:
         self.plan._check()  # follows parameters FSDP2 replaced by shards, before the snapshot
         self._snapshot()
         if closure is None:
+            self.plan._step_hook()
             self._scales = self.plan.scale_tensor()
             return None
 
         def closure_then_scales():  # the scales may read gradients (LARS): after the backward
             loss = closure()
+            self.plan._step_hook()
             self._scales = self.plan.scale_tensor()
             return loss
 

@@ -75,6 +75,7 @@ class AttachHandle:
                         w.append(p)
             for g, w in groups.values():
                 torch._foreach_add_(g, w, alpha=self.weight_decay)
+        self.plan._step_hook()
         mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
         covers_all = all(id(self.plan._params[n]) in mine for n in self.plan.targets)
         # an optimizer holding part of the model (one of a container's) scales its own part only

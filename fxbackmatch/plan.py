@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
+#: ``"derived"``: every layer's backward factor ``m`` from the rules (the paper's chain);
+#: ``"measured"``: ``m`` measured on the live batch every ``refresh`` steps (``mean diag(JᵀJ)``
+#: by autograd, :mod:`fxbackmatch.measure`) — the rules still give ``s``, roles and the layers'
+#: own normal-matrix factors
+FACTORS = ("derived", "measured")
+MEASURED_PREFIX = "fxbackmatch.measured:"
+
 NO_NORM_NOTE = "no norm above"
 
 
@@ -61,6 +68,9 @@ class Plan:
         cap: float | None = None,
         relu: str = "paper",
         unnormalized: str = "exact",
+        factors: str = "derived",
+        refresh: int = 10,
+        probes: int = 4,
     ) -> None:
         from .capture import CAPTURES
 
@@ -91,6 +101,14 @@ class Plan:
         if unnormalized not in UNNORMALIZED_MODES:
             raise ValueError(f"unnormalized must be one of {UNNORMALIZED_MODES}, got {unnormalized!r}")
         self.unnormalized = unnormalized
+        if factors not in FACTORS:
+            raise ValueError(f"factors must be one of {FACTORS}, got {factors!r}")
+        if refresh < 1 or probes < 1:
+            raise ValueError(f"refresh and probes must be ≥ 1, got {refresh} and {probes}")
+        self.factors, self.refresh_every, self.probes = factors, int(refresh), int(probes)
+        self._measured: dict[str, torch.Tensor] = {}
+        self._last_call: tuple | None = None
+        self._steps = 0
         self.outputs = outputs
         if cap is not None and not (math.isfinite(cap) and cap > 1):
             raise ValueError(f"cap must be a finite number > 1 (scales are kept in [1/cap, cap]), got {cap!r}")
@@ -130,6 +148,9 @@ class Plan:
             )
         self.input_shapes = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
         self._finish()
+        if self.factors == "measured":
+            self.refresh(*example_inputs, **(example_kwargs or {}))
+            self.wrapped.register_forward_pre_hook(_CallRecorder(self), with_kwargs=True)
         self._warn_range()
 
     def _warn_range(self) -> None:
@@ -164,10 +185,14 @@ class Plan:
         opts = {"trust_coefficient": self.trust_coefficient}
         self._scale_expr: dict[str, Mono] = {}
         self._roles: dict[str, str] = {}
+        if self.factors == "measured":
+            self._measure_atoms(a)
         for name in params:
             uses = a.uses.get(name)
             if not uses:
                 continue
+            if self.factors == "measured":
+                uses = [self._measured_use(a, u) for u in uses]
             self._roles[name] = uses[0].role
             if self.adapt == "weights" and uses[0].role != "weight":
                 continue
@@ -182,6 +207,7 @@ class Plan:
             cap=self.cap, chains=_chains(a),
         )
         buffers = dict(self.model.named_buffers())
+        buffers.update(self._measured)
         self._runtime = Runtime(self._generated, params, buffers, self._targets, self.compile)
         self.fingerprint = _fingerprint(a.gm, params)
         log.debug("fxbackmatch: prepared %s with %d layers", type(self.model).__name__, len(a.layers))
@@ -190,6 +216,55 @@ class Plan:
         """Complete the plan from the model's first forward call (one-shot pre-hook)."""
         self._hook = _LazyBuild(self)
         self.wrapped.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    # ------------------------------------------------------------------ measured factors
+    def _measure_atoms(self, a: Analysis) -> None:
+        for rec in a.layers:
+            key = MEASURED_PREFIX + rec.node
+            if key not in self._measured:
+                self._measured[key] = torch.ones((), dtype=torch.float64)
+            a.atoms.stat(key)
+
+    def _measured_use(self, a: Analysis, use):
+        """The use with its layer's derived ``m`` replaced by the measured one (the layer's
+        own factors — a weight's ``E[a²]``, a layer scale's — kept)."""
+        rec = next(r for r in a.layers if r.node == use.node)
+        m = Mono.atom(a.atoms.stat(MEASURED_PREFIX + rec.node))
+        return dataclasses.replace(use, m=m * (use.m / rec.m_expr))
+
+    def refresh(self, *inputs: Any, probes: int | None = None, seed: int | None = None, **kwargs: Any) -> dict[str, float]:
+        """Measure every layer's ``m`` on this batch (``factors="measured"``) and use it from
+        now on; returns layer node -> measured ``m``. Attached, it runs by itself every
+        ``refresh`` steps on the last batch the model saw. BatchNorm statistics and the RNG
+        are left as they were; no ``.grad`` is touched."""
+        from .measure import measure_values
+
+        a = self._need()
+        if self.factors != "measured":
+            raise FxBackmatchError("refresh() needs prepare(..., factors='measured')")
+        if self.capture == "hooks":
+            raise FxBackmatchError(
+                "factors='measured' needs a graph that runs (torch.fx or torch.export); this plan "
+                "was captured with hooks.\n  What to do: prepare with capture='auto'."
+            )
+        flat = self._flat_inputs(inputs, kwargs)
+        devices = [p.device for p in self._params.values() if p.device.type == "cuda"][:1]
+        with torch.random.fork_rng(devices=devices):
+            got = measure_values(a.gm, self.model, flat, a.output_nodes, [r.node for r in a.layers],
+                                 probes=probes or self.probes, seed=self._steps if seed is None else seed)
+        with torch.no_grad():
+            for node, value in got.items():
+                t = self._measured.get(MEASURED_PREFIX + node)
+                if t is not None and value and value > 0:
+                    t.fill_(value)
+        return got
+
+    def _step_hook(self) -> None:
+        """Called by the attached hooks before each rescale: refresh every ``refresh`` steps."""
+        if self.factors == "measured" and self._last_call is not None and self._steps % self.refresh_every == 0:
+            args, kwargs = self._last_call
+            self.refresh(*args, **kwargs)
+        self._steps += 1
 
     @property
     def ready(self) -> bool:
@@ -249,7 +324,9 @@ class Plan:
         model = self.model
 
         def tensor(ref: str) -> torch.Tensor:
-            return self._params[ref] if ref in self._params else model.get_buffer(ref)
+            if ref in self._params:
+                return self._params[ref]
+            return self._measured[ref] if ref in self._measured else model.get_buffer(ref)
 
         def grad(ref: str):
             return self._params[ref].grad
@@ -467,6 +544,7 @@ class Plan:
             "gamma": self.gamma,
             "relu": self.relu,
             "unnormalized": self.unnormalized,
+            "factors": self.factors,
             "trust_coefficient": self.trust_coefficient,
             "fingerprint": self.fingerprint,
             "input_shapes": [list(s) for s in (self.input_shapes or ())],
@@ -484,8 +562,8 @@ class Plan:
                 "differ).\n  What to do: load it into the model it was saved with, or start a "
                 "new plan with fxbackmatch.prepare."
             )
-        defaults = {"gamma": "one", "relu": "paper", "unnormalized": "exact"}  # states saved before these options
-        for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma", "relu", "unnormalized"):
+        defaults = {"gamma": "one", "relu": "paper", "unnormalized": "exact", "factors": "derived"}  # older states
+        for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma", "relu", "unnormalized", "factors"):
             if state.get(key, defaults.get(key)) != getattr(self, key):
                 raise PlanMismatchError(
                     f"plan state has {key}={state.get(key)!r} but this plan has "
@@ -500,10 +578,11 @@ class Plan:
         new = cls.__new__(cls)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            if k in ("_runtime", "_attached", "_generated"):
+            if k in ("_runtime", "_attached", "_generated", "_last_call"):
                 continue
             setattr(new, k, copy.deepcopy(v, memo))
         new._attached = []
+        new._last_call = None
         if new._analysis is not None:
             new._finish()
         return new
@@ -542,6 +621,26 @@ class _LazyBuild:
         return new
 
     def __reduce__(self):  # pickling (torch.save(model)): a no-op hook
+        return (_inert_hook_factory, ())
+
+
+class _CallRecorder:
+    """Forward pre-hook of a measured plan: keeps a reference to the last call's inputs (the
+    batch the next refresh measures on). Copies with its plan; saved as a no-op."""
+
+    def __init__(self, plan: "Plan") -> None:
+        self.plan = plan
+
+    def __call__(self, module, args, kwargs):
+        self.plan._last_call = (args, kwargs)
+
+    def __deepcopy__(self, memo):
+        new = _CallRecorder.__new__(_CallRecorder)
+        memo[id(self)] = new
+        new.plan = copy.deepcopy(self.plan, memo)
+        return new
+
+    def __reduce__(self):
         return (_inert_hook_factory, ())
 
 

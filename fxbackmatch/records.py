@@ -40,6 +40,7 @@ class ParamUse:
     role: str
     m: Mono
     s: float
+    node: str = ""  # the layer node of this use
 
 
 @dataclass(frozen=True)
