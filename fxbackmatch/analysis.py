@@ -119,7 +119,7 @@ class _Walker:
              and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0), 1
         )
         self._moment = VarianceEstimator(
-            gm, registry, self.atoms, lambda n, r: RuleContext(self, n, r, Flow(ONE)), self.note
+            gm, registry, self.atoms, lambda n, r: RuleContext(self, n, r, Flow(ONE))
         )
 
     # --- callbacks of RuleContext
@@ -148,7 +148,7 @@ class _Walker:
             return None
         if rule.channel_dim is not None:
             return rule.channel_dim
-        if rule.transparent or rule.name in ("getitem_rule", "concat_rule"):  # layout-keeping
+        if rule.transparent or rule.layout:
             ins = [a for a in node.all_input_nodes if carries_tensor(a) and a.op != "get_attr"]
             return self.channel_dim_below(ins[0], depth + 1) if ins else None
         return None

@@ -71,6 +71,6 @@ def _reaches_norm(node: fx.Node, gm: fx.GraphModule, registry: RuleRegistry) -> 
             continue
         if rule.norm:
             return True
-        if rule.transparent or rule.name in ("getitem_rule", "concat_rule", "container_rule"):
+        if rule.transparent or rule.layout:
             stack.extend(u.users)
     return False

@@ -51,6 +51,7 @@ class Rule:
     channel_dim: int | None = None
     norm: bool = False
     moment: Callable[..., Any] | None = None
+    layout: bool = False  # keeps the layout of what it passes on (slices, concatenations, containers)
 
     def __call__(self, ctx) -> None:
         self.fn(ctx)
@@ -74,6 +75,7 @@ class RuleRegistry:
         channel_dim: int | None = None,
         norm: bool = False,
         moment: Callable[..., Any] | None = None,
+        layout: bool = False,
         override: bool = False,
     ):
         """Register ``fn`` for module types, function targets and/or method names.
@@ -104,6 +106,7 @@ class RuleRegistry:
                     channel_dim=channel_dim,
                     norm=norm,
                     moment=moment,
+                    layout=layout,
                 )
             return f
 

@@ -35,12 +35,11 @@ _ADD = (operator.add, operator.iadd, torch.add)
 
 
 class VarianceEstimator:
-    def __init__(self, gm: fx.GraphModule, registry: RuleRegistry, atoms: AtomTable, make_ctx: Callable, note: Callable):
+    def __init__(self, gm: fx.GraphModule, registry: RuleRegistry, atoms: AtomTable, make_ctx: Callable):
         self.gm = gm
         self.registry = registry
         self.atoms = atoms
         self._make_ctx = make_ctx
-        self._note = note
         self._memo: dict[fx.Node, Mono | None] = {}
 
     def __call__(self, node, depth: int = 0) -> Mono | None:

@@ -253,14 +253,14 @@ _SPLITS = (torch.chunk, torch.split, torch.unbind, "chunk", "split", "unbind")
 
 
 @register_rule(function=(torch.cat, torch.concat, torch.stack, torch.chunk, torch.split, torch.unbind),
-               method=("chunk", "split", "unbind"))
+               method=("chunk", "split", "unbind"), layout=True)
 def concat_rule(ctx: RuleContext) -> None:
     """Concatenation, stacking, split and chunk: each part keeps the flow (an equal split
     re-concatenated changes nothing)."""
     ctx.pass_all()
 
 
-@register_rule(function=(tuple, list, dict))
+@register_rule(function=(tuple, list, dict), layout=True)
 def container_rule(ctx: RuleContext) -> None:
     """Building a tuple / namedtuple / list / dict of tensors (model outputs such as
     GoogLeNet's): each element keeps the factor."""
@@ -311,7 +311,7 @@ def _getitem_moment(ctx: RuleContext) -> Mono | None:
     return got
 
 
-@register_rule(function=operator.getitem, moment=_getitem_moment)
+@register_rule(function=operator.getitem, moment=_getitem_moment, layout=True)
 def getitem_rule(ctx: RuleContext) -> None:
     """Indexing: a slice keeps ``m``. Selecting channels (the dimension the layer below
     mixes) shrinks ``chan``, selecting along any other dimension shrinks ``frac`` (a CLS
