@@ -128,18 +128,19 @@ def _softmax_int(k):
     return _fn(torch.softmax, k["input"], k["dim"])
 
 
-@_lowering("add", "add_")
-def _add(k):
-    if k.get("alpha", 1) != 1:
-        return _fn(torch.add, k["input"], k["other"], alpha=k["alpha"])
-    return _fn(operator.add, k["input"], k["other"])
+def _additive(op, alpha_fn):
+    """``add``/``sub``: the operator (its rule's key) unless an ``alpha`` scales ``other``."""
+
+    def build(k):
+        if k.get("alpha", 1) != 1:
+            return _fn(alpha_fn, k["input"], k["other"], alpha=k["alpha"])
+        return _fn(op, k["input"], k["other"])
+
+    return build
 
 
-@_lowering("sub", "sub_")
-def _sub(k):
-    if k.get("alpha", 1) != 1:
-        return _fn(torch.sub, k["input"], k["other"], alpha=k["alpha"])
-    return _fn(operator.sub, k["input"], k["other"])
+LOWERINGS.update({"add": _additive(operator.add, torch.add), "add_": _additive(operator.add, torch.add),
+                  "sub": _additive(operator.sub, torch.sub), "sub_": _additive(operator.sub, torch.sub)})
 
 
 @_lowering("mul", "mul_")
