@@ -157,6 +157,10 @@ class _Walker:
         node = ctx.node
         self.layer_nodes.add(node)
         name = str(node.target) if node.op == "call_module" else node.name
+        if self.gm.meta.get("fxbackmatch.capture") == "export" and weight and "." in weight:
+            # export graphs have no modules: name the layer by its weight's owner
+            owner = weight.rsplit(".", 1)[0]
+            name = owner if all(r.name != owner for r in self.layers) else f"{owner} ({node.name})"
         for t in notes:
             self.note(node, t)
         names = []

@@ -121,7 +121,7 @@ def build_table(plan: "Plan", compare: Sequence[str] = (), *, plain: bool = Fals
     d = d or plan_to_dict(plan, compare)
     legend = note_legend(d["layers"])
     t = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False)
-    t.add_column("layer", overflow="ellipsis", no_wrap=True, max_width=28)
+    t.add_column("layer", overflow="ellipsis", no_wrap=True, max_width=24)
     t.add_column("op", overflow="ellipsis", no_wrap=True, max_width=12)
     t.add_column("weight", overflow="ellipsis", no_wrap=True, max_width=12)
     t.add_column("output", overflow="ellipsis", no_wrap=True, max_width=12)
@@ -153,16 +153,16 @@ def _render(plan: "Plan", console: Console, compare: Sequence[str], plain: bool)
     for text, mark in note_legend(d["layers"]).items():
         console.print(f"  [{mark}] {text}", highlight=False, markup=False)
     if d["outputs"] and plan.outputs is not None:
-        console.print(f"loss outputs: {', '.join(d['outputs'])}", highlight=False)
+        console.print(f"loss outputs: {', '.join(d['outputs'])}", highlight=False, markup=False)
     for flag in plan.flags:
-        console.print(f"out of range: {flag}", highlight=False)
+        console.print(f"out of range: {flag}", highlight=False, markup=False)
     d_unc = plan.uncovered_reasons
     if d_unc:
         console.print(f"Not covered (scale 1): {len(d_unc)} parameter(s)")
         for n, why in d_unc.items():
-            console.print(f"  {n}: {why}", highlight=False)
-    for note in plan.notes:
-        console.print(f"note: {note}", highlight=False)
+            console.print(f"  {n}: {why}", highlight=False, markup=False)
+    for note in plan.notes:  # notes hold brackets (E[x²]): never rich markup
+        console.print(f"note: {note}", highlight=False, markup=False)
 
 
 def render_text(plan: "Plan", compare: Sequence[str] = (), width: int = 100) -> str:
