@@ -260,6 +260,49 @@ def test_adamw_methods_train_with_the_step_length_mode(tiny_npz, tmp_path):
         dataclasses.replace(cfg, methods=("backmatch@rmsprop",)).validate()
 
 
+def test_per_layer_diagnostics_against_the_checkpoints(four_methods):
+    """layers.csv: per method, epoch and parameter, the relative update ‖ΔW‖/‖W‖ — checked
+    against the initial weights and the saved checkpoint — the effective rate lr·scale and,
+    for back-matching, the layer's m and s."""
+    cfg, res = four_methods
+    with open(Path(cfg.out) / "layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    init = initial_model(cfg, 0, 10).state_dict()
+    assert {r["method"] for r in rows} == set(cfg.methods)
+    for m in ("sgd", "backmatch"):
+        ck = torch.load(Path(cfg.out) / f"{m}-seed0" / "checkpoint.pt", weights_only=True)["model"]
+        mine = {r["param"]: r for r in rows if r["method"] == m and r["epoch"] == "1"}
+        assert set(mine) == {n for n, p in initial_model(cfg, 0, 10).named_parameters()}
+        for n, r in mine.items():
+            want = float((ck[n].double() - init[n].double()).norm() / init[n].double().norm())
+            assert float(r["rel_update"]) == pytest.approx(want, rel=1e-6), (m, n)
+    sgd = [r for r in rows if r["method"] == "sgd"]
+    assert all(float(r["lr_scale"]) == pytest.approx(cfg.lr_for("sgd")) for r in sgd)
+    bm = [r for r in rows if r["method"] == "backmatch" and r["param"] == "0.weight"]
+    assert bm and float(bm[0]["s"]) == 196.0 and float(bm[0]["m"]) > 0
+    assert (Path(cfg.out) / "layers.png").is_file() or not _has_matplotlib()
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_width_scales_every_builtin_model():
+    from fxbackmatch.train.harness import build_model
+
+    lenet = build_model("lenet-bn", 10, 0.5)
+    assert lenet[0].out_channels == 3 and lenet[9].out_features == 60
+    res = build_model("resnet18-paper", 10, 0.25)
+    assert res.conv1.out_channels == 16 and res.fc.in_features == 128
+    assert res(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(CliError, match="built-in"):
+        build_model("tv:resnet18", 10, 0.5)
+
+
 def test_same_initial_weights_and_batches_for_every_method(four_methods):
     cfg, res = four_methods
     runs = [res.runs[f"{m}/0"] for m in cfg.methods]

@@ -26,6 +26,7 @@ import copy
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -214,7 +215,7 @@ def build_model(name: str, num_classes: int, width: float = 1.0, *, check_only: 
         if tv_name not in tvm.list_models():
             raise CliError(f"unknown torchvision model {tv_name!r} (see torchvision.models.list_models())")
         if width != 1.0:
-            raise CliError("--width applies only to the paper's vgg models")
+            raise CliError("--width applies to the built-in models (lenet-bn, vgg*, resnet18-paper), not tv:NAME")
         if check_only:
             return None
         try:
@@ -222,15 +223,13 @@ def build_model(name: str, num_classes: int, width: float = 1.0, *, check_only: 
         except Exception as e:  # constructors raise many kinds for bad kwargs
             raise CliError(f"building torchvision model {tv_name!r} failed: {type(e).__name__}: {e}") from e
     if key == "lenet-bn":
-        if width != 1.0:
-            raise CliError("--width applies only to the paper's vgg models")
-        return None if check_only else lenet_bn(num_classes=num_classes)
+        return None if check_only else lenet_bn(num_classes=num_classes, width=width)
     if key in ("vgg11", "vgg13", "vgg16", "vgg19"):
         return None if check_only else vgg_paper(key, num_classes=num_classes, width=width)
     if key in ("resnet18-paper", "resnet18"):
         from ..models import resnet18_paper
 
-        return None if check_only else resnet18_paper(num_classes=num_classes)
+        return None if check_only else resnet18_paper(num_classes=num_classes, width=width)
     raise CliError(f"unknown model {name!r}; choose from {', '.join(MODELS)} or tv:NAME (a torchvision model)")
 
 
@@ -441,6 +440,7 @@ class _Run:
                                  total=len(batches), stats="")
         prev = self._swap_rng()
         self.model.train()
+        start = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
         seen = 0
@@ -487,8 +487,35 @@ class _Run:
         progress.update(task, stats=(f"loss {train_loss:.4f}  acc {row['train_acc']:.4f}  "
                                      f"{row['images_per_s']:,.0f} img/s  │ test acc {test_acc:.4f}"))
         self.rows.append(row)
+        self._log_layers(start, lr)
         self.epoch += 1
         return row
+
+    @torch.no_grad()
+    def _log_layers(self, start: dict[str, torch.Tensor], lr: float) -> None:
+        """Per parameter, this epoch: the relative update ``‖ΔW‖/‖W‖`` (epoch start to end),
+        the effective rate ``lr·scale`` and (rules with a chain) the layer's ``m`` and ``s`` —
+        appended to ``<run>/layers.jsonl``."""
+        scales = self.plan.scales()
+        layer_of = {p: rec for rec in self.plan.layers for p, _ in rec.params}
+        rows = []
+        for n, p in self.model.named_parameters():
+            if n not in start:
+                continue
+            w0 = float(start[n].double().norm())
+            rec = layer_of.get(n)
+            rows.append({
+                "method": self.method, "seed": self.seed, "epoch": self.epoch + 1, "param": n,
+                "layer": rec.name if rec else None,
+                "rel_update": _finite(float((p.detach().double() - start[n].double()).norm()) / w0) if w0 > 0 else None,
+                "lr_scale": _finite(lr * scales.get(n, 1.0)),
+                "m": _finite(rec.m) if rec and rec.m is not None else None,
+                "s": rec.s if rec else None,
+            })
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with (self.dir / "layers.jsonl").open("a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -594,6 +621,64 @@ def _curves(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) -> Path
     return path
 
 
+LAYER_FIELDS = ("method", "seed", "epoch", "param", "layer", "rel_update", "lr_scale", "m", "s")
+
+
+def _collect_layers(out: Path, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Every run's per-layer diagnostics, in one ``layers.csv`` (the last value of each
+    (method, seed, epoch, param): a resumed epoch overwrites its row)."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for m in cfg.methods:
+        for seed in cfg.seeds:
+            path = _run_dir(out, m, seed) / "layers.jsonl"
+            if path.is_file():
+                for line in path.read_text().splitlines():
+                    r = json.loads(line)
+                    rows[(r["method"], r["seed"], r["epoch"], r["param"])] = r
+    flat = list(rows.values())
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LAYER_FIELDS)
+    w.writeheader()
+    w.writerows(flat)
+    _atomic_write(out / "layers.csv", buf.getvalue())
+    return flat
+
+
+def _layer_heatmap(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) -> Path | None:
+    """``layers.png``: log10 of each weight's relative update per epoch (layer × epoch), one
+    panel per method, seed ``cfg.seeds[0]`` — what each method does to each layer."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    seed = cfg.seeds[0]
+    weights = [r["param"] for r in rows if r["method"] == cfg.methods[0] and r["seed"] == seed and r["epoch"] == 1
+               and r["param"].endswith("weight")]
+    if not weights:
+        return None
+    epochs = sorted({r["epoch"] for r in rows})
+    fig, axes = plt.subplots(1, len(cfg.methods), figsize=(3.2 * len(cfg.methods) + 1, 0.25 * len(weights) + 2),
+                             squeeze=False)
+    for ax, m in zip(axes[0], cfg.methods):
+        grid = [[math.nan] * len(epochs) for _ in weights]
+        for r in rows:
+            if r["method"] == m and r["seed"] == seed and r["param"] in weights and r["rel_update"]:
+                grid[weights.index(r["param"])][epochs.index(r["epoch"])] = math.log10(r["rel_update"])
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=-4, vmax=1)
+        ax.set_title(m, fontsize=9)
+        ax.set_xticks(range(len(epochs)), [str(e) for e in epochs], fontsize=7)
+        ax.set_xlabel("epoch")
+        ax.set_yticks(range(len(weights)), weights if ax is axes[0][0] else [], fontsize=6)
+    fig.colorbar(im, ax=axes[0].tolist(), label="log10 ‖ΔW‖/‖W‖ per epoch")
+    path = out / "layers.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _summary_table(summary: dict[str, Any]) -> Table:
     t = Table(title="test accuracy over seeds (mean ± std)")
     for c in ("method", "lr", "seeds", "best", "final", "s/epoch"):
@@ -691,6 +776,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     summary["runs"] = runs
     _atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     png = _curves(out, cfg, rows)
+    layer_rows = _collect_layers(out, cfg)
+    _layer_heatmap(out, cfg, layer_rows)
     console.print(_summary_table(summary))
     console.log(f"outputs in {out}" + ("" if png is None else f" (curves: {png.name})"))
     return TrainResult(out, rows, summary, runs)
