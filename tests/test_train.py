@@ -388,3 +388,37 @@ def test_cli_subprocess_writes_metrics(tiny_npz, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["sgd", "backmatch"]
     assert (out / "summary.json").is_file()
+
+
+def test_lr_sweep_cells_equal_single_runs_and_resume(tiny_npz, tmp_path):
+    """Each cell of a sweep is the run one would train alone (same init and batches):
+    its accuracy equals a direct ``train``; a second call trains nothing; two processes
+    give the same table."""
+    from fxbackmatch.train.sweep import sweep
+
+    path, _ = tiny_npz
+    cfg = tiny_config(path, tmp_path / "sw", methods=("sgd", "backmatch"))
+    rows = sweep(cfg, {"sgd": (0.01, 0.1), "backmatch": (0.02,)})
+    assert [(r["method"], r["lr"]) for r in rows] == [("sgd", 0.01), ("sgd", 0.1), ("backmatch", 0.02)]
+    alone = train(tiny_config(path, tmp_path / "alone", methods=("sgd",), lr={"sgd": 0.1}))
+    acc = alone.summary["methods"]["sgd"]["final_test_acc"]["mean"]
+    assert rows[1]["final_test_acc"] == acc
+    with open(tmp_path / "sw" / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    stamp = (tmp_path / "sw" / "sweep" / "sgd-lr0.1" / "summary.json").stat().st_mtime_ns
+    assert sweep(cfg, {"sgd": (0.01, 0.1), "backmatch": (0.02,)}) == rows
+    assert (tmp_path / "sw" / "sweep" / "sgd-lr0.1" / "summary.json").stat().st_mtime_ns == stamp
+    par = sweep(tiny_config(path, tmp_path / "par", methods=("sgd",)), {"sgd": (0.01, 0.1)}, jobs=2)
+    assert [r["final_test_acc"] for r in par] == [r["final_test_acc"] for r in rows[:2]]
+
+
+def test_cli_lr_grid(tiny_npz, tmp_path):
+    path, _ = tiny_npz
+    rc = main(["train", "--data", str(path), "--subset", "16", "--batch-size", "8", "--epochs", "1",
+               "--seeds", "0", "--eval-batch-size", "8", "--no-progress", "--out", str(tmp_path / "g"),
+               "--lr-grid", "sgd=0.01,0.1"])
+    assert rc == 0
+    with open(tmp_path / "g" / "sweep.csv") as f:
+        assert [r["lr"] for r in csv.DictReader(f)] == ["0.01", "0.1"]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "--lr-grid", "sgd=fast"])

@@ -64,6 +64,8 @@ EXAMPLES = """examples:
   fxbackmatch train --subset 2000 --epochs 2 --methods sgd,backmatch
   # continue an interrupted (or finished, with more --epochs) run
   fxbackmatch train --resume runs/20250101-120000 --epochs 60
+  # a learning-rate sweep, 2 processes: sweep.csv and sensitivity.png
+  fxbackmatch train --epochs 5 --lr-grid sgd=0.01,0.03,0.1 --lr-grid backmatch=0.003,0.01 --jobs 2
   # torchvision's CIFAR-100 python files under a local root, a torchvision model
   fxbackmatch train --data torchvision-cifar100:/data/cifar --model tv:resnet18
 """
@@ -80,6 +82,18 @@ def _csv(conv):
         return items
 
     return parse
+
+
+def _grid(text: str) -> tuple[str, tuple[float, ...]]:
+    """``backmatch=0.003,0.01,0.03``."""
+    method, sep, rates = text.partition("=")
+    try:
+        values = tuple(float(v) for v in rates.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not sep or not method.strip() or not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--lr-grid needs METHOD=RATE,RATE,... with positive rates, got {text!r}")
+    return method.strip(), values
 
 
 def _lrs(text: str) -> dict[str, float]:
@@ -119,6 +133,10 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     a("--width", type=float, help="channel multiplier of the vgg models (default 1)")
     a("--methods", type=_csv(str), help="comma-separated (default sgd,backmatch,lars,lsalr)")
     a("--lr", type=_lrs, help=f"RATE or METHOD=RATE,... (defaults: {lr_defaults})")
+    a("--lr-grid", action="append", type=_grid, metavar="METHOD=R1,R2,...",
+      help="a learning-rate sweep: every rate of every named method trains as its own run "
+           "(repeatable; writes sweep.csv and sensitivity.png)")
+    a("--jobs", type=int, default=1, help="parallel processes of a sweep, one thread each (default 1)")
     a("--epochs", type=int, help="default 30")
     a("--seeds", type=_csv(int), help="comma-separated seeds (default 0)")
     a("--batch-size", type=int, help="default 128")
@@ -178,6 +196,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not root.handlers:
         root.addHandler(RichHandler(console=console, show_path=False))
         root.setLevel(logging.INFO)
+    if getattr(args, "lr_grid", None):
+        from .sweep import sweep
+
+        grid = dict(args.lr_grid)
+        args.methods = tuple(grid)
+        cfg, _ = config_from_args(args)
+        rows = sweep(cfg, grid, jobs=max(1, args.jobs))
+        for r in rows:
+            console.print(f"{r['method']:>12} lr {r['lr']:<8g} final {r['final_test_acc']} best {r['best_test_acc']}")
+        return 0
     cfg, resume = config_from_args(args)
     try:
         train(cfg, resume=resume, console=console)
