@@ -38,6 +38,7 @@ STATE_VERSION = 1
 #: own normal-matrix factors
 FACTORS = ("derived", "measured")
 MEASURED_PREFIX = "fxbackmatch.measured:"
+MEASURED_NOTE = "m measured"
 
 NO_NORM_NOTE = "no norm above"
 
@@ -139,6 +140,9 @@ class Plan:
             dataclasses.replace(r, notes=r.notes + (NO_NORM_NOTE,)) if r.node in bare else r
             for r in self._analysis.layers
         ]
+        if self.factors == "measured":  # the report says which layers' m is measured
+            self._analysis.layers = [dataclasses.replace(r, notes=r.notes + (MEASURED_NOTE,))
+                                     for r in self._analysis.layers]
         for n in gm.graph.nodes:  # keep shapes, drop the fake tensors
             n.meta.pop("val", None)
         if self.capture == "hooks":

@@ -34,6 +34,7 @@ def test_measured_factors_equal_the_exact_jacobians_of_a_linear_chain():
     assert sc["0.weight"] == pytest.approx(1 / m1, rel=0.05)
     assert sc["1.weight"] == pytest.approx(1 / (m2 * a1), rel=0.05)
     assert sc["2.weight"] == pytest.approx(1 / a2, rel=1e-9)  # the output layer: m = 1 exactly
+    assert all("m measured" in r.notes for r in plan.layers) and "m measured" in str(plan)
     # the derived chain's paper approximation (‖W₃ᵀ‖²·‖W₂ᵀ‖² for ‖W₃W₂‖²) differs from it
     derived = fxbackmatch.prepare(net, x, compile=False).scales()
     assert derived["0.weight"] != pytest.approx(sc["0.weight"], rel=1e-3)
