@@ -91,19 +91,13 @@ class Plan:
         self.rule = rule
         self.adapt = adapt
         self.variance = variance
-        if gamma not in GAMMA_MODES:
-            raise ValueError(f"gamma must be one of {GAMMA_MODES}, got {gamma!r}")
-        self.gamma = gamma
-        if relu not in RELU_MODES:
-            raise ValueError(f"relu must be one of {RELU_MODES}, got {relu!r}")
-        self.relu = relu
         from .analysis import UNNORMALIZED_MODES
 
-        if unnormalized not in UNNORMALIZED_MODES:
-            raise ValueError(f"unnormalized must be one of {UNNORMALIZED_MODES}, got {unnormalized!r}")
-        self.unnormalized = unnormalized
-        if factors not in FACTORS:
-            raise ValueError(f"factors must be one of {FACTORS}, got {factors!r}")
+        for key, value, allowed in (("gamma", gamma, GAMMA_MODES), ("relu", relu, RELU_MODES),
+                                    ("unnormalized", unnormalized, UNNORMALIZED_MODES), ("factors", factors, FACTORS)):
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+        self.gamma, self.relu, self.unnormalized = gamma, relu, unnormalized
         if refresh < 1 or probes < 1:
             raise ValueError(f"refresh and probes must be ≥ 1, got {refresh} and {probes}")
         self.factors, self.refresh_every, self.probes = factors, int(refresh), int(probes)
