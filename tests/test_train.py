@@ -422,3 +422,35 @@ def test_cli_lr_grid(tiny_npz, tmp_path):
         assert [r["lr"] for r in csv.DictReader(f)] == ["0.01", "0.1"]
     with pytest.raises(SystemExit):
         _parser().parse_args(["train", "--lr-grid", "sgd=fast"])
+
+
+def test_measured_method_first_step_by_hand(tiny_npz, tmp_path):
+    """``backmatch+measured``: every layer's ``m`` measured on the live batch (here every
+    step); its first update equals a hand loop — forward, backward, ``plan.refresh`` on the
+    same batch with the harness's probe seed (the step count, 0), ``p -= lr·scale·g`` — and
+    differs from the derived rule's."""
+    import torch.nn.functional as F
+
+    from fxbackmatch import prepare
+
+    path, _ = tiny_npz
+    lr = 0.05
+    cfg = tiny_config(path, tmp_path, methods=("backmatch+measured",), batch_size=16, measure_every=1,
+                      lr={"backmatch+measured": lr})
+    res = train(cfg)
+    ck = torch.load(Path(cfg.out) / "backmatch+measured-seed0" / "checkpoint.pt", weights_only=True)["model"]
+    data = load_data(str(path), subset=16)
+    first = torch.tensor(res.runs["backmatch+measured/0"]["first_batch"])
+    x, y = data.normalize(data.train_x[first]), data.train_y[first]
+    model = initial_model(cfg, 0, 10).train()
+    plan = prepare(model, torch.zeros(2, *x.shape[1:]), factors="measured", refresh=1)
+    derived = prepare(initial_model(cfg, 0, 10).train(), torch.zeros(2, *x.shape[1:])).scales()
+    F.cross_entropy(model(x), y).backward()
+    plan.refresh(x, seed=0)
+    scales = plan.scales()
+    for n, p in model.named_parameters():
+        want = p.detach() - lr * scales[n] * p.grad
+        torch.testing.assert_close(ck[n], want, rtol=1e-5, atol=1e-7, msg=n)
+    assert abs(scales["0.weight"] / derived["0.weight"] - 1) > 0.01  # measured ≠ derived
+    with pytest.raises(CliError, match="only back-matching"):
+        dataclasses.replace(cfg, methods=("sgd+measured",)).validate()

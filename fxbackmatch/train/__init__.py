@@ -130,8 +130,9 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     a("--data", help=f"packed-JPEG .npz, torchvision-cifar10:ROOT or torchvision-cifar100:ROOT (default {DEFAULT_DATA})")
     a("--subset", type=int, metavar="N", help="use a class-balanced subset of N train and N test images (the npz is sorted by class)")
     a("--model", help="lenet-bn (default), vgg11, vgg13, vgg16, vgg19, or tv:NAME (torchvision, weights=None)")
-    a("--width", type=float, help="channel multiplier of the vgg models (default 1)")
-    a("--methods", type=_csv(str), help="comma-separated (default sgd,backmatch,lars,lsalr)")
+    a("--width", type=float, help="channel multiplier of lenet-bn, the vgg models and resnet18-paper (default 1)")
+    a("--methods", type=_csv(str), help="comma-separated (default sgd,backmatch,lars,lsalr); RULE@adamw "
+                                        "for AdamW, backmatch+measured for measured factors")
     a("--lr", type=_lrs, help=f"RATE or METHOD=RATE,... (defaults: {lr_defaults})")
     a("--lr-grid", action="append", type=_grid, metavar="METHOD=R1,R2,...",
       help="a learning-rate sweep: every rate of every named method trains as its own run "
@@ -149,6 +150,8 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     a("--lr-decay-every", type=int, metavar="EPOCHS", help="multiply the LR by --lr-decay every EPOCHS (default 0: fixed)")
     a("--lr-decay", type=float, help="default 0.2")
     a("--trust-coefficient", type=float, help="LARS trust coefficient (default 0.001)")
+    a("--measure-every", type=int, metavar="K",
+      help="backmatch+measured: measure every layer's m on the live batch every K steps (default 10)")
     a("--device", help="cpu (default), cuda, cuda:1 ...")
     a("--compile", action="store_true", default=None, help="wrap the model with torch.compile")
     a("--plan-compile", action=argparse.BooleanOptionalAction, default=None,
@@ -162,7 +165,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
 
 _OPTION_FIELDS = ("data", "subset", "model", "width", "methods", "lr", "epochs", "seeds", "batch_size",
                   "eval_batch_size", "momentum", "nesterov", "weight_decay", "augment", "max_rotation",
-                  "lr_decay_every", "lr_decay", "trust_coefficient", "device", "compile", "plan_compile",
+                  "lr_decay_every", "lr_decay", "trust_coefficient", "measure_every", "device", "compile", "plan_compile",
                   "out", "progress")
 
 

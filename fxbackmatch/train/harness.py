@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_LRS",
     "OPTIMIZERS",
     "split_method",
+    "method_factors",
     "METRIC_FIELDS",
     "TrainConfig",
     "TrainResult",
@@ -77,18 +78,30 @@ DEFAULT_LRS: dict[str, float] = {
 OPTIMIZERS = ("sgd", "adamw")
 
 
+#: a method name's suffix for measured factors: ``backmatch+measured`` (``factors="measured"``)
+MEASURED = "+measured"
+
+
 def split_method(method: str) -> tuple[str, str]:
     """``"backmatch@adamw"`` -> ``("backmatch", "adamw")``; ``"lamb"`` -> ``("lamb", "adamw")``.
 
     With AdamW, the rule sets each layer's step length (``attach(mode="length")``);
-    ``sgd@adamw`` is plain AdamW.
+    ``sgd@adamw`` is plain AdamW. A ``+measured`` suffix on the rule
+    (``backmatch+measured``) is left out here; :func:`method_factors` reads it.
     """
     from ..methods import length_unit
 
     rule, _, opt = method.partition("@")
+    rule = rule.removesuffix(MEASURED)
     if not opt:
         opt = "adamw" if length_unit(rule) == "absolute" else "sgd"
     return rule, opt
+
+def method_factors(method: str) -> str:
+    """``"measured"`` for ``backmatch+measured[@opt]`` (every layer's ``m`` measured on the
+    live batch every ``measure_every`` steps), else ``"derived"``."""
+    return "measured" if method.partition("@")[0].endswith(MEASURED) else "derived"
+
 
 METRIC_FIELDS = ("method", "seed", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
                  "epoch_seconds", "images_per_s")
@@ -118,6 +131,7 @@ class TrainConfig:
     lr_decay_every: int = 0
     lr_decay: float = 0.2
     trust_coefficient: float = 1e-3
+    measure_every: int = 10
     subset: int | None = None
     device: str = "cpu"
     compile: bool = False
@@ -136,6 +150,9 @@ class TrainConfig:
             return float(self.lr["*"])
         if method in DEFAULT_LRS:
             return DEFAULT_LRS[method]
+        base = method.replace(MEASURED, "")
+        if base != method and base in DEFAULT_LRS:
+            return DEFAULT_LRS[base]
         raise CliError(f"no default learning rate for method {method!r}; pass --lr {method}=RATE")
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +182,11 @@ class TrainConfig:
                 f"unknown method {bad[0]!r}; choose from {', '.join(sorted(METHODS))}, each optionally "
                 f"followed by @optimizer ({', '.join(OPTIMIZERS)}), e.g. backmatch@adamw"
             )
+        odd = [m for m in self.methods if method_factors(m) == "measured" and split_method(m)[0] != "backmatch"]
+        if odd:
+            raise CliError(f"{odd[0]!r}: only back-matching has factors to measure; name it backmatch+measured")
+        if self.measure_every < 1:
+            raise CliError(f"--measure-every must be ≥ 1, got {self.measure_every}")
         wrong = [m for m in self.methods if split_method(m) == ("lamb", "sgd")]
         if wrong:
             raise CliError("lamb sets step lengths for AdamW; name it lamb (or lamb@adamw)")
@@ -334,7 +356,8 @@ class _Run:
         try:
             rule, optimizer = split_method(method)
             self.plan = prepare(self.model, example, rule=rule, compile=plan_compile,
-                                trust_coefficient=cfg.trust_coefficient, strict=False)
+                                trust_coefficient=cfg.trust_coefficient, strict=False,
+                                factors=method_factors(method), refresh=cfg.measure_every)
         except FxBackmatchError as e:
             raise CliError(f"fxbackmatch cannot prepare {cfg.model}: {str(e).splitlines()[0]}") from e
         if self.plan.uncovered:
