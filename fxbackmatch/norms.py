@@ -24,13 +24,20 @@ def sumsq(t: torch.Tensor) -> torch.Tensor:
 
 
 def sumsq_many(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``sum(t²)`` of each tensor as float64, one ``torch._foreach_norm`` per (device, dtype)
-    (a multi-tensor kernel; float32 accumulation for lower precisions)."""
+    """``sum(t²)`` of each tensor as float64: one ``torch._foreach_norm`` per (device, dtype)
+    (a multi-tensor kernel; float32 accumulation for lower precisions); float32/float64
+    tensors on the CPU go through BLAS ``dot`` instead (reads at copy bandwidth, where the
+    CPU ``_foreach_norm`` reaches ~0.65 of it; same accumulation precision)."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
         groups[(t.device, t.dtype)].append(i)
-    for (_, dtype), idx in groups.items():
+    for (device, dtype), idx in groups.items():
+        if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+            for i in idx:
+                flat = tensors[i].detach().reshape(-1)  # a view of a contiguous tensor
+                out[i] = torch.dot(flat, flat).to(torch.float64)
+            continue
         acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         norms = torch._foreach_norm([tensors[i].detach() for i in idx], 2, dtype=acc)
         for i, n in zip(idx, norms):

@@ -262,3 +262,20 @@ def test_prepare_does_not_run_user_forward_hooks():
     assert len(seen) == 2  # the hooks are back
     h1.remove()
     h2.remove()
+
+
+def test_sumsq_many_against_float64_sums():
+    """The runtime's norm reader (BLAS dot for CPU float32/64, ``_foreach_norm`` otherwise)
+    against plain float64 sums: contiguous, transposed (not contiguous), float64, bfloat16,
+    empty and scalar tensors."""
+    from fxbackmatch.norms import sumsq_many
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(64, 3, 5, 5, generator=g), torch.randn(30, 70, generator=g).t(),
+          torch.randn(1000, dtype=torch.float64, generator=g), torch.randn(40, 40, generator=g).bfloat16(),
+          torch.zeros(0), torch.tensor(3.0)]
+    got = sumsq_many(ts)
+    for t, s in zip(ts, got):
+        assert s.dtype == torch.float64 and s.dim() == 0
+        want = t.double().square().sum()
+        torch.testing.assert_close(s, want, rtol=1e-6 if t.dtype != torch.bfloat16 else 1e-3, atol=0.0)

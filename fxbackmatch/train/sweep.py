@@ -1,6 +1,7 @@
 """Learning-rate sweeps: every (method, rate) of a grid trains as a run of its own — same
 seeds, initial weights and batches as every other cell — in parallel processes with one
-thread each, resumable cell by cell; one table and one sensitivity plot at the end.
+thread each, resumable cell by cell; one table, one sensitivity plot and the curves of each
+method at its best rate at the end.
 
     fxbackmatch train --model lenet-bn --epochs 5 --lr-grid sgd=0.01,0.03,0.1 \\
         --lr-grid backmatch=0.003,0.01,0.03 --jobs 2 --out runs/lenet-sweep
@@ -42,7 +43,8 @@ def _run_cell(cfg_dict: dict[str, Any], threads: int) -> str:
 
 def sweep(cfg: TrainConfig, grid: dict[str, Sequence[float]], *, jobs: int = 1) -> list[dict[str, Any]]:
     """Train every (method, lr) of ``grid``; return (and write ``sweep.csv``) one row per
-    cell with the best and final test accuracy over the seeds; draw ``sensitivity.png``.
+    cell with the best and final test accuracy over the seeds; draw ``sensitivity.png`` and
+    ``curves.png`` (each method's best cell, mean ± std per epoch).
 
     A cell whose ``summary.json`` exists is read back, not trained again (resumable)."""
     out = Path(cfg.out or "runs/sweep")
@@ -80,7 +82,47 @@ def sweep(cfg: TrainConfig, grid: dict[str, Sequence[float]], *, jobs: int = 1) 
     w.writerows(rows)
     _atomic_write(out / "sweep.csv", buf.getvalue())
     _sensitivity(out, cfg, rows)
+    _best_curves(out, cfg, rows)
     return rows
+
+
+def _best_curves(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) -> Path | None:
+    """Test accuracy per epoch of each method at its best rate (by final accuracy): the mean
+    over seeds with a ±1 std band — the tuned comparison in one picture."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        ok = [r for r in rows if r["method"] == m and r["final_test_acc"] is not None and not r["diverged"]]
+        if not ok:
+            continue
+        best = max(ok, key=lambda r: r["final_test_acc"])
+        with open(_cell_dir(out, m, best["lr"]) / "metrics.csv") as f:
+            per_epoch: dict[int, list[float]] = {}
+            for r in csv.DictReader(f):
+                per_epoch.setdefault(int(r["epoch"]), []).append(100 * float(r["test_acc"]))
+        ep = sorted(per_epoch)
+        mean = [sum(per_epoch[e]) / len(per_epoch[e]) for e in ep]
+        std = [math.sqrt(sum((v - mu) ** 2 for v in per_epoch[e]) / max(1, len(per_epoch[e]) - 1))
+               for e, mu in zip(ep, mean)]
+        line, = ax.plot(ep, mean, label=f"{m} (lr {best['lr']:g})")
+        ax.fill_between(ep, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{cfg.model}: each method at its best rate (mean ± std, {len(cfg.seeds)} seed(s))")
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _sensitivity(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) -> Path | None:
