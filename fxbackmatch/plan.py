@@ -116,6 +116,7 @@ class Plan:
         self._analysis: Analysis | None = None
         self._hook = None
         self._attached: list = []
+        self._last_updates: dict[str, torch.Tensor] = {}  # parameter -> ‖ΔW‖/‖W‖ of the last step
 
     # ------------------------------------------------------------------ building
     def _build(self, example_inputs: Sequence[torch.Tensor], example_kwargs: dict | None = None) -> None:
@@ -446,6 +447,24 @@ class Plan:
         from .optim import attach
 
         return attach(self, optimizer, weight_decay, mode=mode, target=target)
+
+    def track_updates(self, optimizer: torch.optim.Optimizer):
+        """Record each parameter's relative update ``‖ΔW‖/‖W‖`` at every ``optimizer.step()``
+        (any optimizer, attached or not; one copy of the parameters is kept during the step);
+        :meth:`last_updates` and the report show the last values. Returns a handle with
+        ``remove()``.
+
+        >>> tracker = plan.track_updates(opt)  # doctest: +SKIP
+        >>> loss.backward(); opt.step(); plan.last_updates()["fc1.weight"]  # doctest: +SKIP
+        0.0123
+        """
+        from .tracking import UpdateTracker
+
+        return UpdateTracker(self, optimizer)
+
+    def last_updates(self) -> dict[str, float]:
+        """Parameter name -> ``‖ΔW‖/‖W‖`` of the last tracked step (empty before any)."""
+        return {n: float(v) for n, v in self._last_updates.items()}
 
     def compile_step(self, optimizer: torch.optim.Optimizer, weight_decay: float = 0.0):
         """A compiled callable that replaces ``optimizer.step()``: scales and update fused.

@@ -71,6 +71,7 @@ def plan_to_dict(plan: "Plan", compare: Sequence[str] = ()) -> dict[str, Any]:
     """The report's figures, JSON-serializable."""
     scales = plan.scales()
     lrs = [h.effective_lrs() for h in plan._attached]
+    moved = plan.last_updates()
     rows = []
     for rec in plan.layers:
         main = rec.params[0][0] if rec.params else None
@@ -88,6 +89,8 @@ def plan_to_dict(plan: "Plan", compare: Sequence[str] = ()) -> dict[str, Any]:
             "params": {n: {"role": role, "scale": scales.get(n, 1.0)} for n, role in rec.params},
             "notes": list(rec.notes) + (["kept at scale 1 (adapt='weights')"] if main and main not in plan.targets else []),
         }
+        if main in moved:
+            row["rel_update"] = moved[main]
         if lrs and main:
             row["effective_lr"] = [next((g[main] for g in groups if main in g), None) for groups in lrs]
         if compare and main:
@@ -130,6 +133,9 @@ def build_table(plan: "Plan", compare: Sequence[str] = (), *, plain: bool = Fals
     n_opt = max((len(r.get("effective_lr", [])) for r in d["layers"]), default=0)
     for i in range(n_opt):
         t.add_column(f"lr·scale{'' if n_opt == 1 else f' #{i}'}", justify="right")
+    tracked = any("rel_update" in r for r in d["layers"])
+    if tracked:
+        t.add_column("‖ΔW‖/‖W‖", justify="right")
     for r in compare:
         t.add_column(f"{r} rate", justify="right")
     t.add_column("notes", no_wrap=True, min_width=5)
@@ -140,6 +146,8 @@ def build_table(plan: "Plan", compare: Sequence[str] = (), *, plain: bool = Fals
         ]
         lrs = row.get("effective_lr", [])
         cells += [_fmt(lrs[i]) if i < len(lrs) else "" for i in range(n_opt)]
+        if tracked:
+            cells.append(_fmt(row.get("rel_update")))
         cells += [_fmt(row.get("compare", {}).get(r)) for r in compare]
         cells.append(",".join(legend[n] for n in row["notes"]))
         t.add_row(*cells)

@@ -141,3 +141,45 @@ def test_resnet_report_keeps_one_line_per_layer_with_a_legend():
     assert len(rows) == len(plan.layers)
     assert any(line.startswith("  [1] ") for line in lines)  # the notes' legend under the table
     assert "loss outputs: 0" in lines
+
+
+def test_tracked_relative_updates_against_a_hand_step():
+    """``plan.track_updates(opt)``: after one plain SGD step (no momentum) on the attached
+    plan, each weight moved by ``lr·scale·‖g‖`` (the gradient before the rescale), so its
+    relative update is ``lr·scale·‖g‖/‖W‖``; the report shows the column; ``remove()``
+    stops the recording. An untracked plain optimizer is tracked the same way (scale 1)."""
+    torch.manual_seed(0)
+    net = lenet_bn()
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+    lr = 0.05
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    plan.attach(opt)
+    tracker = plan.track_updates(opt)
+    assert plan.last_updates() == {}
+    F.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    scales = plan.scales()
+    want = {n: lr * scales[n] * float(p.grad.double().norm()) / float(p.detach().double().norm())
+            for n, p in net.named_parameters()}
+    opt.step()
+    got = plan.last_updates()
+    assert set(got) == set(want)
+    for n in want:
+        assert got[n] == pytest.approx(want[n], rel=1e-5), n
+    from fxbackmatch.report import render_text
+
+    text = render_text(plan, width=140)
+    assert "‖ΔW‖/‖W‖" in text and f"{got['0.weight']:.4g}" in text
+    tracker.remove()
+    opt.zero_grad()
+    F.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    opt.step()
+    assert plan.last_updates() == got
+    # a plain optimizer without attach: the relative update is lr·‖g‖/‖W‖
+    plain = torch.optim.SGD(net.parameters(), lr=lr)
+    plan.track_updates(plain)
+    plain.zero_grad()
+    F.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    w = net[9].weight
+    expect = lr * float(w.grad.double().norm()) / float(w.detach().double().norm())
+    plain.step()
+    assert plan.last_updates()["9.weight"] == pytest.approx(expect, rel=1e-5)
