@@ -43,6 +43,7 @@ class AttachHandle:
         self.plan = plan
         self.optimizer = optimizer
         self.weight_decay = float(weight_decay)
+        self._owned: tuple | None = None  # (param-group key, ids this optimizer scales or None: all)
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         plan._attached.append(self)
         _HANDLES.setdefault(optimizer, []).append(self)
@@ -76,10 +77,14 @@ class AttachHandle:
             for g, w in groups.values():
                 torch._foreach_add_(g, w, alpha=self.weight_decay)
         self.plan._step_hook()
-        mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        covers_all = all(id(self.plan._params[n]) in mine for n in self.plan.targets)
-        # an optimizer holding part of the model (one of a container's) scales its own part only
-        self.plan.rescale_grads_(None if covers_all else mine)
+        # an optimizer holding part of the model (one of a container's) scales its own part
+        # only; the id set is rebuilt only when the groups change (add_param_group)
+        key = (id(self.plan._params), tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
+        if self._owned is None or self._owned[0] != key:
+            mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            covers_all = all(id(self.plan._params[n]) in mine for n in self.plan.targets)
+            self._owned = (key, None if covers_all else mine)
+        self.plan.rescale_grads_(self._owned[1])
 
     def effective_lrs(self) -> list[dict[str, float]]:
         """Per parameter group: parameter name -> ``lr · scale`` under the current weights."""
