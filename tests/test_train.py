@@ -405,7 +405,7 @@ def test_lr_sweep_cells_equal_single_runs_and_resume(tiny_npz, tmp_path):
     assert rows[1]["final_test_acc"] == acc
     with open(tmp_path / "sw" / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
-    for png in ("sensitivity.png", "curves.png"):
+    for png in ("sensitivity.png", "curves.png", "layers.png"):
         assert (tmp_path / "sw" / png).is_file() or not _has_matplotlib()
     stamp = (tmp_path / "sw" / "sweep" / "sgd-lr0.1" / "summary.json").stat().st_mtime_ns
     assert sweep(cfg, {"sgd": (0.01, 0.1), "backmatch": (0.02,)}) == rows

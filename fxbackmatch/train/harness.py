@@ -670,6 +670,13 @@ def _collect_layers(out: Path, cfg: TrainConfig) -> list[dict[str, Any]]:
 def _layer_heatmap(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) -> Path | None:
     """``layers.png``: log10 of each weight's relative update per epoch (layer × epoch), one
     panel per method, seed ``cfg.seeds[0]`` — what each method does to each layer."""
+    return layer_heatmap(rows, [(m, m) for m in cfg.methods], cfg.seeds[0], out / "layers.png")
+
+
+def layer_heatmap(rows: Sequence[dict[str, Any]], panels: Sequence[tuple[str, str]], seed: int,
+                  path: Path) -> Path | None:
+    """Draw ``layers.csv`` rows (numbers, not strings) as heat maps, one panel per
+    ``(method, title)``, on one colour scale; ``None`` without matplotlib."""
     try:
         import matplotlib
 
@@ -677,27 +684,26 @@ def _layer_heatmap(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    seed = cfg.seeds[0]
-    weights = [r["param"] for r in rows if r["method"] == cfg.methods[0] and r["seed"] == seed and r["epoch"] == 1
+    first = panels[0][0]
+    weights = [r["param"] for r in rows if r["method"] == first and r["seed"] == seed and r["epoch"] == 1
                and r["param"].endswith("weight")]
     if not weights:
         return None
     epochs = sorted({r["epoch"] for r in rows})
-    fig, axes = plt.subplots(1, len(cfg.methods), figsize=(3.2 * len(cfg.methods) + 1, 0.25 * len(weights) + 2),
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 0.25 * len(weights) + 2),
                              squeeze=False)
-    for ax, m in zip(axes[0], cfg.methods):
+    for ax, (m, title) in zip(axes[0], panels):
         grid = [[math.nan] * len(epochs) for _ in weights]
         for r in rows:
             if r["method"] == m and r["seed"] == seed and r["param"] in weights and r["rel_update"]:
                 grid[weights.index(r["param"])][epochs.index(r["epoch"])] = math.log10(r["rel_update"])
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=-4, vmax=1)
-        ax.set_title(m, fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(epochs)), [str(e) for e in epochs], fontsize=7)
         ax.set_xlabel("epoch")
         ax.set_yticks(range(len(weights)), weights if ax is axes[0][0] else [], fontsize=6)
     fig.colorbar(im, ax=axes[0].tolist(), label="log10 ‖ΔW‖/‖W‖ per epoch")
-    path = out / "layers.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -18,7 +18,7 @@ import multiprocessing as mp
 from pathlib import Path
 from typing import Any, Sequence
 
-from .harness import TrainConfig, _atomic_write, train
+from .harness import TrainConfig, _atomic_write, layer_heatmap, train
 
 __all__ = ["sweep", "SWEEP_FIELDS"]
 
@@ -43,8 +43,9 @@ def _run_cell(cfg_dict: dict[str, Any], threads: int) -> str:
 
 def sweep(cfg: TrainConfig, grid: dict[str, Sequence[float]], *, jobs: int = 1) -> list[dict[str, Any]]:
     """Train every (method, lr) of ``grid``; return (and write ``sweep.csv``) one row per
-    cell with the best and final test accuracy over the seeds; draw ``sensitivity.png`` and
-    ``curves.png`` (each method's best cell, mean ± std per epoch).
+    cell with the best and final test accuracy over the seeds; draw ``sensitivity.png``,
+    ``curves.png`` (each method's best cell, mean ± std per epoch) and ``layers.png`` (each
+    method's best cell, relative update per layer and epoch).
 
     A cell whose ``summary.json`` exists is read back, not trained again (resumable)."""
     out = Path(cfg.out or "runs/sweep")
@@ -97,11 +98,20 @@ def _best_curves(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) ->
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    layer_rows: list[dict[str, Any]] = []
+    panels: list[tuple[str, str]] = []
     for m in dict.fromkeys(r["method"] for r in rows):
         ok = [r for r in rows if r["method"] == m and r["final_test_acc"] is not None and not r["diverged"]]
         if not ok:
             continue
         best = max(ok, key=lambda r: r["final_test_acc"])
+        layers_csv = _cell_dir(out, m, best["lr"]) / "layers.csv"
+        if layers_csv.is_file():
+            with open(layers_csv) as f:
+                for r in csv.DictReader(f):
+                    layer_rows.append({"method": r["method"], "seed": int(r["seed"]), "epoch": int(r["epoch"]),
+                                       "param": r["param"], "rel_update": float(r["rel_update"] or "nan")})
+            panels.append((m, f"{m} (lr {best['lr']:g})"))
         with open(_cell_dir(out, m, best["lr"]) / "metrics.csv") as f:
             per_epoch: dict[int, list[float]] = {}
             for r in csv.DictReader(f):
@@ -122,6 +132,8 @@ def _best_curves(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) ->
     path = out / "curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    if panels:  # what each method does to each layer at its best rate
+        layer_heatmap(layer_rows, panels, cfg.seeds[0], out / "layers.png")
     return path
 
 
