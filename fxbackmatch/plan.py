@@ -117,6 +117,7 @@ class Plan:
         self._hook = None
         self._attached: list = []
         self._last_updates: dict[str, torch.Tensor] = {}  # parameter -> ‖ΔW‖/‖W‖ of the last step
+        self._applied: torch.Tensor | None = None  # the scales of the last rescale_grads_
 
     # ------------------------------------------------------------------ building
     def _build(self, example_inputs: Sequence[torch.Tensor], example_kwargs: dict | None = None) -> None:
@@ -197,6 +198,7 @@ class Plan:
                 continue
             self._scale_expr[name] = scale_of(self.rule, a.atoms, name, uses, opts)
         self._targets = list(self._scale_expr)
+        self._applied = None
         self._owners = {n: _owner(self.model, n) for n in self._targets}
         self._links = _module_links(self.model, self._targets)
         self._shapes = {n: tuple(params[n].shape) for n in self._targets}
@@ -423,7 +425,15 @@ class Plan:
         """Multiply every covered ``p.grad`` in place by its scale (``None`` grads skipped;
         with ``only``, just the parameters whose ``id`` is in it)."""
         self._check()
-        self._runtime.rescale_(only)
+        self._applied = self._runtime.rescale_(only)
+
+    def applied_scales(self) -> dict[str, float]:
+        """Target name -> the scale the last :meth:`rescale_grads_` multiplied by (empty
+        before the first). Unlike :meth:`scales`, right for rules that read the gradient
+        (LARS, LSALR) after the gradients were rescaled."""
+        if self._applied is None:
+            return {}
+        return dict(zip(self._targets, self._applied.tolist()))
 
     def attach(
         self, optimizer: torch.optim.Optimizer, weight_decay: float = 0.0, *,

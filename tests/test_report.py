@@ -183,3 +183,22 @@ def test_tracked_relative_updates_against_a_hand_step():
     expect = lr * float(w.grad.double().norm()) / float(w.detach().double().norm())
     plain.step()
     assert plan.last_updates()["9.weight"] == pytest.approx(expect, rel=1e-5)
+
+
+def test_applied_scales_are_those_of_the_last_rescale_for_gradient_rules():
+    """LARS reads the gradient: recomputed after ``rescale_grads_`` it would see the rescaled
+    gradient (τ‖W‖/‖s·g‖ = 1); ``applied_scales`` keeps what was multiplied, checked against
+    the ratio of the gradients before and after."""
+    torch.manual_seed(0)
+    net = lenet_bn()
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), rule="lars", compile=False)
+    assert plan.applied_scales() == {}
+    F.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    before = {n: p.grad.clone() for n, p in net.named_parameters()}
+    plan.rescale_grads_()
+    applied = plan.applied_scales()
+    for n, p in net.named_parameters():
+        ratio = float(p.grad.double().norm() / before[n].double().norm())
+        assert applied[n] == pytest.approx(ratio, rel=1e-5), n
+    assert plan.scales()["9.weight"] == pytest.approx(1.0, rel=1e-5)  # what a recomputation gives
+    assert applied["9.weight"] != pytest.approx(1.0, rel=1e-2)

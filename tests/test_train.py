@@ -278,6 +278,9 @@ def test_per_layer_diagnostics_against_the_checkpoints(four_methods):
             assert float(r["rel_update"]) == pytest.approx(want, rel=1e-6), (m, n)
     sgd = [r for r in rows if r["method"] == "sgd"]
     assert all(float(r["lr_scale"]) == pytest.approx(cfg.lr_for("sgd")) for r in sgd)
+    # LARS reads the gradient: its rate is the one applied at the last step, not τ‖W‖/‖s·g‖ = 1
+    lars = [r for r in rows if r["method"] == "lars" and r["param"].endswith("weight")]
+    assert lars and all(float(r["lr_scale"]) != pytest.approx(cfg.lr_for("lars"), rel=1e-3) for r in lars)
     bm = [r for r in rows if r["method"] == "backmatch" and r["param"] == "0.weight"]
     assert bm and float(bm[0]["s"]) == 196.0 and float(bm[0]["m"]) > 0
     assert (Path(cfg.out) / "layers.png").is_file() or not _has_matplotlib()

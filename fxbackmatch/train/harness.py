@@ -519,7 +519,9 @@ class _Run:
         """Per parameter, this epoch: the relative update ``‖ΔW‖/‖W‖`` (epoch start to end),
         the effective rate ``lr·scale`` and (rules with a chain) the layer's ``m`` and ``s`` —
         appended to ``<run>/layers.jsonl``."""
-        scales = self.plan.scales()
+        # the scales of the epoch's last step (a gradient-reading rule recomputed now would
+        # see the already rescaled gradients); the current ones where nothing was rescaled
+        scales = {**self.plan.scales(), **self.plan.applied_scales()}
         layer_of = {p: rec for rec in self.plan.layers for p, _ in rec.params}
         rows = []
         for n, p in self.model.named_parameters():
