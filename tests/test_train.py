@@ -459,3 +459,16 @@ def test_measured_method_first_step_by_hand(tiny_npz, tmp_path):
     assert abs(scales["0.weight"] / derived["0.weight"] - 1) > 0.01  # measured ≠ derived
     with pytest.raises(CliError, match="only back-matching"):
         dataclasses.replace(cfg, methods=("sgd+measured",)).validate()
+
+
+def test_a_diverging_cell_is_marked_not_fatal(tiny_npz, tmp_path):
+    """A learning rate that makes the weights NaN (here inf) ends its cell with empty (non-finite)
+    losses and ``diverged`` in sweep.csv; the sweep and its plots go on."""
+    from fxbackmatch.train.sweep import sweep
+
+    path, _ = tiny_npz
+    cfg = tiny_config(path, tmp_path / "dv", methods=("backmatch",), epochs=2)
+    rows = sweep(cfg, {"backmatch": (math.inf, 0.02)})
+    assert [r["diverged"] for r in rows] == [True, False]
+    with open(tmp_path / "dv" / "sweep" / "backmatch-lrinf" / "metrics.csv") as f:
+        assert [r["train_loss"] for r in csv.DictReader(f)][-1] == ""

@@ -521,8 +521,13 @@ class _Run:
         appended to ``<run>/layers.jsonl``."""
         # the scales of the epoch's last step (a gradient-reading rule recomputed now would
         # see the already rescaled gradients); the current ones where nothing was rescaled
-        scales = {**self.plan.scales(), **self.plan.applied_scales()}
-        layer_of = {p: rec for rec in self.plan.layers for p, _ in rec.params}
+        from ..errors import NonFiniteWeightError
+
+        try:
+            scales = {**self.plan.scales(), **self.plan.applied_scales()}
+            layer_of = {p: rec for rec in self.plan.layers for p, _ in rec.params}
+        except NonFiniteWeightError:  # a diverged run: log what moved, keep the sweep going
+            scales, layer_of = {n: math.nan for n in start}, {}
         rows = []
         for n, p in self.model.named_parameters():
             if n not in start:

@@ -75,7 +75,8 @@ def sweep(cfg: TrainConfig, grid: dict[str, Sequence[float]], *, jobs: int = 1) 
             "method": m, "lr": lr, "seeds": len(s["seeds"]),
             "best_test_acc": best.get("mean"), "best_std": best.get("std"),
             "final_test_acc": final.get("mean"), "final_std": final.get("std"),
-            "diverged": final.get("mean") is None or not math.isfinite(final.get("mean") or math.nan),
+            "diverged": final.get("mean") is None or not math.isfinite(final.get("mean") or math.nan)
+            or _ends_non_finite(_cell_dir(out, m, lr) / "metrics.csv"),
         })
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=SWEEP_FIELDS)
@@ -85,6 +86,15 @@ def sweep(cfg: TrainConfig, grid: dict[str, Sequence[float]], *, jobs: int = 1) 
     _sensitivity(out, cfg, rows)
     _best_curves(out, cfg, rows)
     return rows
+
+
+def _ends_non_finite(metrics_csv: Path) -> bool:
+    """Whether any seed's last epoch has a non-finite (empty) training loss."""
+    last: dict[str, dict[str, str]] = {}
+    with open(metrics_csv) as f:
+        for r in csv.DictReader(f):
+            last[r["seed"]] = r
+    return any(not r["train_loss"] for r in last.values())
 
 
 def _best_curves(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) -> Path | None:
