@@ -3,7 +3,7 @@ weight, then the (compiled) chain, then the gradients multiplied in place with
 ``torch._foreach_mul_`` grouped by device and dtype. No ``.item()``, no host sync.
 
 Compiled, the norms are read by one ``torch._foreach_norm`` per device and dtype (a
-multi-tensor kernel; float32 accumulation at least) and only the chain
+multi-tensor kernel; float32 accumulation at least; a BLAS ``dot`` per tensor on the CPU) and only the chain
 (``factors_from_base``: logs, fork sums, one matrix-vector product) is compiled — a graph that
 grows with the number of fork sums, not of weights; past :data:`COMPILE_MAX_STAGES` stages it
 runs eagerly instead (ResNet-152: no compile at all, where 0.1 spent 35 s compiling one
