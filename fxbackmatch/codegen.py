@@ -39,6 +39,7 @@ class GeneratedFactors:
     stat_inverse: list[float | None]  # per stat: eps of mean(1/(x + eps)), None for mean(x)
     n_stages: int = 0  # sequential stages of the chain (sum / lars / lsalr atoms)
     n_grad_sq: int | None = None  # how many of ``grads`` give ``sum(g²)`` (the rest: row counts)
+    cap: float | None = None  # every scale kept in [1/cap, cap]
 
     def __post_init__(self) -> None:
         if self.n_grad_sq is None:
@@ -200,4 +201,5 @@ def generate(
         stat_refs=[atoms[i].ref for i in base["stat_mean"]],
         stat_inverse=[atoms[i].param if atoms[i].kind == "stat_inv_mean" else None for i in base["stat_mean"]],
         n_stages=sum(1 for a in atoms if a.kind in ("sum", "lars", "lsalr")),
+        cap=cap,
     )
