@@ -604,13 +604,21 @@ def summarize(cfg: TrainConfig, rows: Sequence[dict[str, Any]]) -> dict[str, Any
     return {"config": cfg.to_dict(), "methods": methods}
 
 
-def _curves(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) -> Path | None:
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, or ``None`` without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _curves(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) -> Path | None:
+    plt = pyplot()
+    if plt is None:
         log.info("matplotlib is not installed: no curves.png (pip install 'fxbackmatch[plot]')")
         return None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -684,12 +692,8 @@ def layer_heatmap(rows: Sequence[dict[str, Any]], panels: Sequence[tuple[str, st
                   path: Path) -> Path | None:
     """Draw ``layers.csv`` rows (numbers, not strings) as heat maps, one panel per
     ``(method, title)``, on one colour scale; ``None`` without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     first = panels[0][0]
     weights = [r["param"] for r in rows if r["method"] == first and r["seed"] == seed and r["epoch"] == 1

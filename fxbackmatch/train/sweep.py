@@ -15,10 +15,11 @@ import io
 import json
 import math
 import multiprocessing as mp
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from .harness import TrainConfig, _atomic_write, layer_heatmap, train
+from .harness import TrainConfig, _atomic_write, layer_heatmap, pyplot, train
 
 __all__ = ["sweep", "SWEEP_FIELDS"]
 
@@ -84,8 +85,21 @@ def sweep(cfg: TrainConfig, grid: dict[str, Sequence[float]], *, jobs: int = 1) 
     w.writerows(rows)
     _atomic_write(out / "sweep.csv", buf.getvalue())
     _sensitivity(out, cfg, rows)
-    _best_curves(out, cfg, rows)
+    best = _best_cells(rows)
+    _best_curves(out, cfg, best)
+    _best_layers(out, cfg, best)
     return rows
+
+
+def _best_cells(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Method -> its row with the best final accuracy among the cells that did not diverge."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["final_test_acc"] is None or r["diverged"]:
+            continue
+        if r["method"] not in best or r["final_test_acc"] > best[r["method"]]["final_test_acc"]:
+            best[r["method"]] = r
+    return best
 
 
 def _ends_non_finite(metrics_csv: Path) -> bool:
@@ -97,40 +111,22 @@ def _ends_non_finite(metrics_csv: Path) -> bool:
     return any(not r["train_loss"] for r in last.values())
 
 
-def _best_curves(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) -> Path | None:
+def _best_curves(out: Path, cfg: TrainConfig, best: dict[str, dict[str, Any]]) -> Path | None:
     """Test accuracy per epoch of each method at its best rate (by final accuracy): the mean
     over seeds with a ±1 std band — the tuned comparison in one picture."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None or not best:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    layer_rows: list[dict[str, Any]] = []
-    panels: list[tuple[str, str]] = []
-    for m in dict.fromkeys(r["method"] for r in rows):
-        ok = [r for r in rows if r["method"] == m and r["final_test_acc"] is not None and not r["diverged"]]
-        if not ok:
-            continue
-        best = max(ok, key=lambda r: r["final_test_acc"])
-        layers_csv = _cell_dir(out, m, best["lr"]) / "layers.csv"
-        if layers_csv.is_file():
-            with open(layers_csv) as f:
-                for r in csv.DictReader(f):
-                    layer_rows.append({"method": r["method"], "seed": int(r["seed"]), "epoch": int(r["epoch"]),
-                                       "param": r["param"], "rel_update": float(r["rel_update"] or "nan")})
-            panels.append((m, f"{m} (lr {best['lr']:g})"))
-        with open(_cell_dir(out, m, best["lr"]) / "metrics.csv") as f:
-            per_epoch: dict[int, list[float]] = {}
+    for m, cell in best.items():
+        per_epoch: dict[int, list[float]] = {}
+        with open(_cell_dir(out, m, cell["lr"]) / "metrics.csv") as f:
             for r in csv.DictReader(f):
                 per_epoch.setdefault(int(r["epoch"]), []).append(100 * float(r["test_acc"]))
         ep = sorted(per_epoch)
-        mean = [sum(per_epoch[e]) / len(per_epoch[e]) for e in ep]
-        std = [math.sqrt(sum((v - mu) ** 2 for v in per_epoch[e]) / max(1, len(per_epoch[e]) - 1))
-               for e, mu in zip(ep, mean)]
-        line, = ax.plot(ep, mean, label=f"{m} (lr {best['lr']:g})")
+        mean = [statistics.fmean(per_epoch[e]) for e in ep]
+        std = [statistics.stdev(per_epoch[e]) if len(per_epoch[e]) > 1 else 0.0 for e in ep]
+        line, = ax.plot(ep, mean, label=f"{m} (lr {cell['lr']:g})")
         ax.fill_between(ep, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                         color=line.get_color(), alpha=0.2)
     ax.set_xlabel("epoch")
@@ -142,19 +138,28 @@ def _best_curves(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) ->
     path = out / "curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    if panels:  # what each method does to each layer at its best rate
-        layer_heatmap(layer_rows, panels, cfg.seeds[0], out / "layers.png")
     return path
+
+
+def _best_layers(out: Path, cfg: TrainConfig, best: dict[str, dict[str, Any]]) -> Path | None:
+    """``layers.png``: each method's best cell's per-layer heat map, side by side."""
+    rows: list[dict[str, Any]] = []
+    panels: list[tuple[str, str]] = []
+    for m, cell in best.items():
+        path = _cell_dir(out, m, cell["lr"]) / "layers.csv"
+        if not path.is_file():
+            continue
+        with open(path) as f:
+            rows += [{"method": r["method"], "seed": int(r["seed"]), "epoch": int(r["epoch"]), "param": r["param"],
+                      "rel_update": float(r["rel_update"] or "nan")} for r in csv.DictReader(f)]
+        panels.append((m, f"{m} (lr {cell['lr']:g})"))
+    return layer_heatmap(rows, panels, cfg.seeds[0], out / "layers.png") if panels else None
 
 
 def _sensitivity(out: Path, cfg: TrainConfig, rows: Sequence[dict[str, Any]]) -> Path | None:
     """Final and best test accuracy against the learning rate, a line per method."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("final_test_acc", "best_test_acc")):
