@@ -39,7 +39,7 @@ from .topology import backward_order, build_digraph, carries_tensor, select_outp
 from .variance import VarianceEstimator
 
 __all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze", "GAMMA_MODES", "RELU_MODES",
-           "UNNORMALIZED_MODES"]
+           "UNNORMALIZED_MODES", "TAPS_MODES"]
 
 #: how multiplicative parameters (norm γ, layer scales) enter the chain: ``"one"`` treats
 #: them as 1 (the paper, §3.4: BN without trainable γ); ``"exact"`` multiplies by mean(γ²).
@@ -52,6 +52,11 @@ RELU_MODES = ("paper", "exact")
 #: one (except output layers): ``m ← m / Var[y]`` at its output, ``Var[y] = ||W||²row·E[x²]``,
 #: so the chain no longer depends on the weights' overall scale (e.g. 0.02-std inits)
 UNNORMALIZED_MODES = ("exact", "virtual")
+#: which conv kernel taps count: ``"all"`` — every tap at every output location (the paper's
+#: convention, eqs. 33, 35; exact away from the borders); ``"valid"`` — only the (output, tap)
+#: pairs that read a real input, not zero padding (the exact mean of ``JᵀJ``; it matters when
+#: the kernel is large beside the map, e.g. 7×7 on 1×1 or 2×2 maps; docs/derivations.md)
+TAPS_MODES = ("all", "valid")
 
 
 @dataclass
@@ -90,7 +95,7 @@ def _register_hint(node: fx.Node, gm: fx.GraphModule) -> str:
 
 class _Walker:
     def __init__(self, gm, registry: RuleRegistry, model: nn.Module, strict: bool, variance: str, gamma: str,
-                 relu: str = "paper", unnormalized: str = "exact"):
+                 relu: str = "paper", unnormalized: str = "exact", taps: str = "all"):
         self.gm = gm
         self.registry = registry
         self.strict = strict
@@ -98,6 +103,7 @@ class _Walker:
         self.gamma = gamma
         self.relu = relu
         self.unnormalized = unnormalized
+        self.taps = taps
         self.atoms = AtomTable()
         self.params: dict[str, nn.Parameter] = {}
         self.param_names: dict[int, str] = {}
@@ -400,6 +406,7 @@ def analyze(
     outputs: Any = None,
     relu: str = "paper",
     unnormalized: str = "exact",
+    taps: str = "all",
 ) -> Analysis:
     """Walk ``gm`` (with shapes propagated) and return the symbolic factors of every layer.
 
@@ -414,5 +421,7 @@ def analyze(
         raise ValueError(f"relu must be one of {RELU_MODES}, got {relu!r}")
     if unnormalized not in UNNORMALIZED_MODES:
         raise ValueError(f"unnormalized must be one of {UNNORMALIZED_MODES}, got {unnormalized!r}")
-    return _Walker(gm, registry, model, strict, variance, gamma, relu, unnormalized).run(outputs)
+    if taps not in TAPS_MODES:
+        raise ValueError(f"taps must be one of {TAPS_MODES}, got {taps!r}")
+    return _Walker(gm, registry, model, strict, variance, gamma, relu, unnormalized, taps).run(outputs)
 

@@ -34,6 +34,7 @@ def prepare(
     factors: str = "derived",
     refresh: int = 10,
     probes: int = 4,
+    taps: str = "all",
 ) -> Plan:
     """Trace ``model``, propagate shapes, walk the graph and build its layer-wise scales.
 
@@ -59,7 +60,10 @@ def prepare(
     (the paper's identity, ``relu="paper"``, drifts by ``1 − 1/π`` per layer on deep nets).
     ``unnormalized="virtual"`` acts as if a BatchNorm followed every weighted layer that has
     none above it (the paper's precondition; output layers excepted): the chain then no longer
-    depends on the weights' overall scale — use it for transformers at small-std inits. Scales outside
+    depends on the weights' overall scale — use it for transformers at small-std inits.
+    ``taps="valid"`` counts only the conv kernel taps that read real input, not zero padding
+    (exact at the borders; the default ``"all"`` is the paper's convention and keeps its VGG
+    numbers) — use it when kernels are large beside the maps (ConvNeXt's 7×7 at 32×32 input). Scales outside
     ``fxbackmatch.guards.SCALE_RANGE`` at the current weights raise a ``ScaleRangeWarning``.
 
     >>> import torch, fxbackmatch
@@ -87,6 +91,7 @@ def prepare(
         factors=factors,
         refresh=refresh,
         probes=probes,
+        taps=taps,
     )
     if example_inputs is None and not example_kwargs:
         plan._arm()

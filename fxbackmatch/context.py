@@ -67,6 +67,7 @@ class RuleContext:
         self.variance_mode: str = walker.variance
         self.gamma_mode: str = walker.gamma
         self.relu_mode: str = walker.relu
+        self.taps_mode: str = walker.taps
         #: the node's tensor-valued inputs, in argument order (kwargs after args); parameters
         #: (get_attr of an nn.Parameter) are not inputs — rules claim them with param_from_arg
         self.inputs: list[fx.Node] = [
@@ -145,6 +146,12 @@ class RuleContext:
     def mean_sq(self, name: str) -> Mono:
         """``mean(W²)`` of parameter ``name`` (e.g. ``mean(γ²)``)."""
         return self.sumsq(name) / self.numel_of_param(name)
+
+    def gamma_sq(self, name: str) -> Mono:
+        """``mean(γ²)`` of a multiplicative parameter (norm γ, layer scale) as this plan counts
+        it — forward moments and backward chain alike: ``1`` with ``gamma="one"`` (the
+        network the paper trains, BN without γ, §3.4), ``mean(γ²)`` with ``gamma="exact"``."""
+        return self.mean_sq(name) if self.gamma_mode == "exact" else Mono()
 
     def stat_mean(self, ref: str) -> Mono:
         """Mean of the buffer at qualified name ``ref`` (e.g. a BN ``running_var``)."""

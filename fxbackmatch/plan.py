@@ -13,7 +13,7 @@ import dataclasses
 import math
 import warnings
 
-from .analysis import GAMMA_MODES, RELU_MODES, Analysis, LayerRecord, analyze
+from .analysis import GAMMA_MODES, RELU_MODES, TAPS_MODES, Analysis, LayerRecord, analyze
 from .errors import FxBackmatchError, ScaleRangeWarning
 from .guards import SCALE_RANGE, out_of_range, unnormalized_layers
 from .codegen import GeneratedFactors, generate
@@ -70,6 +70,7 @@ class Plan:
         relu: str = "paper",
         unnormalized: str = "exact",
         factors: str = "derived",
+        taps: str = "all",
         refresh: int = 10,
         probes: int = 4,
     ) -> None:
@@ -94,10 +95,11 @@ class Plan:
         from .analysis import UNNORMALIZED_MODES
 
         for key, value, allowed in (("gamma", gamma, GAMMA_MODES), ("relu", relu, RELU_MODES),
-                                    ("unnormalized", unnormalized, UNNORMALIZED_MODES), ("factors", factors, FACTORS)):
+                                    ("unnormalized", unnormalized, UNNORMALIZED_MODES), ("factors", factors, FACTORS),
+                                    ("taps", taps, TAPS_MODES)):
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
-        self.gamma, self.relu, self.unnormalized = gamma, relu, unnormalized
+        self.gamma, self.relu, self.unnormalized, self.taps = gamma, relu, unnormalized, taps
         if refresh < 1 or probes < 1:
             raise ValueError(f"refresh and probes must be ≥ 1, got {refresh} and {probes}")
         self.factors, self.refresh_every, self.probes = factors, int(refresh), int(probes)
@@ -130,6 +132,7 @@ class Plan:
         self._analysis = analyze(
             gm, self.model, self.registry, strict=self.strict, variance=self.variance,
             gamma=self.gamma, outputs=self.outputs, relu=self.relu, unnormalized=self.unnormalized,
+            taps=self.taps,
         )
         bare = unnormalized_layers(gm, self.registry, [r.node for r in self._analysis.layers])
         self._analysis.layers = [
@@ -572,6 +575,7 @@ class Plan:
             "relu": self.relu,
             "unnormalized": self.unnormalized,
             "factors": self.factors,
+            "taps": self.taps,
             "trust_coefficient": self.trust_coefficient,
             "fingerprint": self.fingerprint,
             "input_shapes": [list(s) for s in (self.input_shapes or ())],
@@ -589,8 +593,9 @@ class Plan:
                 "differ).\n  What to do: load it into the model it was saved with, or start a "
                 "new plan with fxbackmatch.prepare."
             )
-        defaults = {"gamma": "one", "relu": "paper", "unnormalized": "exact", "factors": "derived"}  # older states
-        for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma", "relu", "unnormalized", "factors"):
+        defaults = {"gamma": "one", "relu": "paper", "unnormalized": "exact", "factors": "derived", "taps": "all"}  # older states
+        for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma", "relu", "unnormalized", "factors",
+                    "taps"):
             if state.get(key, defaults.get(key)) != getattr(self, key):
                 raise PlanMismatchError(
                     f"plan state has {key}={state.get(key)!r} but this plan has "

@@ -7,9 +7,10 @@ layer that produces it, whose own input is normalized); a layer scale and a gate
 * a weighted layer gives ``||W||²_{2,μ}·E[a²]`` of its input ``a`` (``E[a²] = 1``, the
   paper's normalized input, where the graph gives no estimate below: on the paper's nets
   every weighted layer reads a BN output or the data, and nothing changes);
-* a rule's ``moment`` hook gives the output moment outright: a norm layer's ``mean(γ²)``
-  (the forward statistics are what they are — only the *backward chain* treats γ as 1),
-  a sigmoid gate's ``1/4``, a product's moments multiplied (a layer scale: ``mean(γ²)·E[x²]``);
+* a rule's ``moment`` hook gives the output moment outright: a norm layer's 1 (γ counted as the
+  plan's ``gamma`` mode says, the same forward as backward: 1 by default, ``mean(γ²)`` with
+  ``gamma="exact"``), a sigmoid gate's ``1/4``, a product's moments multiplied (a layer scale:
+  ``γ²·E[x²]``, γ counted the same way);
 * ``transparent`` rules (pointwise ops, reshapes, pooling) are looked through;
 * a concatenation along channels is the channel-weighted mean of its parts;
 * an addition is the sum of its parts' moments (independent summands);

@@ -189,7 +189,9 @@ def test_biases_and_affine_bn_roles_and_adapt_weights():
     fc, bn, cv = net[5].weight, net[1].weight, net[0].weight
     gamma2 = float(bn.detach().double().pow(2).mean())
     assert s["5.bias"] == 1.0
-    assert s["5.weight"] == pytest.approx(1 / gamma2, rel=1e-9)  # its input's E[a²] = mean(γ²)
+    assert s["5.weight"] == 1.0  # gamma="one": γ counts as 1 in its input's E[a²] too
+    exact = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, gamma="exact").scales()
+    assert exact["5.weight"] == pytest.approx(1 / gamma2, rel=1e-9)  # E[a²] = mean(γ²)
     m_bn_out = coln(fc)  # fc consumes flatten(pool(relu(bn)))
     s_bn = 16  # 4×4 locations after the pool carry gradient
     assert s["1.weight"] == pytest.approx(1 / (m_bn_out * s_bn), rel=1e-9)
@@ -284,8 +286,10 @@ def test_sumsq_many_against_float64_sums():
 @pytest.mark.parametrize("case", ["plain", "zero", "inf", "nan"])
 def test_host_chain_equals_the_generated_chain(case):
     """On the CPU, large models evaluate the chain on Python floats (``HostChain``): equal
-    to the generated ``factors_from_base`` to 1e-12 on ResNet-18's 16 fork stages, with a
-    zero, an infinite or a NaN norm reaching exactly the same scales."""
+    to the generated ``factors_from_base`` to 1e-12 on ResNet-18's 16 fork stages (with
+    ``gamma="exact"``: γ's atoms keep every fork sum symbolic; with ``"one"`` its square
+    convs' norms cancel and the sums fold to constants), with a zero, an infinite or a NaN
+    norm reaching exactly the same scales."""
     import math
 
     import torchvision
@@ -293,7 +297,7 @@ def test_host_chain_equals_the_generated_chain(case):
     from fxbackmatch.runtime import HostChain, _base
 
     torch.manual_seed(0)
-    plan = fxbackmatch.prepare(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32))
+    plan = fxbackmatch.prepare(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), gamma="exact")
     rt, gen = plan._runtime, plan._runtime.gen
     host = HostChain.of(gen)
     assert host is not None and gen.n_stages == 16

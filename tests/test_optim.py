@@ -18,7 +18,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::fxbackmatch.AdaptiveOptimizerWa
 
 
 def small_net() -> nn.Module:
-    """Biases, affine BN, a residual fork: every kind of atom the pass generates."""
+    """Biases, affine BN, a pre-activation residual fork whose factor depends on the weights
+    (``m_f = m_y·‖W_cv2‖²col``): every kind of atom the pass generates."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -31,7 +32,7 @@ def small_net() -> nn.Module:
 
         def forward(self, x):
             x = F.relu(self.bn1(self.cv1(x)))
-            x = x + F.relu(self.bn2(self.cv2(x)))
+            x = x + self.cv2(F.relu(self.bn2(x)))
             x = F.max_pool2d(x, 2)
             return self.fc(x.flatten(1))
 

@@ -14,6 +14,7 @@ the same scales.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -209,6 +210,106 @@ def test_oracle_detects_a_wrong_rule():
     finally:
         analysis._Walker._combine = saved
     assert min(ratios.values()) < 1 / (1 + TOL)
+
+
+class PaddedSmallMaps(nn.Module):
+    """'Same' convs on maps about as small as their kernels (4×4 and 1×1), where zero padding
+    leaves taps empty: a 3×3 conv on 4×4 reads real input in (10/12)² of its (output, tap)
+    pairs, a 5×5 conv on 4×4 in (14/20)², a 3×3 conv on a 1×1 map only with its centre tap."""
+
+    def __init__(self, w=24):
+        super().__init__()
+        self.c1 = nn.Conv2d(48, w, 3, padding=1, bias=False)
+        self.c2, self.n2 = nn.Conv2d(w, w, 5, padding=2, bias=False), bn2(w)
+        self.c3, self.n3 = nn.Conv2d(w, w, 3, padding=1, bias=False), bn2(w)
+        self.fc = nn.Linear(w, 10, bias=False)
+
+    def forward(self, x):  # 4×4
+        h = self.n2(self.c2(self.c1(x)))  # no BN between c1 and c2: c1's output m shows the taps
+        h = self.n3(self.c3(F.avg_pool2d(h, 4)))  # 1×1 map
+        return self.fc(h.flatten(1))
+
+
+def test_valid_taps_match_measured_jacobians():
+    """``taps="valid"`` counts only the (output, tap) pairs that read real input: the oracle
+    agrees at every value. The paper's convention (``taps="all"``, the default) is measurably
+    off at these sizes: at c2's output (the BN above divides by ``Var`` of c2's output, which
+    the paper's rule over-counts by both convs' valid fractions) by (10/12)²·(14/20)² = 0.34."""
+    got = assert_oracle(PaddedSmallMaps, (48, 4, 4), taps="valid")
+    assert len(got) >= 6
+    paper = oracle_ratios(PaddedSmallMaps, (48, 4, 4), draws=2)
+    assert paper["c2"] == pytest.approx((10 / 12) ** 2 * (14 / 20) ** 2, rel=TOL)
+
+
+def test_valid_taps_leave_the_paper_vgg_scales_alone():
+    """With a BN above every conv and every tap reading real input somewhere (maps ≥ 2×2), the
+    valid fraction cancels between the BN's ``Var`` and the conv's ``c`` and ``s``: the paper's
+    VGG-16 gets the same scales either way (its reported ``s`` and ``c`` differ)."""
+    from fxbackmatch.models import vgg_paper
+
+    torch.manual_seed(0)
+    net, x = vgg_paper("vgg16"), torch.randn(4, 3, 32, 32)
+    paper, valid = prep(net, x), prep(net, x, taps="valid")
+    for k, v in paper.scales().items():
+        _same(valid.scales()[k], v, rel=1e-12)
+    assert [r.s for r in valid.layers][-2] == pytest.approx(4 / 9)  # 2×2 map, pooled to 1 location: 4/9 of taps
+
+
+def _measured_weight_curvature(net, x, name, probes=PROBES) -> float:
+    """Mean over the elements that carry gradient of ``diag(J_WᵀJ_W)/B`` for parameter
+    ``name`` (Hutchinson probes at the output): the curvature a scale of 1/it matches."""
+    from fxbackmatch.measure import carrying_mean
+
+    w = dict(net.named_parameters())[name]
+    out = net(x)
+    acc = torch.zeros_like(w, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(probes):
+        z = torch.randint(0, 2, out.shape, generator=gen).to(out.dtype) * 2 - 1
+        (g,) = torch.autograd.grad(out, w, z, retain_graph=True)
+        acc += g.double().square()
+    return carrying_mean(acc / probes) / x.shape[0]
+
+
+def test_valid_taps_weight_scale_matches_measured_weight_curvature():
+    """A weight's scale is ``1/(m·s·E[a²])``, its measured curvature ``mean diag(J_WᵀJ_W)``
+    per sample: their product is 1 where the rule is exact. On the 1×1 map only the centre tap
+    of c3 carries gradient, read once per sample (``s = 1``); the paper's convention divides
+    by the row norm of all 9 taps in the BN above, so its scale is 9× too large."""
+    logs: dict[str, list[float]] = {"valid": [], "all": []}
+    for d in range(DRAWS):
+        torch.manual_seed(200 + d)
+        net = PaddedSmallMaps()
+        x = torch.randn(BATCH, 48, 4, 4)
+        curv = _measured_weight_curvature(net, x, "c3.weight")
+        for taps in logs:
+            logs[taps].append(math.log(prep(net, x, taps=taps).scales()["c3.weight"] * curv))
+    valid, paper = (math.exp(sum(v) / len(v)) for v in logs.values())
+    assert valid == pytest.approx(1.0, rel=TOL)
+    assert paper == pytest.approx(9.0, rel=TOL)
+
+
+def test_gamma_one_counts_gamma_as_one_both_ways():
+    """``gamma="one"`` (default) is the network the paper trains: BN without γ. Forward moments
+    and the backward chain both count γ as 1, so ResNet-18 with zero-initialized residual γ
+    gets exactly the scales of the same weights with γ = 1 — a zero γ neither silences the
+    stream forward nor counts backward. (0.1 counted actual γ forward and 1 backward: each
+    silent branch then added a full branch's ``m`` below, while the stream's ``E[a²]`` stayed
+    1 — ConvNeXt-L's stem scale fell to 6e-10.) ``gamma="exact"`` tells them apart."""
+    import torchvision
+
+    x = torch.randn(2, 3, 32, 32)
+    scales = {}
+    for zero in (False, True):
+        torch.manual_seed(0)
+        net = torchvision.models.resnet18(num_classes=10, zero_init_residual=zero)
+        scales[zero] = prep(net, x).scales()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fxbackmatch.ScaleRangeWarning)  # exact: γ = 0 floors at 1e-12
+            scales["exact", zero] = prep(net, x, gamma="exact").scales()
+    for k, v in scales[False].items():
+        _same(scales[True][k], v)
+    assert scales["exact", True]["conv1.weight"] != pytest.approx(scales["exact", False]["conv1.weight"], rel=1e-3)
 
 
 # ----------------------------------------------------------------------- equivalences

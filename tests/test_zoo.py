@@ -20,10 +20,10 @@ _LARGE_TRANSFORMERS = {"vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "swin_s",
                        "swin_v2_s", "swin_v2_b"}
 MODELS = [m for m in torchvision.models.list_models(module=torchvision.models) if m not in _LARGE_TRANSFORMERS]
 MODELS += list(VARIANTS)
-#: CNNs with scales outside the documented range at 32×32 (299 for Inception), each measured and
-#: explained in docs/derivations.md; the guard must flag them (ScaleRangeWarning, plan.flags)
+#: CNNs with scales outside the documented range at 32×32 (299 for Inception), measured and
+#: explained in docs/derivations.md (the exact least-squares answer for a near-silent head);
+#: the guard must flag them (ScaleRangeWarning, plan.flags)
 KNOWN_OUT_OF_RANGE = {
-    "convnext_large": "7×7 depthwise convs on 1×1 maps: the conv rule counts 49 taps where padding leaves 1",
     "inception_v3": "the auxiliary classifier's weights are initialized with std 0.001",
 }
 TARGET_FAMILIES = (

@@ -16,7 +16,7 @@ from ..context import RuleContext, positions
 from ..expr import Mono
 from ..registry import register_rule
 
-__all__ = ["linear_rule", "conv_rule", "batch_norm_rule", "touched_fraction"]
+__all__ = ["linear_rule", "conv_rule", "batch_norm_rule", "touched_fraction", "tap_geometry"]
 
 
 def _input_moment(ctx: RuleContext, x) -> Mono:
@@ -78,22 +78,80 @@ def touched_fraction(
 ) -> float:
     """Fraction of input locations that some output location reads (1 unless stride > kernel
     reach, as in a 1×1 conv with stride 2, which reads a quarter of its input)."""
-    frac = 1.0
+    return tap_geometry(in_size, out_size, kernel, stride, padding, dilation)[0]
+
+
+def tap_geometry(
+    in_size: tuple[int, ...],
+    out_size: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> tuple[float, float, float]:
+    """``(touched, valid, carrying)`` of a conv's geometry, each a product over dimensions:
+    the fraction of input locations some output reads; the fraction of (output location,
+    tap) pairs that read a real input rather than zero padding; the fraction of taps that
+    read a real input at some output location (7×7 with padding 3 on a 1×1 map: 1, 1/49,
+    1/49)."""
+    touched = valid = carrying = 1.0
     for i, o, k, st, p, d in zip(in_size, out_size, kernel, stride, padding, dilation):
-        hit = {oo * st - p + kk * d for oo in range(o) for kk in range(k)}
-        frac *= sum(1 for h in hit if 0 <= h < i) / max(i, 1)
-    return frac
+        reads = [(kk, oo * st - p + kk * d) for oo in range(o) for kk in range(k)]
+        real = [(kk, h) for kk, h in reads if 0 <= h < i]
+        touched *= len({h for _, h in real}) / max(i, 1)
+        valid *= len(real) / max(len(reads), 1)
+        carrying *= len({kk for kk, _ in real}) / max(k, 1)
+    return touched, valid, carrying
+
+
+def _tup(v, dims: int) -> tuple[int, ...]:
+    return tuple(int(e) for e in v) if isinstance(v, (tuple, list)) else (int(v),) * dims
 
 
 def _conv_geometry(ctx: RuleContext, dims: int, stride, padding, dilation, kernel):
+    """``(x, in_loc, out_loc, touched, valid, carrying)``; with ``taps="all"`` (the paper's
+    convention) ``valid = carrying = 1``."""
     x = ctx.inputs[0]
     in_shape, out_shape = ctx.shape(x), ctx.out_shape
     in_sp, out_sp = tuple(in_shape[-dims:]), tuple(out_shape[-dims:])
-    tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * dims  # noqa: E731
     if isinstance(padding, str):  # 'same' / 'valid'
-        padding = [0] * dims if padding == "valid" else [(k - 1) * d // 2 for k, d in zip(kernel, tup(dilation))]
-    touched = touched_fraction(in_sp, out_sp, kernel, tup(stride), tup(padding), tup(dilation))
-    return x, math.prod(in_sp), math.prod(out_sp), touched
+        padding = [0] * dims if padding == "valid" else [(k - 1) * d // 2 for k, d in zip(kernel, _tup(dilation, dims))]
+    touched, valid, carrying = tap_geometry(
+        in_sp, out_sp, kernel, _tup(stride, dims), _tup(padding, dims), _tup(dilation, dims)
+    )
+    if ctx.taps_mode != "valid":
+        valid = carrying = 1.0
+    return x, math.prod(in_sp), math.prod(out_sp), touched, valid, carrying
+
+
+def _conv_args(ctx: RuleContext) -> tuple | None:
+    """``(weight, bias, dims, stride, padding, dilation, groups, kind)`` of a conv node,
+    module or functional form (``None`` when it has no weight parameter)."""
+    m = ctx.module
+    if m is not None:
+        dims = len(m.kernel_size)
+        padding = m.padding
+        if m.padding_mode != "zeros":
+            padding = m._reversed_padding_repeated_twice[::2][::-1]
+        return (ctx.module_param("weight"), ctx.module_param("bias"), dims, m.stride, padding, m.dilation,
+                m.groups, type(m).__name__)
+    w = ctx.param_from_arg(ctx.arg(1, "weight"))
+    if w is None:
+        return None
+    dims = len(ctx.param_shape(w)) - 2
+    return (w, ctx.param_from_arg(ctx.arg(2, "bias")), dims, ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0),
+            ctx.arg(5, "dilation", 1), ctx.arg(6, "groups", 1), f"F.conv{dims}d")
+
+
+def _conv_row_norm(ctx: RuleContext) -> Mono | None:
+    """``E[y²]/E[x²]`` of a conv: ``||W||²_{2,μ}``, times the valid-pair fraction with
+    ``taps="valid"`` (an output next to the padding sums fewer taps)."""
+    args = _conv_args(ctx)
+    if args is None or args[0] is None:
+        return None
+    w, _, dims, stride, padding, dilation, _, _ = args
+    valid = _conv_geometry(ctx, dims, stride, padding, dilation, tuple(ctx.param_shape(w)[2:]))[4]
+    return ctx.sumsq(w) * (valid / ctx.param_shape(w)[0])
 
 
 def _conv(ctx: RuleContext, w, b, dims, stride, padding, dilation, groups, kind) -> None:
@@ -102,41 +160,37 @@ def _conv(ctx: RuleContext, w, b, dims, stride, padding, dilation, groups, kind)
     ``s_cv2 = 25``); ``c`` = input locations read divided by ``s`` (cv2: 196/25);
     ``m ← m·chan·||W_col||²_{2,μ}/c`` with ``||W_col||²_{2,μ} = sum(W²)/in_channels`` and
     ``chan`` the share of output channels carrying gradient. Any stride, padding, dilation
-    and groups (depthwise included); the bias takes the weight's scale."""
+    and groups (depthwise included); the bias takes the weight's scale.
+
+    ``taps="valid"``: only the share ``v`` of (output, tap) pairs that read real input
+    counts, so ``c ← c/v`` (an input location meets ``v``× the taps), and the weight's own
+    normal matrix is averaged over the share ``κ`` of taps that read real input somewhere:
+    ``s ← s·v/κ`` (a 7×7 tap on a 1×1 map: only the centre tap, read once)."""
     if w is None:
         ctx.pass_all()
         return
     kernel = tuple(ctx.param_shape(w)[2:])
-    x, in_loc, out_loc, touched = _conv_geometry(ctx, dims, stride, padding, dilation, kernel)
-    s = ctx.frac_out * out_loc
-    c = (in_loc * touched) / s
+    x, in_loc, out_loc, touched, valid, carrying = _conv_geometry(ctx, dims, stride, padding, dilation, kernel)
+    s = ctx.frac_out * out_loc * valid / carrying
+    c = (in_loc * touched) / (ctx.frac_out * out_loc * valid)
     in_ch = ctx.param_shape(w)[1] * groups
     ctx.add_layer(kind, [(w, "weight", s, _input_moment(ctx, x)), (b, "bias", s)], weight=w, s=s, c=c, input_node=x)
     ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) * (ctx.chan_out / (in_ch * c)), touched, 1.0)
 
 
-@register_rule(module=(nn.Conv1d, nn.Conv2d, nn.Conv3d), row_norm=_weight_row_norm, channel_dim=1)
+@register_rule(module=(nn.Conv1d, nn.Conv2d, nn.Conv3d), row_norm=_conv_row_norm, channel_dim=1)
 def conv_rule(ctx: RuleContext) -> None:
     """nn.Conv1d/2d/3d: see :func:`_conv`."""
-    m = ctx.module
-    dims = len(m.kernel_size)
-    padding = m.padding
-    if m.padding_mode != "zeros":
-        padding = m._reversed_padding_repeated_twice[::2][::-1]
-    _conv(
-        ctx, ctx.module_param("weight"), ctx.module_param("bias"), dims, m.stride, padding,
-        m.dilation, m.groups, type(m).__name__,
-    )
+    _conv(ctx, *_conv_args(ctx))
 
 
 def _functional_conv(dims: int):
     def rule(ctx: RuleContext) -> None:
-        w = ctx.param_from_arg(ctx.arg(1, "weight"))
-        b = ctx.param_from_arg(ctx.arg(2, "bias"))
-        _conv(
-            ctx, w, b, dims, ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0),
-            ctx.arg(5, "dilation", 1), ctx.arg(6, "groups", 1), f"F.conv{dims}d",
-        )
+        args = _conv_args(ctx)
+        if args is None:  # the weight is an activation, not a parameter
+            ctx.pass_all()
+            return
+        _conv(ctx, *args)
 
     rule.__name__ = f"functional_conv{dims}d_rule"
     rule.__doc__ = f"F.conv{dims}d(x, weight, bias, stride, padding, dilation, groups): as nn.Conv{dims}d."
@@ -144,7 +198,7 @@ def _functional_conv(dims: int):
 
 
 for _d, _f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
-    register_rule(_functional_conv(_d), function=_f, row_norm=_weight_row_norm, channel_dim=1)
+    register_rule(_functional_conv(_d), function=_f, row_norm=_conv_row_norm, channel_dim=1)
 
 
 # ------------------------------------------------------------------------- BatchNorm
@@ -184,13 +238,13 @@ def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = 
 
 
 def _norm_out_variance(ctx: RuleContext) -> Mono | None:
-    """A norm layer's output moment ``E[(γx̂)²] = mean(γ²)`` (1 without affine). The forward
-    statistics use the actual γ in every mode: a zero-initialized γ really silences its branch
-    (``gamma`` decides only how γ enters the backward chain)."""
+    """A norm layer's output moment ``E[(γx̂)²]``: ``mean(γ²)`` with ``gamma="exact"``; 1 with
+    ``gamma="one"`` (no affine, or γ treated as 1 both ways, so that forward moments and the
+    backward chain describe the same network: see docs/derivations.md, "γ both ways")."""
     g = ctx.module_param("weight") if ctx.module is not None else ctx.param_from_arg(ctx.arg(3, "weight"))
     if g is None:
         return Mono()
-    return ctx.mean_sq(g)
+    return ctx.gamma_sq(g)
 
 
 @register_rule(module=nn.modules.batchnorm._BatchNorm, moment=_norm_out_variance, channel_dim=1, norm=True)

@@ -368,7 +368,7 @@ _DIVS = (operator.truediv, torch.div, "div", "div_")
 
 def _product_moment(ctx: RuleContext) -> Mono | None:
     """``E[y²]`` of a product: the operands' moments multiplied (independent operands) — a
-    parameter counts ``mean(γ²)``, a constant ``k²``; ``None`` for a division by a tensor."""
+    parameter counts as :meth:`RuleContext.gamma_sq` (1 unless ``gamma="exact"``), a constant ``k²``; ``None`` for a division by a tensor."""
     args = [_const(a) if _const(a) is not None else a for a in ctx.node.args[:2]]
     if len(args) == 2 and (rms_source(args[0], args[1]) is not None or rms_source(args[1], args[0]) is not None):
         return Mono()  # RMS-normalized: E[x̂²] = 1
@@ -386,7 +386,7 @@ def _product_moment(ctx: RuleContext) -> Mono | None:
             name = ctx.param_from_arg(a)
             if name is None or div:
                 return None
-            out = out * ctx.mean_sq(name)
+            out = out * ctx.gamma_sq(name)
         elif isinstance(a, (int, float)) and not isinstance(a, bool):
             k = float(a) if not (div and i == 1) else (1.0 / float(a) if a else 0.0)
             if k == 0.0:

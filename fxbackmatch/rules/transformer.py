@@ -278,7 +278,7 @@ def sdpa_rule(ctx: RuleContext) -> None:
 # ------------------------------------------------------------------------------- norms
 def _fn_norm_moment(ctx: RuleContext) -> Mono:
     g = ctx.param_from_arg(ctx.arg(2, "weight"))
-    return Mono() if g is None else ctx.mean_sq(g)
+    return Mono() if g is None else ctx.gamma_sq(g)
 
 
 def _fn_norm(ctx: RuleContext, gamma, beta, feature_numel: int, kind: str) -> None:
