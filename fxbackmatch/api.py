@@ -35,6 +35,7 @@ def prepare(
     refresh: int = 10,
     probes: int = 4,
     taps: str = "all",
+    token_mask: str | int | None = None,
 ) -> Plan:
     """Trace ``model``, propagate shapes, walk the graph and build its layer-wise scales.
 
@@ -62,8 +63,11 @@ def prepare(
     none above it (the paper's precondition; output layers excepted): the chain then no longer
     depends on the weights' overall scale — use it for transformers at small-std inits.
     ``taps="valid"`` counts only the conv kernel taps that read real input, not zero padding
-    (exact at the borders; the default ``"all"`` is the paper's convention and keeps its VGG
-    numbers) — use it when kernels are large beside the maps (ConvNeXt's 7×7 at 32×32 input). Scales outside
+    (exact at the borders; the default ``"all"`` is the paper's convention; on its VGG both
+    give the same scales) — it matters where a kernel is as wide as the map (3×3 on 1×1).
+    ``token_mask="attention_mask"`` (a keyword input, or a positional index) names the ``B × T``
+    mask of real tokens: the layers over ``(B, T, …)`` then share their weights over the real
+    tokens of each step's batch (``s = f·T``, :mod:`fxbackmatch.tokens`). Scales outside
     ``fxbackmatch.guards.SCALE_RANGE`` at the current weights raise a ``ScaleRangeWarning``.
 
     >>> import torch, fxbackmatch
@@ -92,6 +96,7 @@ def prepare(
         refresh=refresh,
         probes=probes,
         taps=taps,
+        token_mask=token_mask,
     )
     if example_inputs is None and not example_kwargs:
         plan._arm()

@@ -123,9 +123,14 @@ def _softmax(k):
     return _fn(torch.softmax, k["input"], k["dim"])
 
 
-@_lowering("softmax", "log_softmax")
+@_lowering("softmax")
 def _softmax_int(k):
     return _fn(torch.softmax, k["input"], k["dim"])
+
+
+@_lowering("_log_softmax", "log_softmax")
+def _log_softmax(k):
+    return _fn(torch.log_softmax, k["input"], k["dim"])
 
 
 def _additive(op, alpha_fn):

@@ -29,14 +29,32 @@ from .errors import ShapePropagationError, TraceError
 from .shapes import SHAPE_KEY, propagate_shapes
 from .tracing import trace
 
-__all__ = ["capture", "capture_with_export", "capture_with_hooks", "CAPTURES"]
+__all__ = ["capture", "capture_with_export", "capture_with_hooks", "CAPTURES", "capturing"]
+
+_depth = 0  # > 0 while a capture runs the model (traced, fake or recorded calls)
+
+
+def capturing() -> bool:
+    """Whether a capture is running the model now: forward hooks that keep the last batch
+    (measured factors, token masks) must not keep its traced or fake inputs."""
+    return _depth > 0
 
 CAPTURES = ("auto", "fx", "export", "hooks")
 
 log = logging.getLogger(__name__)
 
 
-def capture(
+def capture(*args, **kwargs) -> tuple[fx.GraphModule, str]:
+    """See :func:`_capture`; :func:`capturing` is true while it runs."""
+    global _depth
+    _depth += 1
+    try:
+        return _capture(*args, **kwargs)
+    finally:
+        _depth -= 1
+
+
+def _capture(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],
     is_rule_leaf: Callable[[nn.Module], bool],

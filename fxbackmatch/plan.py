@@ -41,6 +41,8 @@ MEASURED_PREFIX = "fxbackmatch.measured:"
 MEASURED_NOTE = "m measured"
 
 NO_NORM_NOTE = "no norm above"
+#: a layer whose s counts the real tokens of the last batch (``token_mask``)
+TOKEN_NOTE = "s × real-token share"
 
 
 class Plan:
@@ -73,6 +75,7 @@ class Plan:
         taps: str = "all",
         refresh: int = 10,
         probes: int = 4,
+        token_mask: str | int | None = None,
     ) -> None:
         from .capture import CAPTURES
 
@@ -106,6 +109,12 @@ class Plan:
         self._measured: dict[str, torch.Tensor] = {}
         self._last_call: tuple | None = None
         self._steps = 0
+        if token_mask is not None and not isinstance(token_mask, (str, int)):
+            raise ValueError(f"token_mask must name a keyword input or give a positional index, got {token_mask!r}")
+        self.token_mask = token_mask
+        self._token_bt: tuple[int, int] | None = None  # (B, T) of the example mask
+        self._example_mask: torch.Tensor | None = None
+        self._mask_pos: int | None = None  # forward's positional index of a named mask
         self.outputs = outputs
         if cap is not None and not (math.isfinite(cap) and cap > 1):
             raise ValueError(f"cap must be a finite number > 1 (scales are kept in [1/cap, cap]), got {cap!r}")
@@ -124,6 +133,14 @@ class Plan:
     # ------------------------------------------------------------------ building
     def _build(self, example_inputs: Sequence[torch.Tensor], example_kwargs: dict | None = None) -> None:
         _refuse_sharded(self.model)
+        if self.token_mask is not None:  # before capture: a wrong name fails fast and clearly
+            from .tokens import check_mask, find_mask, position_of
+
+            if isinstance(self.token_mask, str):
+                self._mask_pos = position_of(self.model, self.token_mask)
+            mask = find_mask(self.token_mask, example_inputs, example_kwargs or {}, self._mask_pos)
+            self._token_bt = check_mask(self.token_mask, mask)
+            self._example_mask = mask.detach()
         gm, self.capture = capture(
             self.model, example_inputs, self.registry.has_module_rule, self.leaf_modules, self.capture_mode,
             example_kwargs=example_kwargs, has_rule=self.registry.has, lookup=self.registry.lookup,
@@ -150,9 +167,16 @@ class Plan:
                 "functional ops between them unseen, chain assumed"
             )
         self.input_shapes = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
+        if self.token_mask is not None:
+            self._analysis.layers = [
+                dataclasses.replace(r, notes=r.notes + (TOKEN_NOTE,))
+                if r.output_shape and len(r.output_shape) >= 3 and tuple(r.output_shape[:2]) == self._token_bt else r
+                for r in self._analysis.layers
+            ]
         self._finish()
         if self.factors == "measured":
             self.refresh(*example_inputs, **(example_kwargs or {}))
+        if self.factors == "measured" or self.token_mask is not None:
             self.wrapped.register_forward_pre_hook(_CallRecorder(self), with_kwargs=True)
         self._warn_range()
 
@@ -213,6 +237,12 @@ class Plan:
         buffers = dict(self.model.named_buffers())
         buffers.update(self._measured)
         self._runtime = Runtime(self._generated, params, buffers, self._targets, self.compile)
+        if self._token_bt is not None:
+            from .tokens import token_targets
+
+            flags = token_targets(a.gm, self._targets, a.uses, self._token_bt)
+            self._token_flags = torch.tensor(flags, dtype=torch.float64)
+            self._runtime.multiplier = self._token_multiplier
         self.fingerprint = _fingerprint(a.gm, params)
         log.debug("fxbackmatch: prepared %s with %d layers", type(self.model).__name__, len(a.layers))
 
@@ -337,6 +367,18 @@ class Plan:
 
         return atom_values(a.atoms.atoms, tensor, grad)
 
+    def _token_multiplier(self) -> torch.Tensor | None:
+        """Per target, ``1/f`` on token-wise layers with ``f`` the real-token share of the last
+        forward call's mask (the example's before the first); ``None`` without a mask."""
+        from .tokens import find_mask, token_multiplier
+
+        mask = self._example_mask
+        if self._last_call is not None:
+            mask = find_mask(self.token_mask, *self._last_call, self._mask_pos)
+        if not isinstance(mask, torch.Tensor):
+            return None  # this call had no mask: no padding
+        return token_multiplier(mask, self._token_flags)
+
     def scales(self) -> dict[str, float]:
         """Parameter name -> multiplier ``1/(m·s)`` under the current weights (eager, float64).
 
@@ -349,9 +391,12 @@ class Plan:
         self._check()
         vals = self._atom_values()
         out = {n: 1.0 for n, p in self._params.items() if p.requires_grad}
+        mult = self._runtime.multiplier() if self._runtime.multiplier is not None else None
+        mult = None if mult is None else dict(zip(self._targets, mult.tolist()))
         for n, expr in self._scale_expr.items():
             v = eval_mono(expr, vals)
-            out[n] = v if self.cap is None else min(max(v, 1.0 / self.cap), self.cap)
+            v = v if self.cap is None else min(max(v, 1.0 / self.cap), self.cap)
+            out[n] = v if mult is None else v * mult[n]
         return out
 
     def measure(self, *inputs: torch.Tensor, probes: int = 16, seed: int = 0, values: bool = False,
@@ -489,6 +534,11 @@ class Plan:
         """
         from .fused import FusedStep
 
+        if self.token_mask is not None:
+            raise FxBackmatchError(
+                "compile_step does not read the batch's token mask (token_mask=...).\n  What to do: "
+                "use plan.attach(optimizer), which applies the real-token share of each step."
+            )
         return FusedStep(self, optimizer, weight_decay, compile=self.compile)
 
     def report(self, compare: Sequence[str] = (), *, width: int | None = None, console=None):
@@ -576,6 +626,7 @@ class Plan:
             "unnormalized": self.unnormalized,
             "factors": self.factors,
             "taps": self.taps,
+            "token_mask": self.token_mask,
             "trust_coefficient": self.trust_coefficient,
             "fingerprint": self.fingerprint,
             "input_shapes": [list(s) for s in (self.input_shapes or ())],
@@ -593,9 +644,9 @@ class Plan:
                 "differ).\n  What to do: load it into the model it was saved with, or start a "
                 "new plan with fxbackmatch.prepare."
             )
-        defaults = {"gamma": "one", "relu": "paper", "unnormalized": "exact", "factors": "derived", "taps": "all"}  # older states
+        defaults = {"gamma": "one", "relu": "paper", "unnormalized": "exact", "factors": "derived", "taps": "all", "token_mask": None}  # older states
         for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma", "relu", "unnormalized", "factors",
-                    "taps"):
+                    "taps", "token_mask"):
             if state.get(key, defaults.get(key)) != getattr(self, key):
                 raise PlanMismatchError(
                     f"plan state has {key}={state.get(key)!r} but this plan has "
@@ -664,7 +715,10 @@ class _CallRecorder:
         self.plan = plan
 
     def __call__(self, module, args, kwargs):
-        self.plan._last_call = (args, kwargs)
+        from .capture import capturing
+
+        if not capturing():  # a prepare tracing this model runs it on proxies / fake tensors
+            self.plan._last_call = (args, kwargs)
 
     def __deepcopy__(self, memo):
         new = _CallRecorder.__new__(_CallRecorder)

@@ -52,6 +52,9 @@ class Rule:
     norm: bool = False
     moment: Callable[..., Any] | None = None
     layout: bool = False  # keeps the layout of what it passes on (slices, concatenations, containers)
+    #: its output moment is fixed by the op itself (softmax: ``1/S²``), not by a weight scale:
+    #: a bilinear partner keeps it under ``gamma="one"``, where weight-scaled partners count 1
+    structural: bool = False
 
     def __call__(self, ctx) -> None:
         self.fn(ctx)
@@ -76,6 +79,7 @@ class RuleRegistry:
         norm: bool = False,
         moment: Callable[..., Any] | None = None,
         layout: bool = False,
+        structural: bool = False,
         override: bool = False,
     ):
         """Register ``fn`` for module types, function targets and/or method names.
@@ -107,6 +111,7 @@ class RuleRegistry:
                     norm=norm,
                     moment=moment,
                     layout=layout,
+                    structural=structural,
                 )
             return f
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -59,6 +60,9 @@ class Runtime:
         self._fn = None
         self._consts: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._sharded = any(_is_dtensor(t) for t in self.weights + self.targets)
+        #: per-step factor on the scales (``token_mask``: 1/real-token share on token-wise
+        #: layers): returns a float64 tensor in target order, or ``None``
+        self.multiplier: Callable[[], torch.Tensor | None] | None = None
 
     @property
     def fn(self):
@@ -100,6 +104,11 @@ class Runtime:
     @torch.no_grad()
     def scales(self) -> torch.Tensor:
         """float64 scales of the targets, on the parameters' device."""
+        out = self._scales()
+        mult = self.multiplier() if self.multiplier is not None else None
+        return out if mult is None else out * mult.to(out.device)
+
+    def _scales(self) -> torch.Tensor:
         dev = self.device()
         grads = []
         for p in self.grad_params:

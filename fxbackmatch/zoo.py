@@ -14,8 +14,9 @@ from .errors import FxBackmatchError
 __all__ = ["ZooResult", "sweep_model", "scale_stats", "trains", "INPUT_SIZE"]
 
 #: input side per model family (others: CIFAR's 32; AlexNet's pools need 63, inception_v3's
-#: auxiliary head its own 299); weights are never downloaded
-INPUT_SIZE = {"inception_v3": 299, "maxvit_t": 224, "vit": 224, "swin": 64, "alexnet": 64}
+#: auxiliary head its own 299, MaxViT's partitions 224); weights are never downloaded. ViTs are
+#: built for CIFAR's 32×32 (``image_size=32``: 4 patches of 16, 1 of 32, plus the class token)
+INPUT_SIZE = {"inception_v3": 299, "maxvit_t": 224, "vit": 32, "swin": 64, "alexnet": 64}
 
 
 @dataclass
@@ -94,6 +95,8 @@ def build(name: str, num_classes: int = 10) -> nn.Module:
     import torchvision
 
     base, kw = VARIANTS.get(name, (name, {}))
+    if base.startswith("vit"):
+        kw = {**kw, "image_size": _input_side(base)}
     torch.manual_seed(0)
     return torchvision.models.get_model(base, weights=None, num_classes=num_classes, **kw)
 

@@ -180,6 +180,22 @@ def test_export_capture_equals_symbolic_tracing_on_the_papers_lenet():
     assert net.training
 
 
+def test_export_log_softmax_stays_log_softmax():
+    """``aten.log_softmax`` lowers to ``torch.log_softmax`` (``J = I − 1pᵀ``: ``m`` kept), not
+    to softmax (``(S−1)/S³``, 1/1000 of it at S = 10): the exported plan equals the traced
+    one, and the graph that plan.measure replays calls log_softmax."""
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 10), nn.LogSoftmax(dim=1))
+    torch.manual_seed(0)
+    x = torch.randn(16, 6)
+    a = fxbackmatch.prepare(net, x, compile=False, capture="fx").scales()
+    ex = fxbackmatch.prepare(net, x, compile=False, capture="export")
+    for n, v in a.items():
+        assert ex.scales()[n] == pytest.approx(v, rel=1e-9), n
+    gm = ex._analysis.gm
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.log_softmax in targets and torch.softmax not in targets
+
+
 def test_export_takes_keyword_inputs_and_names_dict_outputs():
     class KW(nn.Module):
         def __init__(self):

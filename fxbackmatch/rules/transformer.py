@@ -142,13 +142,13 @@ def _matmul_moment(ctx: RuleContext) -> Mono | None:
 
 
 def _partner(ctx: RuleContext, node) -> Mono:
-    """A bilinear partner's ``E[x²]`` under ``gamma="one"``: 1 (normalized), except for a
-    softmax output, whose moment ``1/S²`` is structural, not a weight scale."""
+    """A bilinear partner's ``E[x²]`` under ``gamma="one"``: 1 (normalized), except where a
+    ``structural`` rule (softmax: ``1/S²``) fixes the moment, looking through transparent ops."""
     rule = ctx.rule_of(node)
-    while rule is not None and rule.transparent and rule.fn is not softmax_rule and node.all_input_nodes:
+    while rule is not None and rule.transparent and not rule.structural and node.all_input_nodes:
         node = node.all_input_nodes[0]
         rule = ctx.rule_of(node)
-    if rule is not None and rule.fn is softmax_rule:
+    if rule is not None and rule.structural:
         got, _ = ctx.variance_below(node)
         return got if got is not None else Mono()
     return Mono()
@@ -200,7 +200,7 @@ def _softmax_size(ctx: RuleContext) -> int:
     return max(1, shape[dim])
 
 
-@register_rule(module=nn.Softmax, function=(torch.softmax, F.softmax), method=("softmax",),
+@register_rule(module=nn.Softmax, function=(torch.softmax, F.softmax), method=("softmax",), structural=True,
                moment=lambda ctx: Mono.const(1.0 / _softmax_size(ctx) ** 2) if ctx.inputs else None)
 def softmax_rule(ctx: RuleContext) -> None:
     """Softmax over ``S`` entries: ``J = diag(p) − ppᵀ``, ``mean diag(JᵀJ) = (S − 1)/S³`` at
