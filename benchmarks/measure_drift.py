@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-jpeg.npz"))
     ap.add_argument("--nets", default="lenet,vgg16,resnet50,efficientnet_b0")
+    ap.add_argument("--columns", default="default,measured,linear,linear+measured,relu=exact")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     pass  # threads: OMP_NUM_THREADS
@@ -91,17 +92,18 @@ def main() -> None:
         lin = linearize(net)
         warm(net, xs[:20])
         warm(lin, xs[:20])
-        cols = {
-            "default": ratios(net, x, args.probes),
-            "measured": ratios(net, x, args.probes, variance="measured"),
-            "linear": ratios(lin, x, args.probes),
-            "linear+measured": ratios(lin, x, args.probes, variance="measured"),
-            "relu=exact": ratios(net, x, args.probes, relu="exact"),
+        settings = {
+            "default": lambda: ratios(net, x, args.probes),
+            "measured": lambda: ratios(net, x, args.probes, variance="measured"),
+            "linear": lambda: ratios(lin, x, args.probes),
+            "linear+measured": lambda: ratios(lin, x, args.probes, variance="measured"),
+            "relu=exact": lambda: ratios(net, x, args.probes, relu="exact"),
         }
+        cols = {c: settings[c]() for c in args.columns.split(",")}
         print(f"\n## {name}: rule m / measured m at each weighted layer, bottom → top\n")
         print("| layer | " + " | ".join(cols) + " |")
         print("|---|" + "---:|" * len(cols))
-        layers = [l for l, _ in cols["default"]]
+        layers = [l for l, _ in next(iter(cols.values()))]
         for i, l in enumerate(layers):
             print(f"| {l} | " + " | ".join(f"{cols[c][i][1]:.3g}" for c in cols) + " |")
         geo = {c: math.exp(sum(math.log(r) for _, r in v) / len(v)) for c, v in cols.items()}

@@ -118,6 +118,18 @@ def _index(x, dim: int, item) -> tuple:
     return (slice(None),) * dim + (item,)
 
 
+@_lowering("index")
+def _index_tensor(k):
+    """``aten.index.Tensor(x, [i, None, j])``: ``x[i, :, j]`` (a gather: a position bias table)."""
+    items = tuple(slice(None) if i is None else i for i in k["indices"])
+    return _fn(operator.getitem, k["input"], items[0] if len(items) == 1 else items)
+
+
+@_lowering("pad")
+def _pad(k):
+    return _fn(F.pad, k["input"], list(k["pad"]), k.get("mode", "constant"), k.get("value"))
+
+
 @_lowering("_softmax")
 def _softmax(k):
     return _fn(torch.softmax, k["input"], k["dim"])

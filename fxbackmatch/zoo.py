@@ -15,8 +15,8 @@ __all__ = ["ZooResult", "sweep_model", "scale_stats", "trains", "INPUT_SIZE"]
 
 #: input side per model family (others: CIFAR's 32; AlexNet's pools need 63, inception_v3's
 #: auxiliary head its own 299, MaxViT's partitions 224); weights are never downloaded. ViTs are
-#: built for CIFAR's 32×32 (``image_size=32``: 4 patches of 16, 1 of 32, plus the class token)
-INPUT_SIZE = {"inception_v3": 299, "maxvit_t": 224, "vit": 32, "swin": 64, "alexnet": 64}
+#: built for CIFAR's size (``image_size=32``: 4 patches of 16, 1 of 32; ViT-H/14 at 28: 4 of 14)
+INPUT_SIZE = {"inception_v3": 299, "maxvit_t": 224, "vit_h_14": 28, "vit": 32, "swin": 64, "alexnet": 64}
 
 
 @dataclass
@@ -45,13 +45,15 @@ def scale_stats(plan) -> tuple[float, float, float]:
 
 def trains(model: nn.Module, plan, batches, *, lr: float = 2e-3, momentum: float = 0.9) -> str:
     """20 (``len(batches)``) SGD-momentum steps with the plan attached: ``"ok"`` when every
-    loss is finite and no conv/linear weight moves more than its own norm in the first step;
+    loss is finite and no conv/linear weight moves more than its own norm in the first step
+    (a zero-initialized weight — ViT's head — has no norm to compare with and is left out);
     otherwise what went wrong. ``batches`` are ``(x, y)`` pairs; the model is trained in place."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     handle = plan.attach(opt)
     watched = {n: m.weight for n, m in model.named_modules()
-               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight.requires_grad}
+               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight.requires_grad
+               and bool(m.weight.detach().norm() > 0)}
     try:
         for step, (x, y) in enumerate(batches):
             before = {n: w.detach().clone() for n, w in watched.items()} if step == 0 else None

@@ -33,22 +33,23 @@ def prep(net, x, **kw):
     return fxbackmatch.prepare(net, x, compile=False, **kw)
 
 
-def oracle_ratios(make, shape, draws=DRAWS, **kw) -> dict[str, float]:
-    """Geometric mean over weight draws of rule m / measured m, per value."""
+def oracle_ratios(make, shape, draws=DRAWS, values=True, **kw) -> dict[str, float]:
+    """Geometric mean over weight draws of rule m / measured m, per value (per layer output
+    with ``values=False``)."""
     logs: dict[str, list[float]] = {}
     for d in range(draws):
         torch.manual_seed(100 + d)
         net = make()
         x = torch.randn(BATCH, *shape)
         plan = prep(net, x, **kw)
-        for row in plan.measure(x, probes=PROBES, seed=d, values=True):
+        for row in plan.measure(x, probes=PROBES, seed=d, values=values):
             if row["measured_m"] and row["rule_m"]:
                 logs.setdefault(row["node"], []).append(math.log(row["ratio"]))
     return {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
 
 
-def assert_oracle(make, shape, **kw):
-    ratios = oracle_ratios(make, shape, **kw)
+def assert_oracle(make, shape, values=True, **kw):
+    ratios = oracle_ratios(make, shape, values=values, **kw)
     assert ratios, "nothing measured"
     bad = {k: round(v, 3) for k, v in ratios.items() if abs(math.log(v)) > math.log(1 + TOL)}
     assert not bad, f"rule m / measured m off by more than {TOL:.0%}: {bad}"
@@ -253,6 +254,30 @@ def test_valid_taps_leave_the_paper_vgg_scales_alone():
     for k, v in paper.scales().items():
         _same(valid.scales()[k], v, rel=1e-12)
     assert [r.s for r in valid.layers][-2] == pytest.approx(4 / 9)  # 2×2 map, pooled to 1 location: 4/9 of taps
+
+
+class ReluChain(nn.Sequential):
+    """Linear–BN–ReLU ×4 with real ReLUs: what the paper linearizes (eq. 31)."""
+
+    def __init__(self, w=64):
+        layers, d = [], 64
+        for _ in range(4):
+            layers += [nn.Linear(d, w, bias=False), bn1(w), nn.ReLU()]
+            d = w
+        super().__init__(*layers, nn.Linear(w, 32, bias=False))
+
+
+def test_relu_exact_matches_measured_jacobians_on_real_relus():
+    """``relu="exact"``: a ReLU of a normalized pre-activation passes gradient at half of its
+    entries (``m ← m/2``) and has ``Var = 1/2 − 1/2π``: on a real BN–ReLU chain the rules then
+    agree with the measured Jacobians at every layer (the oracle, unlinearized). The paper's
+    identity is measurably off there (``2·(1/2 − 1/2π) = 1 − 1/π`` per stage, partly cancelling).
+    Compared at the layers' outputs: at a ReLU's own input the measured mean runs over the
+    entries it lets through, the rule's over all of them (a factor 2 by definition)."""
+    got = assert_oracle(ReluChain, (64,), values=False, relu="exact")
+    assert len(got) == 5
+    paper = oracle_ratios(ReluChain, (64,), draws=2, values=False)
+    assert min(paper.values()) < 1 / (1 + 2 * TOL)
 
 
 def _measured_weight_curvature(net, x, name, probes=PROBES) -> float:

@@ -26,6 +26,12 @@ MODELS += list(VARIANTS)
 KNOWN_OUT_OF_RANGE = {
     "inception_v3": "the auxiliary classifier's weights are initialized with std 0.001",
 }
+#: transformers that prepare with strict=True, fully covered, and why a scale is out of range
+TRANSFORMERS = {
+    "swin_t": None,  # aten pad/roll/index and the attention mask built in-graph, lowered
+    "vit_b_16": "zero-initialized head: the exact least-squares scales below it are unbounded",
+    "maxvit_t": "GELU/LayerNorm drift at 0.02-std init: rule m 1/500 of the measured at block 0",
+}
 TARGET_FAMILIES = (
     "resnet", "resnext", "wide_resnet", "vgg", "densenet", "mobilenet", "efficientnet", "regnet",
     "shufflenet", "squeezenet", "mnasnet", "googlenet", "convnext", "alexnet", "inception",
@@ -45,6 +51,12 @@ def test_zoo_model(name):
         in_range = SCALE_RANGE[0] <= r.scale_min and r.scale_max <= SCALE_RANGE[1]
         assert in_range != (name in KNOWN_OUT_OF_RANGE), (r.scale_min, r.scale_max)
         assert flagged == (not in_range)  # the guard warns exactly when a scale is out of range
+    elif name in TRANSFORMERS:  # through torch.export, strict, every parameter covered
+        assert r.outcome == "ok", r.message
+        assert r.covered == r.total
+        in_range = SCALE_RANGE[0] <= r.scale_min and r.scale_max <= SCALE_RANGE[1]
+        assert in_range == (TRANSFORMERS[name] is None), (r.scale_min, r.scale_max)
+        assert flagged == (not in_range)
     else:
         assert r.outcome == "ok" or r.outcome.endswith("Error"), r
         if r.outcome != "ok":

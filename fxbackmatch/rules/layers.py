@@ -38,17 +38,18 @@ def _weight_row_norm(ctx: RuleContext) -> Mono | None:
 
 
 def _linear(ctx: RuleContext, w: str | None, b: str | None, kind: str) -> None:
-    """FC layer (§2.1, eq. 34): scale ``1/(m·s)`` with ``s`` = positions that carry gradient
-    (1 for a 2-D input; the token count for ``Linear`` on 3-D input); ``m ← m·||Wᵀ||²_{2,μ}``;
+    """FC layer (§2.1, eq. 34): scale ``1/(m·s)`` with ``s`` = positions per sample that carry
+    gradient (1 for a 2-D input; the token count for ``Linear`` on 3-D input, also where the
+    batch was folded into the first dimension: Swin's ``B·windows``); ``m ← m·||Wᵀ||²_{2,μ}``;
     ``c = 1``. The bias takes the weight's scale. When only a share ``chan`` of the output
     units carries gradient (a channel slice above), the column norms count those rows only:
     ``m ← m·chan·||Wᵀ||²_{2,μ}`` (row-homogeneous), as for the smaller layer."""
     x = ctx.inputs[0]
-    s = ctx.frac_out * positions(ctx.out_shape, -1)
     if w is None:  # frozen weight: nothing to rescale, but the factor still flows
         ctx.pass_to(x, ctx.m_out)
         return
     out_f, in_f = ctx.param_shape(w)
+    s = ctx.frac_out * ctx.positions_per_sample(ctx.node, out_f)  # a folded batch (Swin's windows) counts
     ctx.add_layer(kind, [(w, "weight", s, _input_moment(ctx, x)), (b, "bias", s)], weight=w, s=s, c=1.0, input_node=x)
     ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) * (ctx.chan_out / in_f), ctx.frac_out, 1.0)
 

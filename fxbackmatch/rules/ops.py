@@ -37,7 +37,8 @@ from ..registry import register_rule
 
 __all__ = [
     "identity_rule", "sigmoid_rule", "max_pool_rule", "avg_pool_rule", "reduce_rule",
-    "add_rule", "concat_rule", "container_rule", "getitem_rule", "mul_rule",
+    "add_rule", "concat_rule", "container_rule", "getitem_rule", "mul_rule", "pad_rule",
+    "constant_like_rule", "fill_rule", "masked_fill_rule",
 ]
 
 try:  # torchvision's stochastic depth acts like dropout on the residual branch
@@ -57,13 +58,13 @@ _ACTIVATION_FUNCTIONS = (
     F.softsign, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
     torch.transpose, torch.clone, F.log_softmax, torch.log_softmax, torch.unflatten,
-    torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
+    torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis, torch.roll,
 )
 _ACTIVATION_METHODS = (
     "tanh", "tanh_", "view", "view_as", "reshape", "reshape_as", "flatten",
     "contiguous", "permute", "transpose", "squeeze", "unsqueeze", "clone", "float", "double",
     "half", "bfloat16", "to", "type_as", "log_softmax", "detach_", "unflatten",
-    "swapaxes", "swapdims", "movedim", "moveaxis",
+    "swapaxes", "swapdims", "movedim", "moveaxis", "roll",
 )
 
 
@@ -81,9 +82,19 @@ def identity_rule(ctx: RuleContext) -> None:
 RELU_VAR = 0.5 - 1 / (2 * math.pi)
 
 
+def _relu_exact(ctx: RuleContext) -> bool:
+    """``relu="exact"`` applies where its values hold: a ReLU of a norm layer's output, whose
+    input is zero-mean and symmetric (half active, ``Var = 1/2 − 1/2π``). A ReLU of a residual
+    sum (a non-negative stream plus a branch: mostly active) keeps the paper's identity."""
+    if ctx.relu_mode != "exact" or not ctx.inputs:
+        return False
+    rule = ctx.rule_of(ctx.inputs[0])
+    return rule is not None and rule.norm
+
+
 def _relu_moment(ctx: RuleContext) -> Mono | None:
     below, _ = ctx.variance_below(ctx.inputs[0]) if ctx.inputs else (None, "")
-    if ctx.relu_mode != "exact":
+    if not _relu_exact(ctx):
         return below  # the paper: ReLU as the identity
     return (below if below is not None else Mono()) * RELU_VAR
 
@@ -94,13 +105,16 @@ def _relu_moment(ctx: RuleContext) -> Mono | None:
 )
 def relu_rule(ctx: RuleContext) -> None:
     """ReLU. ``relu="paper"`` (default): the identity (eq. 31) — ``m``, positions and channels
-    unchanged. ``relu="exact"``: only half of the units carry gradient, so ``chan`` halves
-    (the layer below sees half of its column norm) and the output variance is
+    unchanged. ``relu="exact"``: each unit passes gradient with probability 1/2, independently
+    of its position and channel, so ``mean diag(JᵀJ)`` over the input halves, ``m ← m/2`` (the
+    layer below shares its weight over half of its outputs' entries, and its inputs see half of
+    its column norm), and the output variance is
     ``(1/2 − 1/2π)·E[z²]`` — together ``1 − 1/π`` per conv–BN–ReLU stage, the paper's drift
-    on deep nets (docs/derivations.md). ``s`` still counts every position, as the paper's."""
+    on deep nets (docs/derivations.md) — where the ReLU reads a norm layer's output (zero-mean
+    input); a ReLU after a residual addition stays the identity. ``s`` still counts every
+    position, as the paper's."""
     if ctx.inputs:
-        chan = ctx.chan_out * (0.5 if ctx.relu_mode == "exact" else 1.0)
-        ctx.pass_to(ctx.inputs[0], ctx.m_out, None, chan)
+        ctx.pass_to(ctx.inputs[0], ctx.m_out * (0.5 if _relu_exact(ctx) else 1.0))
 
 
 #: ``E[σ(z)²]`` of a gate near its operating point ``z ≈ 0`` (``σ(0)² = 1/4``): a heuristic, noted
@@ -344,7 +358,12 @@ def getitem_rule(ctx: RuleContext) -> None:
         return
     ratios = _index_ratios(ctx.node.args[1], in_shape)
     if ratios is None:  # advanced indexing: count the share as positions
-        ctx.pass_to(x, ctx.m_out, ctx.frac_out * min(1.0, ratio))
+        if ratio > 1:  # a gather that reads entries repeatedly (a bias table from an MLP):
+            # JᵀJ sums the reads — numel(out)/numel(x) per entry on average
+            ctx.pass_to(x, ctx.m_out * ratio, 1.0, 1.0)
+            ctx.note("gather: entries read numel(out)/numel(in) times on average")
+            return
+        ctx.pass_to(x, ctx.m_out, ctx.frac_out * ratio)
         ctx.note("advanced indexing: selected share counted as positions")
         return
     ch = _channel_dim(ctx, x, len(in_shape))
@@ -471,3 +490,47 @@ def mul_rule(ctx: RuleContext) -> None:
 def _is_sigmoid(ctx: RuleContext, node: fx.Node) -> bool:
     rule = ctx.rule_of(node)
     return rule is not None and rule.fn is sigmoid_rule
+
+
+# ------------------------------------------------------------------- padding and constants
+@register_rule(function=F.pad, transparent=True)
+def pad_rule(ctx: RuleContext) -> None:
+    """``F.pad``: constant padding copies every input element once (``J`` a selection):
+    ``m`` unchanged; the padded entries lead nowhere. (``reflect``/``replicate`` read border
+    elements twice: the same, noted.)"""
+    if not ctx.inputs:
+        return
+    mode = ctx.arg(2, "mode", "constant")
+    if mode != "constant":
+        ctx.note(f"pad mode {mode!r}: border elements read twice, counted once")
+    ctx.pass_to(ctx.inputs[0], ctx.m_out)
+
+
+@register_rule(
+    function=(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like),
+    method=("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zero_"),
+)
+def constant_like_rule(ctx: RuleContext) -> None:
+    """A tensor made from another's shape, or overwritten with zeros: ``J = 0`` — no
+    gradient reaches the input (Swin's attention mask is built this way)."""
+
+
+@register_rule(method=("fill_",), function=(torch.fill,))
+def fill_rule(ctx: RuleContext) -> None:
+    """``x.fill_(v)``: the output is ``v`` everywhere — ``J = 0`` for ``x``; a tensor ``v``
+    gets the sum over the positions it fills."""
+    x = ctx.node.args[0] if ctx.node.args else None
+    for v in ctx.inputs:
+        if v is not x:
+            ctx.pass_to(v, ctx.m_out * max(1, ctx.numel(ctx.node)), 1.0, 1.0)
+
+
+@register_rule(method=("masked_fill", "masked_fill_"), function=(torch.masked_fill,))
+def masked_fill_rule(ctx: RuleContext) -> None:
+    """``x.masked_fill(mask, v)``: ``x`` keeps ``m`` where the mask is false (an attention mask
+    fills scores that softmax then drops: counted as carrying, noted); a tensor ``v`` is not
+    followed."""
+    x = ctx.node.args[0] if ctx.node.args else None
+    if isinstance(x, fx.Node) and x in ctx.inputs:
+        ctx.note("masked_fill: the masked share is counted as carrying gradient")
+        ctx.pass_to(x, ctx.m_out)
