@@ -55,10 +55,11 @@ def prepare(
     ``outputs`` names the outputs that enter the loss (tuple index, dict key or field name,
     or a sequence of them; default: every tensor output) — only they start the chain with
     ``m = 1``. ``gamma="one"`` (default) treats multiplicative parameters (norm γ, layer
-    scales) as 1 in the chain, as the paper's BN (§3.4); ``gamma="exact"`` multiplies by
-    ``mean(γ²)``. ``cap`` keeps every scale in ``[1/cap, cap]``. ``relu="exact"``
-    counts that half of a ReLU's units carry gradient and that ``Var[relu(z)] = (1/2 − 1/2π)``
-    (the paper's identity, ``relu="paper"``, drifts by ``1 − 1/π`` per layer on deep nets).
+    scales) as 1 in the chain and in the forward moments, as the paper's BN (§3.4);
+    ``gamma="exact"`` uses ``mean(γ²)``. ``cap`` keeps every scale in ``[1/cap, cap]``.
+    ``relu="exact"``: a ReLU of a norm layer's output passes gradient at half of its entries
+    (``m/2``) and has ``Var = (1/2 − 1/2π)·E[z²]`` — use it on deep ResNets/RegNets (the
+    paper's identity, ``relu="paper"``, drifts by ``1 − 1/π`` per stage on deep nets).
     ``unnormalized="virtual"`` acts as if a BatchNorm followed every weighted layer that has
     none above it (the paper's precondition; output layers excepted): the chain then no longer
     depends on the weights' overall scale — use it for transformers at small-std inits.

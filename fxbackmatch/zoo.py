@@ -103,19 +103,20 @@ def build(name: str, num_classes: int = 10) -> nn.Module:
     return torchvision.models.get_model(base, weights=None, num_classes=num_classes, **kw)
 
 
-def sweep_model(name: str, batches=None) -> ZooResult:
-    """Prepare ``name`` (strict, then lenient if that fails), its scale statistics, and with
-    ``batches`` (CIFAR-10 ``(x, y)`` pairs) whether it trains (:func:`trains`)."""
+def sweep_model(name: str, batches=None, **options) -> ZooResult:
+    """Prepare ``name`` (strict, then lenient if that fails; ``options`` go to ``prepare``),
+    its scale statistics, and with ``batches`` (CIFAR-10 ``(x, y)`` pairs) whether it trains
+    (:func:`trains`)."""
     model = build(name)
     side = _input_side(name)
     total = sum(1 for p in model.parameters() if p.requires_grad)
     n_m = sum(p.numel() for p in model.parameters()) / 1e6
     t = time.perf_counter()
     try:
-        plan = prepare(model, torch.randn(2, 3, side, side), compile=False)
+        plan = prepare(model, torch.randn(2, 3, side, side), compile=False, **options)
     except FxBackmatchError as e:
         dt = time.perf_counter() - t
-        lenient = prepare(model, torch.randn(2, 3, side, side), compile=False, strict=False)
+        lenient = prepare(model, torch.randn(2, 3, side, side), compile=False, strict=False, **options)
         _check_scales(name, lenient)
         return ZooResult(
             name, type(e).__name__, str(e).splitlines()[0], 0, total, False, dt, n_m, len(lenient.targets)
