@@ -168,10 +168,11 @@ class Plan:
             )
         self.input_shapes = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
         if self.token_mask is not None:
+            from .tokens import is_token_shape
+
             self._analysis.layers = [
-                dataclasses.replace(r, notes=r.notes + (TOKEN_NOTE,))
-                if r.output_shape and len(r.output_shape) >= 3 and tuple(r.output_shape[:2]) == self._token_bt else r
-                for r in self._analysis.layers
+                dataclasses.replace(r, notes=r.notes + (TOKEN_NOTE,)) if is_token_shape(r.output_shape, self._token_bt)
+                else r for r in self._analysis.layers
             ]
         self._finish()
         if self.factors == "measured":
@@ -394,9 +395,8 @@ class Plan:
         mult = self._runtime.multiplier() if self._runtime.multiplier is not None else None
         mult = None if mult is None else dict(zip(self._targets, mult.tolist()))
         for n, expr in self._scale_expr.items():
-            v = eval_mono(expr, vals)
-            v = v if self.cap is None else min(max(v, 1.0 / self.cap), self.cap)
-            out[n] = v if mult is None else v * mult[n]
+            v = eval_mono(expr, vals) * (1.0 if mult is None else mult[n])
+            out[n] = v if self.cap is None else min(max(v, 1.0 / self.cap), self.cap)
         return out
 
     def measure(self, *inputs: torch.Tensor, probes: int = 16, seed: int = 0, values: bool = False,

@@ -106,7 +106,11 @@ class Runtime:
         """float64 scales of the targets, on the parameters' device."""
         out = self._scales()
         mult = self.multiplier() if self.multiplier is not None else None
-        return out if mult is None else out * mult.to(out.device)
+        if mult is None:
+            return out
+        out = out * mult.to(out.device)
+        cap = self.gen.cap
+        return out if cap is None else out.clamp(1.0 / cap, cap)  # the cap holds after the token share
 
     def _scales(self) -> torch.Tensor:
         dev = self.device()

@@ -23,7 +23,7 @@ from .errors import FxBackmatchError
 from .records import ParamUse
 from .shapes import shape_of
 
-__all__ = ["find_mask", "position_of", "token_targets", "token_multiplier"]
+__all__ = ["find_mask", "position_of", "token_targets", "token_multiplier", "is_token_shape"]
 
 
 def position_of(model: torch.nn.Module, name: str) -> int | None:
@@ -67,10 +67,14 @@ def token_targets(
     nodes = {n.name: n for n in gm.graph.nodes}
 
     def token_wise(use: ParamUse) -> bool:
-        shape = shape_of(nodes.get(use.node)) if use.node in nodes else None
-        return bool(shape) and len(shape) >= 3 and tuple(shape[:2]) == bt
+        return is_token_shape(shape_of(nodes[use.node]) if use.node in nodes else None, bt)
 
     return [bool(uses.get(t)) and all(token_wise(u) for u in uses[t]) for t in targets]
+
+
+def is_token_shape(shape: Sequence[int] | None, bt: tuple[int, int]) -> bool:
+    """Whether a layer output of ``shape`` is token-wise: ``(B, T, …)`` with ``(B, T)`` the mask's."""
+    return bool(shape) and len(shape) >= 3 and tuple(shape[:2]) == bt
 
 
 def token_multiplier(mask: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,14 @@ def test_each_steps_mask_sets_the_share_and_compiled_equals_eager():
         assert ratio == pytest.approx(got[n], rel=1e-5), n
     net(x, full)
     assert plan.scales() == pytest.approx(base, rel=1e-12)  # no padding: back to f = 1
+    # cap= still bounds every scale after the token share, on both paths
+    cap = 1.1
+    assert base["inp.weight"] < cap < base["inp.weight"] * 8 / 5  # under the cap unpadded, over it at 1/f
+    capped = fxbackmatch.prepare(net, (x,), example_kwargs={"attention_mask": full}, token_mask="attention_mask",
+                                 cap=cap, compile=False)
+    net(x, padded_mask(lengths()))
+    assert capped.scales()["inp.weight"] == pytest.approx(cap, rel=1e-12)
+    assert float(capped.scale_tensor()[capped.targets.index("inp.weight")]) == pytest.approx(cap, rel=1e-12)
 
 
 def test_token_mask_errors_name_the_input():
