@@ -18,6 +18,7 @@ used; ``capture="fx"`` refuses the fallback.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Sequence
 
@@ -44,17 +45,23 @@ CAPTURES = ("auto", "fx", "export", "hooks")
 log = logging.getLogger(__name__)
 
 
-def capture(*args, **kwargs) -> tuple[fx.GraphModule, str]:
-    """See :func:`_capture`; :func:`capturing` is true while it runs."""
-    global _depth
-    _depth += 1
-    try:
-        return _capture(*args, **kwargs)
-    finally:
-        _depth -= 1
+def _marks_capturing(fn):
+    """:func:`capturing` is true while ``fn`` runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _depth
+        _depth += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _depth -= 1
+
+    return wrapper
 
 
-def _capture(
+@_marks_capturing
+def capture(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],
     is_rule_leaf: Callable[[nn.Module], bool],

@@ -241,7 +241,7 @@ class Plan:
         if self._token_bt is not None:
             from .tokens import token_targets
 
-            flags = token_targets(a.gm, self._targets, a.uses, self._token_bt)
+            flags = token_targets(self._targets, a.uses, a.layers, self._token_bt)
             self._token_flags = torch.tensor(flags, dtype=torch.float64)
             self._runtime.multiplier = self._token_multiplier
         self.fingerprint = _fingerprint(a.gm, params)

@@ -17,11 +17,9 @@ import inspect
 from typing import Any, Sequence
 
 import torch
-import torch.fx as fx
 
 from .errors import FxBackmatchError
-from .records import ParamUse
-from .shapes import shape_of
+from .records import LayerRecord, ParamUse
 
 __all__ = ["find_mask", "position_of", "token_targets", "token_multiplier", "is_token_shape"]
 
@@ -61,15 +59,11 @@ def check_mask(where: str | int, mask: Any) -> tuple[int, int]:
 
 
 def token_targets(
-    gm: fx.GraphModule, targets: Sequence[str], uses: dict[str, list[ParamUse]], bt: tuple[int, int]
+    targets: Sequence[str], uses: dict[str, list[ParamUse]], layers: Sequence[LayerRecord], bt: tuple[int, int]
 ) -> list[bool]:
     """Per target: whether every use of it is a layer whose output is ``(B, T, …)``."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-
-    def token_wise(use: ParamUse) -> bool:
-        return is_token_shape(shape_of(nodes[use.node]) if use.node in nodes else None, bt)
-
-    return [bool(uses.get(t)) and all(token_wise(u) for u in uses[t]) for t in targets]
+    shapes = {r.node: r.output_shape for r in layers}
+    return [bool(uses.get(t)) and all(is_token_shape(shapes.get(u.node), bt) for u in uses[t]) for t in targets]
 
 
 def is_token_shape(shape: Sequence[int] | None, bt: tuple[int, int]) -> bool:
