@@ -39,7 +39,7 @@ from .topology import backward_order, build_digraph, carries_tensor, select_outp
 from .variance import VarianceEstimator
 
 __all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze", "GAMMA_MODES", "RELU_MODES",
-           "UNNORMALIZED_MODES", "TAPS_MODES"]
+           "UNNORMALIZED_MODES", "TAPS_MODES", "MOMENT_MODES", "MOMENT_PREFIX"]
 
 #: how multiplicative parameters (norm γ, layer scales) enter the chain: ``"one"`` treats
 #: them as 1 (the paper, §3.4: BN without trainable γ); ``"exact"`` multiplies by mean(γ²).
@@ -57,6 +57,12 @@ UNNORMALIZED_MODES = ("exact", "virtual")
 #: pairs that read a real input, not zero padding (the exact mean of ``JᵀJ``; it matters when
 #: the kernel is large beside the map, e.g. 7×7 on 1×1 or 2×2 maps; docs/derivations.md)
 TAPS_MODES = ("all", "valid")
+#: where the forward moments ``E[a²]`` the rules read come from: ``"derived"`` — estimated from
+#: the weights below (:mod:`fxbackmatch.variance`); ``"measured"`` — an atom per value, filled
+#: on the live batch (``factors="measured"``: the plan refreshes them with ``m``)
+MOMENT_MODES = ("derived", "measured")
+#: buffer-name prefix of a measured forward moment atom (``fxbackmatch.moment:<node>``)
+MOMENT_PREFIX = "fxbackmatch.moment:"
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Analysis:
     outputs: list[str]  # labels of the loss outputs, as the user named them
     output_nodes: list[str] = field(default_factory=list)
     gamma: str = "one"
+    moment_nodes: list[str] = field(default_factory=list)  # values whose E[a²] is a measured atom
 
 
 def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -95,8 +102,11 @@ def _register_hint(node: fx.Node, gm: fx.GraphModule) -> str:
 
 class _Walker:
     def __init__(self, gm, registry: RuleRegistry, model: nn.Module, strict: bool, variance: str, gamma: str,
-                 relu: str = "paper", unnormalized: str = "exact", taps: str = "all"):
+                 relu: str = "paper", unnormalized: str = "exact", taps: str = "all",
+                 moments: str = "derived"):
         self.gm = gm
+        self.moments = moments
+        self.moment_nodes: list[str] = []
         self.registry = registry
         self.strict = strict
         self.variance = variance
@@ -199,6 +209,11 @@ class _Walker:
         )
 
     def variance_below(self, node: fx.Node) -> tuple[Mono | None, str]:
+        val = node.meta.get("val")
+        if self.moments == "measured" and isinstance(val, torch.Tensor) and val.is_floating_point():
+            if node.name not in self.moment_nodes:
+                self.moment_nodes.append(node.name)
+            return Mono.atom(self.atoms.stat(MOMENT_PREFIX + node.name)), "E[a²] measured on the batch"
         if self.variance != "measured":
             got = self._moment(node)
             if got is not None:
@@ -259,6 +274,7 @@ class _Walker:
             notes=self.notes,
             param_names=self.param_names,
             variance=self.variance,
+            moment_nodes=self.moment_nodes,
             outputs=labels,
             output_nodes=[o.name for o in outs],
             gamma=self.gamma,
@@ -407,6 +423,7 @@ def analyze(
     relu: str = "paper",
     unnormalized: str = "exact",
     taps: str = "all",
+    moments: str = "derived",
 ) -> Analysis:
     """Walk ``gm`` (with shapes propagated) and return the symbolic factors of every layer.
 
@@ -423,5 +440,7 @@ def analyze(
         raise ValueError(f"unnormalized must be one of {UNNORMALIZED_MODES}, got {unnormalized!r}")
     if taps not in TAPS_MODES:
         raise ValueError(f"taps must be one of {TAPS_MODES}, got {taps!r}")
-    return _Walker(gm, registry, model, strict, variance, gamma, relu, unnormalized, taps).run(outputs)
+    if moments not in MOMENT_MODES:
+        raise ValueError(f"moments must be one of {MOMENT_MODES}, got {moments!r}")
+    return _Walker(gm, registry, model, strict, variance, gamma, relu, unnormalized, taps, moments).run(outputs)
 

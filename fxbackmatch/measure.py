@@ -12,25 +12,39 @@ touched, and buffers (BatchNorm running statistics) are restored afterwards.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["measure_values", "carrying_mean"]
+__all__ = ["measure_values", "measure_factors", "Measurement", "carrying_mean"]
+
+
+@dataclass
+class Measurement:
+    """``m``: measured ``mean diag(JᵀJ)`` per value; ``moments``: its ``E[a²]`` on the batch."""
+
+    m: dict[str, float]
+    moments: dict[str, float]
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, keep: set[str]):
+    def __init__(self, gm: fx.GraphModule, keep: set[str], moments: set[str] = frozenset()):
         super().__init__(gm)
         self.keep = keep
+        self.moment_keep = moments
         self.values: dict[str, torch.Tensor] = {}
+        self.moments: dict[str, float] = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        if n.name in self.keep and isinstance(out, torch.Tensor) and out.is_floating_point() and out.requires_grad:
-            self.values[n.name] = out
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            if n.name in self.keep and out.requires_grad:
+                self.values[n.name] = out
+            if n.name in self.moment_keep:
+                self.moments[n.name] = float(out.detach().double().square().mean()) if out.numel() else 0.0
         return out
 
 
@@ -63,6 +77,23 @@ def measure_values(
 ) -> dict[str, float]:
     """Measured ``mean diag(JᵀJ)`` at the named nodes (every tensor node if ``None``), with
     ``J`` the Jacobian of the nodes named in ``outputs`` (the loss outputs)."""
+    return measure_factors(gm, model, inputs, outputs, nodes, probes=probes, seed=seed).m
+
+
+def measure_factors(
+    gm: fx.GraphModule,
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    outputs: Iterable[str],
+    nodes: Iterable[str] | None = None,
+    moments: Iterable[str] = (),
+    *,
+    probes: int = 16,
+    seed: int = 0,
+) -> Measurement:
+    """:func:`measure_values` and, from the same forward, ``E[a²]`` (the mean of the squared
+    entries) of the values named in ``moments`` — the forward statistics the rules would
+    otherwise estimate from the weights below."""
     outputs = list(outputs)
     keep = {n.name for n in gm.graph.nodes if n.op not in ("output", "get_attr")} if nodes is None else set(nodes)
     keep |= set(outputs)
@@ -70,7 +101,7 @@ def measure_values(
     inputs = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs]
     try:
         with torch.enable_grad():
-            rec = _Recorder(gm, keep)
+            rec = _Recorder(gm, keep, set(moments))
             rec.run(*inputs)
             vals = rec.values
             outs = [vals[o] for o in outputs if o in vals]
@@ -91,4 +122,4 @@ def measure_values(
                         a.add_(g.detach().double().square())
     finally:
         _restore(model, saved)
-    return {k: carrying_mean(a / probes) for k, a in zip(names, acc)}
+    return Measurement({k: carrying_mean(a / probes) for k, a in zip(names, acc)}, rec.moments)

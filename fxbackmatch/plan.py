@@ -13,7 +13,7 @@ import dataclasses
 import math
 import warnings
 
-from .analysis import GAMMA_MODES, RELU_MODES, TAPS_MODES, Analysis, LayerRecord, analyze
+from .analysis import GAMMA_MODES, MOMENT_PREFIX, RELU_MODES, TAPS_MODES, Analysis, LayerRecord, analyze
 from .errors import FxBackmatchError, ScaleRangeWarning
 from .guards import SCALE_RANGE, out_of_range, unnormalized_layers
 from .codegen import GeneratedFactors, generate
@@ -149,7 +149,7 @@ class Plan:
         self._analysis = analyze(
             gm, self.model, self.registry, strict=self.strict, variance=self.variance,
             gamma=self.gamma, outputs=self.outputs, relu=self.relu, unnormalized=self.unnormalized,
-            taps=self.taps,
+            taps=self.taps, moments="measured" if self.factors == "measured" else "derived",
         )
         bare = unnormalized_layers(gm, self.registry, [r.node for r in self._analysis.layers])
         self._analysis.layers = [
@@ -254,8 +254,8 @@ class Plan:
 
     # ------------------------------------------------------------------ measured factors
     def _measure_atoms(self, a: Analysis) -> None:
-        for rec in a.layers:
-            key = MEASURED_PREFIX + rec.node
+        keys = [MEASURED_PREFIX + rec.node for rec in a.layers] + [MOMENT_PREFIX + n for n in a.moment_nodes]
+        for key in keys:
             if key not in self._measured:
                 self._measured[key] = torch.ones((), dtype=torch.float64)
             a.atoms.stat(key)
@@ -268,11 +268,12 @@ class Plan:
         return dataclasses.replace(use, m=m * (use.m / rec.m_expr))
 
     def refresh(self, *inputs: Any, probes: int | None = None, seed: int | None = None, **kwargs: Any) -> dict[str, float]:
-        """Measure every layer's ``m`` on this batch (``factors="measured"``) and use it from
-        now on; returns layer node -> measured ``m``. Attached, it runs by itself every
-        ``refresh`` steps on the last batch the model saw. BatchNorm statistics and the RNG
-        are left as they were; no ``.grad`` is touched."""
-        from .measure import measure_values
+        """Measure every layer's ``m`` on this batch (``factors="measured"``), and the input
+        moments ``E[a²]`` its weights' scales divide by, and use them from now on; returns
+        layer node -> measured ``m``. Attached, it runs by itself every ``refresh`` steps on
+        the last batch the model saw. BatchNorm statistics and the RNG are left as they were;
+        no ``.grad`` is touched."""
+        from .measure import measure_factors
 
         a = self._need()
         if self.factors != "measured":
@@ -282,23 +283,29 @@ class Plan:
                 "factors='measured' needs a graph that runs (torch.fx or torch.export); this plan "
                 "was captured with hooks.\n  What to do: prepare with capture='auto'."
             )
-        flat = self._flat_inputs(inputs, kwargs)
+        flat = self._fit_batch(self._flat_inputs(inputs, kwargs))
         devices = [p.device for p in self._params.values() if p.device.type == "cuda"][:1]
         with torch.random.fork_rng(devices=devices):
-            got = measure_values(a.gm, self.model, flat, a.output_nodes, [r.node for r in a.layers],
-                                 probes=probes or self.probes, seed=self._steps if seed is None else seed)
+            got = measure_factors(a.gm, self.model, flat, a.output_nodes, [r.node for r in a.layers],
+                                  a.moment_nodes, probes=probes or self.probes,
+                                  seed=self._steps if seed is None else seed)
         with torch.no_grad():
-            for node, value in got.items():
-                t = self._measured.get(MEASURED_PREFIX + node)
-                if t is not None and value and value > 0:
-                    t.fill_(value)
-        return got
+            for prefix, values in ((MEASURED_PREFIX, got.m), (MOMENT_PREFIX, got.moments)):
+                for node, value in values.items():
+                    t = self._measured.get(prefix + node)
+                    if t is not None and value and value > 0:  # a zero keeps the last value
+                        t.fill_(value)
+        return got.m
 
     def _step_hook(self) -> None:
         """Called by the attached hooks before each rescale: refresh every ``refresh`` steps."""
         if self.factors == "measured" and self._last_call is not None and self._steps % self.refresh_every == 0:
             args, kwargs = self._last_call
-            self.refresh(*args, **kwargs)
+            try:
+                self.refresh(*args, **kwargs)
+            except PlanMismatchError as e:  # e.g. an epoch's short last batch on an export graph
+                warnings.warn(f"fxbackmatch: measured factors kept from the last refresh: {e}",
+                              RuntimeWarning, stacklevel=3)
         self._steps += 1
 
     @property
@@ -410,7 +417,7 @@ class Plan:
         from .measure import measure_values
 
         a = self._need()
-        inputs = self._flat_inputs(inputs, kwargs)
+        inputs = self._fit_batch(self._flat_inputs(inputs, kwargs))
         if self.capture == "hooks":
             raise FxBackmatchError(
                 f"plan.measure needs the traced graph; this plan of {type(self.model).__name__} "
@@ -447,6 +454,29 @@ class Plan:
         flat = tree_flatten_spec((tuple(args), merged), spec) if spec is not None else list(args)
         n = sum(1 for x in self._analysis.gm.graph.nodes if x.op == "placeholder")
         return list(flat)[:n]
+
+    def _fit_batch(self, flat: list[Any]) -> list[Any]:
+        """An export graph is specialized to the example's shapes: a larger batch is measured
+        on its first ``B`` samples (the example's batch); a smaller one cannot run it."""
+        if self.capture != "export":
+            return flat
+        from .shapes import shape_of
+
+        out = []
+        places = [x for x in self._analysis.gm.graph.nodes if x.op == "placeholder"]
+        for node, x in zip(places, flat):
+            want = shape_of(node)
+            if isinstance(x, torch.Tensor) and want is not None and x.dim() > 0 and tuple(x.shape) != tuple(want):
+                if tuple(x.shape[1:]) != tuple(want[1:]) or x.shape[0] < want[0]:
+                    raise PlanMismatchError(
+                        f"input '{node.name}' has shape {tuple(x.shape)}; the torch.export graph of "
+                        f"{type(self.model).__name__} was captured at {tuple(want)} and runs only "
+                        f"there (or on the first {want[0]} samples of a larger batch).\n  What to "
+                        f"do: prepare with example inputs of the smallest batch you train with."
+                    )
+                x = x[: want[0]]
+            out.append(x)
+        return out
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteWeightError` naming the first weight with a non-finite norm.

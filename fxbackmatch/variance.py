@@ -12,7 +12,8 @@ layer that produces it, whose own input is normalized); a layer scale and a gate
   ``gamma="exact"``), a sigmoid gate's ``1/4``, a product's moments multiplied (a layer scale:
   ``γ²·E[x²]``, γ counted the same way);
 * ``transparent`` rules (pointwise ops, reshapes, pooling) are looked through;
-* a concatenation along channels is the channel-weighted mean of its parts;
+* a concatenation along channels is the channel-weighted mean of its parts; the parts of a
+  split (``chunk``, ``split``, ``unbind``) have the moment of what was split;
 * an addition is the sum of its parts' moments (independent summands);
 * anything else has no estimate (``None``): the caller falls back to a measured statistic
   or to 1, and says so in a note.
@@ -33,6 +34,7 @@ from .topology import carries_tensor
 __all__ = ["VarianceEstimator"]
 
 _ADD = (operator.add, operator.iadd, torch.add)
+_SPLITS = (torch.chunk, torch.split, torch.unbind, torch.tensor_split, "chunk", "split", "unbind", "tensor_split")
 
 
 class VarianceEstimator:
@@ -78,6 +80,8 @@ class VarianceEstimator:
                 out = self.atoms.sum_of(
                     ((n / total, v) for n, v in zip(sizes, moments) if n), label=f"E[a²] of cat '{node.name}'"
                 )
+        elif node.target in _SPLITS and ins:  # the parts of a split have its elements' moment
+            out = self(ins[0], depth + 1)
         elif (node.op == "call_function" and node.target in _ADD) or (node.op == "call_method" and node.target in ("add", "add_")):
             moments = [self(p, depth + 1) for p in ins]
             consts = [a for a in node.args[:2] if isinstance(a, (int, float)) and not isinstance(a, bool)]

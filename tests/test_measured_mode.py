@@ -21,19 +21,22 @@ def _chain():
 
 def test_measured_factors_equal_the_exact_jacobians_of_a_linear_chain():
     """``m`` at layer 1's output is ``‖W₃W₂‖²_F / 32`` exactly (a product of matrices, no
-    approximation); the scale is ``1/(m·s·E[a²])`` with the layer's own input moment."""
+    approximation); the scale is ``1/(m·s·E[a²])`` with the layer's own input moment, measured
+    on the batch too: the mean square of the values that reach it, computed here by hand."""
     net = _chain()
     x = torch.randn(64, 16)
     plan = fxbackmatch.prepare(net, x, factors="measured", probes=256, compile=False)
     w1, w2, w3 = (net[i].weight.detach().double() for i in range(3))
     m1 = float((w3 @ w2).pow(2).sum() / 32)
     m2 = float(w3.pow(2).sum() / 24)
-    a1 = float(w1.pow(2).sum() / 32)  # E[a²] of layer 2's input (unit-variance data)
-    a2 = float(w2.pow(2).sum() / 24) * a1
+    h1 = x.double() @ w1.T
+    a0, a1, a2 = (float(t.pow(2).mean()) for t in (x.double(), h1, h1 @ w2.T))  # E[a²] of each input
     sc = plan.scales()
-    assert sc["0.weight"] == pytest.approx(1 / m1, rel=0.05)
+    assert sc["0.weight"] == pytest.approx(1 / (m1 * a0), rel=0.05)
     assert sc["1.weight"] == pytest.approx(1 / (m2 * a1), rel=0.05)
-    assert sc["2.weight"] == pytest.approx(1 / a2, rel=1e-9)  # the output layer: m = 1 exactly
+    assert sc["2.weight"] == pytest.approx(1 / a2, rel=1e-6)  # the output layer: m = 1 exactly
+    # the rules' estimate from the weights (‖W₂‖²row·‖W₁‖²row, unit data) is not the batch's
+    assert a2 != pytest.approx(float(w2.pow(2).sum() / 24 * w1.pow(2).sum() / 32), rel=1e-3)
     assert all("m measured" in r.notes for r in plan.layers) and "m measured" in str(plan)
     # the derived chain's paper approximation (‖W₃ᵀ‖²·‖W₂ᵀ‖² for ‖W₃W₂‖²) differs from it
     derived = fxbackmatch.prepare(net, x, compile=False).scales()
@@ -67,17 +70,52 @@ def test_refresh_runs_every_k_steps_on_the_last_batch_and_leaves_state_alone():
     assert any(abs(after[k] - before[k]) > 1e-6 * abs(before[k]) for k in before)
 
 
+def test_an_export_graph_measures_the_first_samples_of_a_larger_batch():
+    """torch.export specializes the graph to the example's shapes: a training batch of 32
+    after an example of 8 is measured on its first 8 samples (the same numbers as measuring
+    those 8 alone); a batch of 4 cannot run the graph, says so, and the attached step keeps
+    the last measured factors with a warning instead of failing."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    plan = fxbackmatch.prepare(net, torch.randn(8, 8), factors="measured", capture="export", compile=False)
+    assert plan.capture == "export"
+    x = torch.randn(32, 8)
+    assert plan.refresh(x, seed=0) == plan.refresh(x[:8], seed=0)
+    moments = {k: float(v) for k, v in plan._measured.items() if k.startswith("fxbackmatch.moment:")}
+    assert moments and any(v == pytest.approx(float(x[:8].pow(2).mean()), rel=1e-6) for v in moments.values())
+    with pytest.raises(fxbackmatch.PlanMismatchError, match="captured at"):
+        plan.refresh(torch.randn(4, 8))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    plan.attach(opt)
+    before = plan.scales()
+    F.mse_loss(net(torch.randn(4, 8)), torch.randn(4, 4)).backward()
+    with pytest.warns(RuntimeWarning, match="kept from the last refresh"):
+        opt.step()
+    assert plan.scales() == before
+
+
 def test_measured_mode_on_the_papers_lenet_is_near_the_closed_form():
-    """On the paper's own net, where its approximations hold, measured and derived agree to
-    the drift docs/derivations.md tabulates (LeNet: 0.7–1.4)."""
+    """On the paper's own net, where its approximations hold, measured and derived ``m`` agree
+    to the drift docs/derivations.md tabulates (LeNet: 0.7–1.4). The input moments are the
+    batch's own (max-pooled ReLU outputs are not the paper's 1): checked against forward
+    hooks, exactly at the output layer, whose ``m`` is 1 in both."""
     torch.manual_seed(2)
     net = lenet_bn()
     x = torch.randn(64, 3, 32, 32)
     meas = fxbackmatch.prepare(net, x, factors="measured", probes=16, compile=False).scales()
     der = fxbackmatch.prepare(net, x, compile=False).scales()
-    for n in der:
-        assert 0.4 < meas[n] / der[n] < 2.5, (n, meas[n], der[n])
-    assert meas["15.weight"] == pytest.approx(der["15.weight"], rel=1e-9)
+    k = {}
+    hooks = [mod.register_forward_pre_hook(lambda mod, a, n=n: k.__setitem__(f"{n}.weight", float(a[0].double().pow(2).mean())))
+             for n, mod in net.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    assert set(k) == set(der)
+    for n in der:  # the paper takes every weighted layer's input moment as 1
+        assert 0.4 < meas[n] * k[n] / der[n] < 2.5, (n, meas[n], der[n], k[n])
+    assert meas["15.weight"] * k["15.weight"] == pytest.approx(der["15.weight"], rel=1e-6)
+    assert not 0.9 < k["15.weight"] < 1.1  # so the last line is not 1 = 1
 
 
 @pytest.mark.slow

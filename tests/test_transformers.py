@@ -73,6 +73,48 @@ def test_attention_rules_match_measured_jacobians(causal):
     assert not _close(ratios), ratios
 
 
+class EinsumAttn(nn.Module):
+    """MaxViT's layout: one ``qkv`` linear chunked in three, attention written with ``einsum``,
+    then the merging linear as the output layer (``m = 1``: its scale is ``1/(s·E[a²])``)."""
+
+    def __init__(self, d: int = 32, heads: int = 2):
+        super().__init__()
+        self.h = heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.merge = nn.Linear(d, d, bias=False)  # default init: scores' std ≈ 0.3, near uniform
+
+    def forward(self, x):  # B × T × d
+        b, t, d = x.shape
+        q, k, v = (z.reshape(b, t, self.h, d // self.h).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+        p = torch.einsum("b h i d, b h j d -> b h i j", q, k).mul(d ** -0.5).softmax(dim=-1)
+        a = torch.einsum("b h i j, b h j d -> b h i d", p, v)
+        self.seen = a.detach(), p.detach()
+        return self.merge(a.transpose(1, 2).reshape(b, t, d))
+
+
+def test_einsum_attention_output_moment_matches_the_batch():
+    """The attention output's ``E[a²]`` (``E[v²]/S`` at uniform attention over independent
+    tokens), derived through ``chunk`` and ``einsum``, against the batch's own mean square —
+    before this rule the chain had no estimate there and took 1 (MaxViT: 180× off). The
+    parts of a split share the whole's moment (q, k and v rows alike, as at init)."""
+    torch.manual_seed(0)
+    net = EinsumAttn()
+    x = torch.randn(8, 24, 32)
+    plan = fxbackmatch.prepare(net, x, compile=False)
+    net(x)
+    a, p = (t.double() for t in net.seen)
+    got = float(a.pow(2).mean())
+    s = 24  # tokens per sample share the merge weight
+    derived = 1.0 / (plan.scales()["merge.weight"] * s)
+    # the rule's 1/S is uniform attention's Σ_j P_ij²; the batch's own is a little larger
+    uniformity = float(p.pow(2).sum(-1).mean()) * s
+    assert 1.0 < uniformity < 1.3
+    # within 25 %: the qkv rows' mean norm stands in for the v rows' (5 % here), and a token's
+    # key and value come from one input, which couples P and v (the rest, ~15 %)
+    assert derived * uniformity == pytest.approx(got, rel=0.25), (derived, uniformity, got)
+    assert got < 0.1  # so that a moment taken as 1 would fail
+
+
 def test_attention_written_out_matches_but_for_the_coherent_query_term():
     """matmul → softmax → matmul: every value as measured, except the queries, where the
     local rules cannot see that a key and its value come from one token: their rule is the

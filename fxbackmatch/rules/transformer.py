@@ -419,7 +419,33 @@ def _einsum_sizes(eq: str, shapes) -> tuple[list[str], str, dict[str, int]] | No
     return subs, out, sizes
 
 
-@register_rule(function=(torch.einsum,))
+def _einsum_operands(ctx: RuleContext) -> list:
+    """The operands of ``einsum(eq, a, b)`` or ``einsum(eq, [a, b])`` (export's form)."""
+    rest = ctx.node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        rest = rest[0]
+    return [a for a in rest if isinstance(a, fx.Node)]
+
+
+def _einsum_moment(ctx: RuleContext) -> Mono | None:
+    """Output moment of a two-operand einsum between activations, as ``matmul``'s:
+    ``E[A²]·E[B²]·K`` with ``K`` the summed-over size (independent terms) — ``E[v²]/S`` for
+    attention probabilities times values; one operand: its moment."""
+    eq, ops = ctx.node.args[0], _einsum_operands(ctx)
+    parsed = _einsum_sizes(eq, [ctx.shape(o) for o in ops]) if isinstance(eq, str) else None
+    if parsed is None or any(ctx.param_from_arg(o) is not None for o in ops):
+        return None
+    subs, out, sizes = parsed
+    got = [ctx.variance_below(o)[0] for o in ops]
+    if any(g is None for g in got) or len(ops) not in (1, 2):
+        return None
+    if len(ops) == 1:
+        return got[0] if set(subs[0]) == set(out) else None
+    summed = (set(subs[0]) | set(subs[1])) - set(out)
+    return got[0] * got[1] * float(max(1, math.prod(sizes[ch] for ch in summed)))
+
+
+@register_rule(function=(torch.einsum,), moment=_einsum_moment)
 def einsum_rule(ctx: RuleContext) -> None:
     """``einsum`` of two operands: the bilinear rule of ``matmul`` from the subscripts — an
     element of ``A`` meets ``N_A`` outputs (the product of the output indices ``A`` lacks),
@@ -427,9 +453,7 @@ def einsum_rule(ctx: RuleContext) -> None:
     ``gamma="one"`` unless ``B`` is a softmax output). One operand: its indices kept (a
     permutation) keep ``m``."""
     eq = ctx.node.args[0]
-    ops = [a for a in ctx.node.args[1:] if isinstance(a, fx.Node)]
-    if len(ops) == 1 and isinstance(ctx.node.args[1], (list, tuple)):
-        ops = [a for a in ctx.node.args[1] if isinstance(a, fx.Node)]
+    ops = _einsum_operands(ctx)
     parsed = _einsum_sizes(eq, [ctx.shape(o) for o in ops]) if isinstance(eq, str) else None
     if parsed is None or len(ops) not in (1, 2):
         ctx.note("einsum: each operand keeps m (heuristic)")
