@@ -58,9 +58,11 @@ UNNORMALIZED_MODES = ("exact", "virtual")
 #: the kernel is large beside the map, e.g. 7×7 on 1×1 or 2×2 maps; docs/derivations.md)
 TAPS_MODES = ("all", "valid")
 #: where the forward moments ``E[a²]`` the rules read come from: ``"derived"`` — estimated from
-#: the weights below (:mod:`fxbackmatch.variance`); ``"measured"`` — an atom per value, filled
-#: on the live batch (``factors="measured"``: the plan refreshes them with ``m``)
-MOMENT_MODES = ("derived", "measured")
+#: the weights below (:mod:`fxbackmatch.variance`); ``"batch"`` — the same, except the values
+#: that average over positions (pooling, means, attention outputs), which are atoms measured
+#: on the live batch; ``"measured"`` — every value a rule reads is such an atom
+#: (``factors="measured"``). The plan refreshes the atoms every ``refresh`` steps.
+MOMENT_MODES = ("derived", "batch", "measured")
 #: buffer-name prefix of a measured forward moment atom (``fxbackmatch.moment:<node>``)
 MOMENT_PREFIX = "fxbackmatch.moment:"
 
@@ -135,7 +137,8 @@ class _Walker:
              and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0), 1
         )
         self._moment = VarianceEstimator(
-            gm, registry, self.atoms, lambda n, r: RuleContext(self, n, r, Flow(ONE))
+            gm, registry, self.atoms, lambda n, r: RuleContext(self, n, r, Flow(ONE)),
+            measure_at=self._batch_moment if moments == "batch" else None,
         )
 
     # --- callbacks of RuleContext
@@ -207,6 +210,13 @@ class _Walker:
                 m_expr=ctx.m_out,
             )
         )
+
+    def _batch_moment(self, node: fx.Node) -> Mono:
+        """A measured ``E[a²]`` atom for ``node`` (filled by the plan on the live batch)."""
+        if node.name not in self.moment_nodes:
+            self.moment_nodes.append(node.name)
+            self.note(node, "E[a²] measured on the batch (it averages over positions)")
+        return Mono.atom(self.atoms.stat(MOMENT_PREFIX + node.name))
 
     def variance_below(self, node: fx.Node) -> tuple[Mono | None, str]:
         val = node.meta.get("val")

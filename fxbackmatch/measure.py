@@ -96,6 +96,15 @@ def measure_factors(
     otherwise estimate from the weights below."""
     outputs = list(outputs)
     keep = {n.name for n in gm.graph.nodes if n.op not in ("output", "get_attr")} if nodes is None else set(nodes)
+    if not keep:  # moments only: one forward, no probes
+        saved = {k: v.detach().clone() for k, v in model.named_buffers()}
+        try:
+            with torch.no_grad():
+                rec = _Recorder(gm, set(), set(moments))
+                rec.run(*inputs)
+        finally:
+            _restore(model, saved)
+        return Measurement({}, rec.moments)
     keep |= set(outputs)
     saved = {k: v.detach().clone() for k, v in model.named_buffers()}
     inputs = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs]

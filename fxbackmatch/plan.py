@@ -76,6 +76,7 @@ class Plan:
         refresh: int = 10,
         probes: int = 4,
         token_mask: str | int | None = None,
+        moments: str = "derived",
     ) -> None:
         from .capture import CAPTURES
 
@@ -99,13 +100,14 @@ class Plan:
 
         for key, value, allowed in (("gamma", gamma, GAMMA_MODES), ("relu", relu, RELU_MODES),
                                     ("unnormalized", unnormalized, UNNORMALIZED_MODES), ("factors", factors, FACTORS),
-                                    ("taps", taps, TAPS_MODES)):
+                                    ("taps", taps, TAPS_MODES), ("moments", moments, ("derived", "batch"))):
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
         self.gamma, self.relu, self.unnormalized, self.taps = gamma, relu, unnormalized, taps
         if refresh < 1 or probes < 1:
             raise ValueError(f"refresh and probes must be ≥ 1, got {refresh} and {probes}")
         self.factors, self.refresh_every, self.probes = factors, int(refresh), int(probes)
+        self.moments = moments
         self._measured: dict[str, torch.Tensor] = {}
         self._last_call: tuple | None = None
         self._steps = 0
@@ -149,7 +151,7 @@ class Plan:
         self._analysis = analyze(
             gm, self.model, self.registry, strict=self.strict, variance=self.variance,
             gamma=self.gamma, outputs=self.outputs, relu=self.relu, unnormalized=self.unnormalized,
-            taps=self.taps, moments="measured" if self.factors == "measured" else "derived",
+            taps=self.taps, moments="measured" if self.factors == "measured" else self.moments,
         )
         bare = unnormalized_layers(gm, self.registry, [r.node for r in self._analysis.layers])
         self._analysis.layers = [
@@ -175,9 +177,9 @@ class Plan:
                 else r for r in self._analysis.layers
             ]
         self._finish()
-        if self.factors == "measured":
+        if self._measures:
             self.refresh(*example_inputs, **(example_kwargs or {}))
-        if self.factors == "measured" or self.token_mask is not None:
+        if self._measures or self.token_mask is not None:
             self.wrapped.register_forward_pre_hook(_CallRecorder(self), with_kwargs=True)
         self._warn_range()
 
@@ -213,7 +215,7 @@ class Plan:
         opts = {"trust_coefficient": self.trust_coefficient}
         self._scale_expr: dict[str, Mono] = {}
         self._roles: dict[str, str] = {}
-        if self.factors == "measured":
+        if self._measures:
             self._measure_atoms(a)
         for name in params:
             uses = a.uses.get(name)
@@ -253,8 +255,14 @@ class Plan:
         self.wrapped.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     # ------------------------------------------------------------------ measured factors
+    @property
+    def _measures(self) -> bool:
+        """Whether this plan has atoms measured on the live batch (refreshed every K steps)."""
+        return self.factors == "measured" or (self.moments == "batch" and bool(self._analysis and self._analysis.moment_nodes))
+
     def _measure_atoms(self, a: Analysis) -> None:
-        keys = [MEASURED_PREFIX + rec.node for rec in a.layers] + [MOMENT_PREFIX + n for n in a.moment_nodes]
+        layers = [MEASURED_PREFIX + rec.node for rec in a.layers] if self.factors == "measured" else []
+        keys = layers + [MOMENT_PREFIX + n for n in a.moment_nodes]
         for key in keys:
             if key not in self._measured:
                 self._measured[key] = torch.ones((), dtype=torch.float64)
@@ -276,17 +284,19 @@ class Plan:
         from .measure import measure_factors
 
         a = self._need()
-        if self.factors != "measured":
-            raise FxBackmatchError("refresh() needs prepare(..., factors='measured')")
+        if not self._measures:
+            raise FxBackmatchError("refresh() needs prepare(..., factors='measured') or moments='batch' "
+                                   "(on a graph with pooling, means or attention)")
         if self.capture == "hooks":
             raise FxBackmatchError(
-                "factors='measured' needs a graph that runs (torch.fx or torch.export); this plan "
-                "was captured with hooks.\n  What to do: prepare with capture='auto'."
+                "factors='measured' and moments='batch' need a graph that runs (torch.fx or "
+                "torch.export); this plan was captured with hooks.\n  What to do: prepare with capture='auto'."
             )
         flat = self._fit_batch(self._flat_inputs(inputs, kwargs))
         devices = [p.device for p in self._params.values() if p.device.type == "cuda"][:1]
         with torch.random.fork_rng(devices=devices):
-            got = measure_factors(a.gm, self.model, flat, a.output_nodes, [r.node for r in a.layers],
+            layers = [r.node for r in a.layers] if self.factors == "measured" else []
+            got = measure_factors(a.gm, self.model, flat, a.output_nodes, layers,
                                   a.moment_nodes, probes=probes or self.probes,
                                   seed=self._steps if seed is None else seed)
         with torch.no_grad():
@@ -299,7 +309,7 @@ class Plan:
 
     def _step_hook(self) -> None:
         """Called by the attached hooks before each rescale: refresh every ``refresh`` steps."""
-        if self.factors == "measured" and self._last_call is not None and self._steps % self.refresh_every == 0:
+        if self._measures and self._last_call is not None and self._steps % self.refresh_every == 0:
             args, kwargs = self._last_call
             try:
                 self.refresh(*args, **kwargs)
@@ -655,6 +665,7 @@ class Plan:
             "relu": self.relu,
             "unnormalized": self.unnormalized,
             "factors": self.factors,
+            "moments": self.moments,
             "taps": self.taps,
             "token_mask": self.token_mask,
             "trust_coefficient": self.trust_coefficient,
@@ -674,9 +685,10 @@ class Plan:
                 "differ).\n  What to do: load it into the model it was saved with, or start a "
                 "new plan with fxbackmatch.prepare."
             )
-        defaults = {"gamma": "one", "relu": "paper", "unnormalized": "exact", "factors": "derived", "taps": "all", "token_mask": None}  # older states
+        defaults = {"gamma": "one", "relu": "paper", "unnormalized": "exact", "factors": "derived", "taps": "all", "token_mask": None,
+                    "moments": "derived"}  # older states
         for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma", "relu", "unnormalized", "factors",
-                    "taps", "token_mask"):
+                    "taps", "token_mask", "moments"):
             if state.get(key, defaults.get(key)) != getattr(self, key):
                 raise PlanMismatchError(
                     f"plan state has {key}={state.get(key)!r} but this plan has "

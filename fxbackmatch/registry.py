@@ -55,6 +55,10 @@ class Rule:
     #: its output moment is fixed by the op itself (softmax: ``1/S²``), not by a weight scale:
     #: a bilinear partner keeps it under ``gamma="one"``, where weight-scaled partners count 1
     structural: bool = False
+    #: its output averages over positions (pooling, a mean, attention): its moment depends on
+    #: how alike the averaged values are — a property of the data, not of the weights — so
+    #: ``moments="batch"`` measures it on the live batch instead of assuming independence
+    averages: bool = False
 
     def __call__(self, ctx) -> None:
         self.fn(ctx)
@@ -80,6 +84,7 @@ class RuleRegistry:
         moment: Callable[..., Any] | None = None,
         layout: bool = False,
         structural: bool = False,
+        averages: bool = False,
         override: bool = False,
     ):
         """Register ``fn`` for module types, function targets and/or method names.
@@ -112,6 +117,7 @@ class RuleRegistry:
                     moment=moment,
                     layout=layout,
                     structural=structural,
+                    averages=averages,
                 )
             return f
 

@@ -11,7 +11,7 @@ from torch import nn
 from .api import prepare
 from .errors import FxBackmatchError
 
-__all__ = ["ZooResult", "sweep_model", "scale_stats", "trains", "INPUT_SIZE"]
+__all__ = ["ZooResult", "sweep_model", "scale_stats", "trains", "INPUT_SIZE", "BLOWUP"]
 
 #: input side per model family (others: CIFAR's 32; AlexNet's pools need 63, inception_v3's
 #: auxiliary head its own 299, MaxViT's partitions 224); weights are never downloaded. ViTs are
@@ -43,11 +43,16 @@ def scale_stats(plan) -> tuple[float, float, float]:
     return vals[0], vals[len(vals) // 2], vals[-1]
 
 
+#: a loss this many times the first one means the run is diverging, not training
+BLOWUP = 3.0
+
+
 def trains(model: nn.Module, plan, batches, *, lr: float = 2e-3, momentum: float = 0.9) -> str:
     """20 (``len(batches)``) SGD-momentum steps with the plan attached: ``"ok"`` when every
-    loss is finite and no conv/linear weight moves more than its own norm in the first step
-    (a zero-initialized weight — ViT's head — has no norm to compare with and is left out);
-    otherwise what went wrong. ``batches`` are ``(x, y)`` pairs; the model is trained in place."""
+    loss is finite, no loss exceeds :data:`BLOWUP` times the first, and no conv/linear weight
+    moves more than its own norm in the first step (a zero-initialized weight — ViT's head —
+    has no norm to compare with and is left out); otherwise what went wrong. ``batches`` are
+    ``(x, y)`` pairs; the model is trained in place."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     handle = plan.attach(opt)
@@ -66,6 +71,10 @@ def trains(model: nn.Module, plan, batches, *, lr: float = 2e-3, momentum: float
             loss = nn.functional.cross_entropy(out, y)
             if not torch.isfinite(loss):
                 return f"loss {float(loss):.3g} at step {step + 1}"
+            value = float(loss.detach())
+            first = value if step == 0 else first
+            if value > BLOWUP * first:
+                return f"loss rose from {first:.3g} to {value:.3g} at step {step + 1}"
             loss.backward()
             opt.step()
             if before is not None:

@@ -143,3 +143,55 @@ def test_measured_mode_prepares_and_trains_a_hugging_face_model():
         opt.step()
         assert math.isfinite(float(loss))
     assert all(0 < v < math.inf for v in plan.scales().values())
+
+
+# ------------------------------------------------------------------ moments="batch"
+class _PoolNet(nn.Module):
+    """conv → ReLU → global average pool → linear head (the output layer: its scale is
+    ``1/(s·E[a²])`` with ``a`` the pooled features, whose ReLU mean the independent-position
+    estimate ``E[x²]/HW`` misses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _pooled_moment(net: _PoolNet, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(torch.relu(net.conv(x)).mean((2, 3)).double().pow(2).mean())
+
+
+def test_batch_moments_measure_what_averages_over_positions():
+    torch.manual_seed(4)
+    net = _PoolNet()
+    x = torch.randn(16, 3, 12, 12)
+    derived = fxbackmatch.prepare(net, x, compile=False).scales()["head.weight"]
+    plan = fxbackmatch.prepare(net, x, compile=False, moments="batch", refresh=1)
+    k = _pooled_moment(net, x)
+    assert plan.scales()["head.weight"] == pytest.approx(1.0 / k, rel=1e-6)  # s = 1, m = 1
+    assert derived > 5.0 / k  # the independent-position estimate is far below the batch's
+    assert plan.scales()["conv.weight"] == pytest.approx(
+        fxbackmatch.prepare(net, x, compile=False).scales()["conv.weight"], rel=1e-9)  # m chain kept
+    assert "mean: E[a²] measured on the batch" in str(plan)  # the report names the value
+    # attached, it follows the live batch: inputs 3× larger give pooled moments 9× larger
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    plan.attach(opt)
+    x3 = 3 * torch.randn(16, 3, 12, 12)
+    F.cross_entropy(net(x3), torch.randint(0, 4, (16,))).backward()
+    opt.step()
+    assert plan.scales()["head.weight"] == pytest.approx(1.0 / _pooled_moment(net, x3), rel=1e-6)
+    state = plan.state_dict()
+    other = fxbackmatch.prepare(net, x, compile=False)
+    with pytest.raises(fxbackmatch.PlanMismatchError, match="moments"):
+        other.load_state_dict(state)
+
+
+def test_refresh_without_measured_atoms_says_what_to_pass():
+    net = nn.Sequential(nn.Linear(4, 4))
+    plan = fxbackmatch.prepare(net, torch.randn(2, 4), compile=False, moments="batch")  # nothing averages
+    with pytest.raises(fxbackmatch.FxBackmatchError, match="moments='batch'"):
+        plan.refresh(torch.randn(2, 4))

@@ -198,7 +198,7 @@ def _avg_row_norm(ctx: RuleContext) -> Mono:
     return Mono.const(1.0 / _window(ctx, x))
 
 
-@register_rule(module=_AVG_POOL_MODULES, function=_AVG_POOL_FUNCTIONS, row_norm=_avg_row_norm)
+@register_rule(module=_AVG_POOL_MODULES, function=_AVG_POOL_FUNCTIONS, row_norm=_avg_row_norm, averages=True)
 def avg_pool_rule(ctx: RuleContext) -> None:
     """Average pooling: a linear map with weight ``1/K`` on each of the ``K`` inputs of a
     window. Column ``j`` of its Jacobian has ``r_j`` entries ``1/K`` (``r_j`` windows read
@@ -219,7 +219,7 @@ def _reduce_row_norm(ctx: RuleContext) -> Mono:
     return Mono.const(1.0 / k if ctx.node.target in (torch.mean, "mean") else k)
 
 
-@register_rule(function=(torch.mean, torch.sum), method=("mean", "sum"), row_norm=_reduce_row_norm)
+@register_rule(function=(torch.mean, torch.sum), method=("mean", "sum"), row_norm=_reduce_row_norm, averages=True)
 def reduce_rule(ctx: RuleContext) -> None:
     """``mean`` / ``sum`` over ``K = in/out`` elements: linear maps with weight ``1/K`` / 1 read
     once per input, so ``m ← m/K²`` / ``m``; every position carries gradient. Their output

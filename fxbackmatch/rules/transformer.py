@@ -172,7 +172,7 @@ def _matmul_activations(ctx: RuleContext, a, b) -> None:
 
 
 @register_rule(function=(torch.matmul, operator.matmul, torch.bmm, torch.mm), method=("matmul", "bmm", "mm"),
-               moment=_matmul_moment)
+               moment=_matmul_moment, averages=True)
 def matmul_rule(ctx: RuleContext) -> None:
     """``C = A·B``. With ``B`` a parameter ``[in, out]``: a linear layer. Between two
     activations (attention scores, ``P·V``): ``J_A = I ⊗ Bᵀ`` gives ``m_A = m·N·E[B²]`` and
@@ -247,7 +247,7 @@ def _sdpa_moment(ctx: RuleContext) -> Mono | None:
     return None if ev is None else ev * rho_v
 
 
-@register_rule(function=F.scaled_dot_product_attention, moment=_sdpa_moment)
+@register_rule(function=F.scaled_dot_product_attention, moment=_sdpa_moment, averages=True)
 def sdpa_rule(ctx: RuleContext) -> None:
     """``softmax(τ·QKᵀ + mask)·V`` at uniform attention (see :func:`_sdpa_parts`):
 
@@ -445,7 +445,7 @@ def _einsum_moment(ctx: RuleContext) -> Mono | None:
     return got[0] * got[1] * float(max(1, math.prod(sizes[ch] for ch in summed)))
 
 
-@register_rule(function=(torch.einsum,), moment=_einsum_moment)
+@register_rule(function=(torch.einsum,), moment=_einsum_moment, averages=True)
 def einsum_rule(ctx: RuleContext) -> None:
     """``einsum`` of two operands: the bilinear rule of ``matmul`` from the subscripts — an
     element of ``A`` meets ``N_A`` outputs (the product of the output indices ``A`` lacks),
