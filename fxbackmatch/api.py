@@ -37,6 +37,7 @@ def prepare(
     taps: str = "all",
     token_mask: str | int | None = None,
     moments: str = "derived",
+    span: str = "full",
 ) -> Plan:
     """Trace ``model``, propagate shapes, walk the graph and build its layer-wise scales.
 
@@ -74,7 +75,10 @@ def prepare(
     positions (pooling, means, attention outputs) on the live batch every ``refresh`` steps
     (one extra forward of the captured graph) instead of taking the averaged values as
     independent — real feature maps and tokens are alike (post-activation means, neighbouring
-    patches): up to 80× larger than that estimate on MaxViT, 14× on Swin. Scales outside
+    patches): up to 80× larger than that estimate on MaxViT, 14× on Swin.
+    ``span="batch"`` takes a weight's normal matrix ``E aaᵀ`` on the span of the batch: its
+    scale is divided by ``max(1, n/(B·s))`` (``n`` its fan-in, ``B·s`` the rows sharing it, ``B``
+    from each forward call) — for wide layers at small batches (:mod:`fxbackmatch.span`). Scales outside
     ``fxbackmatch.guards.SCALE_RANGE`` at the current weights raise a ``ScaleRangeWarning``.
 
     >>> import torch, fxbackmatch
@@ -103,7 +107,7 @@ def prepare(
         refresh=refresh,
         probes=probes,
         taps=taps,
-        token_mask=token_mask, moments=moments,
+        token_mask=token_mask, moments=moments, span=span,
     )
     if example_inputs is None and not example_kwargs:
         plan._arm()

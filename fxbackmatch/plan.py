@@ -77,8 +77,10 @@ class Plan:
         probes: int = 4,
         token_mask: str | int | None = None,
         moments: str = "derived",
+        span: str = "full",
     ) -> None:
         from .capture import CAPTURES
+        from .span import SPANS
 
         if capture not in CAPTURES:
             raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
@@ -100,7 +102,8 @@ class Plan:
 
         for key, value, allowed in (("gamma", gamma, GAMMA_MODES), ("relu", relu, RELU_MODES),
                                     ("unnormalized", unnormalized, UNNORMALIZED_MODES), ("factors", factors, FACTORS),
-                                    ("taps", taps, TAPS_MODES), ("moments", moments, ("derived", "batch"))):
+                                    ("taps", taps, TAPS_MODES), ("moments", moments, ("derived", "batch")),
+                                    ("span", span, SPANS)):
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
         self.gamma, self.relu, self.unnormalized, self.taps = gamma, relu, unnormalized, taps
@@ -108,6 +111,8 @@ class Plan:
             raise ValueError(f"refresh and probes must be ≥ 1, got {refresh} and {probes}")
         self.factors, self.refresh_every, self.probes = factors, int(refresh), int(probes)
         self.moments = moments
+        self.span = span
+        self._example_batch = 1
         self._measured: dict[str, torch.Tensor] = {}
         self._last_call: tuple | None = None
         self._steps = 0
@@ -169,6 +174,9 @@ class Plan:
                 "functional ops between them unseen, chain assumed"
             )
         self.input_shapes = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
+        from .span import batch_of
+
+        self._example_batch = batch_of(list(example_inputs), dict(example_kwargs or {})) or 1
         if self.token_mask is not None:
             from .tokens import is_token_shape
 
@@ -179,7 +187,7 @@ class Plan:
         self._finish()
         if self._measures:
             self.refresh(*example_inputs, **(example_kwargs or {}))
-        if self._measures or self.token_mask is not None:
+        if self._measures or self.token_mask is not None or self.span == "batch":
             self.wrapped.register_forward_pre_hook(_CallRecorder(self), with_kwargs=True)
         self._warn_range()
 
@@ -245,7 +253,12 @@ class Plan:
 
             flags = token_targets(self._targets, a.uses, a.layers, self._token_bt)
             self._token_flags = torch.tensor(flags, dtype=torch.float64)
-            self._runtime.multiplier = self._token_multiplier
+        if self.span == "batch":
+            from .span import span_table
+
+            self._span_fan, self._span_rows = span_table(self._targets, a.uses, a.layers, self._shapes)
+        if self._token_bt is not None or self.span == "batch":
+            self._runtime.multiplier = self._multiplier
         self.fingerprint = _fingerprint(a.gm, params)
         log.debug("fxbackmatch: prepared %s with %d layers", type(self.model).__name__, len(a.layers))
 
@@ -384,6 +397,17 @@ class Plan:
             return self._params[ref].grad
 
         return atom_values(a.atoms.atoms, tensor, grad)
+
+    def _multiplier(self) -> torch.Tensor | None:
+        """The per-target multipliers of this step: the token share and the batch span."""
+        out = self._token_multiplier() if self._token_bt is not None else None
+        if self.span == "batch":
+            from .span import batch_of, span_multiplier
+
+            batch = batch_of(*self._last_call) if self._last_call is not None else None
+            mult = span_multiplier(batch or self._example_batch, self._span_fan, self._span_rows)
+            out = mult if out is None else out * mult.to(out.device)
+        return out
 
     def _token_multiplier(self) -> torch.Tensor | None:
         """Per target, ``1/f`` on token-wise layers with ``f`` the real-token share of the last
@@ -666,6 +690,7 @@ class Plan:
             "unnormalized": self.unnormalized,
             "factors": self.factors,
             "moments": self.moments,
+            "span": self.span,
             "taps": self.taps,
             "token_mask": self.token_mask,
             "trust_coefficient": self.trust_coefficient,
@@ -686,9 +711,9 @@ class Plan:
                 "new plan with fxbackmatch.prepare."
             )
         defaults = {"gamma": "one", "relu": "paper", "unnormalized": "exact", "factors": "derived", "taps": "all", "token_mask": None,
-                    "moments": "derived"}  # older states
+                    "moments": "derived", "span": "full"}  # older states
         for key in ("rule", "adapt", "variance", "trust_coefficient", "gamma", "relu", "unnormalized", "factors",
-                    "taps", "token_mask", "moments"):
+                    "taps", "token_mask", "moments", "span"):
             if state.get(key, defaults.get(key)) != getattr(self, key):
                 raise PlanMismatchError(
                     f"plan state has {key}={state.get(key)!r} but this plan has "

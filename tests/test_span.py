@@ -1,0 +1,69 @@
+"""``span="batch"`` (fxbackmatch/span.py): a weight's normal matrix on the span of the batch.
+
+The oracle is the least-squares step itself: with ``N = B·s`` rows and fan-in ``n > N``, the
+exact ``δ'W = E[δb aᵀ]·(E aaᵀ)⁺`` changes the layer's output on the batch by exactly the target
+(the rows are independent), while the paper's ``E[a²]·I`` changes it by about ``n/N`` times it;
+``span="batch"`` brings that back to about 1."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxbackmatch
+from fxbackmatch.span import fan_in_of, span_multiplier
+
+
+def _wide(n: int = 512):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(n, 10))  # the output layer: m = 1, its step is δ'W = g/(s·k)
+
+
+@pytest.mark.parametrize("span", ["full", "batch"])
+def test_the_output_change_of_a_wide_layer_matches_the_least_squares_target(span):
+    net, batch = _wide(), 16
+    x = torch.randn(batch, 512)
+    y = torch.randint(0, 10, (batch,))
+    plan = fxbackmatch.prepare(net, x, compile=False, span=span)
+    net(x)  # the call the plan reads B from
+    out = net(x)
+    loss = F.cross_entropy(out, y, reduction="sum")  # δb per sample: the target change
+    target = -torch.autograd.grad(loss, out, retain_graph=True)[0]
+    net.zero_grad()
+    loss.backward()
+    w = net[0].weight
+    step = w.grad * plan.scales()["0.weight"] / batch  # δ'W = E[δb aᵀ]/(s·E[a²]) (mean over rows)
+    got = float((x @ step.T).norm() / target.norm())
+    # the exact least-squares step (pseudo-inverse: n > N, so it interpolates): ratio 1
+    exact = target.T @ torch.linalg.pinv(x).T
+    assert float((x @ exact.T).norm() / target.norm()) == pytest.approx(1.0, rel=1e-4)
+    if span == "full":
+        assert got == pytest.approx(512 / batch, rel=0.25)  # the paper's E[a²]·I: n/N times too far
+    else:
+        assert got == pytest.approx(1.0, rel=0.25)
+
+
+def test_span_follows_each_calls_batch_and_leaves_narrow_layers_alone():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(512, 8), nn.ReLU(), nn.Linear(8, 4))
+    full = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False).scales()
+    plan = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, span="batch")
+    for batch in (16, 64, 1024):
+        net(torch.randn(batch, 512))
+        sc = plan.scales()
+        assert sc["0.weight"] == pytest.approx(full["0.weight"] * min(1.0, batch / 512), rel=1e-9)
+        assert sc["0.bias"] == pytest.approx(full["0.bias"], rel=1e-9)  # no fan-in
+        assert sc["2.weight"] == pytest.approx(full["2.weight"], rel=1e-9)  # n = 8 < B
+    other = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False)
+    with pytest.raises(fxbackmatch.PlanMismatchError, match="span"):
+        other.load_state_dict(plan.state_dict())
+
+
+def test_fan_in_by_layout_and_the_multiplier():
+    assert fan_in_of("Linear", (10, 512)) == 512
+    assert fan_in_of("Conv2d", (64, 32, 3, 3)) == 288
+    assert fan_in_of("addmm", (32, 96)) == 32  # GPT-2's Conv1D: [in, out]
+    assert fan_in_of("Embedding", (100, 32)) is None and fan_in_of("ConvTranspose2d", (3, 4, 3, 3)) is None
+    m = span_multiplier(16, torch.tensor([512.0, 8.0, 0.0]), torch.tensor([1.0, 1.0, 1.0]))
+    assert m.tolist() == [16 / 512, 1.0, 1.0]
