@@ -7,6 +7,7 @@ import logging
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import dataclasses
@@ -405,7 +406,9 @@ class Plan:
             from .span import batch_of, span_multiplier
 
             batch = batch_of(*self._last_call) if self._last_call is not None else None
-            mult = span_multiplier(batch or self._example_batch, self._span_fan, self._span_rows)
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            # data-parallel ranks average their gradients: the normal matrix spans all their rows
+            mult = span_multiplier((batch or self._example_batch) * world, self._span_fan, self._span_rows)
             out = mult if out is None else out * mult.to(out.device)
         return out
 

@@ -9,7 +9,10 @@ step acts through the pseudo-inverse, on the ``N``-dimensional span of the batch
 eigenvalues average ``trace/rank = E[a²]·n/N``. With ``E[a²]·I`` the step's change of the
 layer's output on the batch itself is ``n/N`` times the target (``δ'W a = (1/N)·Σ δb' a'ᵀa/E[a²]``
 and ``aᵀa ≈ n·E[a²]``): 1,568× on that classifier. ``span="batch"`` divides such a weight's
-scale by ``max(1, n/(B·s))``, ``B`` read from each forward call's first input (no host sync).
+scale by ``max(1, n/(B·s))``, ``B`` read from each forward call's first input (no host sync),
+times the world size under data parallelism (the ranks average their gradients). Under
+gradient accumulation the rows of all micro-batches count; this reads one micro-batch's (the
+scale is then smaller than it could be — the safe side).
 
 Only weights with a fan-in are affected (linear and conv layers, GPT-2's ``[in, out]``
 layout); biases, norms and embeddings keep their scales. The paper's nets at its batch of 128

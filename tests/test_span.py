@@ -67,3 +67,18 @@ def test_fan_in_by_layout_and_the_multiplier():
     assert fan_in_of("Embedding", (100, 32)) is None and fan_in_of("ConvTranspose2d", (3, 4, 3, 3)) is None
     m = span_multiplier(16, torch.tensor([512.0, 8.0, 0.0]), torch.tensor([1.0, 1.0, 1.0]))
     assert m.tolist() == [16 / 512, 1.0, 1.0]
+
+
+def test_data_parallel_ranks_count_their_rows(monkeypatch):
+    """Ranks average their gradients, so the normal matrix spans every rank's rows."""
+    import fxbackmatch.plan as plan_mod
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(512, 8))
+    plan = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, span="batch")
+    full = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False).scales()["0.weight"]
+    net(torch.randn(16, 512))
+    monkeypatch.setattr(plan_mod.dist, "is_available", lambda: True)
+    monkeypatch.setattr(plan_mod.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(plan_mod.dist, "get_world_size", lambda: 4)
+    assert plan.scales()["0.weight"] == pytest.approx(full * 64 / 512, rel=1e-9)
