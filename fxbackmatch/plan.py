@@ -304,7 +304,9 @@ class Plan:
         if self.capture == "hooks":
             raise FxBackmatchError(
                 "factors='measured' and moments='batch' need a graph that runs (torch.fx or "
-                "torch.export); this plan was captured with hooks.\n  What to do: prepare with capture='auto'."
+                "torch.export); this plan was captured with hooks.\n  What to do: make the model "
+                "traceable by torch.fx or torch.export (capture='fx' / 'export' say why it is not), "
+                "or prepare without these options."
             )
         flat = self._fit_batch(self._flat_inputs(inputs, kwargs))
         devices = [p.device for p in self._params.values() if p.device.type == "cuda"][:1]
@@ -401,28 +403,32 @@ class Plan:
 
     def _multiplier(self) -> torch.Tensor | None:
         """The per-target multipliers of this step: the token share and the batch span."""
-        out = self._token_multiplier() if self._token_bt is not None else None
+        mask = self._current_mask() if self._token_bt is not None else None
+        out = None
+        if isinstance(mask, torch.Tensor):
+            from .tokens import token_multiplier
+
+            out = token_multiplier(mask, self._token_flags)
         if self.span == "batch":
             from .span import batch_of, span_multiplier
 
             batch = batch_of(*self._last_call) if self._last_call is not None else None
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             # data-parallel ranks average their gradients: the normal matrix spans all their rows
-            mult = span_multiplier((batch or self._example_batch) * world, self._span_fan, self._span_rows)
-            out = mult if out is None else out * mult.to(out.device)
+            rows = self._span_rows
+            if out is not None:  # token-wise layers share their weight over the real tokens only
+                rows = rows.to(out.device) / out  # out = 1/f on those, 1 elsewhere
+            mult = span_multiplier((batch or self._example_batch) * world, self._span_fan.to(rows.device), rows)
+            out = mult if out is None else out * mult
         return out
 
-    def _token_multiplier(self) -> torch.Tensor | None:
-        """Per target, ``1/f`` on token-wise layers with ``f`` the real-token share of the last
-        forward call's mask (the example's before the first); ``None`` without a mask."""
-        from .tokens import find_mask, token_multiplier
+    def _current_mask(self) -> torch.Tensor | None:
+        from .tokens import find_mask
 
         mask = self._example_mask
         if self._last_call is not None:
             mask = find_mask(self.token_mask, *self._last_call, self._mask_pos)
-        if not isinstance(mask, torch.Tensor):
-            return None  # this call had no mask: no padding
-        return token_multiplier(mask, self._token_flags)
+        return mask if isinstance(mask, torch.Tensor) else None
 
     def scales(self) -> dict[str, float]:
         """Parameter name -> multiplier ``1/(m·s)`` under the current weights (eager, float64).
@@ -503,8 +509,8 @@ class Plan:
         places = [x for x in self._analysis.gm.graph.nodes if x.op == "placeholder"]
         for node, x in zip(places, flat):
             want = shape_of(node)
-            if isinstance(x, torch.Tensor) and want is not None and x.dim() > 0 and tuple(x.shape) != tuple(want):
-                if tuple(x.shape[1:]) != tuple(want[1:]) or x.shape[0] < want[0]:
+            if isinstance(x, torch.Tensor) and want is not None and tuple(x.shape) != tuple(want):
+                if x.dim() != len(want) or not want or tuple(x.shape[1:]) != tuple(want[1:]) or x.shape[0] < want[0]:
                     raise PlanMismatchError(
                         f"input '{node.name}' has shape {tuple(x.shape)}; the torch.export graph of "
                         f"{type(self.model).__name__} was captured at {tuple(want)} and runs only "
@@ -601,10 +607,14 @@ class Plan:
         """
         from .fused import FusedStep
 
-        if self.token_mask is not None:
+        per_step = [f"{k}={v!r}" for k, v, default in (
+            ("token_mask", self.token_mask, None), ("span", self.span, "full"), ("moments", self.moments, "derived"),
+            ("factors", self.factors, "derived")) if v != default]
+        if per_step:
             raise FxBackmatchError(
-                "compile_step does not read the batch's token mask (token_mask=...).\n  What to do: "
-                "use plan.attach(optimizer), which applies the real-token share of each step."
+                f"compile_step fuses the scales computed from the weights alone; this plan has "
+                f"{', '.join(per_step)}, which reads each step's batch (its size, mask or measured "
+                f"statistics).\n  What to do: use plan.attach(optimizer), which applies them every step."
             )
         return FusedStep(self, optimizer, weight_decay, compile=self.compile)
 

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from .context import fetch_attr
 from .expr import AtomTable, Mono
 from .registry import RuleRegistry
 from .shapes import shape_of
@@ -52,6 +53,17 @@ class VarianceEstimator:
         self._measure_at = measure_at  # moments="batch": an atom for a value that averages
         self._memo: dict[fx.Node, Mono | None] = {}
 
+    def _reads_param(self, node: fx.Node) -> bool:
+        """A matmul/einsum with a parameter operand is a weighted layer, not an average."""
+        for a in node.all_input_nodes:
+            if a.op == "get_attr":
+                try:
+                    if isinstance(fetch_attr(self.gm, a.target), torch.nn.Parameter):
+                        return True
+                except AttributeError:
+                    continue
+        return False
+
     def __call__(self, node, depth: int = 0) -> Mono | None:
         if not isinstance(node, fx.Node) or depth > 256 or not node.op.startswith("call"):
             return None
@@ -61,8 +73,7 @@ class VarianceEstimator:
         rule = self.registry.lookup(node, self.gm)
         ins = [a for a in node.all_input_nodes if carries_tensor(a) and a.op != "get_attr"]
         out: Mono | None = None
-        if (self._measure_at is not None and rule is not None and rule.averages
-                and not any(a.op == "get_attr" for a in node.all_input_nodes)):
+        if self._measure_at is not None and rule is not None and rule.averages and not self._reads_param(node):
             out = self._measure_at(node)  # positions averaged: their likeness is the data's
         elif rule is not None and rule.moment is not None:
             out = rule.moment(self._make_ctx(node, rule))

@@ -195,3 +195,25 @@ def test_refresh_without_measured_atoms_says_what_to_pass():
     plan = fxbackmatch.prepare(net, torch.randn(2, 4), compile=False, moments="batch")  # nothing averages
     with pytest.raises(fxbackmatch.FxBackmatchError, match="moments='batch'"):
         plan.refresh(torch.randn(2, 4))
+
+
+def test_batch_moments_see_attention_with_a_buffer_mask_and_skip_weighted_matmuls():
+    """A buffer operand (an attention mask) does not make an average a weighted layer; a
+    parameter operand (``x @ W``) does, and keeps its derived moment."""
+
+    class Att(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mask", torch.ones(6, 6, dtype=torch.bool).tril())
+            self.w = nn.Parameter(torch.randn(8, 8) / 8**0.5)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):  # B × T × 8
+            a = F.scaled_dot_product_attention(x, x, x, attn_mask=self.mask)
+            return self.head(a @ self.w)
+
+    plan = fxbackmatch.prepare(Att(), torch.randn(4, 6, 8), compile=False, moments="batch")
+    kinds = {n.name: str(n.target) for n in plan._analysis.gm.graph.nodes}
+    measured = [kinds[n] for n in plan._analysis.moment_nodes]
+    assert any("scaled_dot_product_attention" in k for k in measured), measured
+    assert not any("matmul" in k for k in measured), measured

@@ -82,3 +82,35 @@ def test_data_parallel_ranks_count_their_rows(monkeypatch):
     monkeypatch.setattr(plan_mod.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(plan_mod.dist, "get_world_size", lambda: 4)
     assert plan.scales()["0.weight"] == pytest.approx(full * 64 / 512, rel=1e-9)
+
+
+def test_with_a_token_mask_only_the_real_tokens_are_rows():
+    """A token-wise layer shares its weight over the ``f·T`` real tokens of each sample, so its
+    batch span is ``B·f·T`` rows: the span and the token share multiply to
+    ``(1/f)·min(1, B·f·T/n)`` — not ``(1/f)·min(1, B·T/n)``, which would be ``1/f`` too large."""
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(256, 8, bias=False)
+
+        def forward(self, x, attention_mask):
+            return self.inp(x) * attention_mask.unsqueeze(-1)
+
+    torch.manual_seed(0)
+    net, batch, t = Tok(), 4, 8
+    x = torch.randn(batch, t, 256)
+    mask = torch.zeros(batch, t)
+    mask[:, :2] = 1  # f = 1/4: 4·2 = 8 real rows, against a fan-in of 256
+    plain = fxbackmatch.prepare(net, (x, mask), compile=False).scales()["inp.weight"]
+    plan = fxbackmatch.prepare(net, (x, mask), compile=False, token_mask=1, span="batch")
+    net(x, mask)
+    assert plan.scales()["inp.weight"] == pytest.approx(plain * 4 * (batch * 2 / 256), rel=1e-9)
+
+
+def test_compile_step_refuses_what_reads_the_batch():
+    net = nn.Sequential(nn.Linear(64, 4))
+    for kw in ({"span": "batch"}, {"moments": "batch"}):
+        plan = fxbackmatch.prepare(net, torch.randn(2, 64), compile=False, **kw)
+        with pytest.raises(fxbackmatch.FxBackmatchError, match="plan.attach"):
+            plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1))

@@ -118,7 +118,7 @@ def test_token_mask_errors_name_the_input():
         fxbackmatch.prepare(net, (x,), example_kwargs={"attention_mask": torch.ones(2, T)}, token_mask=0)
     plan = fxbackmatch.prepare(net, (x,), example_kwargs={"attention_mask": torch.ones(2, T)},
                                token_mask="attention_mask", compile=False)
-    with pytest.raises(FxBackmatchError, match="compile_step does not read"):
+    with pytest.raises(FxBackmatchError, match="token_mask='attention_mask', which reads each step's batch"):
         plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1))
 
 
