@@ -12,6 +12,7 @@ touched, and buffers (BatchNorm running statistics) are restored afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -58,11 +59,17 @@ def carrying_mean(diag: torch.Tensor, rel: float = 1e-10) -> float:
     return float(d[keep].mean())
 
 
-@torch.no_grad()
-def _restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    for name, b in model.named_buffers():
-        if name in saved:
-            b.copy_(saved[name])
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module):
+    """Run the block, then put the model's buffers (BatchNorm statistics) back as they were."""
+    saved = {k: v.detach().clone() for k, v in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
 
 
 def measure_values(
@@ -97,18 +104,13 @@ def measure_factors(
     outputs = list(outputs)
     keep = {n.name for n in gm.graph.nodes if n.op not in ("output", "get_attr")} if nodes is None else set(nodes)
     if not keep:  # moments only: one forward, no probes
-        saved = {k: v.detach().clone() for k, v in model.named_buffers()}
-        try:
-            with torch.no_grad():
-                rec = _Recorder(gm, set(), set(moments))
-                rec.run(*inputs)
-        finally:
-            _restore(model, saved)
+        with _buffers_kept(model), torch.no_grad():
+            rec = _Recorder(gm, set(), set(moments))
+            rec.run(*inputs)
         return Measurement({}, rec.moments)
     keep |= set(outputs)
-    saved = {k: v.detach().clone() for k, v in model.named_buffers()}
     inputs = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs]
-    try:
+    with _buffers_kept(model):
         with torch.enable_grad():
             rec = _Recorder(gm, keep, set(moments))
             rec.run(*inputs)
@@ -129,6 +131,4 @@ def measure_factors(
                 for a, g in zip(acc, grads):
                     if g is not None:
                         a.add_(g.detach().double().square())
-    finally:
-        _restore(model, saved)
     return Measurement({k: carrying_mean(a / probes) for k, a in zip(names, acc)}, rec.moments)

@@ -55,14 +55,8 @@ class VarianceEstimator:
 
     def _reads_param(self, node: fx.Node) -> bool:
         """A matmul/einsum with a parameter operand is a weighted layer, not an average."""
-        for a in node.all_input_nodes:
-            if a.op == "get_attr":
-                try:
-                    if isinstance(fetch_attr(self.gm, a.target), torch.nn.Parameter):
-                        return True
-                except AttributeError:
-                    continue
-        return False
+        return any(a.op == "get_attr" and isinstance(fetch_attr(self.gm, a.target), torch.nn.Parameter)
+                   for a in node.all_input_nodes)
 
     def __call__(self, node, depth: int = 0) -> Mono | None:
         if not isinstance(node, fx.Node) or depth > 256 or not node.op.startswith("call"):

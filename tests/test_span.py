@@ -76,12 +76,13 @@ def test_data_parallel_ranks_count_their_rows(monkeypatch):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(512, 8))
     plan = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, span="batch")
-    full = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False).scales()["0.weight"]
+    net(torch.randn(64, 512))
+    one_process = plan.scales()["0.weight"]  # the same 64 rows in one process
     net(torch.randn(16, 512))
     monkeypatch.setattr(plan_mod.dist, "is_available", lambda: True)
     monkeypatch.setattr(plan_mod.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(plan_mod.dist, "get_world_size", lambda: 4)
-    assert plan.scales()["0.weight"] == pytest.approx(full * 64 / 512, rel=1e-9)
+    assert plan.scales()["0.weight"] == pytest.approx(one_process, rel=1e-9)
 
 
 def test_with_a_token_mask_only_the_real_tokens_are_rows():
@@ -102,10 +103,15 @@ def test_with_a_token_mask_only_the_real_tokens_are_rows():
     x = torch.randn(batch, t, 256)
     mask = torch.zeros(batch, t)
     mask[:, :2] = 1  # f = 1/4: 4·2 = 8 real rows, against a fan-in of 256
-    plain = fxbackmatch.prepare(net, (x, mask), compile=False).scales()["inp.weight"]
     plan = fxbackmatch.prepare(net, (x, mask), compile=False, token_mask=1, span="batch")
     net(x, mask)
-    assert plan.scales()["inp.weight"] == pytest.approx(plain * 4 * (batch * 2 / 256), rel=1e-9)
+    # the equivalent network: the same layer on the real tokens alone, no padding, no mask
+    real, ones = x[:, :2].contiguous(), torch.ones(batch, 2)
+    unpadded = fxbackmatch.prepare(net, (real, ones), compile=False, span="batch")
+    net(real, ones)
+    assert plan.scales()["inp.weight"] == pytest.approx(unpadded.scales()["inp.weight"], rel=1e-9)
+    full = fxbackmatch.prepare(net, (real, ones), compile=False).scales()["inp.weight"]
+    assert unpadded.scales()["inp.weight"] == pytest.approx(full * (batch * 2 / 256), rel=1e-9)  # it did reduce
 
 
 def test_compile_step_refuses_what_reads_the_batch():

@@ -419,20 +419,21 @@ def _einsum_sizes(eq: str, shapes) -> tuple[list[str], str, dict[str, int]] | No
     return subs, out, sizes
 
 
-def _einsum_operands(ctx: RuleContext) -> list:
-    """The operands of ``einsum(eq, a, b)`` or ``einsum(eq, [a, b])`` (export's form)."""
-    rest = ctx.node.args[1:]
+def _einsum_parts(ctx: RuleContext) -> tuple[list, tuple | None]:
+    """The operands of ``einsum(eq, a, b)`` or ``einsum(eq, [a, b])`` (export's form), and the
+    parsed subscripts (``None`` when they cannot be read)."""
+    eq, rest = ctx.node.args[0], ctx.node.args[1:]
     if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
         rest = rest[0]
-    return [a for a in rest if isinstance(a, fx.Node)]
+    ops = [a for a in rest if isinstance(a, fx.Node)]
+    return ops, (_einsum_sizes(eq, [ctx.shape(o) for o in ops]) if isinstance(eq, str) else None)
 
 
 def _einsum_moment(ctx: RuleContext) -> Mono | None:
     """Output moment of a two-operand einsum between activations, as ``matmul``'s:
     ``E[A²]·E[B²]·K`` with ``K`` the summed-over size (independent terms) — ``E[v²]/S`` for
     attention probabilities times values; one operand: its moment."""
-    eq, ops = ctx.node.args[0], _einsum_operands(ctx)
-    parsed = _einsum_sizes(eq, [ctx.shape(o) for o in ops]) if isinstance(eq, str) else None
+    ops, parsed = _einsum_parts(ctx)
     if parsed is None or any(ctx.param_from_arg(o) is not None for o in ops):
         return None
     subs, out, sizes = parsed
@@ -452,9 +453,7 @@ def einsum_rule(ctx: RuleContext) -> None:
     each with a coefficient of ``B``: ``m_A = m·N_A·E[B²]`` (``E[B²]`` taken as 1 under
     ``gamma="one"`` unless ``B`` is a softmax output). One operand: its indices kept (a
     permutation) keep ``m``."""
-    eq = ctx.node.args[0]
-    ops = _einsum_operands(ctx)
-    parsed = _einsum_sizes(eq, [ctx.shape(o) for o in ops]) if isinstance(eq, str) else None
+    ops, parsed = _einsum_parts(ctx)
     if parsed is None or len(ops) not in (1, 2):
         ctx.note("einsum: each operand keeps m (heuristic)")
         ctx.pass_all()
