@@ -32,6 +32,7 @@ class GeneratedFactors:
     code: str
     fn: Callable[..., torch.Tensor]
     from_base: Callable[..., torch.Tensor]
+    from_sq: Callable[..., torch.Tensor]  # ``factors_from_sq(weight_sq, grads, stats, C)``
     constants: dict[str, torch.Tensor]
     weight_refs: list[str]  # order of the ``weight_sq`` argument
     grad_refs: list[str]  # order of ``grads``: ``grad_sq`` first, then ``rows`` (row counts)
@@ -64,7 +65,8 @@ def generate(
     cap: float | None = None,
     chains: dict[str, str] | None = None,
 ) -> GeneratedFactors:
-    """Emit ``factors(weights, grads, stats, C) -> scales`` for the given scale monos.
+    """Emit ``factors(weights, grads, stats, C) -> scales`` for the given scale monos, and
+    ``factors_from_sq``, the same from the weights' sums of squares instead of the weights.
 
     ``cap`` keeps every scale in ``[1/cap, cap]``; ``chains`` (parameter -> its ``m`` and
     ``s`` in words) are written as comments so a reader can check them by hand."""
@@ -93,10 +95,17 @@ def generate(
         "            C: dict[str, torch.Tensor]) -> torch.Tensor:",
         f'    """Return the {len(scales)} scales, in the order listed at the end of this file."""',
         "    # squared norms accumulated in float64 (one read of each tensor, fused by inductor)",
+        f"    weight_sq = [_sq(w) for w in weights]  # {n_w} weights",
+        "    return factors_from_sq(weight_sq, grads, stats, C)",
+        "",
+        "",
+        "def factors_from_sq(weight_sq: list[torch.Tensor], grads: list[torch.Tensor], stats: list[torch.Tensor],",
+        "                    C: dict[str, torch.Tensor]) -> torch.Tensor:",
+        '    """The scales from each weight\'s float64 sum(W²) at hand (a fused step keeps them',
+        '    from its last write of the weights); gradients and statistics are read here."""',
     ]
     parts = []
     if n_w:
-        lines.append(f"    weight_sq = [_sq(w) for w in weights]  # {n_w} weights")
         parts.append("weight_sq")
     if n_g:
         lines.append(f"    grad_sq = [_sq(g) for g in grads[:{n_g}]]  # {n_g} gradients")
@@ -194,6 +203,7 @@ def generate(
         code=code,
         fn=namespace["factors"],
         from_base=namespace["factors_from_base"],
+        from_sq=namespace["factors_from_sq"],
         constants=consts,
         weight_refs=[atoms[i].ref for i in base["weight_sumsq"]],
         grad_refs=[atoms[i].ref for i in base["grad_sumsq"] + base["grad_rows"]],

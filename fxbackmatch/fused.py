@@ -1,13 +1,25 @@
 """A fused training update: scales and the optimizer's update in one compiled call.
 
 ``plan.compile_step(optimizer)`` returns a callable that replaces ``optimizer.step()``:
-one ``torch.compile(fullgraph=True)`` function reads every weight once for its norm,
-computes the scales, and applies the scaled gradient inside the optimizer's own update
-(SGD with momentum/Nesterov, Adam, AdamW), so there is no separate pass that writes the
-gradients. The optimizer's state (``momentum_buffer``; ``step``, ``exp_avg``,
-``exp_avg_sq``) is the optimizer's own, so ``optimizer.state_dict()`` and switching back to
-``optimizer.step()`` keep working. Learning rates are passed as tensors: schedulers do not
-trigger recompiles.
+one ``torch.compile(fullgraph=True)`` function computes the scales and applies the scaled
+gradient inside the optimizer's own update (SGD with momentum/Nesterov, Adam, AdamW), so
+there is no separate pass that writes the gradients.
+
+The scales need each weight's ``sum(W²)``. The update writes every weight anyway, so it
+also returns the sum of squares of what it wrote, and the next step's scales start from
+those (the generated ``factors_from_sq``): no weight is read for its norm in steady state.
+A weight is read again (eagerly, before the compiled call) on the first call, after
+``plan.load_state_dict``, when the plan's runtime changed, and when the weight was changed
+outside the step: its ``_version`` (bumped by every in-place op on it, so by
+``model.load_state_dict``, ``torch.no_grad()`` edits and ``optimizer.step()``) or its
+``data_ptr`` (``p.data = ...``) differs from the one recorded after the step wrote it. An
+in-place edit through ``p.data`` bumps no version: the next step uses the sum from before
+the edit, and returns the right one (it sums what it writes), so such an edit is one step
+late. Weights the optimizer does not update are read every step.
+
+The optimizer's state (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``) is the
+optimizer's own, so ``optimizer.state_dict()`` and switching back to ``optimizer.step()``
+keep working. Learning rates are passed as tensors: schedulers do not trigger recompiles.
 """
 from __future__ import annotations
 
@@ -15,13 +27,28 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .norms import sumsq, sumsq_many
+
 if TYPE_CHECKING:
     from .plan import Plan
+    from .runtime import Runtime
 
 __all__ = ["FusedStep"]
 
 
-def _sgd_update(params, grads, bufs, scales, index, lrs, group_of, wd, momentum, nesterov):
+def _weight_sq(
+    read: list[torch.Tensor], read_at: list[int], kept: list[torch.Tensor], kept_at: list[int], n: int
+) -> list[torch.Tensor]:
+    """The ``n`` weights' ``sum(W²)`` in the generated order: ``read`` summed here, ``kept`` given."""
+    out: list = [None] * n  # every slot is filled: read_at and kept_at split range(n)
+    for j, w in zip(read_at, read):
+        out[j] = sumsq(w)
+    for j, s in zip(kept_at, kept):
+        out[j] = s
+    return out
+
+
+def _sgd_update(params, grads, bufs, scales, index, lrs, group_of, wd, momentum, nesterov, slot, new_sq):
     for i, p in enumerate(params):
         g = grads[i]
         if wd:
@@ -33,9 +60,11 @@ def _sgd_update(params, grads, bufs, scales, index, lrs, group_of, wd, momentum,
         buf.mul_(momentum[group_of[i]]).add_(g)
         step = g + momentum[group_of[i]] * buf if nesterov[group_of[i]] else buf
         p.sub_(lrs[group_of[i]].to(p.dtype) * step)
+        if slot[i] >= 0:  # a weight the scales read: sum what was just written
+            new_sq[slot[i]] = sumsq(p)
 
 
-def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd, betas, eps, decoupled):
+def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd, betas, eps, decoupled, slot, new_sq):
     for i, p in enumerate(params):
         gi = group_of[i]
         g = grads[i]
@@ -49,12 +78,15 @@ def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd,
             p.mul_(1 - lr * decoupled[gi])
         b1, b2 = betas[gi]
         steps[i].add_(1)
-        bc1 = 1 - b1 ** steps[i]
-        bc2 = 1 - b2 ** steps[i]
+        t = steps[i].to(torch.float64)  # bias corrections in float64, as torch.optim.Adam's
+        bc1 = 1 - b1 ** t
+        bc2 = 1 - b2 ** t
         m1[i].lerp_(g, 1 - b1)
         m2[i].mul_(b2).addcmul_(g, g, value=1 - b2)
         denom = (m2[i].sqrt() / bc2.sqrt()).add_(eps[gi])
         p.sub_((lr / bc1) * m1[i] / denom)
+        if slot[i] >= 0:
+            new_sq[slot[i]] = sumsq(p)
 
 
 class FusedStep:
@@ -93,10 +125,26 @@ class FusedStep:
             raise TypeError(f"compile_step supports torch.optim.SGD, Adam and AdamW, not {kind.__name__}; use attach()")
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.group_of = [gi for gi, g in enumerate(optimizer.param_groups) for _ in g["params"]]
-        pos = {id(p): k for k, p in enumerate(plan._runtime.targets)}
-        self.index = [pos.get(id(p), -1) for p in self.params]
-        self._fn: Callable | None = None
         self._compile = compile
+        self._bind(plan._runtime)
+
+    def _bind(self, rt: "Runtime") -> None:
+        """Where the runtime's targets and weights sit among the optimizer's parameters."""
+        self._rt = rt
+        pos = {id(p): k for k, p in enumerate(rt.targets)}
+        self.index = [pos.get(id(p), -1) for p in self.params]
+        written = {id(p) for p in self.params}
+        #: weights the update writes (their sums are kept) and those read every step
+        self._kept_at = [j for j, w in enumerate(rt.weights) if id(w) in written]
+        self._read_at = [j for j, w in enumerate(rt.weights) if id(w) not in written]
+        self._kept = [rt.weights[j] for j in self._kept_at]
+        self._read = [rt.weights[j] for j in self._read_at]
+        kept = {id(w): k for k, w in enumerate(self._kept)}
+        self._slot = [kept.get(id(p), -1) for p in self.params]  # parameter -> its kept sum, or -1
+        self._sq: list[torch.Tensor] | None = None  # float64 sum(W²) of each kept weight
+        self._marks: list[tuple[int, int]] = []  # (_version, data_ptr) of each, after the step wrote it
+        self._loads = self.plan._state_loads
+        self._fn: Callable | None = None
 
     def _state(self):
         st = self.optimizer.state
@@ -120,26 +168,49 @@ class FusedStep:
             steps.append(s["step"])
         return m1, m2, steps
 
+    def _kept_sq(self) -> list[torch.Tensor]:
+        """The kept weights' sums, re-read where stale (or all of them: first call, a loaded
+        plan state)."""
+        if self._sq is None or self._loads != self.plan._state_loads:
+            return self._read_sq(self._kept)
+        stale = [k for k, w in enumerate(self._kept) if _mark(w) != self._marks[k]]
+        if not stale:
+            return self._sq
+        sq = list(self._sq)
+        for k, s in zip(stale, self._read_sq([self._kept[k] for k in stale])):
+            sq[k] = s
+        return sq
+
+    def _read_sq(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        """float64 ``sum(W²)``: the runtime's foreach read when compiled, float64 chunks eagerly."""
+        return sumsq_many(weights) if self._compile else [sumsq(w) for w in weights]
+
     def _build(self):
         rt = self.plan._runtime
-        factors = rt.gen.fn
+        factors = rt.gen.from_sq
         groups = self.optimizer.param_groups
-        index, group_of, wd = self.index, self.group_of, self.weight_decay
+        index, group_of, wd, slot = self.index, self.group_of, self.weight_decay, self._slot
+        read_at, kept_at, n_w, n_kept = self._read_at, self._kept_at, len(rt.weights), len(self._kept)
         if self.kind == "sgd":
             momentum = [float(g["momentum"]) for g in groups]
             nesterov = [bool(g["nesterov"]) for g in groups]
 
-            def step(weights, stats, consts, params, grads, lrs, bufs):
-                scales = factors(weights, [], stats, consts)
-                _sgd_update(params, grads, bufs, scales, index, lrs, group_of, wd, momentum, nesterov)
+            def step(read, kept, stats, consts, params, grads, lrs, bufs):
+                scales = factors(_weight_sq(read, read_at, kept, kept_at, n_w), [], stats, consts)
+                new_sq = [None] * n_kept
+                _sgd_update(params, grads, bufs, scales, index, lrs, group_of, wd, momentum, nesterov, slot, new_sq)
+                return new_sq
         else:
             betas = [tuple(float(b) for b in g["betas"]) for g in groups]
             eps = [float(g["eps"]) for g in groups]
             decoupled = [float(g["weight_decay"]) if isinstance(self.optimizer, torch.optim.AdamW) else 0.0 for g in groups]
 
-            def step(weights, stats, consts, params, grads, lrs, m1, m2, steps):
-                scales = factors(weights, [], stats, consts)
-                _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd, betas, eps, decoupled)
+            def step(read, kept, stats, consts, params, grads, lrs, m1, m2, steps):
+                scales = factors(_weight_sq(read, read_at, kept, kept_at, n_w), [], stats, consts)
+                new_sq = [None] * n_kept
+                _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd, betas, eps, decoupled,
+                             slot, new_sq)
+                return new_sq
 
         return torch.compile(step, fullgraph=True, dynamic=False) if self._compile else step
 
@@ -152,11 +223,21 @@ class FusedStep:
         rt = self.plan._runtime
         if rt.gen.grad_refs:
             raise ValueError("compile_step supports gradient-independent rules (backmatch, sgd)")
+        if rt is not self._rt:  # the plan regenerated its runtime
+            self._bind(rt)
         if self._fn is None:
             self._fn = self._build()
         dev = rt.device()
         consts = rt._consts.get(dev) or rt._consts.setdefault(dev, rt.gen.constants_on(dev))
         lrs = [torch.as_tensor(g["lr"], dtype=torch.float64, device=dev) for g in self.optimizer.param_groups]
         stats = [rt.buffers[r] for r in rt.stat_refs]
-        self._fn(rt.weights, stats, consts, self.params, grads, lrs, *self._state())
+        kept = self._kept_sq()
+        self._sq = self._fn(self._read, kept, stats, consts, self.params, grads, lrs, *self._state())
+        self._marks = [_mark(w) for w in self._kept]
+        self._loads = self.plan._state_loads
         self.optimizer._opt_called = True  # tell LR schedulers the optimizer stepped
+
+
+def _mark(t: torch.Tensor) -> tuple[int, int]:
+    """What changes when a tensor is written outside the step: its version, its storage."""
+    return t._version, t.data_ptr()

@@ -137,6 +137,7 @@ class Plan:
         self._attached: list = []
         self._last_updates: dict[str, torch.Tensor] = {}  # parameter -> ‖ΔW‖/‖W‖ of the last step
         self._applied: torch.Tensor | None = None  # the scales of the last rescale_grads_
+        self._state_loads = 0  # load_state_dict calls: a fused step re-reads its weights after one
 
     # ------------------------------------------------------------------ building
     def _build(self, example_inputs: Sequence[torch.Tensor], example_kwargs: dict | None = None) -> None:
@@ -732,6 +733,7 @@ class Plan:
                     f"plan state has {key}={state.get(key)!r} but this plan has "
                     f"{key}={getattr(self, key)!r}; prepare with the same options to resume."
                 )
+        self._state_loads += 1  # resumed: the weights were likely loaded too
 
     def __deepcopy__(self, memo):
         """A copy for a copy of the model: a waiting plan's pre-hook travels with the model's

@@ -1,0 +1,224 @@
+"""The fused step keeps each weight's sum(W²) from its own write (issue 23, part 4).
+
+Its cached sums must give the same training as reading the weights every step (the plain
+``attach()`` + ``optimizer.step()`` path) and must be re-read after anything that writes the
+weights outside the step. Eager fused steps (``compile=False``) for most checks; one compiled.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxbackmatch
+from fxbackmatch.norms import sumsq
+
+pytestmark = pytest.mark.filterwarnings("ignore::fxbackmatch.AdaptiveOptimizerWarning")
+
+SHAPE = (8, 3, 8, 8)
+
+
+class Net(nn.Module):
+    """Conv-BN, a residual fork whose factor reads ``Σcv2.weight²``, a linear head. No conv
+    bias before BN: its gradient is rounding noise, which Adam would turn into steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.cv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.cv1(x)))
+        x = x + self.cv2(F.relu(self.bn2(x)))
+        return self.fc(F.max_pool2d(x, 2).flatten(1))
+
+
+def batches(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(SHAPE, generator=g), torch.randint(0, 10, (SHAPE[0],), generator=g)) for _ in range(n)]
+
+
+def twins(variance: str = "weights", compile: bool = False):
+    """Two equal nets with their plans: ``a`` for the fused step, ``b`` (eager) for attach()."""
+    torch.manual_seed(0)
+    a = Net()
+    b = copy.deepcopy(a)
+    pa = fxbackmatch.prepare(a, torch.randn(SHAPE), compile=compile, variance=variance)
+    pb = fxbackmatch.prepare(b, torch.randn(SHAPE), compile=False, variance=variance)
+    return a, pa, b, pb
+
+
+def assert_same(a: nn.Module, b: nn.Module, tol: float = 1e-6) -> None:
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol * float(q.detach().abs().max()), msg=n)
+
+
+def fresh_sq(step) -> list[torch.Tensor]:
+    return [sumsq(w) for w in step._kept]
+
+
+def count_reads(step) -> list[int]:
+    """Spy on the fused step's weight reads: appends how many weights each call re-read."""
+    calls: list[int] = []
+    read = step._read_sq
+
+    def spy(weights):
+        calls.append(len(weights))
+        return read(weights)
+
+    step._read_sq = spy
+    return calls
+
+
+OPTIMIZERS = {
+    "sgd-wd": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), 5e-4),
+    "nesterov-wd": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True), 5e-4),
+    "adamw": (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01), 0.0),
+    "adam-wd": (lambda p: torch.optim.Adam(p, lr=1e-3), 5e-4),
+}
+
+
+@pytest.mark.parametrize("variance", ["weights", "measured"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_cached_step_equals_attach(name, variance):
+    """30 steps, with a weight doubled by hand at step 10 and a checkpoint loaded at step 20
+    (``variance='measured'`` also reads BatchNorm running variances every step)."""
+    make, wd = OPTIMIZERS[name]
+    a, pa, b, pb = twins(variance)
+    oa, ob = make(a.parameters()), make(b.parameters())
+    step = pa.compile_step(oa, weight_decay=wd)
+    pb.attach(ob, weight_decay=wd)
+    reads = count_reads(step)
+    checkpoint = None
+    for i, (x, y) in enumerate(batches(30)):
+        for net, st in ((a, step), (b, ob.step)):
+            net.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            st()
+        assert_same(a, b)
+        if i == 5:
+            checkpoint = copy.deepcopy(b.state_dict())
+        if i == 10:  # cv2.weight is read by its own scale and by the fork's sum
+            with torch.no_grad():
+                a.cv2.weight.mul_(2)
+                b.cv2.weight.mul_(2)
+        if i == 20:
+            for net, plan in ((a, pa), (b, pb)):
+                net.load_state_dict(checkpoint)
+                plan.load_state_dict(plan.state_dict())
+    n = len(step._kept)
+    assert n == 3
+    assert reads == [n, 1, n]  # first call, the edited weight, the loaded checkpoint
+
+
+def test_cache_is_reread_after_each_outside_write():
+    """Which writes outside the step re-read which weights (``_version`` / ``data_ptr``)."""
+    a, pa, _, _ = twins()
+    opt = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    step = pa.compile_step(opt)
+    reads = count_reads(step)
+    data = iter(batches(20))
+
+    def one(fn=None):
+        x, y = next(data)
+        a.zero_grad()
+        F.cross_entropy(a(x), y).backward()
+        (fn or step)()
+        return reads.pop() if reads else 0
+
+    n = len(step._kept)
+    assert one() == n  # first call
+    assert one() == 0 and one() == 0  # steady state: no weight read for its norm
+    with torch.no_grad():
+        a.fc.weight.add_(1.0)
+    assert one() == 1
+    a.cv1.weight.data = a.cv1.weight.data.clone()  # new storage, same version
+    assert one() == 1
+    assert one(opt.step) == 0 and one() == n  # a plain optimizer step wrote them all
+    a.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert one() == n
+    pa.load_state_dict(pa.state_dict())
+    assert one() == n
+    for got, want in zip(step._sq, fresh_sq(step)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_data_edit_is_one_step_late():
+    """An edit through ``.data`` bumps no version: the next step still uses the old sum, and
+    keeps the right one (it sums what it wrote); ``plan.load_state_dict`` re-reads at once."""
+    a, pa, b, pb = twins()
+    oa = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    ob = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    step = pa.compile_step(oa)
+    pb.attach(ob)
+    for i, (x, y) in enumerate(batches(8)):
+        if i == 3:
+            a.cv2.weight.data.mul_(2)
+            b.cv2.weight.data.mul_(2)
+            pa.load_state_dict(pa.state_dict())  # what a resume does: re-read every weight
+        for net, st in ((a, step), (b, ob.step)):
+            net.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            st()
+        assert_same(a, b)
+    a.cv2.weight.data.mul_(2)  # this time unnoticed
+    x, y = batches(1, seed=1)[0]
+    a.zero_grad()
+    F.cross_entropy(a(x), y).backward()
+    step()
+    for got, want in zip(step._sq, fresh_sq(step)):  # healed by the step's own write
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_weights_the_optimizer_does_not_step_are_read_every_step():
+    """cv2.weight is outside the optimizer and changed by hand (through ``.data``) each step."""
+    a, pa, b, pb = twins()
+    rest = lambda net: [p for n, p in net.named_parameters() if n != "cv2.weight"]  # noqa: E731
+    oa = torch.optim.SGD(rest(a), lr=0.05, momentum=0.9)
+    ob = torch.optim.SGD(rest(b), lr=0.05, momentum=0.9)
+    step = pa.compile_step(oa, weight_decay=5e-4)
+    pb.attach(ob, weight_decay=5e-4)
+    assert len(step._kept) == 2 and len(step._read) == 1
+    for x, y in batches(10):
+        for net, st in ((a, step), (b, ob.step)):
+            net.cv2.weight.data.mul_(1.1)
+            net.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            st()
+        assert_same(a, b)
+
+
+def test_compiled_cached_step():
+    """The one compiled step of this file: same training as attach() through an edit and a
+    loaded checkpoint, kept sums equal to fresh reads, one graph for every call."""
+    from torch._dynamo.utils import counters
+
+    a, pa, b, pb = twins(compile=True)
+    oa = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    ob = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    step = pa.compile_step(oa, weight_decay=5e-4)
+    pb.attach(ob, weight_decay=5e-4)
+    checkpoint = copy.deepcopy(b.state_dict())
+    before = counters["stats"].get("unique_graphs", 0)
+    for i, (x, y) in enumerate(batches(12)):
+        if i == 4:
+            with torch.no_grad():
+                a.fc.weight.mul_(0.5)
+                b.fc.weight.mul_(0.5)
+        if i == 8:
+            a.load_state_dict(checkpoint)
+            b.load_state_dict(checkpoint)
+        for net, st in ((a, step), (b, ob.step)):
+            net.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            st()
+        assert_same(a, b, tol=1e-5)  # compiled against eager float32 arithmetic
+        for got, want in zip(step._sq, fresh_sq(step)):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    assert counters["stats"].get("unique_graphs", 0) - before == 1
