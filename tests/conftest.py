@@ -24,3 +24,15 @@ def pytest_collection_modifyitems(config, items):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decoded_cache(tmp_path_factory):
+    """Decoded data packs go to a temporary folder, never to the user's ~/.cache."""
+    old = os.environ.get("FXBACKMATCH_CACHE")
+    os.environ["FXBACKMATCH_CACHE"] = str(tmp_path_factory.mktemp("decoded"))
+    yield
+    if old is None:
+        os.environ.pop("FXBACKMATCH_CACHE", None)
+    else:
+        os.environ["FXBACKMATCH_CACHE"] = old

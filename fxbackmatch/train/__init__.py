@@ -145,10 +145,13 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     a("--momentum", type=float, help="default 0.9")
     a("--nesterov", action="store_true", default=None, help="Nesterov momentum")
     a("--weight-decay", type=float, help="added to the gradient before the layer-wise rescale (default 0)")
-    a("--augment", action="store_true", default=None, help="random horizontal flip and rotation")
+    a("--augment", nargs="?", const="rotate", default=None, choices=("none", "crop", "rotate"),
+      help="crop: 4-pixel padded random crop and flip, drawn on the device; rotate (the bare flag, the "
+           "paper's §4): flip and rotation")
     a("--max-rotation", type=float, help="degrees of the random rotation with --augment (default 10)")
     a("--lr-decay-every", type=int, metavar="EPOCHS", help="multiply the LR by --lr-decay every EPOCHS (default 0: fixed)")
     a("--lr-decay", type=float, help="default 0.2")
+    a("--schedule", choices=("step", "cosine"), help="step (default: --lr-decay-every) or cosine to 0 over --epochs")
     a("--trust-coefficient", type=float, help="LARS trust coefficient (default 0.001)")
     a("--measure-every", type=int, metavar="K",
       help="backmatch+measured: measure every layer's m on the live batch every K steps (default 10)")
@@ -156,6 +159,10 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     a("--compile", action="store_true", default=None, help="wrap the model with torch.compile")
     a("--plan-compile", action=argparse.BooleanOptionalAction, default=None,
       help="compile the factor function (default: on for cuda, off for cpu)")
+    a("--amp", action=argparse.BooleanOptionalAction, default=None,
+      help="bf16 autocast of the forward pass (default: on for cuda, off for cpu)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+      help="channels-last images and weights (default: on for cuda, off for cpu)")
     a("--out", help="output directory (default runs/<timestamp>)")
     a("--resume", metavar="DIR", help="continue the run in DIR from its checkpoints (its saved options apply)")
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
@@ -165,7 +172,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
 
 _OPTION_FIELDS = ("data", "subset", "model", "width", "methods", "lr", "epochs", "seeds", "batch_size",
                   "eval_batch_size", "momentum", "nesterov", "weight_decay", "augment", "max_rotation",
-                  "lr_decay_every", "lr_decay", "trust_coefficient", "measure_every", "device", "compile", "plan_compile",
+                  "schedule", "lr_decay_every", "lr_decay", "amp", "channels_last", "trust_coefficient", "measure_every", "device", "compile", "plan_compile",
                   "out", "progress")
 
 

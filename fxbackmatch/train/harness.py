@@ -22,6 +22,7 @@ excluded); ``images_per_s`` is training images over that time.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -45,7 +46,8 @@ from rich.table import Table
 from torch import nn
 
 from ..errors import CliError
-from .data import DEFAULT_DATA, ImageData, augment_batch, load_data, subset_indices
+from .data import DEFAULT_DATA, ImageData, subset_indices
+from .pipeline import DeviceLoader, load_cached
 
 __all__ = [
     "DEFAULT_LRS",
@@ -126,8 +128,12 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
-    augment: bool = False
+    #: "none", "crop" (4-pixel padded random crop and flip, drawn on the device) or "rotate"
+    #: (the paper's §4: flip and a rotation in ±max_rotation degrees); True means "rotate"
+    augment: bool | str = False
     max_rotation: float = 10.0
+    #: "step" (× lr_decay every lr_decay_every epochs; 0: fixed) or "cosine" (to 0 over epochs)
+    schedule: str = "step"
     lr_decay_every: int = 0
     lr_decay: float = 0.2
     trust_coefficient: float = 1e-3
@@ -136,11 +142,27 @@ class TrainConfig:
     device: str = "cpu"
     compile: bool = False
     plan_compile: bool | None = None
+    #: bf16 autocast for the forward pass (None: on for cuda, off elsewhere)
+    amp: bool | None = None
+    #: channels-last images and weights (None: on for cuda, off elsewhere)
+    channels_last: bool | None = None
     out: str | None = None
     progress: bool = True
 
     #: options that may differ when a run is resumed
-    RESUMABLE = ("epochs", "device", "compile", "plan_compile", "eval_batch_size", "progress", "out")
+    RESUMABLE = ("epochs", "device", "compile", "plan_compile", "eval_batch_size", "progress", "out", "amp",
+                 "channels_last")
+
+    @property
+    def augmentation(self) -> str:
+        """``augment`` as one of :data:`~fxbackmatch.train.pipeline.AUGMENTATIONS`."""
+        if isinstance(self.augment, bool):
+            return "rotate" if self.augment else "none"
+        return str(self.augment)
+
+    def on_cuda(self, flag: bool | None) -> bool:
+        """A device-dependent switch: ``flag``, or whether the device is CUDA when ``None``."""
+        return bool(flag) if flag is not None else torch.device(self.device).type == "cuda"
 
     def lr_for(self, method: str) -> float:
         """The global learning rate of ``method`` (``lr`` overrides, else the paper's)."""
@@ -205,6 +227,12 @@ class TrainConfig:
             raise CliError(f"--width must be positive, got {self.width}")
         if self.lr_decay_every < 0:
             raise CliError("--lr-decay-every must be ≥ 0 (0: fixed learning rate)")
+        if self.schedule not in ("step", "cosine"):
+            raise CliError(f"--schedule must be step or cosine, got {self.schedule!r}")
+        from .pipeline import AUGMENTATIONS
+
+        if self.augmentation not in AUGMENTATIONS:
+            raise CliError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         build_model(self.model, 10, self.width, check_only=True)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise CliError(f"--device {self.device}: CUDA is not available on this machine")
@@ -279,8 +307,11 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[t
 
 
 def lr_at(cfg: TrainConfig, method: str, epoch: int) -> float:
-    """Learning rate of (0-based) ``epoch``: fixed, or × ``lr_decay`` every ``lr_decay_every``."""
+    """Learning rate of (0-based) ``epoch``: fixed, × ``lr_decay`` every ``lr_decay_every``,
+    or (``schedule="cosine"``) ``lr·(1 + cos(π·epoch/epochs))/2``."""
     lr = cfg.lr_for(method)
+    if cfg.schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
     if cfg.lr_decay_every > 0:
         lr *= cfg.lr_decay ** (epoch // cfg.lr_decay_every)
     return lr
@@ -325,15 +356,17 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------- one epoch
-def _evaluate(model: nn.Module, data: ImageData, bs: int) -> tuple[float, float]:
+def _evaluate(model: nn.Module, data: ImageData, bs: int, autocast=contextlib.nullcontext,
+              memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, float]:
     model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=data.test_x.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.test_x.device)
     with torch.no_grad():
         for i in range(0, data.test_x.shape[0], bs):
-            x = data.normalize(data.test_x[i:i + bs])
+            x = data.normalize(data.test_x[i:i + bs].contiguous(memory_format=memory_format))
             y = data.test_y[i:i + bs]
-            out = model(x)
+            with autocast():
+                out = model(x)
             loss += F.cross_entropy(out.float(), y, reduction="sum").double()
             correct += (out.argmax(1) == y).sum()
     n = data.test_x.shape[0]
@@ -350,7 +383,11 @@ class _Run:
 
         self.cfg, self.method, self.seed, self.data, self.device = cfg, method, seed, data, device
         self.dir = _run_dir(out, method, seed)
-        self.model = model.to(device)
+        self.channels_last = cfg.on_cuda(cfg.channels_last)
+        self.amp = cfg.on_cuda(cfg.amp)
+        self.model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.loader = DeviceLoader(data, cfg.batch_size, cfg.augmentation, max_rotation=cfg.max_rotation,
+                                   channels_last=self.channels_last)
         plan_compile = cfg.plan_compile if cfg.plan_compile is not None else device.type == "cuda"
         example = torch.zeros((2, *data.image_shape), device=device)
         try:
@@ -430,6 +467,12 @@ class _Run:
         self.info = dict(st.get("info") or {})
 
     # -------------------------------------------------------------- training
+    def _autocast(self):
+        """bf16 autocast on the run's device when ``amp`` is on; a no-op context otherwise."""
+        if self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _swap_rng(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Install this run's global RNG state; return the previous one."""
         prev = torch.get_rng_state()
@@ -455,7 +498,8 @@ class _Run:
         lr = lr_at(cfg, self.method, self.epoch)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        batches = epoch_batches(data.train_x.shape[0], cfg.batch_size, self.shuffle)
+        ep = self.loader.plan(self.shuffle, self.aug)
+        batches = ep.batches
         if self.info.get("first_batch") is None:
             self.info["first_batch"] = batches[0].tolist()
         n_img = sum(int(b.numel()) for b in batches)
@@ -472,14 +516,11 @@ class _Run:
         t0 = time.perf_counter()
         refresh = max(1, len(batches) // 20)
         try:
-            for step, idx in enumerate(batches):
-                idx = idx.to(dev, non_blocking=True)
-                x = data.normalize(data.train_x[idx])
-                y = data.train_y[idx]
-                if cfg.augment:
-                    x = augment_batch(x, self.aug, cfg.max_rotation)
-                out = self.net(x)
-                loss = F.cross_entropy(out, y)
+            for step, (xb, y) in enumerate(self.loader.iterate(ep)):
+                x = self.loader.augment_float(data.normalize(xb), self.aug)
+                with self._autocast():
+                    out = self.net(x)
+                    loss = F.cross_entropy(out.float(), y)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
@@ -497,7 +538,8 @@ class _Run:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         secs = time.perf_counter() - t0
-        test_loss, test_acc = _evaluate(self.net, data, cfg.eval_batch_size)
+        test_loss, test_acc = _evaluate(self.net, data, cfg.eval_batch_size, self._autocast,
+                                        torch.channels_last if self.channels_last else torch.contiguous_format)
         train_loss = float(loss_sum) / max(seen, 1)
         if not math.isfinite(train_loss):
             log.warning("%s seed %d epoch %d: the training loss is not finite", self.method, self.seed, self.epoch + 1)
@@ -756,7 +798,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
 
     device = torch.device(cfg.device)
     if data is None:
-        data = load_data(cfg.data, cfg.subset)
+        data = load_cached(cfg.data, cfg.subset)
     elif cfg.subset is not None:
         tr = torch.from_numpy(subset_indices(data.train_y.cpu().numpy(), cfg.subset))
         te = torch.from_numpy(subset_indices(data.test_y.cpu().numpy(), cfg.subset))
