@@ -54,6 +54,10 @@ def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, 
     out = {"model": name, "params_M": sum(p.numel() for p in params) / 1e6}
     plan.rescale_grads_()  # compile once
     out["compiled_rescale"] = timeit(plan.rescale_grads_, restore, reps)
+    if torch.device(device).type == "cuda":  # the same without the CUDA graph of the scales
+        plan._runtime.cuda_graph = False
+        out["ungraphed_rescale"] = timeit(plan.rescale_grads_, restore, reps)
+        plan._runtime.cuda_graph = True
 
     named = dict(net.named_parameters())
 
@@ -145,7 +149,7 @@ def main() -> None:
         r = bench(name, args.device, args.reps, args.train_reps, args.batch, args.amp)
         ms = lambda k: f"{r[k] * 1e3:8.3f} ms" if r.get(k) is not None else "     n/a"  # noqa: E731
         print(f"\n## {name} ({r['params_M']:.1f} M parameters)")
-        for k in ("eager_loop", "compiled_rescale", "sgd_momentum_step", "timm_lars_step", "copy",
+        for k in ("eager_loop", "compiled_rescale", "ungraphed_rescale", "sgd_momentum_step", "timm_lars_step", "copy",
                   "compiled_sgd_step", "fused_step", "torch_fused_sgd_step", "train_step_with", "train_step_without"):
             if k in r:
                 print(f"{k:22s} {ms(k)}")

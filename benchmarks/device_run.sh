@@ -9,6 +9,7 @@
 #
 # On the device (from the repo root, after `mkdir -p data && cp ../shared/datasets/cifar10-jpeg.npz data/`):
 #   run(command="bash benchmarks/device_run.sh", carry=["data"], timeout_s=590)
+# Shorter runs: BUDGET=SECONDS, JOBS=vgg16:0 (the table's jobs), EPOCHS=N (fixed, no probe).
 # A CPU dry run of every step (tiny models, 2 epochs; tests/test_device_run.py):
 #   DRY=1 DATA=path/to/pack.npz OUT=/tmp/out bash benchmarks/device_run.sh
 set -u
@@ -31,9 +32,9 @@ if [ "${DRY:-0}" = 1 ]; then
   TABLE=(--device cpu --epochs 2 --subset 64 --width 0.0625 --jobs vgg11:0)
 else
   DEVICE=cuda
-  TESTS=(-m cuda tests/test_optim.py tests/test_pipeline.py)
+  TESTS=(-m cuda tests/test_optim.py tests/test_pipeline.py tests/test_cuda.py)
   BENCH=(--models resnet50 --device cuda --batch 256 --reps 20 --train-reps 10 --amp)
-  TABLE=(--device cuda --jobs vgg11:0,vgg16:0,vgg11:1 --min-epochs 15 --max-epochs 60)
+  TABLE=(--device cuda --jobs "${JOBS:-vgg11:0,vgg16:0,vgg11:1}" --min-epochs 15 --max-epochs 60 ${EPOCHS:+--epochs $EPOCHS})
 fi
 
 say "start: budget ${BUDGET} s, device ${DEVICE}"

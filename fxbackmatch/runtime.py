@@ -12,9 +12,17 @@ inductor reduction per weight). On the CPU the chain runs on Python floats inste
 ``factors`` reads each weight in float64 chunks (the reference precision). Gradients that
 are ``None`` are skipped outside the compiled region, so a changing set of missing gradients
 never recompiles it.
+
+On CUDA, a gradient-independent factor function (back-matching) is replayed as one CUDA
+graph (:class:`GraphedScales`): its inputs — the weights, BatchNorm statistics and constants
+— keep their addresses from step to step (the optimizer updates weights in place), so the
+norms and the chain cost one launch instead of a hundred. The graph is captured again when
+any input's address changes (``p.data = …``, ``.to()``), and never used for sharded or
+data-parallel-synchronized statistics.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from typing import Callable
@@ -28,7 +36,9 @@ from .codegen import GeneratedFactors
 from .expr import EPS
 from .norms import rows_read, sumsq, sumsq_many
 
-__all__ = ["Runtime", "HostChain", "COMPILE_MAX_STAGES"]
+__all__ = ["Runtime", "HostChain", "GraphedScales", "COMPILE_MAX_STAGES"]
+
+log = logging.getLogger(__name__)
 
 #: chains with more sequential stages (fork sums) than this run eagerly: a few hundred tiny
 #: ops per step (~1–5 ms on a CPU) instead of a first-call compile that grows with the
@@ -63,6 +73,9 @@ class Runtime:
         #: per-step factor on the scales (``token_mask``: 1/real-token share on token-wise
         #: layers): returns a float64 tensor in target order, or ``None``
         self.multiplier: Callable[[], torch.Tensor | None] | None = None
+        #: replay the scales as a CUDA graph where that is sound (see the module docstring)
+        self.cuda_graph = True
+        self._graphed: GraphedScales | None = None
 
     @property
     def fn(self):
@@ -126,6 +139,17 @@ class Runtime:
             return self._sharded_scales(grads, stats, consts, dev)
         if stats and _data_parallel_world() > 1:
             return self._synced_stat_scales(grads, stats, consts, dev)
+        if self.cuda_graph and dev.type == "cuda" and not grads:
+            g = self._graphed
+            if g is None or not g.matches(self.weights, stats):
+                try:
+                    g = self._graphed = GraphedScales(self.fn, self.weights, stats, consts)
+                except Exception as e:  # capture is an optimization: fall back, say why once
+                    log.warning("fxbackmatch: CUDA graph capture of the scales failed (%s: %s); "
+                                "computing them without a graph", type(e).__name__, e)
+                    self.cuda_graph = False
+                    return self.fn(self.weights, grads, stats, consts)
+            return g()
         return self.fn(self.weights, grads, stats, consts)
 
     def _synced_stat_scales(self, grads, stats, consts, dev) -> torch.Tensor:
@@ -182,6 +206,37 @@ class Runtime:
             sc = scales.to(device=dev, dtype=dtype).unbind(0)
             torch._foreach_mul_([grads[i] for i in idx], [sc[i] for i in idx])
         return scales
+
+
+class GraphedScales:
+    """The gradient-independent factor function captured once as a CUDA graph: ``fn`` runs
+    twice on a side stream (compiling, if it is compiled), then once under capture; each
+    call replays it and returns a copy of the static output."""
+
+    def __init__(self, fn: Callable, weights: list[torch.Tensor], stats: list[torch.Tensor],
+                 consts: dict[str, torch.Tensor]) -> None:
+        self.key = self._key(weights, stats)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(weights, [], stats, consts)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn(weights, [], stats, consts)
+
+    @staticmethod
+    def _key(weights: list[torch.Tensor], stats: list[torch.Tensor]) -> tuple:
+        return tuple((t.data_ptr(), t.dtype, t.shape) for t in (*weights, *stats))
+
+    def matches(self, weights: list[torch.Tensor], stats: list[torch.Tensor]) -> bool:
+        """Whether every input still lives where the graph reads it."""
+        return self._key(weights, stats) == self.key
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites the static output
 
 
 class HostChain:
