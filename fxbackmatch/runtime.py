@@ -36,7 +36,7 @@ from .codegen import GeneratedFactors
 from .expr import EPS
 from .norms import rows_read, sumsq, sumsq_many
 
-__all__ = ["Runtime", "HostChain", "GraphedScales", "COMPILE_MAX_STAGES"]
+__all__ = ["Runtime", "HostChain", "GraphedScales", "spread_mul_", "COMPILE_MAX_STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ class Runtime:
         #: replay the scales as a CUDA graph where that is sound (see the module docstring)
         self.cuda_graph = True
         self._graphed: GraphedScales | None = None
+        #: multiply through :func:`spread_mul_` (None: on CUDA, where launches cost more than bytes)
+        self.flat_multiply: bool | None = None
+        self._spread_counts: dict = {}
 
     @property
     def fn(self):
@@ -203,9 +206,66 @@ class Runtime:
             else:
                 grads.append(None)
         for (dev, dtype), idx in groups.items():
-            sc = scales.to(device=dev, dtype=dtype).unbind(0)
-            torch._foreach_mul_([grads[i] for i in idx], [sc[i] for i in idx])
+            gs = [grads[i] for i in idx]
+            if self.flat_multiply if self.flat_multiply is not None else dev.type == "cuda":
+                spread_mul_(gs, scales[idx].to(device=dev, dtype=dtype), self._spread_counts)
+            else:
+                sc = scales.to(device=dev, dtype=dtype).unbind(0)
+                torch._foreach_mul_(gs, [sc[i] for i in idx])
         return scales
+
+
+#: :func:`spread_mul_` spreads the scales over at most this many elements at a time
+SPREAD_CHUNK = 1 << 26
+
+
+def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, counts: dict | None = None) -> None:
+    """``grads[i] *= scales[i]`` in a few launches instead of one per tensor.
+
+    ``torch._foreach_mul_`` with a list of 0-d scale tensors is off foreach's fast path (the
+    operands' shapes differ) and launches a kernel per gradient. Here the scales are spread
+    by ``repeat_interleave`` over one flat buffer (a few kernels per chunk of
+    :data:`SPREAD_CHUNK` elements), and each gradient is multiplied by a view of that buffer
+    with its own shape and strides — a tensor-list multiply on the fast path. It costs one
+    extra write and read of the gradients' bytes, cheap where launches, not bytes, are the
+    cost (CUDA). Gradients that are not dense are multiplied one by one. ``counts`` caches
+    the per-chunk element counts on the device (a copy from the host would wait for the
+    device); pass the same dict every step.
+    """
+    counts = {} if counts is None else counts
+    dense = [k for k, g in enumerate(grads) if _dense(g)]
+    for k in sorted(set(range(len(grads))) - set(dense)):
+        grads[k].mul_(scales[k])
+    start = 0
+    while start < len(dense):
+        stop, total = start, 0
+        while stop < len(dense) and (stop == start or total + grads[dense[stop]].numel() <= SPREAD_CHUNK):
+            total += grads[dense[stop]].numel()
+            stop += 1
+        chunk = dense[start:stop]
+        sizes = tuple(grads[k].numel() for k in chunk)
+        key = (scales.device, sizes)
+        if key not in counts:
+            counts[key] = torch.tensor(sizes, device=scales.device)
+        flat = torch.repeat_interleave(scales[chunk], counts[key], output_size=total)
+        views, offset = [], 0
+        for k in chunk:
+            g = grads[k]
+            views.append(flat.as_strided(g.shape, g.stride(), offset))  # strides are never negative
+            offset += g.numel()
+        torch._foreach_mul_([grads[k] for k in chunk], views)
+        start = stop
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive storage slots (any dim order)."""
+    expected = 1
+    dims = sorted(((st, n) for n, st in zip(t.shape, t.stride()) if n != 1))
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class GraphedScales:

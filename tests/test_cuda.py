@@ -1,4 +1,4 @@
-"""GPU-only paths (skipped without CUDA): the scales replayed as a CUDA graph."""
+"""GPU paths: the scales replayed as a CUDA graph (CUDA only) and the few-launch multiply (any device)."""
 from __future__ import annotations
 
 import pytest
@@ -8,10 +8,11 @@ import torch.nn.functional as F
 import fxbackmatch
 from fxbackmatch.models import lenet_bn
 
-pytestmark = pytest.mark.cuda
+
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.cuda
 def test_graphed_scales_follow_weights_statistics_and_new_storage(compile):
     """The graph replays what the plain function computes — after optimizer steps (in-place
     writes), a forward that moves BatchNorm statistics, and a weight given new storage
@@ -45,3 +46,55 @@ def test_graphed_scales_follow_weights_statistics_and_new_storage(compile):
         opt.zero_grad()
         F.cross_entropy(net(x * (1 + step)), y).backward()
         opt.step()
+
+
+def _grads_of_every_layout(device: str) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(8, 3, 3, 3, generator=g), torch.randn(8, generator=g), torch.randn(5, 7, generator=g),
+            torch.randn(4, 6, 2, 2, generator=g).contiguous(memory_format=torch.channels_last),
+            torch.randn(7, 5, generator=g).t(),  # dense, transposed strides
+            torch.randn(6, 4, generator=g)[:, ::2],  # not dense: multiplied alone
+            torch.randn(3, generator=g)]
+    return [t.to(device) for t in base]
+
+
+@pytest.mark.parametrize("chunk", [1 << 26, 40], ids=["one-chunk", "chunked"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_spread_multiply_equals_one_multiply_per_tensor(device, chunk, monkeypatch):
+    """spread_mul_ against grads[i] * scales[i], over every layout a gradient can have."""
+    from fxbackmatch import runtime
+
+    monkeypatch.setattr(runtime, "SPREAD_CHUNK", chunk)
+    grads = _grads_of_every_layout(device)
+    want = [g.clone() * (i + 0.5) for i, g in enumerate(grads)]
+    scales = torch.arange(len(grads), dtype=torch.float32, device=device) + 0.5
+    strides = [g.stride() for g in grads]
+    counts: dict = {}
+    runtime.spread_mul_(grads, scales, counts)
+    for g, w, st in zip(grads, want, strides):
+        assert g.stride() == st
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert counts  # element counts kept for the next step
+
+
+def test_runtime_spread_multiply_equals_the_per_tensor_path():
+    """The runtime's CUDA default (spread multiply), forced on the CPU, rescales exactly as
+    the per-tensor path does — on a channels-last model, whose conv gradients are permuted."""
+    torch.manual_seed(0)
+    net = lenet_bn().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    plan = fxbackmatch.prepare(net, x[:2])
+    F.cross_entropy(net(x), torch.arange(8)).backward()
+    saved = [p.grad.clone() for p in net.parameters()]
+    out = []
+    for flat in (False, True):
+        for p, g in zip(net.parameters(), saved):
+            p.grad = g.clone()
+        plan._runtime.flat_multiply = flat
+        plan.rescale_grads_()
+        out.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    s = plan.scales()
+    for (n, p), g in zip(net.named_parameters(), saved):
+        torch.testing.assert_close(p.grad, g * s[n], rtol=1e-6, atol=0)
