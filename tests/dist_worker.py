@@ -1,7 +1,14 @@
 """Worker for the distributed tests: trains a small net with back-matching through DDP or
-FSDP2 on 2 CPU processes (gloo), or in one process on the whole batch (the oracle)."""
+FSDP2 on 2 CPU processes (gloo, file-store rendezvous), or in one process on the whole batch
+(the oracle: ``single_run``, called in the test process itself).
+
+``python dist_worker.py MODES WORLD OUTDIR STORE``: one process group of ``WORLD`` ranks runs
+every mode of the comma-separated ``MODES`` in turn (a fresh net and plan each, barriers
+between), and writes ``OUTDIR/MODE.RANK.pt``. A mode that patches the package to show a known
+failure (``-local``) undoes its patch before the next mode runs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -15,6 +22,8 @@ import fxbackmatch  # noqa: E402
 
 STEPS = 3
 BATCH = 16
+#: every distributed mode: the fast test runs them all in one process group
+MODES = ("ddp", "ddp-bn", "ddp-bn-local", "fsdp", "fsdp-local", "fsdp+length", "fsdp-after")
 
 
 def make_net() -> nn.Module:
@@ -51,10 +60,10 @@ def data():
 def train(net, plan, rank: int, world: int, scales_log: list, length: bool = False) -> None:
     if length:  # the step-length mode on AdamW
         opt = torch.optim.AdamW(net.parameters(), lr=0.02, weight_decay=0.01)
-        plan.attach(opt, mode="length")
+        handle = plan.attach(opt, mode="length")
     else:
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        plan.attach(opt)
+        handle = plan.attach(opt)
     per = BATCH // world
     for x, y in data():
         xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
@@ -62,6 +71,7 @@ def train(net, plan, rank: int, world: int, scales_log: list, length: bool = Fal
         F.cross_entropy(net(xs), ys).backward()
         opt.step()
         scales_log.append(plan.scale_tensor().cpu())
+    handle.remove()
 
 
 def full_params(net) -> dict[str, torch.Tensor]:
@@ -74,79 +84,93 @@ def full_params(net) -> dict[str, torch.Tensor]:
     return out
 
 
-def main(rank: int, world: int, mode: str, out: str, port: str) -> None:
-    torch.set_num_threads(1)
+@contextlib.contextmanager
+def patched(obj, name: str, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def single_run(length: bool = False) -> dict:
+    """The oracle: one process, no process group, the whole batch."""
+    net = make_net()
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)
+    log: list = []
+    train(net, plan, 0, 1, log, length)
+    return {"params": full_params(net), "scales": log, "sharded": plan._runtime.sharded}
+
+
+def _shard(net: nn.Module) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for m in net:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fully_shard(m)
+    fully_shard(net)
+
+
+def run_mode(mode: str, rank: int, world: int) -> dict:
+    import fxbackmatch.runtime as rt
+
     length = mode.endswith("+length")
     mode = mode.removesuffix("+length")
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    net = BNNet() if mode.startswith("ddp-bn") else make_net()
     log: list = []
     if mode.startswith("ddp-bn"):  # per-rank BatchNorm statistics enter the scales
-        if mode == "ddp-bn-local":  # the known failure: each rank's own statistics
-            import fxbackmatch.runtime as rt
-
-            rt._data_parallel_world = lambda: 1
-        ddp = nn.parallel.DistributedDataParallel(net)
-        plan = fxbackmatch.prepare(ddp, torch.randn(2, 3, 8, 8), compile=False, variance="measured")
-        assert plan._analysis.atoms and plan._runtime.stat_refs
-        train(ddp, plan, rank, world, log)
+        # "-local": the known failure, each rank's own statistics
+        patch = patched(rt, "_data_parallel_world", lambda: 1) if mode == "ddp-bn-local" else contextlib.nullcontext()
+        with patch:
+            ddp = nn.parallel.DistributedDataParallel(BNNet())
+            plan = fxbackmatch.prepare(ddp, torch.randn(2, 3, 8, 8), compile=False, variance="measured")
+            assert plan._analysis.atoms and plan._runtime.stat_refs
+            train(ddp, plan, rank, world, log)
+        net = ddp
     elif mode == "ddp":
-        ddp = nn.parallel.DistributedDataParallel(net)
-        plan = fxbackmatch.prepare(ddp, torch.randn(2, 3, 8, 8), compile=False)
-        train(ddp, plan, rank, world, log, length)
+        net = nn.parallel.DistributedDataParallel(make_net())
+        plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)
+        train(net, plan, rank, world, log, length)
     elif mode == "fsdp-after":  # prepare on the already sharded model
-        from torch.distributed.fsdp import fully_shard
-
-        for m in net:
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                fully_shard(m)
-        fully_shard(net)
+        net = make_net()
+        _shard(net)
         try:
             fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)
         except fxbackmatch.PlanMismatchError as e:
-            assert "before fully_shard" in str(e)
+            refused = "before fully_shard" in str(e)
         else:
-            raise AssertionError("prepare on a sharded model must refuse")
+            refused = False
         # the refused prepare left FSDP's state alone: the sharded model still trains
         x, y = data()[0]
         F.cross_entropy(net(x), y).backward()
-        if rank == 0:
-            torch.save({"refused": True}, f"{out}.0.pt")
-        dist.barrier()
-        dist.destroy_process_group()
-        return
+        return {"refused": refused, "grads": all(p.grad is not None for p in net.parameters())}
     elif mode in ("fsdp", "fsdp-local"):
-        from torch.distributed.fsdp import fully_shard
-
-        if mode == "fsdp-local":  # the known LARS-style failure: norms of the local shard only
-            import fxbackmatch.runtime as rt
-
-            rt.dist.all_reduce = lambda *a, **k: None
-
-        plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)  # before sharding
-        for m in net:
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                fully_shard(m)
-        fully_shard(net)
-        train(net, plan, rank, world, log, length)
+        # "-local": the known LARS-style failure, norms of the local shard only
+        patch = patched(rt.dist, "all_reduce", lambda *a, **k: None) if mode == "fsdp-local" else contextlib.nullcontext()
+        with patch:
+            net = make_net()
+            plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)  # before sharding
+            _shard(net)
+            train(net, plan, rank, world, log, length)
     else:
-        plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)
-        train(net, plan, 0, 1, log, length)
-    params = full_params(net)
-    if rank == 0 or mode.startswith("ddp"):
-        torch.save({"params": params, "scales": log, "sharded": plan._runtime.sharded}, f"{out}.{rank}.pt")
-    if world > 1:
-        dist.barrier()
+        raise ValueError(f"unknown mode {mode!r}")
+    return {"params": full_params(net.module if hasattr(net, "module") else net), "scales": log,
+            "sharded": plan._runtime.sharded}
+
+
+def main(rank: int, world: int, modes: list[str], out: str, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        for mode in modes:
+            torch.save(run_mode(mode, rank, world), os.path.join(out, f"{mode}.{rank}.pt"))
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    mode, world, out, port = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    if world == 1:
-        main(0, 1, mode, out, port)
-    else:
-        import torch.multiprocessing as mp
+    modes, world, out, store = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    import torch.multiprocessing as mp
 
-        mp.spawn(main, args=(world, mode, out, port), nprocs=world, join=True)
+    mp.spawn(main, args=(world, modes, out, store), nprocs=world, join=True)

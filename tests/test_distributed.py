@@ -1,7 +1,11 @@
-"""DDP and FSDP2 on 2 CPU processes (gloo, 127.0.0.1) against one process on the whole batch."""
+"""DDP and FSDP2 on 2 CPU processes (gloo, file-store rendezvous) against one process on the
+whole batch (``dist_worker.single_run``, in this process).
+
+The fast test spawns ONE 2-rank process group that runs every distributed mode in turn
+(starting processes and importing torch is most of the cost); the slow test runs each mode in
+a process group of its own, so that no mode can lean on what an earlier one left behind."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,37 +14,37 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import dist_worker
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _run(mode: str, world: int, tmp_path) -> str:
-    out = str(tmp_path / mode)
+def _spawn(modes, tmp_path) -> dict[str, list[dict]]:
+    """Run ``modes`` in one 2-rank process group; per mode, each rank's result."""
+    out = tmp_path / "out"
+    out.mkdir()
     r = subprocess.run(
-        [sys.executable, str(WORKER), mode, str(world), out, _port()],
+        [sys.executable, str(WORKER), ",".join(modes), "2", str(out), str(tmp_path / "store")],
         capture_output=True, text=True, timeout=240,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    return {m: [torch.load(out / f"{m}.{rank}.pt", weights_only=True) for rank in (0, 1)] for m in modes}
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = _run("single", 1, tmp_path_factory.mktemp("single"))
-    return torch.load(f"{out}.0.pt", weights_only=True)
+def single():
+    return dist_worker.single_run()
 
 
-def test_ddp_ranks_agree_and_match_single_process(single, tmp_path):
-    out = _run("ddp", 2, tmp_path)
-    r0 = torch.load(f"{out}.0.pt", weights_only=True)
-    r1 = torch.load(f"{out}.1.pt", weights_only=True)
+@pytest.fixture(scope="module")
+def single_length():
+    return dist_worker.single_run(length=True)
+
+
+def check_ddp(r, single):
+    r0, r1 = r
     for n in r0["params"]:
         assert torch.equal(r0["params"][n], r1["params"][n]), n
         torch.testing.assert_close(r0["params"][n], single["params"][n], rtol=1e-5, atol=1e-5)
@@ -48,47 +52,74 @@ def test_ddp_ranks_agree_and_match_single_process(single, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_fsdp2_sharded_norms_match_single_process(single, tmp_path):
-    out = _run("fsdp", 2, tmp_path)
-    r0 = torch.load(f"{out}.0.pt", weights_only=True)
+def check_fsdp(r, single):
+    r0 = r[0]
     assert r0["sharded"]
-    for a, b in zip(r0["scales"], single["scales"]):
+    for a, b in zip(r0["scales"], single["scales"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     for n in r0["params"]:
         torch.testing.assert_close(r0["params"][n], single["params"][n], rtol=1e-5, atol=1e-5)
-    # the same run with shard-local norms (no all-reduce) is measurably wrong: the test has teeth
-    bad = torch.load(f"{_run('fsdp-local', 2, tmp_path)}.0.pt", weights_only=True)
-    err = max(float(((a - b).abs() / b).max()) for a, b in zip(bad["scales"], single["scales"]))
+
+
+def check_fsdp_local_is_wrong(r, single):
+    """The same run with shard-local norms (no all-reduce) is measurably wrong: the FSDP
+    check has teeth."""
+    err = max(float(((a - b).abs() / b).max()) for a, b in zip(r[0]["scales"], single["scales"]))
     assert err > 1e-2
 
 
-def test_fsdp2_prepare_after_sharding_refuses_and_leaves_model_working(tmp_path):
-    out = _run("fsdp-after", 2, tmp_path)
-    assert torch.load(f"{out}.0.pt", weights_only=True) == {"refused": True}
-
-
-def test_fsdp2_length_mode_matches_single_process(tmp_path):
+def check_fsdp_length(r, single_length):
     """AdamW in the step-length mode under FSDP2: the update lengths and the first-moment
     norms are global (one all-reduce), so the sharded run equals one process."""
-    one = torch.load(f"{_run('single+length', 1, tmp_path)}.0.pt", weights_only=True)
-    r0 = torch.load(f"{_run('fsdp+length', 2, tmp_path)}.0.pt", weights_only=True)
+    r0 = r[0]
     assert r0["sharded"]
     for n in r0["params"]:
-        torch.testing.assert_close(r0["params"][n], one["params"][n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r0["params"][n], single_length["params"][n], rtol=1e-5, atol=1e-5)
 
 
-def test_ddp_batchnorm_statistics_are_averaged_so_ranks_stay_identical(tmp_path):
+def check_fsdp_after(r):
+    """prepare on an already sharded model refuses, and leaves the model training."""
+    assert all(x == {"refused": True, "grads": True} for x in r)
+
+
+def check_ddp_bn(r):
     """BN after an addition with variance="measured": the scales read running variances,
     which differ per rank; one all-reduce averages them, and the replicas stay bitwise
-    identical. Without it (each rank's own statistics) they part."""
-    out = _run("ddp-bn", 2, tmp_path)
-    r0 = torch.load(f"{out}.0.pt", weights_only=True)
-    r1 = torch.load(f"{out}.1.pt", weights_only=True)
+    identical."""
+    r0, r1 = r
     for n in r0["params"]:
         assert torch.equal(r0["params"][n], r1["params"][n]), n
     for a, b in zip(r0["scales"], r1["scales"]):
         assert torch.equal(a, b)
-    bad = _run("ddp-bn-local", 2, tmp_path)
-    b0 = torch.load(f"{bad}.0.pt", weights_only=True)
-    b1 = torch.load(f"{bad}.1.pt", weights_only=True)
+
+
+def check_ddp_bn_local_parts(r):
+    """Without the all-reduce (each rank's own statistics) the replicas part."""
+    b0, b1 = r
     assert any(not torch.equal(b0["params"][n], b1["params"][n]) for n in b0["params"])
+
+
+def _check(mode, r, single, single_length):
+    {
+        "ddp": lambda: check_ddp(r, single),
+        "ddp-bn": lambda: check_ddp_bn(r),
+        "ddp-bn-local": lambda: check_ddp_bn_local_parts(r),
+        "fsdp": lambda: check_fsdp(r, single),
+        "fsdp-local": lambda: check_fsdp_local_is_wrong(r, single),
+        "fsdp+length": lambda: check_fsdp_length(r, single_length),
+        "fsdp-after": lambda: check_fsdp_after(r),
+    }[mode]()
+
+
+def test_every_mode_in_one_process_group(single, single_length, tmp_path):
+    """DDP, DDP with BatchNorm statistics, FSDP2 (gradient rescale and step-length mode),
+    prepare-after-sharding, and the two known failures that show the checks have teeth."""
+    results = _spawn(dist_worker.MODES, tmp_path)
+    for mode in dist_worker.MODES:
+        _check(mode, results[mode], single, single_length)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", dist_worker.MODES)
+def test_each_mode_in_its_own_process_group(mode, single, single_length, tmp_path):
+    _check(mode, _spawn([mode], tmp_path)[mode], single, single_length)
