@@ -218,7 +218,6 @@ def test_length_mode_refuses_gradient_weight_decay_and_attaching_twice():
     plan.attach(opt, mode="length")
 
 
-@pytest.mark.slow
 def test_compiled_length_step_equals_the_eager_core(monkeypatch):
     """The compiled per-tensor kernel (plan compiled) against the eager foreach core, with a
     channels-last weight taking the strided path."""

@@ -118,7 +118,6 @@ def test_measured_mode_on_the_papers_lenet_is_near_the_closed_form():
     assert not 0.9 < k["15.weight"] < 1.1  # so the last line is not 1 = 1
 
 
-@pytest.mark.slow
 def test_measured_mode_prepares_and_trains_a_hugging_face_model():
     transformers = pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel

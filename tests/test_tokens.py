@@ -122,7 +122,6 @@ def test_token_mask_errors_name_the_input():
         plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1))
 
 
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::fxbackmatch.errors.ScaleRangeWarning")  # BERT's 0.02-std head: known
 def test_bert_attention_mask_scales_the_token_layers_only():
     """A Hugging Face BERT, captured with torch.export, with ``token_mask="attention_mask"``:

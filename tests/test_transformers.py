@@ -292,7 +292,6 @@ def _train(model, plan, ids, labels, kw, steps=20):
     return losses
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_hugging_face_models_prepare_strict_and_train(name):
     model, kw = _hf(name)
@@ -318,7 +317,6 @@ def test_hugging_face_models_prepare_strict_and_train(name):
         assert not flagged
 
 
-@pytest.mark.slow
 def test_a_wrapper_returning_logits_prepares_strict():
     model, kw = _hf("llama")
 
@@ -342,7 +340,6 @@ def tiny_gpt2():
     return _hf("gpt2")[0]
 
 
-@pytest.mark.slow
 def test_cli_report_on_a_hugging_face_model(capsys, monkeypatch):
     import json
     import pathlib
