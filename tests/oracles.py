@@ -30,6 +30,21 @@ def lenet_closed_form(net: nn.Sequential) -> dict[str, float]:
     }
 
 
+def lenet_closed_form_m(net: nn.Sequential) -> dict[str, float]:
+    """The backward factor ``m`` at each weighted layer's output of LeNet-BN, as the
+    supplementary material prints it step by step (``m ← m·‖Wᵀ‖²`` through a layer,
+    ``m ← m/‖W_below‖²`` through a BN, ``/c`` with ``c = 196/25`` through cv2)."""
+    cv2, fc1, fc2, fc3 = net[4].weight, net[9].weight, net[12].weight, net[15].weight
+    at_cv2 = coln(fc3) * coln(fc2) * coln(fc1) / (rown(fc2) * rown(fc1) * rown(cv2))
+    return {
+        "15": 1.0,
+        "12": coln(fc3) / rown(fc2),
+        "9": coln(fc3) * coln(fc2) / (rown(fc2) * rown(fc1)),
+        "4": at_cv2,
+        "0": at_cv2 * coln(cv2) / (196 / 25) / rown(net[0].weight),
+    }
+
+
 def sequential_loop(net: nn.Sequential, hw: int) -> dict[str, float]:
     """Algorithm 1 by hand for a Sequential of conv3×3(pad 1)/BN/ReLU/MaxPool2d(2)/Flatten/Linear
     on hw×hw input: a forward sweep records spatial sizes, a backward sweep the factors."""

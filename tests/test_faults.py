@@ -131,21 +131,16 @@ def test_channels_last_and_low_precision():
         torch.testing.assert_close(low[0].weight.grad.float(), torch.full_like(low[0].weight, float(v[0])).to(dtype).float())
 
 
-def test_untrusted_state_loads_without_pickle(tmp_path):
+def test_plan_state_loads_without_pickle(tmp_path):
+    """A plan's state dict is primitives and tensors only: it loads with ``weights_only=True``
+    (no code runs on load) and restores the plan."""
     net = lenet_bn()
     plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
     path = tmp_path / "plan.pt"
     torch.save(plan.state_dict(), path)
-    state = torch.load(path, weights_only=True)  # primitives only: no code runs on load
-    plan.load_state_dict(state)
-
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    torch.save({"version": 1, "x": Evil()}, path)
-    with pytest.raises(Exception, match="[Ww]eights only"):
-        torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True)
+    assert state == plan.state_dict()  # the round trip keeps every entry
+    fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False).load_state_dict(state)
 
 
 LAYERS = st.lists(st.sampled_from(["conv", "conv_s2", "dwconv", "pool", "avgpool", "relu", "gelu", "bn", "res"]), min_size=1, max_size=6)
@@ -186,7 +181,7 @@ def _random_net(spec: list[str], width: int, hw: int) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), side
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(spec=LAYERS, width=st.integers(2, 6), hw=st.sampled_from([4, 8]), seed=st.integers(0, 1000))
 def test_fuzz_generated_code_agrees_with_reference(spec, width, hw, seed):
     torch.manual_seed(seed)
@@ -197,7 +192,7 @@ def test_fuzz_generated_code_agrees_with_reference(spec, width, hw, seed):
     torch.testing.assert_close(v, _vec(plan), rtol=1e-9, atol=0)
 
 
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=3, deadline=None, derandomize=True)
 @given(spec=LAYERS, seed=st.integers(0, 1000))
 def test_fuzz_compiled_agrees_with_reference(spec, seed):
     torch.manual_seed(seed)

@@ -153,14 +153,39 @@ def test_scheduler_state_dict_and_other_hooks_keep_working():
     assert len(seen) == 4 and opt.param_groups[0]["lr"] == pytest.approx(0.025)
     sd = opt.state_dict()
     assert len(sd["state"]) == 5 and "momentum_buffer" in sd["state"][0]
-    onecycle_opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    plan.attach(onecycle_opt)
-    sched2 = torch.optim.lr_scheduler.OneCycleLR(onecycle_opt, max_lr=0.1, total_steps=3)
-    for x, y in batches(3, shape=(4, 3, 32, 32)):
-        onecycle_opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        onecycle_opt.step()
-        sched2.step()
+
+
+def test_onecycle_schedule_on_an_attached_optimizer_equals_the_hand_loop():
+    """OneCycleLR rewrites lr (and momentum) every step: the attached run equals a plain
+    eager loop that multiplies the gradients by ``plan.scales()`` before each step."""
+    torch.manual_seed(2)
+    net = lenet_bn()
+    ref, init = copy.deepcopy(net), net[0].weight.detach().clone()
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+    ref_plan = fxbackmatch.prepare(ref, torch.randn(2, 3, 32, 32), compile=False)
+    runs = []
+    for model, attach in ((net, True), (ref, False)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if attach:
+            plan.attach(opt)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=3)
+        lrs = []
+        for x, y in batches(3, shape=(4, 3, 32, 32)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if not attach:
+                scales = ref_plan.scales()
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        p.grad.mul_(scales[n])
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        runs.append(lrs)
+    assert runs[0] == runs[1] and len(set(runs[0])) == 3  # the schedule moved, alike in both
+    for (n, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    assert not torch.equal(net[0].weight, init)
 
 
 def test_handle_remove_detaches():

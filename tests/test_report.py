@@ -15,7 +15,7 @@ from rich.console import Console
 import fxbackmatch
 from fxbackmatch.models import lenet_bn
 
-from oracles import lenet_closed_form
+from oracles import lenet_closed_form, lenet_closed_form_m
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,10 @@ def test_report_figures_of_paper_lenet(lenet_plan):
     d = plan.to_dict()
     assert [r["s"] for r in d["layers"]] == [196, 25, 1, 1, 1]
     assert d["layers"][1]["c"] == pytest.approx(7.84)
-    want = lenet_closed_form(net)
-    for row in d["layers"]:
+    want, want_m = lenet_closed_form(net), lenet_closed_form_m(net)
+    for row in d["layers"]:  # the scale and m columns, each against the paper's own steps
         assert row["scale"] == pytest.approx(want[f"{row['name']}.weight"], rel=1e-9)
-        assert row["scale"] == pytest.approx(1 / (row["m"] * row["s"]), rel=1e-9)
+        assert row["m"] == pytest.approx(want_m[row["name"]], rel=1e-9)
     assert d["scaled"] == d["trainable"] == 5 and d["uncovered"] == {}
     json.loads(json.dumps(d))  # serializable
 

@@ -50,9 +50,14 @@ def test_span_follows_each_calls_batch_and_leaves_narrow_layers_alone():
     full = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False).scales()
     plan = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, span="batch")
     for batch in (16, 64, 1024):
-        net(torch.randn(batch, 512))
+        x = torch.randn(batch, 512, dtype=torch.float64)
+        net(x.float())
         sc = plan.scales()
-        assert sc["0.weight"] == pytest.approx(full["0.weight"] * min(1.0, batch / 512), rel=1e-9)
+        # measured on the batch: E[a²]·I has the mean eigenvalue of E aaᵀ over all n
+        # directions, the batch's span the mean of its nonzero ones; the scale divides by it
+        eig = torch.linalg.eigvalsh(x.T @ x / batch)
+        on_span = eig[eig > eig.max() * 1e-9].mean()
+        assert sc["0.weight"] == pytest.approx(full["0.weight"] * float(eig.mean() / on_span), rel=1e-9)
         assert sc["0.bias"] == pytest.approx(full["0.bias"], rel=1e-9)  # no fan-in
         assert sc["2.weight"] == pytest.approx(full["2.weight"], rel=1e-9)  # n = 8 < B
     other = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False)

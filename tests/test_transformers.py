@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -139,21 +140,22 @@ def test_rms_norm_written_out_and_addmm_match_measured_jacobians():
 
 # ------------------------------------------------------------------- hand computations
 def test_embedding_scale_is_rows_read_over_m_and_tokens():
-    """``rows/(m·T)``: the mean over the rows read of the exact per-row factor
-    ``B/(m·count_v)``; ``m`` at the embedding's output is the head's ``||Wᵀ||²`` here."""
+    """``rows/(m·T)``: the (harmonic) mean over the rows read of the exact per-row factor
+    ``B/(m·count_v)``, with ``m`` at the embedding's output measured from the head's Jacobian."""
     torch.manual_seed(0)
     emb, head = nn.Embedding(50, 16), nn.Linear(16, 7, bias=False)
     net = nn.Sequential(emb, head)
     ids = torch.randint(0, 50, (4, 12))
     plan = fxbackmatch.prepare(net, ids, compile=False)
     net(ids).sum().backward()
-    rows = len(torch.unique(ids))
-    m = float(head.weight.double().pow(2).sum() / 16)
-    assert plan.scales()["0.weight"] == pytest.approx(rows / (m * 12), rel=1e-9)
-    # the per-row factors it averages: the exact least-squares solution of row v
-    count = torch.bincount(ids.reshape(-1), minlength=50).double()
-    exact = 4 / (m * count[count > 0])  # B / (m · count_v)
-    assert float(exact.reciprocal().mean().reciprocal()) == pytest.approx(4 / (m * 48 / rows), rel=1e-9)
+    # m at the embedding's output, measured: mean diag(JᵀJ) of the head's Jacobian (autograd)
+    jac = torch.autograd.functional.jacobian(lambda h: head(h), torch.zeros(16)).double()
+    m = float(torch.diagonal(jac.T @ jac).mean())
+    # the exact per-row factors B/(m·count_v), the rows read counted in plain Python
+    counts = Counter(ids.reshape(-1).tolist())
+    exact = [4 / (m * c) for c in counts.values()]
+    harmonic = len(exact) / sum(1 / e for e in exact)
+    assert plan.scales()["0.weight"] == pytest.approx(harmonic, rel=1e-9)
     # the generated (per-step) path counts the rows from the gradient too
     torch.testing.assert_close(plan.scale_tensor()[0].item(), plan.scales()["0.weight"], rtol=1e-9, atol=0)
 
