@@ -88,20 +88,25 @@ def test_uncovered_listed_below_table():
     assert "Not covered (scale 1): 1 parameter(s)" in text and "unused" in text
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fxbackmatch", *args], capture_output=True, text=True, timeout=300
-    )
+def _cli(*calls: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """``python -m fxbackmatch ARGS`` for each of ``calls``, all started at once (each spends
+    seconds importing torch; they overlap on two cores)."""
+    procs = [(args, subprocess.Popen([sys.executable, "-m", "fxbackmatch", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)) for args in calls]
+    done = []
+    for args, p in procs:
+        out, err = p.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(args, p.returncode, out, err))
+    return done
 
 
 def test_cli_subprocess_report_and_error():
-    r = _cli("report")
+    r, bad = _cli(("report",), ("report", "lenet-bn", "--input-shape", "2,3,28,28"))
     assert r.returncode == 0, r.stderr
     assert "Conv2d" in r.stdout and "196" in r.stdout
     assert max(len(l) for l in r.stdout.splitlines()) <= 100
-    r = _cli("report", "lenet-bn", "--input-shape", "2,3,28,28")
-    assert r.returncode == 2 and "shape propagation failed" in r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert bad.returncode == 2 and "shape propagation failed" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_cli_in_process_json_errors_and_help(capsys):
