@@ -33,7 +33,15 @@ if TYPE_CHECKING:
     from .plan import Plan
     from .runtime import Runtime
 
-__all__ = ["FusedStep"]
+__all__ = ["FusedStep", "KEEP_MAX_PARAMS"]
+
+#: updates of at most this many parameters keep each weight's sum from its own write; larger
+#: ones read the weights at the start of the step instead. Measured on this project's CPU
+#: (docs/benchmarks.md): up to ~14 parameters inductor sums each weight in the loop that
+#: writes it (paper VGG-16: 1.00–1.04× a compiled SGD step); from ~26 on it writes the
+#: momentum buffers in a second loop that re-reads gradient and buffer, which costs more
+#: (ResNet-50: 1.5×) than reading the weights once up front (1.35×).
+KEEP_MAX_PARAMS = 16
 
 
 def _weight_sq(
@@ -133,7 +141,9 @@ class FusedStep:
         self._rt = rt
         pos = {id(p): k for k, p in enumerate(rt.targets)}
         self.index = [pos.get(id(p), -1) for p in self.params]
-        written = {id(p) for p in self.params}
+        # weights the update writes keep their sums, unless the update is too large for
+        # inductor to fuse each sum into its weight's write (see KEEP_MAX_PARAMS)
+        written = {id(p) for p in self.params} if len(self.params) <= KEEP_MAX_PARAMS else set()
         #: weights the update writes (their sums are kept) and those read every step
         self._kept_at = [j for j, w in enumerate(rt.weights) if id(w) in written]
         self._read_at = [j for j, w in enumerate(rt.weights) if id(w) not in written]

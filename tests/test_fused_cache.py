@@ -222,3 +222,24 @@ def test_compiled_cached_step():
         for got, want in zip(step._sq, fresh_sq(step)):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
     assert counters["stats"].get("unique_graphs", 0) - before == 1
+
+
+def test_a_large_update_reads_the_weights_each_step(monkeypatch):
+    """Past KEEP_MAX_PARAMS parameters the step keeps no sums (inductor would split the
+    update, see fused.KEEP_MAX_PARAMS) and reads every weight each call, still equal to
+    attach()."""
+    import fxbackmatch.fused as fused
+
+    monkeypatch.setattr(fused, "KEEP_MAX_PARAMS", 2)
+    a, pa, b, pb = twins()
+    oa = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    ob = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    step = pa.compile_step(oa, weight_decay=5e-4)
+    pb.attach(ob, weight_decay=5e-4)
+    assert step._kept == [] and len(step._read) == 3
+    for x, y in batches(5):
+        for net, st in ((a, step), (b, ob.step)):
+            net.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            st()
+        assert_same(a, b)
