@@ -26,7 +26,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
-from fxbackmatch.guards import SCALE_RANGE  # noqa: E402
+from fxbackmatch.analysis.guards import SCALE_RANGE  # noqa: E402
 from fxbackmatch.train.data import load_npz  # noqa: E402
 from fxbackmatch.zoo import BLOWUP, VARIANTS, ZooResult, sweep_model  # noqa: E402
 
@@ -120,7 +120,7 @@ def main() -> None:
         + f" Command: `python benchmarks/zoo_sweep.py {' '.join(sys.argv[1:])}`.",
         "",
         f"- **min / median / max scale**: of the scaled parameters at init; the documented sound range is "
-        f"[{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] (`fxbackmatch.guards.SCALE_RANGE`).",
+        f"[{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] (`fxbackmatch.analysis.guards.SCALE_RANGE`).",
         f"- **trains**: {STEPS} SGD steps (momentum 0.9, lr 2e-3 — the paper's CIFAR-10 rate) with the plan",
         f"  attached, on real CIFAR-10 training batches of {BATCH} (resized where the model needs a larger input):",
         f"  \"ok\" means every loss finite and below {BLOWUP:g}× the first (not diverging), and no conv/linear",

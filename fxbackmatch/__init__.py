@@ -8,9 +8,9 @@
 >>> plan.scales()["0.weight"] > 0
 True
 """
-from . import rules as _rules  # noqa: F401  (registers the built-in rules)
-from .context import RuleContext
-from .records import LayerRecord
+from .analysis import rules as _rules  # noqa: F401  (registers the built-in rules)
+from .analysis.context import RuleContext
+from .analysis.records import LayerRecord
 from .api import prepare
 from .errors import (
     AdaptiveOptimizerWarning,
@@ -28,9 +28,9 @@ from .errors import (
     UncoveredParameterError,
     UnsupportedOpError,
 )
-from .methods import METHODS, register_method
+from .analysis.methods import METHODS, register_method
 from .plan import Plan
-from .registry import REGISTRY, Rule, RuleRegistry, register_rule
+from .analysis.registry import REGISTRY, Rule, RuleRegistry, register_rule
 
 __version__ = "0.1.0"
 

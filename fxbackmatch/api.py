@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .plan import Plan
-from .registry import RuleRegistry
+from .analysis.registry import RuleRegistry
 
 __all__ = ["prepare"]
 
@@ -70,7 +70,7 @@ def prepare(
     give the same scales) — it matters where a kernel is as wide as the map (3×3 on 1×1).
     ``token_mask="attention_mask"`` (a keyword input, or a positional index) names the ``B × T``
     mask of real tokens: the layers over ``(B, T, …)`` then share their weights over the real
-    tokens of each step's batch (``s = f·T``, :mod:`fxbackmatch.tokens`).
+    tokens of each step's batch (``s = f·T``, :mod:`fxbackmatch.analysis.tokens`).
     ``moments="batch"`` measures the second moment of every value that averages over
     positions (pooling, means, attention outputs) on the live batch every ``refresh`` steps
     (one extra forward of the captured graph) instead of taking the averaged values as
@@ -78,8 +78,8 @@ def prepare(
     patches): up to 80× larger than that estimate on MaxViT, 14× on Swin.
     ``span="batch"`` takes a weight's normal matrix ``E aaᵀ`` on the span of the batch: its
     scale is divided by ``max(1, n/(B·s))`` (``n`` its fan-in, ``B·s`` the rows sharing it, ``B``
-    from each forward call) — for wide layers at small batches (:mod:`fxbackmatch.span`). Scales outside
-    ``fxbackmatch.guards.SCALE_RANGE`` at the current weights raise a ``ScaleRangeWarning``.
+    from each forward call) — for wide layers at small batches (:mod:`fxbackmatch.analysis.span`). Scales outside
+    ``fxbackmatch.analysis.guards.SCALE_RANGE`` at the current weights raise a ``ScaleRangeWarning``.
 
     >>> import torch, fxbackmatch
     >>> from fxbackmatch.models import lenet_bn

@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 def _report(args) -> int:
     from .api import prepare
     from .errors import FxBackmatchError
-    from .methods import METHODS
+    from .analysis.methods import METHODS
 
     if args.rule not in METHODS:
         raise CliError(f"unknown rule {args.rule!r}; choose one of {', '.join(sorted(METHODS))}")

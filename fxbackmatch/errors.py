@@ -68,7 +68,7 @@ class NonFiniteWeightError(FxBackmatchError):
 
 
 class ScaleRangeWarning(UserWarning):
-    """A scale lies outside the documented range (``fxbackmatch.guards.SCALE_RANGE``)."""
+    """A scale lies outside the documented range (``fxbackmatch.analysis.guards.SCALE_RANGE``)."""
 
 
 class AdaptiveOptimizerWarning(UserWarning):

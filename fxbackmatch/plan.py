@@ -14,18 +14,18 @@ import dataclasses
 import math
 import warnings
 
-from .analysis import GAMMA_MODES, MOMENT_PREFIX, RELU_MODES, TAPS_MODES, Analysis, LayerRecord, analyze
+from .analysis.walk import GAMMA_MODES, MOMENT_PREFIX, RELU_MODES, TAPS_MODES, Analysis, LayerRecord, analyze
 from .errors import FxBackmatchError, ScaleRangeWarning
-from .guards import SCALE_RANGE, out_of_range, unnormalized_layers
-from .codegen import GeneratedFactors, generate
+from .analysis.guards import SCALE_RANGE, out_of_range, unnormalized_layers
+from .runtime.codegen import GeneratedFactors, generate
 from .errors import PlanMismatchError, PlanNotReadyError
-from .expr import Mono
-from .methods import scale_of
-from .reference import atom_values, eval_mono
-from .registry import REGISTRY, RuleRegistry
-from .runtime import Runtime
-from .capture import capture
-from .tracing import unwrap_model
+from .analysis.expr import Mono
+from .analysis.methods import scale_of
+from .runtime.reference import atom_values, eval_mono
+from .analysis.registry import REGISTRY, RuleRegistry
+from .runtime.chain import Runtime
+from .capture.graph import capture
+from .capture.tracing import unwrap_model
 
 __all__ = ["Plan"]
 
@@ -35,7 +35,7 @@ STATE_VERSION = 1
 
 #: ``"derived"``: every layer's backward factor ``m`` from the rules (the paper's chain);
 #: ``"measured"``: ``m`` measured on the live batch every ``refresh`` steps (``mean diag(JᵀJ)``
-#: by autograd, :mod:`fxbackmatch.measure`) — the rules still give ``s``, roles and the layers'
+#: by autograd, :mod:`fxbackmatch.measure.factors`) — the rules still give ``s``, roles and the layers'
 #: own normal-matrix factors
 FACTORS = ("derived", "measured")
 MEASURED_PREFIX = "fxbackmatch.measured:"
@@ -80,8 +80,8 @@ class Plan:
         moments: str = "derived",
         span: str = "full",
     ) -> None:
-        from .capture import CAPTURES
-        from .span import SPANS
+        from .capture.graph import CAPTURES
+        from .analysis.span import SPANS
 
         if capture not in CAPTURES:
             raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
@@ -89,7 +89,7 @@ class Plan:
         self.capture: str | None = None
         if adapt not in ("all", "weights"):
             raise ValueError(f"adapt must be 'all' or 'weights', got {adapt!r}")
-        from .methods import METHODS
+        from .analysis.methods import METHODS
 
         if rule not in METHODS:
             raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(METHODS)}")
@@ -99,7 +99,7 @@ class Plan:
         self.rule = rule
         self.adapt = adapt
         self.variance = variance
-        from .analysis import UNNORMALIZED_MODES
+        from .analysis.walk import UNNORMALIZED_MODES
 
         for key, value, allowed in (("gamma", gamma, GAMMA_MODES), ("relu", relu, RELU_MODES),
                                     ("unnormalized", unnormalized, UNNORMALIZED_MODES), ("factors", factors, FACTORS),
@@ -143,7 +143,7 @@ class Plan:
     def _build(self, example_inputs: Sequence[torch.Tensor], example_kwargs: dict | None = None) -> None:
         _refuse_sharded(self.model)
         if self.token_mask is not None:  # before capture: a wrong name fails fast and clearly
-            from .tokens import check_mask, find_mask, position_of
+            from .analysis.tokens import check_mask, find_mask, position_of
 
             if isinstance(self.token_mask, str):
                 self._mask_pos = position_of(self.model, self.token_mask)
@@ -176,11 +176,11 @@ class Plan:
                 "functional ops between them unseen, chain assumed"
             )
         self.input_shapes = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
-        from .span import batch_of
+        from .analysis.span import batch_of
 
         self._example_batch = batch_of(list(example_inputs), dict(example_kwargs or {})) or 1
         if self.token_mask is not None:
-            from .tokens import is_token_shape
+            from .analysis.tokens import is_token_shape
 
             self._analysis.layers = [
                 dataclasses.replace(r, notes=r.notes + (TOKEN_NOTE,)) if is_token_shape(r.output_shape, self._token_bt)
@@ -211,7 +211,7 @@ class Plan:
 
     @property
     def flags(self) -> list[str]:
-        """Scales outside :data:`~fxbackmatch.guards.SCALE_RANGE` under the current weights,
+        """Scales outside :data:`~fxbackmatch.analysis.guards.SCALE_RANGE` under the current weights,
         before any ``cap``, each with its layer and the approximations behind it."""
         a = self._need()
         vals = self._atom_values()
@@ -251,12 +251,12 @@ class Plan:
         buffers.update(self._measured)
         self._runtime = Runtime(self._generated, params, buffers, self._targets, self.compile)
         if self._token_bt is not None:
-            from .tokens import token_targets
+            from .analysis.tokens import token_targets
 
             flags = token_targets(self._targets, a.uses, a.layers, self._token_bt)
             self._token_flags = torch.tensor(flags, dtype=torch.float64)
         if self.span == "batch":
-            from .span import span_table
+            from .analysis.span import span_table
 
             self._span_fan, self._span_rows = span_table(self._targets, a.uses, a.layers, self._shapes)
         if self._token_bt is not None or self.span == "batch":
@@ -296,7 +296,7 @@ class Plan:
         layer node -> measured ``m``. Attached, it runs by itself every ``refresh`` steps on
         the last batch the model saw. BatchNorm statistics and the RNG are left as they were;
         no ``.grad`` is touched."""
-        from .measure import measure_factors
+        from .measure.factors import measure_factors
 
         a = self._need()
         if not self._measures:
@@ -407,11 +407,11 @@ class Plan:
         mask = self._current_mask() if self._token_bt is not None else None
         out = None
         if isinstance(mask, torch.Tensor):
-            from .tokens import token_multiplier
+            from .analysis.tokens import token_multiplier
 
             out = token_multiplier(mask, self._token_flags)
         if self.span == "batch":
-            from .span import batch_of, span_multiplier
+            from .analysis.span import batch_of, span_multiplier
 
             batch = batch_of(*self._last_call) if self._last_call is not None else None
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -424,7 +424,7 @@ class Plan:
         return out
 
     def _current_mask(self) -> torch.Tensor | None:
-        from .tokens import find_mask
+        from .analysis.tokens import find_mask
 
         mask = self._example_mask
         if self._last_call is not None:
@@ -453,12 +453,12 @@ class Plan:
     def measure(self, *inputs: torch.Tensor, probes: int = 16, seed: int = 0, values: bool = False,
                 **kwargs: Any) -> list[dict[str, Any]]:
         """The rule's ``m`` beside the measured one (``mean diag(JᵀJ)`` by autograd, see
-        :mod:`fxbackmatch.measure`) on a real batch, per layer (per value with
+        :mod:`fxbackmatch.measure.factors`) on a real batch, per layer (per value with
         ``values=True``). Touches no ``.grad``; restores BatchNorm statistics.
 
         >>> for row in plan.measure(x): print(row["layer"], row["rule_m"], row["measured_m"])  # doctest: +SKIP
         """
-        from .measure import measure_values
+        from .measure.factors import measure_values
 
         a = self._need()
         inputs = self._fit_batch(self._flat_inputs(inputs, kwargs))
@@ -504,7 +504,7 @@ class Plan:
         on its first ``B`` samples (the example's batch); a smaller one cannot run it."""
         if self.capture != "export":
             return flat
-        from .shapes import shape_of
+        from .capture.shapes import shape_of
 
         out = []
         places = [x for x in self._analysis.gm.graph.nodes if x.op == "placeholder"]
@@ -571,12 +571,12 @@ class Plan:
         ``mode="length"`` (Adam & co): the optimizer keeps its direction and each layer's
         update gets the length the rule asks for, ``lr · scale · ‖ḡ‖`` with ``ḡ`` the
         optimizer's first moment over ``1 − β₁`` (``target="momentum"``) or the raw gradient
-        (``target="grad"``); ``rule="lamb"`` with AdamW is LAMB. See :mod:`fxbackmatch.length`.
+        (``target="grad"``); ``rule="lamb"`` with AdamW is LAMB. See :mod:`fxbackmatch.apply.length`.
 
         >>> handle = plan.attach(torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9))  # doctest: +SKIP
         >>> handle = plan.attach(torch.optim.AdamW(net.parameters(), lr=2e-3), mode="length")  # doctest: +SKIP
         """
-        from .optim import attach
+        from .apply.optim import attach
 
         return attach(self, optimizer, weight_decay, mode=mode, target=target)
 
@@ -590,7 +590,7 @@ class Plan:
         >>> loss.backward(); opt.step(); plan.last_updates()["fc1.weight"]  # doctest: +SKIP
         0.0123
         """
-        from .tracking import UpdateTracker
+        from .apply.tracking import UpdateTracker
 
         return UpdateTracker(self, optimizer)
 
@@ -601,12 +601,12 @@ class Plan:
     def compile_step(self, optimizer: torch.optim.Optimizer, weight_decay: float = 0.0):
         """A compiled callable that replaces ``optimizer.step()``: scales and update fused.
 
-        Supports SGD (momentum, Nesterov) and Adam/AdamW; see :mod:`fxbackmatch.fused`.
+        Supports SGD (momentum, Nesterov) and Adam/AdamW; see :mod:`fxbackmatch.apply.fused`.
 
         >>> step = plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9))  # doctest: +SKIP
         >>> loss.backward(); step()                                                                # doctest: +SKIP
         """
-        from .fused import FusedStep
+        from .apply.fused import FusedStep
 
         per_step = [f"{k}={v!r}" for k, v, default in (
             ("token_mask", self.token_mask, None), ("span", self.span, "full"), ("moments", self.moments, "derived"),
@@ -620,21 +620,21 @@ class Plan:
         return FusedStep(self, optimizer, weight_decay, compile=self.compile)
 
     def report(self, compare: Sequence[str] = (), *, width: int | None = None, console=None):
-        """Print the per-layer factor table (rich); see :mod:`fxbackmatch.report`."""
-        from .report import print_report
+        """Print the per-layer factor table (rich); see :mod:`fxbackmatch.report.render`."""
+        from .report.render import print_report
 
         return print_report(self, compare=compare, width=width, console=console)
 
     def to_dict(self, compare: Sequence[str] = ()) -> dict[str, Any]:
         """The report's figures as a JSON-serializable dict."""
-        from .report import plan_to_dict
+        from .report.render import plan_to_dict
 
         return plan_to_dict(self, compare=compare)
 
     def __str__(self) -> str:
         if not self.ready:
             return f"<fxbackmatch.Plan for {type(self.model).__name__}: waiting for the first forward call>"
-        from .report import render_text
+        from .report.render import render_text
 
         return render_text(self)
 
@@ -654,7 +654,7 @@ class Plan:
     def _follow_sharded(self) -> bool:
         """Follow parameters that ``fully_shard`` replaced by DTensors of the same global
         shape (a plan prepared before sharding); anything else stays an error."""
-        from .runtime import _is_dtensor
+        from .runtime.chain import _is_dtensor
 
         params = dict(self.model.named_parameters())
         changed = False
@@ -797,7 +797,7 @@ class _CallRecorder:
         self.plan = plan
 
     def __call__(self, module, args, kwargs):
-        from .capture import capturing
+        from .capture.graph import capturing
 
         if not capturing():  # a prepare tracing this model runs it on proxies / fake tensors
             self.plan._last_call = (args, kwargs)
@@ -828,7 +828,7 @@ def _kind_of(node, gm) -> str:
 
 def _chains(a: Analysis) -> dict[str, str]:
     """Each scaled parameter's chain in words, for the generated code's comments."""
-    from .explain import describe_uses
+    from .runtime.explain import describe_uses
 
     return describe_uses(a)
 

@@ -113,7 +113,7 @@ def _shard(net: nn.Module) -> None:
 
 
 def run_mode(mode: str, rank: int, world: int) -> dict:
-    import fxbackmatch.runtime as rt
+    import fxbackmatch.runtime.chain as rt
 
     length = mode.endswith("+length")
     mode = mode.removesuffix("+length")

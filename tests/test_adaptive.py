@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fxbackmatch
-from fxbackmatch.length import rescale_updates_
+from fxbackmatch.apply.length import rescale_updates_
 from fxbackmatch.models import lenet_bn
 
 STEPS = 4
@@ -221,7 +221,7 @@ def test_length_mode_refuses_gradient_weight_decay_and_attaching_twice():
 def test_compiled_length_step_equals_the_eager_core(monkeypatch):
     """The compiled per-tensor kernel (plan compiled) against the eager foreach core, with a
     channels-last weight taking the strided path."""
-    import fxbackmatch.length as length
+    import fxbackmatch.apply.length as length
 
     monkeypatch.setattr(length, "SMALL", 2000)  # LeNet's three largest weights take the kernel
     calls = []

@@ -270,7 +270,7 @@ def test_sumsq_many_against_float64_sums():
     """The runtime's norm reader (BLAS dot for CPU float32/64, ``_foreach_norm`` otherwise)
     against plain float64 sums: contiguous, transposed (not contiguous), float64, bfloat16,
     empty and scalar tensors."""
-    from fxbackmatch.norms import sumsq_many
+    from fxbackmatch.runtime.norms import sumsq_many
 
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(64, 3, 5, 5, generator=g), torch.randn(30, 70, generator=g).t(),
@@ -294,7 +294,7 @@ def test_host_chain_equals_the_generated_chain(case):
 
     import torchvision
 
-    from fxbackmatch.runtime import HostChain, _base
+    from fxbackmatch.runtime.chain import HostChain, _base
 
     torch.manual_seed(0)
     plan = fxbackmatch.prepare(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), gamma="exact")

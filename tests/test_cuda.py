@@ -62,7 +62,7 @@ def _grads_of_every_layout(device: str) -> list[torch.Tensor]:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_spread_multiply_equals_one_multiply_per_tensor(device, chunk, monkeypatch):
     """spread_mul_ against grads[i] * scales[i], over every layout a gradient can have."""
-    from fxbackmatch import runtime
+    from fxbackmatch.runtime import chain as runtime
 
     monkeypatch.setattr(runtime, "SPREAD_CHUNK", chunk)
     grads = _grads_of_every_layout(device)

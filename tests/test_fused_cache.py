@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxbackmatch
-from fxbackmatch.norms import sumsq
+from fxbackmatch.runtime.norms import sumsq
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxbackmatch.AdaptiveOptimizerWarning")
 
@@ -228,7 +228,7 @@ def test_a_large_update_reads_the_weights_each_step(monkeypatch):
     """Past KEEP_MAX_PARAMS parameters the step keeps no sums (inductor would split the
     update, see fused.KEEP_MAX_PARAMS) and reads every weight each call, still equal to
     attach()."""
-    import fxbackmatch.fused as fused
+    import fxbackmatch.apply.fused as fused
 
     monkeypatch.setattr(fused, "KEEP_MAX_PARAMS", 2)
     a, pa, b, pb = twins()

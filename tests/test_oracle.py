@@ -189,8 +189,8 @@ def test_reconvergent_paths_are_where_the_sum_is_approximate():
 
 def test_oracle_detects_a_wrong_rule():
     """The oracle is not a tautology: the 0.1 fork rule (Σ√m/Σ1/√m) fails it on a residual net."""
-    from fxbackmatch.expr import Mono
-    from fxbackmatch.records import Flow
+    from fxbackmatch.analysis.expr import Mono
+    from fxbackmatch.analysis.records import Flow
 
     def power(m, k):
         return Mono(tuple((i, p * k) for i, p in m.powers), m.log_const * k)
@@ -202,7 +202,7 @@ def test_oracle_detects_a_wrong_rule():
         den = self.atoms.sum_of((1.0, power(f.m, -0.5)) for f in flows)
         return Flow(num / den, 1.0, 1.0)
 
-    from fxbackmatch import analysis
+    from fxbackmatch.analysis import walk as analysis
 
     saved = analysis._Walker._combine
     analysis._Walker._combine = old_combine
@@ -283,7 +283,7 @@ def test_relu_exact_matches_measured_jacobians_on_real_relus():
 def _measured_weight_curvature(net, x, name, probes=PROBES) -> float:
     """Mean over the elements that carry gradient of ``diag(J_WᵀJ_W)/B`` for parameter
     ``name`` (Hutchinson probes at the output): the curvature a scale of 1/it matches."""
-    from fxbackmatch.measure import carrying_mean
+    from fxbackmatch.measure.factors import carrying_mean
 
     w = dict(net.named_parameters())[name]
     out = net(x)

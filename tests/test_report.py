@@ -170,7 +170,7 @@ def test_tracked_relative_updates_against_a_hand_step():
     assert set(got) == set(want)
     for n in want:
         assert got[n] == pytest.approx(want[n], rel=1e-5), n
-    from fxbackmatch.report import render_text
+    from fxbackmatch.report.render import render_text
 
     text = render_text(plan, width=140)
     assert "‖ΔW‖/‖W‖" in text and f"{got['0.weight']:.4g}" in text

@@ -10,7 +10,7 @@ from torch import nn
 
 import fxbackmatch
 from fxbackmatch.models import lenet_bn
-from fxbackmatch.rules.ops import _ACTIVATION_MODULES, _MAX_POOL_MODULES
+from fxbackmatch.analysis.rules.ops import _ACTIVATION_MODULES, _MAX_POOL_MODULES
 
 RULES = list(fxbackmatch.REGISTRY)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxbackmatch
-from fxbackmatch.span import fan_in_of, span_multiplier
+from fxbackmatch.analysis.span import fan_in_of, span_multiplier
 
 
 def _wide(n: int = 512):

@@ -12,7 +12,7 @@ from torch import nn
 
 import fxbackmatch
 from fxbackmatch.errors import FxBackmatchError
-from fxbackmatch.measure import carrying_mean
+from fxbackmatch.measure.factors import carrying_mean
 
 B, T, D = 64, 8, 16
 

@@ -195,7 +195,7 @@ def test_softmax_and_uniform_attention_by_hand():
     m = {n.name: n.meta.get("fxbackmatch.m") for n in gm.graph.nodes}
     sdpa = next(n for n in gm.graph.nodes if "scaled_dot_product" in n.name)
     vals = plan._atom_values()
-    from fxbackmatch.reference import eval_mono
+    from fxbackmatch.runtime.reference import eval_mono
 
     m_out = eval_mono(sdpa.meta["fxbackmatch.m"], vals)
     q, k, v = sdpa.args[:3]

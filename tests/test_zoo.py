@@ -11,7 +11,7 @@ import pytest
 import torchvision
 
 from fxbackmatch.errors import ScaleRangeWarning
-from fxbackmatch.guards import SCALE_RANGE
+from fxbackmatch.analysis.guards import SCALE_RANGE
 from fxbackmatch.zoo import VARIANTS, sweep_model
 
 #: the transformer families go through torch.export (seconds per model): their smallest member

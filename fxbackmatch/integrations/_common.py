@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
-from ..length import is_adaptive
-from ..optim import MODES
+from ..apply.length import is_adaptive
+from ..apply.optim import MODES
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -51,7 +51,7 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
 
 def resolve_mode(optimizer: torch.optim.Optimizer, mode: str | None) -> str:
     """``mode`` as given, or where it is ``None``: ``"length"`` for adaptive optimizers (Adam,
-    AdamW, RMSprop, ... — :func:`fxbackmatch.length.is_adaptive`), ``"grad"`` otherwise."""
+    AdamW, RMSprop, ... — :func:`fxbackmatch.apply.length.is_adaptive`), ``"grad"`` otherwise."""
     if mode is None:
         return "length" if is_adaptive(optimizer) else "grad"
     if mode not in MODES:

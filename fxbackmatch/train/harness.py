@@ -91,7 +91,7 @@ def split_method(method: str) -> tuple[str, str]:
     ``sgd@adamw`` is plain AdamW. A ``+measured`` suffix on the rule
     (``backmatch+measured``) is left out here; :func:`method_factors` reads it.
     """
-    from ..methods import length_unit
+    from ..analysis.methods import length_unit
 
     rule, _, opt = method.partition("@")
     rule = rule.removesuffix(MEASURED)
@@ -194,7 +194,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`CliError` on a bad option."""
-        from ..methods import METHODS
+        from ..analysis.methods import METHODS
 
         if not self.methods:
             raise CliError("--methods is empty")

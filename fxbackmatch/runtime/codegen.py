@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .expr import EPS, Atom, Mono
+from ..analysis.expr import EPS, Atom, Mono
 
 __all__ = ["GeneratedFactors", "generate", "STAT_KINDS"]
 
@@ -87,8 +87,8 @@ def generate(
     lines += [
         "import torch",
         "",
-        "from fxbackmatch.norms import sumsq as _sq  # float64 sum(t²): fused when compiled, chunked eagerly",
-        "from fxbackmatch.norms import rows_read as _rows  # rows of a gradient that are not all zero",
+        "from fxbackmatch.runtime.norms import sumsq as _sq  # float64 sum(t²): fused when compiled, chunked eagerly",
+        "from fxbackmatch.runtime.norms import rows_read as _rows  # rows of a gradient that are not all zero",
         "",
         "",
         "def factors(weights: list[torch.Tensor], grads: list[torch.Tensor], stats: list[torch.Tensor],",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .analysis import ParamUse
+from .walk import ParamUse
 from .expr import ONE, AtomTable, Mono
 
 __all__ = ["METHODS", "LENGTH_UNITS", "register_method", "scale_of", "length_unit"]
@@ -44,7 +44,7 @@ def register_method(name: str, fn: MethodFn | None = None, *, unit: str = "gradi
 
     def deco(f: MethodFn) -> MethodFn:
         if name in METHODS:
-            from .errors import DuplicateRuleError
+            from ..errors import DuplicateRuleError
 
             raise DuplicateRuleError(f"a method named {name!r} is already registered")
         METHODS[name] = f

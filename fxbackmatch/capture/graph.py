@@ -2,7 +2,7 @@
 tracing fails (data-dependent control flow, Hugging Face models), and — only when asked
 for with ``capture="hooks"`` — a hook-recording fallback for chains.
 
-``torch.export`` graphs are ATen-level; :func:`~fxbackmatch.aten.lower_aten` rewrites them
+``torch.export`` graphs are ATen-level; :func:`~fxbackmatch.capture.aten.lower_aten` rewrites them
 into the torch-level calls the rules know, and every lifted parameter and buffer is a
 ``get_attr`` of the user's own qualified name (``ExportedProgram.module()``), so the walk and
 the plan read the user's tensors. Outputs keep their structure (a Hugging Face
@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ShapePropagationError, TraceError
+from ..errors import ShapePropagationError, TraceError
 from .shapes import SHAPE_KEY, propagate_shapes
 from .tracing import trace
 
@@ -122,7 +122,7 @@ def capture(
 
 def _unknown_ops(gm: fx.GraphModule, model: nn.Module, lookup) -> list[str]:
     """Ops on a gradient path (depending on a trainable parameter) that no rule knows."""
-    from .analysis import _live_nodes
+    from ..analysis.walk import _live_nodes
 
     live = _live_nodes(gm, model)
     return [n.name for n in gm.graph.nodes if n.op.startswith("call") and n in live and lookup(n, gm) is None]

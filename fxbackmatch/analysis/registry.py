@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch.fx as fx
 from torch import nn
 
-from .errors import DuplicateRuleError
+from ..errors import DuplicateRuleError
 
 __all__ = ["Rule", "RuleRegistry", "REGISTRY", "register_rule", "lookup_rule"]
 

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .norms import sumsq, sumsq_many
+from ..runtime.norms import sumsq, sumsq_many
 
 if TYPE_CHECKING:
-    from .plan import Plan
-    from .runtime import Runtime
+    from ..plan import Plan
+    from ..runtime.chain import Runtime
 
-__all__ = ["FusedStep", "KEEP_MAX_PARAMS"]
+__all__ = ["FusedStep", "KEEP_MAX_PARAMS", "compile_step"]
 
 #: updates of at most this many parameters keep each weight's sum from its own write; larger
 #: ones read the weights at the start of the step instead. Measured on this project's CPU
@@ -121,7 +121,7 @@ class FusedStep:
                     )
             import warnings
 
-            from .errors import AdaptiveOptimizerWarning
+            from ..errors import AdaptiveOptimizerWarning
 
             warnings.warn(
                 f"fxbackmatch: compile_step fuses a gradient rescale into {kind.__name__}, whose "
@@ -251,3 +251,19 @@ class FusedStep:
 def _mark(t: torch.Tensor) -> tuple[int, int]:
     """What changes when a tensor is written outside the step: its version, its storage."""
     return t._version, t.data_ptr()
+
+
+def compile_step(plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: float = 0.0) -> FusedStep:
+    """A :class:`FusedStep` for ``optimizer``; refuses plans whose scales read each step's batch."""
+    from ..errors import FxBackmatchError
+
+    per_step = [f"{k}={v!r}" for k, v, default in (
+        ("token_mask", plan.token_mask, None), ("span", plan.span, "full"), ("moments", plan.moments, "derived"),
+        ("factors", plan.factors, "derived")) if v != default]
+    if per_step:
+        raise FxBackmatchError(
+            f"compile_step fuses the scales computed from the weights alone; this plan has "
+            f"{', '.join(per_step)}, which reads each step's batch (its size, mask or measured "
+            f"statistics).\n  What to do: use plan.attach(optimizer), which applies them every step."
+        )
+    return FusedStep(plan, optimizer, weight_decay, compile=plan.compile)

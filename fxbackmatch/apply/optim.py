@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import AdaptiveOptimizerWarning, AlreadyAttachedError
+from ..errors import AdaptiveOptimizerWarning, AlreadyAttachedError
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from ..plan import Plan
 
 __all__ = ["AttachHandle", "attach", "MODES"]
 
@@ -123,7 +123,7 @@ def attach(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     from .length import LengthHandle, is_adaptive
-    from .methods import length_unit
+    from ..analysis.methods import length_unit
 
     opt_name = type(optimizer).__name__
     if mode == "grad" and length_unit(plan.rule) == "absolute":

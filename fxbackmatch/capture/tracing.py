@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
+from ..errors import TraceError
 
 __all__ = ["BackmatchTracer", "trace", "unwrap_model"]
 

@@ -1,6 +1,6 @@
 """The rule API: what a rule sees for one node (:class:`RuleContext`) and its helpers.
 
-Rules import this module only — never the graph walker (:mod:`fxbackmatch.analysis`), which
+Rules import this module only — never the graph walker (:mod:`fxbackmatch.analysis.walk`), which
 implements the small set of callbacks a context forwards to (``claim``, ``contribute``,
 ``add_layer``, ``note``, ``variance_below``).
 """
@@ -14,8 +14,8 @@ from torch import nn
 
 from .expr import Mono
 from .records import Flow
-from .shapes import shape_of
-from .topology import carries_tensor, numel_of
+from ..capture.shapes import shape_of
+from ..capture.topology import carries_tensor, numel_of
 
 __all__ = ["RuleContext", "positions", "flat_nodes", "fetch_attr"]
 
@@ -47,7 +47,7 @@ class RuleContext:
     """What a rule sees for one node, and how it reports back (see :mod:`registry`).
 
     ``m_out``, ``frac_out`` and ``chan_out`` describe the gradient at the node's output
-    (see :class:`~fxbackmatch.records.Flow`); a rule hands each tensor input its own with
+    (see :class:`~fxbackmatch.analysis.records.Flow`); a rule hands each tensor input its own with
     :meth:`pass_to` and declares parameters with :meth:`add_layer`.
     """
 

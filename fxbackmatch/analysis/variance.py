@@ -34,8 +34,8 @@ import torch.fx as fx
 from .context import fetch_attr
 from .expr import AtomTable, Mono
 from .registry import RuleRegistry
-from .shapes import shape_of
-from .topology import carries_tensor
+from ..capture.shapes import shape_of
+from ..capture.topology import carries_tensor
 
 __all__ = ["VarianceEstimator"]
 

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .expr import EPS, Atom, Mono
+from ..analysis.expr import EPS, Atom, Mono
 from .norms import rows_read, sumsq
 
 __all__ = ["atom_values", "eval_mono", "log_mono", "lars_rate", "lsalr_rate"]
@@ -53,7 +53,7 @@ def atom_values(
         if a.kind == "weight_sumsq":
             v = float(sumsq(tensor(a.ref)))
             if not math.isfinite(v):
-                from .errors import NonFiniteWeightError
+                from ..errors import NonFiniteWeightError
 
                 raise NonFiniteWeightError(
                     f"weight '{a.ref}' has a non-finite norm ({v}); its layer and every layer "

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import FxBackmatchError
+from ..errors import FxBackmatchError
 from .records import LayerRecord, ParamUse
 
 __all__ = ["find_mask", "position_of", "token_targets", "token_multiplier", "is_token_shape"]

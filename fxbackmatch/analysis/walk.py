@@ -1,7 +1,7 @@
 """The factor analysis: walk the graph from the loss outputs down and build every layer's
 backward factor ``m`` and sharing factor ``s`` (Algorithm 1, generalized to DAGs).
 
-What flows backwards along every edge is a :class:`~fxbackmatch.records.Flow`: the factor
+What flows backwards along every edge is a :class:`~fxbackmatch.analysis.records.Flow`: the factor
 ``m`` (1 at each loss output; each rule multiplies it by its ``δa/δ'a``), and the fractions of
 positions (``frac``) and channels (``chan``) of the value that carry gradient.
 
@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from .context import RuleContext, fetch_attr, flat_nodes, positions  # noqa: F401 (positions: 0.1 API)
-from .errors import (
+from ..errors import (
     FxBackmatchError,
     NoWeightedLayerError,
     RuleError,
@@ -34,8 +34,8 @@ from .errors import (
 from .expr import ONE, AtomTable, Mono
 from .records import ROLES, Flow, LayerRecord, ParamUse
 from .registry import RuleRegistry
-from .shapes import shape_of
-from .topology import backward_order, build_digraph, carries_tensor, select_outputs
+from ..capture.shapes import shape_of
+from ..capture.topology import backward_order, build_digraph, carries_tensor, select_outputs
 from .variance import VarianceEstimator
 
 __all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze", "GAMMA_MODES", "RELU_MODES",
@@ -58,7 +58,7 @@ UNNORMALIZED_MODES = ("exact", "virtual")
 #: the kernel is large beside the map, e.g. 7×7 on 1×1 or 2×2 maps; docs/derivations.md)
 TAPS_MODES = ("all", "valid")
 #: where the forward moments ``E[a²]`` the rules read come from: ``"derived"`` — estimated from
-#: the weights below (:mod:`fxbackmatch.variance`); ``"batch"`` — the same, except the values
+#: the weights below (:mod:`fxbackmatch.analysis.variance`); ``"batch"`` — the same, except the values
 #: that average over positions (pooling, means, attention outputs), which are atoms measured
 #: on the live batch; ``"measured"`` — every value a rule reads is such an atom
 #: (``factors="measured"``). The plan refreshes the atoms every ``refresh`` steps.
@@ -292,7 +292,7 @@ class _Walker:
 
     @property
     def bare(self) -> set[fx.Node]:
-        """Weighted-layer nodes with no normalization above (see :mod:`fxbackmatch.guards`)."""
+        """Weighted-layer nodes with no normalization above (see :mod:`fxbackmatch.analysis.guards`)."""
         if not hasattr(self, "_bare"):
             from .guards import unnormalized_layers
 
@@ -341,7 +341,7 @@ class _Walker:
             raise UnsupportedOpError(
                 f"no fxbackmatch rule for {what} at node {node.format_node()}\n"
                 f"  What to do: register one with {_register_hint(node, self.gm)} "
-                f"(see fxbackmatch.registry), or pass strict=False to keep its parameters at "
+                f"(see fxbackmatch.analysis.registry), or pass strict=False to keep its parameters at "
                 f"scale 1 and pass the backward factor through it unchanged."
             )
         self.notes.append(f"{what} at '{node.name}' has no rule: factor passed through unchanged")

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .expr import EPS
-from .norms import sumsq_many
+from ..analysis.expr import EPS
+from ..runtime.norms import sumsq_many
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from ..plan import Plan
 
 __all__ = ["UpdateTracker"]
 

@@ -33,7 +33,7 @@ from torch import nn
 import torch.distributed as dist
 
 from .codegen import GeneratedFactors
-from .expr import EPS
+from ..analysis.expr import EPS
 from .norms import rows_read, sumsq, sumsq_many
 
 __all__ = ["Runtime", "HostChain", "GraphedScales", "spread_mul_", "COMPILE_MAX_STAGES"]
@@ -345,7 +345,7 @@ def _logsumexp(terms: list[float]) -> float:
 
 def _stat_means(stats, inverse) -> list[torch.Tensor]:
     """float64 mean of each statistic, or ``mean(1/(x + eps))`` where ``inverse`` gives an eps."""
-    from .expr import EPS
+    from ..analysis.expr import EPS
 
     return [
         s.detach().to(torch.float64).mean() if eps is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from .expr import Atom, Mono
+from ..analysis.expr import Atom, Mono
 
 __all__ = ["atom_str", "mono_str", "describe_uses"]
 

@@ -14,11 +14,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .norms import sumsq
-from .reference import lars_rate, lsalr_rate
+from ..runtime.norms import sumsq
+from ..runtime.reference import lars_rate, lsalr_rate
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from ..plan import Plan
 
 __all__ = ["build_table", "print_report", "render_text", "plan_to_dict"]
 

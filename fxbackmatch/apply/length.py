@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from .norms import sumsq_many
-from .runtime import _local
+from ..runtime.norms import sumsq_many
+from ..runtime.chain import _local
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from ..plan import Plan
 
 __all__ = ["LengthHandle", "rescale_updates_", "TARGETS", "is_adaptive"]
 
@@ -118,7 +118,7 @@ class LengthHandle:
     mode = "length"
 
     def __init__(self, plan: "Plan", optimizer: torch.optim.Optimizer, target: str = "momentum"):
-        from .methods import length_unit
+        from ..analysis.methods import length_unit
 
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -236,7 +236,7 @@ class LengthHandle:
         (references and updates together). Replicated tensors count ``1/world`` per rank."""
         import torch.distributed as dist
 
-        from .runtime import _group_of
+        from ..runtime.chain import _group_of
 
         local, shares, group, world = [], [], None, 1
         for p in params:

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .errors import ShapePropagationError
+from ..errors import ShapePropagationError
 
 __all__ = ["SHAPE_KEY", "propagate_shapes", "shape_of"]
 

@@ -1,0 +1,5 @@
+"""Measured factors: run the model on real batches and replace symbolic moments with
+measured ones (:mod:`.factors`), and fit a plan's runtime multipliers to the current batch
+(:mod:`.batch`). It may import capture, analysis, runtime and :mod:`fxbackmatch.errors` —
+never apply, report, train, cli or integrations.
+"""
