@@ -76,7 +76,7 @@ def test_fan_in_by_layout_and_the_multiplier():
 
 def test_data_parallel_ranks_count_their_rows(monkeypatch):
     """Ranks average their gradients, so the normal matrix spans every rank's rows."""
-    import fxbackmatch.plan as plan_mod
+    import fxbackmatch.measure.batch as plan_mod
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(512, 8))

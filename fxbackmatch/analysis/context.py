@@ -15,7 +15,7 @@ from torch import nn
 from .expr import Mono
 from .records import Flow
 from ..capture.shapes import shape_of
-from ..capture.topology import carries_tensor, numel_of
+from ..capture.topology import carries_tensor, fetch_attr, numel_of
 
 __all__ = ["RuleContext", "positions", "flat_nodes", "fetch_attr"]
 
@@ -25,13 +25,6 @@ def flat_nodes(args) -> list[fx.Node]:
     out: list[fx.Node] = []
     fx.node.map_arg(args, lambda a: out.append(a))
     return out
-
-
-def fetch_attr(gm: fx.GraphModule, target: str):
-    obj: Any = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def positions(shape: tuple[int, ...] | None, channel_dim: int) -> int:

@@ -35,7 +35,7 @@ from .expr import ONE, AtomTable, Mono
 from .records import ROLES, Flow, LayerRecord, ParamUse
 from .registry import RuleRegistry
 from ..capture.shapes import shape_of
-from ..capture.topology import backward_order, build_digraph, carries_tensor, select_outputs
+from ..capture.topology import backward_order, build_digraph, carries_tensor, live_nodes, select_outputs
 from .variance import VarianceEstimator
 
 __all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze", "GAMMA_MODES", "RELU_MODES",
@@ -131,7 +131,7 @@ class _Walker:
         self.layer_nodes: set[fx.Node] = set()
         self.claimed: set[tuple[fx.Node, fx.Node]] = set()  # (get_attr node, user)
         self.m_at: dict[fx.Node, Mono] = {}
-        self.live = _live_nodes(gm, model)
+        self.live = live_nodes(gm, model)
         self.batch = next(
             (n.meta["val"].shape[0] for n in gm.graph.nodes if n.op == "placeholder"
              and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0), 1
@@ -384,43 +384,6 @@ class _Walker:
                 self.uncovered[name] = "no gradient path from the loss outputs reaches it in the traced forward"
 
 
-def _live_nodes(gm: fx.GraphModule, model: nn.Module) -> set[fx.Node]:
-    """Nodes whose value depends on a trainable parameter, through floating-point values.
-
-    Only they need a rule: masks and position tables built from the inputs and buffers
-    (``arange``, ``cumsum``, comparisons, rotary ``cos``/``sin``) carry no gradient to any
-    parameter, so their factors would scale nothing."""
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    live: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            try:
-                obj = fetch_attr(gm, n.target)
-            except AttributeError:
-                continue
-            if id(obj) in trainable:
-                live.add(n)
-        elif n.op == "call_module" and _floating(n) and (
-            any(a in live for a in n.all_input_nodes)
-            or any(p.requires_grad for p in gm.get_submodule(n.target).parameters())
-        ):
-            live.add(n)
-        elif n.op.startswith("call") and any(a in live for a in n.all_input_nodes) and _floating(n):
-            live.add(n)
-        elif n.op == "output":
-            live.add(n)
-    return live
-
-
-def _floating(n: fx.Node) -> bool:
-    val = n.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return val.is_floating_point() or val.is_complex()
-    if isinstance(val, (tuple, list)):
-        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val) or not val
-    return val is None  # unknown (hook capture): keep
-
-
 def analyze(
     gm: fx.GraphModule,
     model: nn.Module,
@@ -453,4 +416,3 @@ def analyze(
     if moments not in MOMENT_MODES:
         raise ValueError(f"moments must be one of {MOMENT_MODES}, got {moments!r}")
     return _Walker(gm, registry, model, strict, variance, gamma, relu, unnormalized, taps, moments).run(outputs)
-

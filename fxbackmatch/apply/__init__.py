@@ -2,7 +2,8 @@
 
 Holds :func:`~.optim.attach` (per-parameter learning-rate multipliers through optimizer
 hooks), the Adam/length mode (:mod:`.length`), the fused compiled step (:mod:`.fused`),
-update tracking (:mod:`.tracking`) and plan state save/restore (:mod:`.state`). It may import
-capture, analysis, runtime, measure and :mod:`fxbackmatch.errors`; it takes the
-:class:`~fxbackmatch.plan.Plan` as an argument and imports it only for type checking.
+update tracking (:mod:`.tracking`), the optimizers' live handles (:mod:`.handles`) and plan
+state save/restore (:mod:`.state`). It may import capture, analysis, runtime, measure and
+:mod:`fxbackmatch.errors`; it takes the :class:`~fxbackmatch.plan.Plan` as an argument and
+imports it only for type checking.
 """

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from ..runtime.norms import sumsq_many
-from ..runtime.chain import _local
+from .handles import HANDLES
+from ..runtime.chain import local_part
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -166,7 +167,7 @@ class LengthHandle:
         keep = {id(p) for p in params}
         for k in [k for k in self._before if k not in keep]:
             del self._before[k]
-        local = [_local(p.detach())[0] for p in params]  # FSDP2: the rank's own shard
+        local = [local_part(p.detach())[0] for p in params]  # FSDP2: the rank's own shard
         for p, lp in zip(params, local):
             b = self._before.get(id(p))
             if b is None or b.shape != lp.shape or b.stride() != lp.stride():
@@ -236,20 +237,20 @@ class LengthHandle:
         (references and updates together). Replicated tensors count ``1/world`` per rank."""
         import torch.distributed as dist
 
-        from ..runtime.chain import _group_of
+        from ..runtime.chain import group_of
 
         local, shares, group, world = [], [], None, 1
         for p in params:
-            lp, shards = _local(p.detach())
+            lp, shards = local_part(p.detach())
             if shards > 1 and group is None:
-                group, world = _group_of(p)
+                group, world = group_of(p)
             local.append(lp)
             shares.append(shards)
         if group is None:
             world = dist.get_world_size() if dist.is_initialized() else 1
         dev = coefs.device
         share = torch.tensor([1.0 if n > 1 else 1.0 / world for n in shares], dtype=torch.float64, device=dev)
-        ref_sq = torch.stack([t.to(dev) for t in sumsq_many([_local(r.detach())[0] for r in refs])])
+        ref_sq = torch.stack([t.to(dev) for t in sumsq_many([local_part(r.detach())[0] for r in refs])])
         upd_sq = torch.stack([t.to(dev) for t in sumsq_many(torch._foreach_sub(local, list(before)))])
         both = torch.cat([ref_sq, upd_sq]) * share.repeat(2)
         if dist.is_initialized():
@@ -277,7 +278,7 @@ class LengthHandle:
             else:
                 refs.append(p.grad)
                 coefs.append(lr)
-        return torch.tensor(coefs, dtype=torch.float64, device=_local(params[0])[0].device), refs
+        return torch.tensor(coefs, dtype=torch.float64, device=local_part(params[0])[0].device), refs
 
     @property
     def last_ratios(self) -> dict[str, float]:
@@ -294,15 +295,13 @@ class LengthHandle:
                  if names.get(id(p)) in last} for g in self.optimizer.param_groups]
 
     def remove(self) -> None:
-        from .optim import _HANDLES
-
         for h in (self._pre, self._post):
             if h is not None:
                 h.remove()
         self._pre = self._post = None
         if self in self.plan._attached:
             self.plan._attached.remove(self)
-        live = _HANDLES.get(self.optimizer)
+        live = HANDLES.get(self.optimizer)
         if live is not None and self in live:
             live.remove(self)
         self._before.clear()

@@ -15,13 +15,13 @@ the same parameter, raises (the scales would multiply).
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import AdaptiveOptimizerWarning, AlreadyAttachedError
+from .handles import HANDLES
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -32,8 +32,6 @@ __all__ = ["AttachHandle", "attach", "MODES"]
 #: optimizer's direction and set each layer's step length (Adam & co; :mod:`.length`).
 MODES = ("grad", "length")
 
-#: optimizer -> its live handles
-_HANDLES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[AttachHandle]]" = weakref.WeakKeyDictionary()
 
 
 class AttachHandle:
@@ -46,7 +44,7 @@ class AttachHandle:
         self._owned: tuple | None = None  # (param-group key, ids this optimizer scales or None: all)
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         plan._attached.append(self)
-        _HANDLES.setdefault(optimizer, []).append(self)
+        HANDLES.setdefault(optimizer, []).append(self)
 
     def _pre_step(self, optimizer, args, kwargs):
         # args are step()'s positional arguments, the optimizer itself first
@@ -102,7 +100,7 @@ class AttachHandle:
             self._hook = None
             if self in self.plan._attached:
                 self.plan._attached.remove(self)
-            live = _HANDLES.get(self.optimizer)
+            live = HANDLES.get(self.optimizer)
             if live is not None and self in live:
                 live.remove(self)
 
@@ -146,7 +144,7 @@ def attach(
             AdaptiveOptimizerWarning, stacklevel=3,
         )
     mine = _scaled_ids(plan)
-    for other in _HANDLES.get(optimizer, []):
+    for other in HANDLES.get(optimizer, []):
         theirs = _scaled_ids(other.plan)
         if mine & theirs:
             what = "this plan is" if other.plan is plan else f"another plan ({other.plan!r}) is"
@@ -158,5 +156,5 @@ def attach(
             )
     handle = LengthHandle(plan, optimizer, target) if mode == "length" else AttachHandle(plan, optimizer, weight_decay)
     if mode == "length":
-        _HANDLES.setdefault(optimizer, []).append(handle)
+        HANDLES.setdefault(optimizer, []).append(handle)
     return handle

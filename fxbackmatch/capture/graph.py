@@ -122,9 +122,9 @@ def capture(
 
 def _unknown_ops(gm: fx.GraphModule, model: nn.Module, lookup) -> list[str]:
     """Ops on a gradient path (depending on a trainable parameter) that no rule knows."""
-    from ..analysis.walk import _live_nodes
+    from .topology import live_nodes
 
-    live = _live_nodes(gm, model)
+    live = live_nodes(gm, model)
     return [n.name for n in gm.graph.nodes if n.op.startswith("call") and n in live and lookup(n, gm) is None]
 
 

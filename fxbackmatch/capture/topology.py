@@ -1,11 +1,16 @@
-"""The FX graph as a networkx DiGraph, walked from the outputs to the inputs."""
+"""The FX graph as a networkx DiGraph, walked from the outputs to the inputs; which nodes
+carry a gradient to a trainable parameter (:func:`live_nodes`)."""
 from __future__ import annotations
+
+from typing import Any
 
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch import nn
 
-__all__ = ["build_digraph", "backward_order", "output_nodes", "select_outputs", "carries_tensor", "numel_of"]
+__all__ = ["build_digraph", "backward_order", "output_nodes", "select_outputs", "carries_tensor", "numel_of",
+           "fetch_attr", "live_nodes", "is_floating"]
 
 
 def carries_tensor(node: fx.Node) -> bool:
@@ -126,3 +131,47 @@ def backward_order(g: nx.DiGraph) -> list[fx.Node]:
 def _pos(n: fx.Node) -> str:
     # FX nodes are already in topological order; sort ties by that order
     return f"{n.meta.get('fxbackmatch.index', 0):09d}"
+
+
+def fetch_attr(gm: fx.GraphModule, target: str):
+    obj: Any = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def live_nodes(gm: fx.GraphModule, model: nn.Module) -> set[fx.Node]:
+    """Nodes whose value depends on a trainable parameter, through floating-point values.
+
+    Only they need a rule: masks and position tables built from the inputs and buffers
+    (``arange``, ``cumsum``, comparisons, rotary ``cos``/``sin``) carry no gradient to any
+    parameter, so their factors would scale nothing."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    live: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            try:
+                obj = fetch_attr(gm, n.target)
+            except AttributeError:
+                continue
+            if id(obj) in trainable:
+                live.add(n)
+        elif n.op == "call_module" and is_floating(n) and (
+            any(a in live for a in n.all_input_nodes)
+            or any(p.requires_grad for p in gm.get_submodule(n.target).parameters())
+        ):
+            live.add(n)
+        elif n.op.startswith("call") and any(a in live for a in n.all_input_nodes) and is_floating(n):
+            live.add(n)
+        elif n.op == "output":
+            live.add(n)
+    return live
+
+
+def is_floating(n: fx.Node) -> bool:
+    val = n.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.is_floating_point() or val.is_complex()
+    if isinstance(val, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val) or not val
+    return val is None  # unknown (hook capture): keep

@@ -6,7 +6,9 @@
 
 timm's ``NativeScaler`` loop and torchtitan-style optimizer containers need no callback:
 ``plan.attach(optimizer)`` (README, "Use it with your trainer"). Each trainer is imported only when its
-callback is first looked up here, so ``import fxbackmatch`` never imports a trainer.
+callback is first looked up here, so ``import fxbackmatch`` never imports a trainer. This
+package may import ``prepare``, ``Plan`` and :mod:`fxbackmatch.apply`; nothing in the
+package imports it.
 """
 from __future__ import annotations
 

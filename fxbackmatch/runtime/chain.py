@@ -69,7 +69,7 @@ class Runtime:
         self.targets = [params[t] for t in targets]
         self._fn = None
         self._consts: dict[torch.device, dict[str, torch.Tensor]] = {}
-        self._sharded = any(_is_dtensor(t) for t in self.weights + self.targets)
+        self._sharded = any(is_dtensor(t) for t in self.weights + self.targets)
         #: per-step factor on the scales (``token_mask``: 1/real-token share on token-wise
         #: layers): returns a float64 tensor in target order, or ``None``
         self.multiplier: Callable[[], torch.Tensor | None] | None = None
@@ -110,7 +110,7 @@ class Runtime:
 
     def device(self) -> torch.device:
         for t in self.targets or self.weights:
-            return _local(t)[0].device
+            return local_part(t)[0].device
         return torch.device("cpu")
 
     @property
@@ -171,10 +171,10 @@ class Runtime:
         Unsharded tensors contribute ``1/world`` of their sum on every rank."""
         parts, group, world = [], None, 1
         for t in list(self.weights) + list(grads):
-            local, shards = _local(t)
+            local, shards = local_part(t)
             if shards > 1:
                 if group is None:
-                    group, world = _group_of(t)
+                    group, world = group_of(t)
             parts.append((local, shards))
         if group is None:
             world = dist.get_world_size() if dist.is_initialized() else 1
@@ -200,7 +200,7 @@ class Runtime:
         for i, p in enumerate(self.targets):
             g = p.grad if only is None or id(p) in only else None
             if g is not None:
-                g = _local(g)[0] if self._sharded else g
+                g = local_part(g)[0] if self._sharded else g
                 grads.append(g)
                 groups[(g.device, g.dtype)].append(i)
             else:
@@ -373,7 +373,7 @@ def _data_parallel_world() -> int:
     return dist.get_world_size()
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
@@ -381,9 +381,9 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
 
 
-def _local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+def local_part(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The local tensor and the number of shards it is one of (1 when not sharded)."""
-    if not _is_dtensor(t):
+    if not is_dtensor(t):
         return t, 1
     from torch.distributed.tensor import Shard
 
@@ -394,6 +394,6 @@ def _local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t.to_local(), shards
 
 
-def _group_of(t) -> tuple[object, int]:
+def group_of(t) -> tuple[object, int]:
     mesh = t.device_mesh
     return (mesh.get_group() if mesh.ndim == 1 else None), mesh.size()

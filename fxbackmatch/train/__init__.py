@@ -1,7 +1,11 @@
 """Training harness for the paper's CIFAR experiments: ``fxbackmatch train ...``.
 
 Every method (``sgd``, ``backmatch``, ``lars``, ``lsalr``) starts from the same initial
-weights and sees the same mini-batches; see :mod:`fxbackmatch.train.harness`.
+weights and sees the same mini-batches; see :mod:`fxbackmatch.train.harness`. Holds the
+configuration (:mod:`.config`), the data (:mod:`.data`, :mod:`.pipeline`), one run
+(:mod:`.run`), its outputs (:mod:`.outputs`), the driver (:mod:`.harness`) and learning-rate
+sweeps (:mod:`.sweep`). It may import every stage and the top level (``prepare``); only
+:mod:`fxbackmatch.cli` imports it (lazily), and no stage does.
 
 The paper's LeNet-BN experiment of §3.3 (no augmentation, fixed learning rate, batch 128,
 momentum 0.9) for 30 epochs and 3 seeds::

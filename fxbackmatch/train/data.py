@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..errors import CliError
 
 __all__ = [
+    "epoch_batches",
     "DataError",
     "ImageData",
     "load_data",
@@ -379,3 +380,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, max_degrees: floa
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return x
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A seeded permutation of ``range(n)`` cut into batches; a last batch of one image is
+    dropped (BatchNorm cannot train on it)."""
+    perm = torch.randperm(n, generator=generator)
+    batches = list(perm.split(batch_size))
+    if len(batches) > 1 and batches[-1].numel() < 2:
+        batches.pop()
+    return batches

@@ -36,7 +36,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from .data import DataError, ImageData, augment_batch, load_data
+from .data import DataError, ImageData, augment_batch, epoch_batches, load_data
 
 __all__ = ["AUGMENTATIONS", "DeviceLoader", "Epoch", "cache_dir", "crop_flip", "load_cached"]
 
@@ -148,11 +148,9 @@ class DeviceLoader:
         return full + (1 if rest > 1 or (rest == 1 and full == 0) else 0)
 
     def plan(self, shuffle: torch.Generator, aug: torch.Generator) -> Epoch:
-        """The epoch's index batches (what :func:`~fxbackmatch.train.harness.epoch_batches`
+        """The epoch's index batches (what :func:`~fxbackmatch.train.data.epoch_batches`
         draws from ``shuffle``); a crop epoch also draws every image's offset and flip from
         ``aug`` here, at once, so that the epoch needs one copy to the device."""
-        from .harness import epoch_batches
-
         n = self.data.train_x.shape[0]
         batches = epoch_batches(n, self.batch_size, shuffle)
         draws = None

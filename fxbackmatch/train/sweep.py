@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from .harness import TrainConfig, _atomic_write, layer_heatmap, pyplot, train
+from .harness import TrainConfig, atomic_write, layer_heatmap, pyplot, train
 
 __all__ = ["sweep", "SWEEP_FIELDS"]
 
@@ -83,7 +83,7 @@ def sweep(cfg: TrainConfig, grid: dict[str, Sequence[float]], *, jobs: int = 1) 
     w = csv.DictWriter(buf, fieldnames=SWEEP_FIELDS)
     w.writeheader()
     w.writerows(rows)
-    _atomic_write(out / "sweep.csv", buf.getvalue())
+    atomic_write(out / "sweep.csv", buf.getvalue())
     _sensitivity(out, cfg, rows)
     best = _best_cells(rows)
     _best_curves(out, cfg, best)

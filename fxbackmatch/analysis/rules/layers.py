@@ -19,7 +19,7 @@ from ..registry import register_rule
 __all__ = ["linear_rule", "conv_rule", "batch_norm_rule", "touched_fraction", "tap_geometry"]
 
 
-def _input_moment(ctx: RuleContext, x) -> Mono:
+def input_moment(ctx: RuleContext, x) -> Mono:
     """``E[a²]`` of a weighted layer's input, for its least-squares normal matrix
     ``E aaᵀ ≈ E[a²]·I`` (eq. 13: ``δ'W = (E aaᵀ)⁻¹ δW``). The paper's BN makes it 1; where the
     graph knows better (a residual stream after ``k`` blocks: ``≈ k + 1``) it is used; 1 where
@@ -50,7 +50,7 @@ def _linear(ctx: RuleContext, w: str | None, b: str | None, kind: str) -> None:
         return
     out_f, in_f = ctx.param_shape(w)
     s = ctx.frac_out * ctx.positions_per_sample(ctx.node, out_f)  # a folded batch (Swin's windows) counts
-    ctx.add_layer(kind, [(w, "weight", s, _input_moment(ctx, x)), (b, "bias", s)], weight=w, s=s, c=1.0, input_node=x)
+    ctx.add_layer(kind, [(w, "weight", s, input_moment(ctx, x)), (b, "bias", s)], weight=w, s=s, c=1.0, input_node=x)
     ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) * (ctx.chan_out / in_f), ctx.frac_out, 1.0)
 
 
@@ -175,7 +175,7 @@ def _conv(ctx: RuleContext, w, b, dims, stride, padding, dilation, groups, kind)
     s = ctx.frac_out * out_loc * valid / carrying
     c = (in_loc * touched) / (ctx.frac_out * out_loc * valid)
     in_ch = ctx.param_shape(w)[1] * groups
-    ctx.add_layer(kind, [(w, "weight", s, _input_moment(ctx, x)), (b, "bias", s)], weight=w, s=s, c=c, input_node=x)
+    ctx.add_layer(kind, [(w, "weight", s, input_moment(ctx, x)), (b, "bias", s)], weight=w, s=s, c=c, input_node=x)
     ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) * (ctx.chan_out / (in_ch * c)), touched, 1.0)
 
 
@@ -203,7 +203,7 @@ for _d, _f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
 
 
 # ------------------------------------------------------------------------- BatchNorm
-def _bn(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = None, eps: float = 0.0) -> None:
+def norm_layer(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | None = None, eps: float = 0.0) -> None:
     """BatchNorm (§2.3, eq. 36): ``m ← m / Var[a]`` with ``Var[a] ≈ ||W_below||²_{2,μ}``, the
     row norm of the weighted layer feeding the BN (looking through pointwise ops; a sum of
     branches adds their moments). With no estimate from the weights (BN on the input) or
@@ -250,18 +250,18 @@ def _norm_out_variance(ctx: RuleContext) -> Mono | None:
 
 @register_rule(module=nn.modules.batchnorm._BatchNorm, moment=_norm_out_variance, channel_dim=1, norm=True)
 def batch_norm_rule(ctx: RuleContext) -> None:
-    """nn.BatchNorm1d/2d/3d and SyncBatchNorm, affine or not: see :func:`_bn`."""
+    """nn.BatchNorm1d/2d/3d and SyncBatchNorm, affine or not: see :func:`norm_layer`."""
     m = ctx.module
     rv = None
     if m.track_running_stats and m.running_var is not None:
         rv = f"{ctx.node.target}.running_var"
-    _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), rv, type(m).__name__, eps=float(m.eps))
+    norm_layer(ctx, ctx.module_param("weight"), ctx.module_param("bias"), rv, type(m).__name__, eps=float(m.eps))
 
 
 @register_rule(function=F.batch_norm, moment=_norm_out_variance, channel_dim=1, norm=True)
 def functional_batch_norm_rule(ctx: RuleContext) -> None:
     """F.batch_norm(x, running_mean, running_var, weight, bias, ...): as nn.BatchNorm."""
-    _bn(
+    norm_layer(
         ctx, ctx.param_from_arg(ctx.arg(3, "weight")), ctx.param_from_arg(ctx.arg(4, "bias")),
         ctx.buffer_from_arg(ctx.arg(2, "running_var")), "F.batch_norm", eps=float(ctx.arg(7, "eps", 1e-5)),
     )
@@ -272,7 +272,7 @@ def group_norm_rule(ctx: RuleContext) -> None:
     """nn.GroupNorm: as BatchNorm (Var[a] from the weights below; no running statistics, so
     with no estimate Var is taken as 1, noted); γ, β per channel with ``s`` the positions.
     A heuristic: the normalization is per sample and group, the variance a layer mean."""
-    _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), None, "GroupNorm")
+    norm_layer(ctx, ctx.module_param("weight"), ctx.module_param("bias"), None, "GroupNorm")
 
 
 @register_rule(module=nn.LayerNorm, moment=_norm_out_variance, channel_dim=-1, norm=True)
@@ -283,7 +283,7 @@ def layer_norm_rule(ctx: RuleContext) -> None:
     m = ctx.module
     shape = ctx.out_shape
     s = ctx.frac_out * max(1, math.prod(shape) // max(1, shape[0] * math.prod(m.normalized_shape)))
-    _bn(ctx, ctx.module_param("weight"), ctx.module_param("bias"), None, "LayerNorm", s=s)
+    norm_layer(ctx, ctx.module_param("weight"), ctx.module_param("bias"), None, "LayerNorm", s=s)
 
 
 def _conv_t_row_norm(ctx: RuleContext) -> Mono | None:

@@ -35,7 +35,7 @@ from torch import nn
 from ..context import RuleContext
 from ..expr import Mono
 from ..registry import register_rule
-from .layers import _bn, _input_moment
+from .layers import norm_layer, input_moment
 
 __all__ = [
     "embedding_rule", "functional_embedding_rule", "addmm_rule", "matmul_rule", "softmax_rule",
@@ -99,7 +99,7 @@ def _in_out_linear(ctx: RuleContext, x: fx.Node, w: str, b: str | None, kind: st
     """``y = x·W (+ b)`` with ``W`` of shape ``[in, out]``: the linear rule, transposed."""
     in_f, out_f = ctx.param_shape(w)[-2:]
     s = ctx.frac_out * ctx.positions_per_sample(ctx.node, out_f)
-    ctx.add_layer(kind, [(w, "weight", s, _input_moment(ctx, x)), (b, "bias", s)], weight=w, s=s, c=1.0, input_node=x)
+    ctx.add_layer(kind, [(w, "weight", s, input_moment(ctx, x)), (b, "bias", s)], weight=w, s=s, c=1.0, input_node=x)
     ctx.pass_to(x, ctx.m_out * ctx.sumsq(w) * (ctx.chan_out / in_f), ctx.frac_out, 1.0)
 
 
@@ -283,7 +283,7 @@ def _fn_norm_moment(ctx: RuleContext) -> Mono:
 
 def _fn_norm(ctx: RuleContext, gamma, beta, feature_numel: int, kind: str) -> None:
     s = ctx.frac_out * ctx.positions_per_sample(ctx.node, feature_numel)
-    _bn(ctx, gamma, beta, None, kind, s=s)
+    norm_layer(ctx, gamma, beta, None, kind, s=s)
 
 
 @register_rule(function=F.layer_norm, moment=_fn_norm_moment, channel_dim=-1, norm=True)

@@ -1,0 +1,163 @@
+"""What a plan reads from the live batch: the graph's inputs from a call's arguments
+(:func:`flat_inputs`, :func:`fit_batch`), the per-step multipliers of ``token_mask`` and
+``span="batch"`` (:func:`multiplier`), and the measured factors — :func:`refresh` every
+``refresh`` steps, :func:`measure` on demand. Every function takes the plan."""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..analysis.span import batch_of, span_multiplier
+from ..analysis.tokens import find_mask, token_multiplier
+from ..analysis.walk import MOMENT_PREFIX
+from ..capture.shapes import shape_of
+from ..errors import FxBackmatchError, PlanMismatchError
+from ..runtime.build import MEASURED_PREFIX, atom_values, layer_records, measures, need
+from ..runtime.reference import eval_mono
+from .factors import measure_factors, measure_values
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+
+HOOKS_REFUSED = (
+    "factors='measured' and moments='batch' need a graph that runs (torch.fx or "
+    "torch.export); this plan was captured with hooks.\n  What to do: make the model "
+    "traceable by torch.fx or torch.export (capture='fx' / 'export' say why it is not), "
+    "or prepare without these options."
+)
+
+
+def refresh(plan: "Plan", inputs: Sequence[Any], kwargs: dict, probes: int | None = None,
+            seed: int | None = None) -> dict[str, float]:
+    """Measure every layer's ``m`` (and the moments ``E[a²]``) on this batch and keep them."""
+    a = need(plan)
+    if not measures(plan):
+        raise FxBackmatchError("refresh() needs prepare(..., factors='measured') or moments='batch' "
+                               "(on a graph with pooling, means or attention)")
+    if plan.capture == "hooks":
+        raise FxBackmatchError(HOOKS_REFUSED)
+    flat = fit_batch(plan, flat_inputs(plan, inputs, kwargs))
+    devices = [p.device for p in plan._params.values() if p.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=devices):
+        layers = [r.node for r in a.layers] if plan.factors == "measured" else []
+        got = measure_factors(a.gm, plan.model, flat, a.output_nodes, layers,
+                              a.moment_nodes, probes=probes or plan.probes,
+                              seed=plan._steps if seed is None else seed)
+    with torch.no_grad():
+        for prefix, values in ((MEASURED_PREFIX, got.m), (MOMENT_PREFIX, got.moments)):
+            for node, value in values.items():
+                t = plan._measured.get(prefix + node)
+                if t is not None and value and value > 0:  # a zero keeps the last value
+                    t.fill_(value)
+    return got.m
+
+
+def step_hook(plan: "Plan") -> None:
+    """Called by the attached hooks before each rescale: refresh every ``refresh`` steps."""
+    if measures(plan) and plan._last_call is not None and plan._steps % plan.refresh_every == 0:
+        args, kwargs = plan._last_call
+        try:
+            plan.refresh(*args, **kwargs)
+        except PlanMismatchError as e:  # e.g. an epoch's short last batch on an export graph
+            warnings.warn(f"fxbackmatch: measured factors kept from the last refresh: {e}",
+                          RuntimeWarning, stacklevel=4)
+    plan._steps += 1
+
+
+def measure(plan: "Plan", inputs: Sequence[Any], kwargs: dict, probes: int = 16, seed: int = 0,
+            values: bool = False) -> list[dict[str, Any]]:
+    """The rule's ``m`` beside the measured one per layer (per value with ``values=True``)."""
+    a = need(plan)
+    inputs = fit_batch(plan, flat_inputs(plan, inputs, kwargs))
+    if plan.capture == "hooks":
+        raise FxBackmatchError(
+            f"plan.measure needs the traced graph; this plan of {type(plan.model).__name__} "
+            f"was captured with hooks.\n  What to do: make the model traceable (or register "
+            f"rules for the untraceable parts as leaf modules) and prepare with capture='fx'."
+        )
+    if values:
+        picked = [(n.name, n.name, n.meta["fxbackmatch.m"], kind_of(n, a.gm)) for n in a.gm.graph.nodes
+                  if "fxbackmatch.m" in n.meta]
+    else:
+        picked = [(r.name, r.node, r.m_expr, r.kind) for r in layer_records(plan)]
+    measured = measure_values(a.gm, plan.model, inputs, a.output_nodes, [p[1] for p in picked],
+                              probes=probes, seed=seed)
+    vals = atom_values(plan)
+    rows = []
+    for name, node, expr, kind in picked:
+        rule_m = eval_mono(expr, vals)
+        got = measured.get(node)
+        rows.append({"layer": name, "node": node, "kind": kind, "rule_m": rule_m, "measured_m": got,
+                     "ratio": (rule_m / got) if got else None})
+    return rows
+
+
+def kind_of(node, gm) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def flat_inputs(plan: "Plan", args: Sequence[Any], kwargs: dict) -> list[Any]:
+    """The graph's placeholders from a call's arguments (export graphs take the
+    flattened ``(args, kwargs)``; the example's non-tensor keywords fill in)."""
+    if plan.capture != "export":
+        return list(args)
+    from torch.fx._pytree import tree_flatten_spec
+
+    gm = plan._analysis.gm
+    spec = gm.meta.get("fxbackmatch.in_spec")
+    merged = {**getattr(plan, "example_kwargs", {}), **kwargs}
+    flat = tree_flatten_spec((tuple(args), merged), spec) if spec is not None else list(args)
+    n = sum(1 for x in gm.graph.nodes if x.op == "placeholder")
+    return list(flat)[:n]
+
+
+def fit_batch(plan: "Plan", flat: list[Any]) -> list[Any]:
+    """An export graph is specialized to the example's shapes: a larger batch is measured
+    on its first ``B`` samples (the example's batch); a smaller one cannot run it."""
+    if plan.capture != "export":
+        return flat
+    out = []
+    places = [x for x in plan._analysis.gm.graph.nodes if x.op == "placeholder"]
+    for node, x in zip(places, flat):
+        want = shape_of(node)
+        if isinstance(x, torch.Tensor) and want is not None and tuple(x.shape) != tuple(want):
+            if x.dim() != len(want) or not want or tuple(x.shape[1:]) != tuple(want[1:]) or x.shape[0] < want[0]:
+                raise PlanMismatchError(
+                    f"input '{node.name}' has shape {tuple(x.shape)}; the torch.export graph of "
+                    f"{type(plan.model).__name__} was captured at {tuple(want)} and runs only "
+                    f"there (or on the first {want[0]} samples of a larger batch).\n  What to "
+                    f"do: prepare with example inputs of the smallest batch you train with."
+                )
+            x = x[: want[0]]
+        out.append(x)
+    return out
+
+
+def multiplier(plan: "Plan") -> torch.Tensor | None:
+    """The per-target multipliers of this step: the token share and the batch span."""
+    mask = current_mask(plan) if plan._token_bt is not None else None
+    out = None
+    if isinstance(mask, torch.Tensor):
+        out = token_multiplier(mask, plan._token_flags)
+    if plan.span == "batch":
+        batch = batch_of(*plan._last_call) if plan._last_call is not None else None
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        # data-parallel ranks average their gradients: the normal matrix spans all their rows
+        rows = plan._span_rows
+        if out is not None:  # token-wise layers share their weight over the real tokens only
+            rows = rows.to(out.device) / out  # out = 1/f on those, 1 elsewhere
+        mult = span_multiplier((batch or plan._example_batch) * world, plan._span_fan.to(rows.device), rows)
+        out = mult if out is None else out * mult
+    return out
+
+
+def current_mask(plan: "Plan") -> torch.Tensor | None:
+    mask = plan._example_mask
+    if plan._last_call is not None:
+        mask = find_mask(plan.token_mask, *plan._last_call, plan._mask_pos)
+    return mask if isinstance(mask, torch.Tensor) else None

@@ -1,0 +1,349 @@
+"""Building a :class:`~fxbackmatch.plan.Plan`: capture → analysis → scale expressions →
+generated code → :class:`~.chain.Runtime`, and the checks that the model is still the one
+the plan was built for. Every function takes the plan and fills in or reads its fields."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import warnings
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import nn
+
+from ..analysis.expr import Mono
+from ..analysis.guards import SCALE_RANGE, out_of_range, unnormalized_layers
+from ..analysis.methods import METHODS, scale_of
+from ..analysis.span import SPANS, batch_of, span_table
+from ..analysis.tokens import check_mask, find_mask, is_token_shape, position_of, token_targets
+from ..analysis.walk import (
+    GAMMA_MODES, MOMENT_PREFIX, RELU_MODES, TAPS_MODES, UNNORMALIZED_MODES, Analysis, LayerRecord, analyze,
+)
+from ..capture.graph import CAPTURES, capture
+from ..capture.hooks import CallRecorder, LazyBuild
+from ..errors import FxBackmatchError, PlanMismatchError, PlanNotReadyError, ScaleRangeWarning
+from .chain import Runtime, is_dtensor
+from .codegen import GeneratedFactors, generate
+from .explain import describe_uses
+from .reference import atom_values as eval_atoms
+from .reference import eval_mono
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+
+log = logging.getLogger("fxbackmatch.plan")
+
+#: ``"derived"``: every layer's backward factor ``m`` from the rules (the paper's chain);
+#: ``"measured"``: ``m`` measured on the live batch every ``refresh`` steps (``mean diag(JᵀJ)``
+#: by autograd, :mod:`fxbackmatch.measure.factors`) — the rules still give ``s``, roles and the layers'
+#: own normal-matrix factors
+FACTORS = ("derived", "measured")
+MEASURED_PREFIX = "fxbackmatch.measured:"
+MEASURED_NOTE = "m measured"
+NO_NORM_NOTE = "no norm above"
+#: a layer whose s counts the real tokens of the last batch (``token_mask``)
+TOKEN_NOTE = "s × real-token share"
+
+
+def check_options(*, capture: str, adapt: str, rule: str, gamma: str, relu: str, unnormalized: str, factors: str,
+                  taps: str, moments: str, span: str, refresh: int, probes: int, token_mask: Any,
+                  cap: float | None) -> None:
+    """Raise :class:`ValueError` naming the first of ``prepare``'s options out of its range."""
+    if capture not in CAPTURES:
+        raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
+    if adapt not in ("all", "weights"):
+        raise ValueError(f"adapt must be 'all' or 'weights', got {adapt!r}")
+    if rule not in METHODS:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(METHODS)}")
+    for key, value, allowed in (("gamma", gamma, GAMMA_MODES), ("relu", relu, RELU_MODES),
+                                ("unnormalized", unnormalized, UNNORMALIZED_MODES), ("factors", factors, FACTORS),
+                                ("taps", taps, TAPS_MODES), ("moments", moments, ("derived", "batch")),
+                                ("span", span, SPANS)):
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    if refresh < 1 or probes < 1:
+        raise ValueError(f"refresh and probes must be ≥ 1, got {refresh} and {probes}")
+    if token_mask is not None and not isinstance(token_mask, (str, int)):
+        raise ValueError(f"token_mask must name a keyword input or give a positional index, got {token_mask!r}")
+    if cap is not None and not (math.isfinite(cap) and cap > 1):
+        raise ValueError(f"cap must be a finite number > 1 (scales are kept in [1/cap, cap]), got {cap!r}")
+
+
+def build(plan: "Plan", example_inputs: Sequence[torch.Tensor], example_kwargs: dict | None = None) -> None:
+    """Capture and analyze the model on the example inputs and complete the plan."""
+    refuse_sharded(plan.model)
+    if plan.token_mask is not None:  # before capture: a wrong name fails fast and clearly
+        if isinstance(plan.token_mask, str):
+            plan._mask_pos = position_of(plan.model, plan.token_mask)
+        mask = find_mask(plan.token_mask, example_inputs, example_kwargs or {}, plan._mask_pos)
+        plan._token_bt = check_mask(plan.token_mask, mask)
+        plan._example_mask = mask.detach()
+    reg = plan.registry
+    gm, plan.capture = capture(
+        plan.model, example_inputs, reg.has_module_rule, plan.leaf_modules, plan.capture_mode,
+        example_kwargs=example_kwargs, has_rule=reg.has, lookup=reg.lookup,
+    )
+    plan.example_kwargs = {k: v for k, v in (example_kwargs or {}).items() if not isinstance(v, torch.Tensor)}
+    a = plan._analysis = analyze(
+        gm, plan.model, reg, strict=plan.strict, variance=plan.variance,
+        gamma=plan.gamma, outputs=plan.outputs, relu=plan.relu, unnormalized=plan.unnormalized,
+        taps=plan.taps, moments="measured" if plan.factors == "measured" else plan.moments,
+    )
+    bare = unnormalized_layers(gm, reg, [r.node for r in a.layers])
+    a.layers = [dataclasses.replace(r, notes=r.notes + (NO_NORM_NOTE,)) if r.node in bare else r for r in a.layers]
+    if plan.factors == "measured":  # the report says which layers' m is measured
+        a.layers = [dataclasses.replace(r, notes=r.notes + (MEASURED_NOTE,)) for r in a.layers]
+    for n in gm.graph.nodes:  # keep shapes, drop the fake tensors
+        n.meta.pop("val", None)
+    if plan.capture == "hooks":
+        a.notes.insert(
+            0, "captured with hooks (torch.fx could not trace): modules in execution order, "
+            "functional ops between them unseen, chain assumed"
+        )
+    plan.input_shapes = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
+    plan._example_batch = batch_of(list(example_inputs), dict(example_kwargs or {})) or 1
+    if plan.token_mask is not None:
+        a.layers = [dataclasses.replace(r, notes=r.notes + (TOKEN_NOTE,)) if is_token_shape(r.output_shape, plan._token_bt)
+                    else r for r in a.layers]
+    finish(plan)
+    if measures(plan):
+        plan.refresh(*example_inputs, **(example_kwargs or {}))
+    if measures(plan) or plan.token_mask is not None or plan.span == "batch":
+        plan.wrapped.register_forward_pre_hook(CallRecorder(plan), with_kwargs=True)
+    warn_range(plan)
+
+
+def arm(plan: "Plan") -> None:
+    """Complete the plan from the model's first forward call (a one-shot pre-hook)."""
+    plan._hook = LazyBuild(plan)
+    plan.wrapped.register_forward_pre_hook(plan._hook, with_kwargs=True)
+
+
+def warn_range(plan: "Plan") -> None:
+    """Warn (once per prepare) about scales outside the documented range at these weights."""
+    try:
+        found = flags(plan)
+    except FxBackmatchError:  # non-finite weights: reported when the scales are used
+        return
+    if found:
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        warnings.warn(
+            f"fxbackmatch: {len(found)} scale(s) of {type(plan.model).__name__} lie outside "
+            f"{list(SCALE_RANGE)} at the current weights: " + "; ".join(found[:3]) + more
+            + ".\n  What to do: check the report (plan.report()); pass cap= to prepare to "
+            "bound the scales, or register a rule for the layer kind named.",
+            ScaleRangeWarning, stacklevel=5,
+        )
+
+
+def flags(plan: "Plan") -> list[str]:
+    """Scales outside ``SCALE_RANGE`` under the current weights, before any ``cap``."""
+    a = need(plan)
+    vals = atom_values(plan)
+    raw = {n: eval_mono(e, vals) for n, e in plan._scale_expr.items()}
+    return out_of_range(raw, a.layers)
+
+
+def finish(plan: "Plan") -> None:
+    """Scale expressions → generated code → runtime, for the model's current parameters."""
+    a = plan._analysis
+    params = dict(plan.model.named_parameters())
+    plan._params = params
+    opts = {"trust_coefficient": plan.trust_coefficient}
+    plan._scale_expr = {}
+    plan._roles = {}
+    if measures(plan):
+        measure_atoms(plan, a)
+    for name in params:
+        uses = a.uses.get(name)
+        if not uses:
+            continue
+        if plan.factors == "measured":
+            uses = [measured_use(a, u) for u in uses]
+        plan._roles[name] = uses[0].role
+        if plan.adapt == "weights" and uses[0].role != "weight":
+            continue
+        plan._scale_expr[name] = scale_of(plan.rule, a.atoms, name, uses, opts)
+    targets = plan._targets = list(plan._scale_expr)
+    plan._applied = None
+    plan._owners = {n: owner(plan.model, n) for n in targets}
+    plan._links = module_links(plan.model, targets)
+    plan._shapes = {n: tuple(params[n].shape) for n in targets}
+    plan._generated: GeneratedFactors = generate(
+        a.atoms.atoms, [(n, plan._scale_expr[n]) for n in targets],
+        title=f"{type(plan.model).__name__}, rule={plan.rule}, {len(targets)} scaled parameters",
+        cap=plan.cap, chains=describe_uses(a),
+    )
+    buffers = dict(plan.model.named_buffers())
+    buffers.update(plan._measured)
+    plan._runtime = Runtime(plan._generated, params, buffers, targets, plan.compile)
+    if plan._token_bt is not None:
+        plan._token_flags = torch.tensor(token_targets(targets, a.uses, a.layers, plan._token_bt), dtype=torch.float64)
+    if plan.span == "batch":
+        plan._span_fan, plan._span_rows = span_table(targets, a.uses, a.layers, plan._shapes)
+    if plan._token_bt is not None or plan.span == "batch":
+        plan._runtime.multiplier = plan._multiplier
+    plan.fingerprint = fingerprint(a.gm, params)
+    log.debug("fxbackmatch: prepared %s with %d layers", type(plan.model).__name__, len(a.layers))
+
+
+def measures(plan: "Plan") -> bool:
+    """Whether the plan has atoms measured on the live batch (refreshed every K steps)."""
+    return plan.factors == "measured" or (
+        plan.moments == "batch" and bool(plan._analysis and plan._analysis.moment_nodes))
+
+
+def measure_atoms(plan: "Plan", a: Analysis) -> None:
+    layers = [MEASURED_PREFIX + rec.node for rec in a.layers] if plan.factors == "measured" else []
+    for key in layers + [MOMENT_PREFIX + n for n in a.moment_nodes]:
+        if key not in plan._measured:
+            plan._measured[key] = torch.ones((), dtype=torch.float64)
+        a.atoms.stat(key)
+
+
+def measured_use(a: Analysis, use):
+    """The use with its layer's derived ``m`` replaced by the measured one (the layer's
+    own factors — a weight's ``E[a²]``, a layer scale's — kept)."""
+    rec = next(r for r in a.layers if r.node == use.node)
+    m = Mono.atom(a.atoms.stat(MEASURED_PREFIX + rec.node))
+    return dataclasses.replace(use, m=m * (use.m / rec.m_expr))
+
+
+def need(plan: "Plan") -> Analysis:
+    """The plan's analysis, or :class:`PlanNotReadyError` while it waits for a forward call."""
+    if plan._analysis is None:
+        raise PlanNotReadyError(
+            f"this plan for {type(plan.model).__name__} was prepared without example inputs "
+            f"and the model has not run yet.\n  What to do: run one forward pass first "
+            f"(the plan completes itself from it), or call "
+            f"fxbackmatch.prepare(model, example_inputs)."
+        )
+    return plan._analysis
+
+
+def atom_values(plan: "Plan") -> list[float]:
+    """Every atom's value under the current weights (eager, float64)."""
+    a = need(plan)
+
+    def tensor(ref: str) -> torch.Tensor:
+        if ref in plan._params:
+            return plan._params[ref]
+        return plan._measured[ref] if ref in plan._measured else plan.model.get_buffer(ref)
+
+    return eval_atoms(a.atoms.atoms, tensor, lambda ref: plan._params[ref].grad)
+
+
+def layer_records(plan: "Plan") -> tuple[LayerRecord, ...]:
+    """Per-layer records in forward order, with ``m`` evaluated under current weights."""
+    a = need(plan)
+    vals = atom_values(plan)
+    recs = [r.with_m(eval_mono(r.m_expr, vals)) for r in a.layers]
+    order = {n.name: i for i, n in enumerate(a.gm.graph.nodes)}
+    return tuple(sorted(recs, key=lambda r: order.get(r.node, 0)))
+
+
+def eager_scales(plan: "Plan") -> dict[str, float]:
+    """Parameter name -> scale under the current weights (eager, float64; unscaled ones 1.0)."""
+    check(plan)
+    vals = atom_values(plan)
+    out = {n: 1.0 for n, p in plan._params.items() if p.requires_grad}
+    mult = plan._runtime.multiplier() if plan._runtime.multiplier is not None else None
+    mult = None if mult is None else dict(zip(plan._targets, mult.tolist()))
+    for n, expr in plan._scale_expr.items():
+        v = eval_mono(expr, vals) * (1.0 if mult is None else mult[n])
+        out[n] = v if plan.cap is None else min(max(v, 1.0 / plan.cap), plan.cap)
+    return out
+
+
+def check(plan: "Plan") -> None:
+    """The plan is ready and its parameters are still the model's (following FSDP2 sharding)."""
+    need(plan)
+    try:
+        check_identity(plan)
+    except PlanMismatchError:
+        if not follow_sharded(plan):
+            raise
+
+
+def follow_sharded(plan: "Plan") -> bool:
+    """Follow parameters that ``fully_shard`` replaced by DTensors of the same global
+    shape (a plan prepared before sharding); anything else stays an error."""
+    params = dict(plan.model.named_parameters())
+    changed = False
+    for n in plan._targets:
+        cur = params.get(n)
+        if cur is None or tuple(cur.shape) != plan._shapes[n]:
+            return False
+        if cur is not plan._params.get(n):
+            if not is_dtensor(cur):
+                return False
+            changed = True
+    if not changed:
+        return False
+    finish(plan)
+    log.info("fxbackmatch: plan follows %s into its sharded parameters", type(plan.model).__name__)
+    return True
+
+
+def check_identity(plan: "Plan") -> None:
+    for parent, key, child in plan._links:
+        if parent._modules.get(key) is not child:
+            raise PlanMismatchError(
+                f"submodule '{key}' of {type(parent).__name__} was replaced after prepare.\n"
+                f"  What to do: call fxbackmatch.prepare(model, ...) again for the changed model."
+            )
+    for n in plan._targets:
+        mod, attr, p = plan._owners[n]
+        cur = mod._parameters.get(attr)
+        if cur is not p or tuple(cur.shape) != plan._shapes[n]:
+            raise PlanMismatchError(
+                f"parameter '{n}' was replaced or resized after prepare "
+                f"(was {plan._shapes[n]}, now "
+                f"{None if cur is None else tuple(cur.shape)}).\n  What to do: call "
+                f"fxbackmatch.prepare(model, ...) again for the changed model."
+            )
+
+
+def refuse_sharded(model: nn.Module) -> None:
+    """FSDP2 modules run lazy initialization and collectives on any forward call, so tracing
+    a sharded model would change it: prepare before ``fully_shard`` (the plan follows)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, FSDPModule):
+            raise PlanMismatchError(
+                f"module '{name or type(model).__name__}' is already sharded by fully_shard; "
+                f"preparing it would run FSDP's forward hooks and change its state.\n  What to "
+                f"do: call fxbackmatch.prepare(model, ...) before fully_shard — the plan follows "
+                f"the parameters into their sharded form at the next rescale."
+            )
+
+
+def owner(model: nn.Module, name: str):
+    path, _, attr = name.rpartition(".")
+    mod = model.get_submodule(path) if path else model
+    return mod, attr, mod._parameters[attr]
+
+
+def module_links(model: nn.Module, names) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Every (parent, child name, child) link on the paths to the targets' owners."""
+    links: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+    for name in names:
+        mod = model
+        for key in name.split(".")[:-1]:
+            child = mod._modules[key]
+            links[(id(mod), key)] = (mod, key, child)
+            mod = child
+    return list(links.values())
+
+
+def fingerprint(gm, params: dict[str, nn.Parameter]) -> str:
+    h = hashlib.sha256()
+    h.update(gm.code.encode())
+    for n, p in params.items():
+        h.update(f"{n}:{tuple(p.shape)}:{p.requires_grad};".encode())
+    return h.hexdigest()[:16]
