@@ -142,7 +142,7 @@ class Runtime:
             return self._sharded_scales(grads, stats, consts, dev)
         if stats and _data_parallel_world() > 1:
             return self._synced_stat_scales(grads, stats, consts, dev)
-        if self.cuda_graph and dev.type == "cuda" and not grads:
+        if self.cuda_graph and dev.type == "cuda" and not grads and _may_capture():
             g = self._graphed
             if g is None or not g.matches(self.weights, stats):
                 try:
@@ -207,7 +207,7 @@ class Runtime:
                 grads.append(None)
         for (dev, dtype), idx in groups.items():
             gs = [grads[i] for i in idx]
-            if self.flat_multiply if self.flat_multiply is not None else dev.type == "cuda":
+            if self.flat_multiply if self.flat_multiply is not None else (dev.type == "cuda" and _may_capture()):
                 spread_mul_(gs, scales[idx].to(device=dev, dtype=dtype), self._spread_counts)
             else:
                 sc = scales.to(device=dev, dtype=dtype).unbind(0)
@@ -255,6 +255,16 @@ def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, counts: dict | 
             offset += g.numel()
         torch._foreach_mul_([grads[k] for k in chunk], views)
         start = stop
+
+
+def _may_capture() -> bool:
+    """Whether eager CUDA-side tricks are safe here: not while torch.compile traces the step
+    (a graph capture is not traceable) and not inside the caller's own CUDA graph capture
+    (a nested capture, or a first-call host copy, would break it; the caller's graph already
+    removes the launches these tricks save)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _dense(t: torch.Tensor) -> bool:
