@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 import fxbackmatch  # noqa: E402
+from fxbackmatch import Conventions  # noqa: E402
 from fxbackmatch.models import lenet_bn, vgg_paper  # noqa: E402
 
 
@@ -94,10 +95,10 @@ def main() -> None:
         warm(lin, xs[:20])
         settings = {
             "default": lambda: ratios(net, x, args.probes),
-            "measured": lambda: ratios(net, x, args.probes, variance="measured"),
+            "measured": lambda: ratios(net, x, args.probes, conventions=Conventions(variance="measured")),
             "linear": lambda: ratios(lin, x, args.probes),
-            "linear+measured": lambda: ratios(lin, x, args.probes, variance="measured"),
-            "relu=exact": lambda: ratios(net, x, args.probes, relu="exact"),
+            "linear+measured": lambda: ratios(lin, x, args.probes, conventions=Conventions(variance="measured")),
+            "relu=exact": lambda: ratios(net, x, args.probes, conventions=Conventions(relu="exact")),
         }
         cols = {c: settings[c]() for c in args.columns.split(",")}
         print(f"\n## {name}: rule m / measured m at each weighted layer, bottom → top\n")

@@ -26,6 +26,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
+from fxbackmatch import Conventions  # noqa: E402
+from fxbackmatch.analysis.conventions import FIELDS  # noqa: E402
 from fxbackmatch.analysis.guards import SCALE_RANGE  # noqa: E402
 from fxbackmatch.train.data import load_npz  # noqa: E402
 from fxbackmatch.zoo import BLOWUP, VARIANTS, ZooResult, sweep_model  # noqa: E402
@@ -70,7 +72,7 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--results", default="runs/zoo.jsonl")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="a prepare() option for every model, e.g. relu=exact (repeatable)")
+                    help="a prepare() option or Conventions field for every model, e.g. relu=exact (repeatable)")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-jpeg.npz"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -78,6 +80,8 @@ def main() -> None:
     names = args.only.split(",") if args.only else (
         torchvision.models.list_models(module=torchvision.models) + list(VARIANTS))
     options = dict(o.split("=", 1) for o in args.option)
+    conventions = Conventions(**{k: float(v) if k == "cap" else v for k, v in options.items() if k in FIELDS})
+    rest = {k: v for k, v in options.items() if k not in FIELDS}
     batches = cifar_batches(args.data)
     res = Path(args.results)
     res.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +98,7 @@ def main() -> None:
             continue
         t = time.perf_counter()
         try:
-            r = sweep_model(n, batches, **options)
+            r = sweep_model(n, batches, conventions=conventions, **rest)
         except Exception as e:  # a row saying what failed, never a crashed sweep
             r = ZooResult(n, type(e).__name__, str(e).splitlines()[0], 0, 0, False, 0.0, 0.0)
         r.seconds = time.perf_counter() - t

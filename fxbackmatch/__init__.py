@@ -10,6 +10,7 @@ True
 """
 from .analysis import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .analysis.context import RuleContext
+from .analysis.conventions import Conventions
 from .analysis.records import LayerRecord
 from .api import prepare
 from .errors import (
@@ -36,6 +37,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "prepare",
+    "Conventions",
     "Plan",
     "LayerRecord",
     "RuleContext",

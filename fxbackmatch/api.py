@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .analysis.conventions import Conventions, merge_legacy, resolve
 from .plan import Plan
 from .analysis.registry import RuleRegistry
 
@@ -19,25 +20,19 @@ def prepare(
     leaf_modules: Sequence = (),
     rule: str = "backmatch",
     adapt: str = "all",
-    variance: str = "weights",
     strict: bool = True,
     compile: bool = True,
     trust_coefficient: float = 1e-3,
     registry: RuleRegistry | None = None,
     capture: str = "auto",
-    gamma: str = "one",
     outputs: Any = None,
-    cap: float | None = None,
-    relu: str = "paper",
     example_kwargs: dict | None = None,
-    unnormalized: str = "exact",
     factors: str = "derived",
     refresh: int = 10,
     probes: int = 4,
-    taps: str = "all",
     token_mask: str | int | None = None,
-    moments: str = "derived",
-    span: str = "full",
+    conventions: str | Conventions = "paper",
+    **deprecated: Any,
 ) -> Plan:
     """Trace ``model``, propagate shapes, walk the graph and build its layer-wise scales.
 
@@ -50,36 +45,45 @@ def prepare(
     never changes the model: parameters, buffers and train/eval mode stay as they were.
 
     Options: ``rule`` — ``"backmatch"`` (default), ``"lars"``, ``"lsalr"``, ``"sgd"``;
-    ``adapt="weights"`` keeps biases and norm parameters at scale 1; ``variance="measured"``
-    uses BatchNorm running variances instead of the row-norm approximation; ``strict=False``
+    ``adapt="weights"`` keeps biases and norm parameters at scale 1; ``strict=False``
     passes ops with no rule through (their parameters stay at scale 1, listed in
     ``plan.uncovered``); ``compile=False`` runs the generated function eagerly.
     ``outputs`` names the outputs that enter the loss (tuple index, dict key or field name,
     or a sequence of them; default: every tensor output) — only they start the chain with
-    ``m = 1``. ``gamma="one"`` (default) treats multiplicative parameters (norm γ, layer
-    scales) as 1 in the chain and in the forward moments, as the paper's BN (§3.4);
-    ``gamma="exact"`` uses ``mean(γ²)``. ``cap`` keeps every scale in ``[1/cap, cap]``.
+    ``m = 1``. ``factors="measured"`` measures every layer's ``m`` on the live batch every
+    ``refresh`` steps (``probes`` random probes). ``token_mask="attention_mask"`` (a keyword
+    input, or a positional index) names the ``B × T`` mask of real tokens: the layers over
+    ``(B, T, …)`` then share their weights over the real tokens of each step's batch
+    (``s = f·T``, :mod:`fxbackmatch.analysis.tokens`).
+
+    ``conventions`` — how the chain approximates each layer: a
+    :class:`fxbackmatch.Conventions` or a name of ``fxbackmatch.analysis.conventions.CONVENTIONS``;
+    ``"paper"`` (the default) is ``Conventions()``, the paper's choices. Its fields:
+    ``gamma="one"`` treats multiplicative parameters (norm γ, layer scales) as 1 in the chain
+    and in the forward moments, as the paper's BN (§3.4); ``gamma="exact"`` uses ``mean(γ²)``.
     ``relu="exact"``: a ReLU of a norm layer's output passes gradient at half of its entries
     (``m/2``) and has ``Var = (1/2 − 1/2π)·E[z²]`` — use it on deep ResNets/RegNets (the
     paper's identity, ``relu="paper"``, drifts by ``1 − 1/π`` per stage on deep nets).
-    ``unnormalized="virtual"`` acts as if a BatchNorm followed every weighted layer that has
-    none above it (the paper's precondition; output layers excepted): the chain then no longer
-    depends on the weights' overall scale — use it for transformers at small-std inits.
     ``taps="valid"`` counts only the conv kernel taps that read real input, not zero padding
     (exact at the borders; the default ``"all"`` is the paper's convention; on its VGG both
     give the same scales) — it matters where a kernel is as wide as the map (3×3 on 1×1).
-    ``token_mask="attention_mask"`` (a keyword input, or a positional index) names the ``B × T``
-    mask of real tokens: the layers over ``(B, T, …)`` then share their weights over the real
-    tokens of each step's batch (``s = f·T``, :mod:`fxbackmatch.analysis.tokens`).
+    ``span="batch"`` takes a weight's normal matrix ``E aaᵀ`` on the span of the batch: its
+    scale is divided by ``max(1, n/(B·s))`` (``n`` its fan-in, ``B·s`` the rows sharing it, ``B``
+    from each forward call) — for wide layers at small batches (:mod:`fxbackmatch.analysis.span`).
     ``moments="batch"`` measures the second moment of every value that averages over
     positions (pooling, means, attention outputs) on the live batch every ``refresh`` steps
     (one extra forward of the captured graph) instead of taking the averaged values as
     independent — real feature maps and tokens are alike (post-activation means, neighbouring
     patches): up to 80× larger than that estimate on MaxViT, 14× on Swin.
-    ``span="batch"`` takes a weight's normal matrix ``E aaᵀ`` on the span of the batch: its
-    scale is divided by ``max(1, n/(B·s))`` (``n`` its fan-in, ``B·s`` the rows sharing it, ``B``
-    from each forward call) — for wide layers at small batches (:mod:`fxbackmatch.analysis.span`). Scales outside
-    ``fxbackmatch.analysis.guards.SCALE_RANGE`` at the current weights raise a ``ScaleRangeWarning``.
+    ``unnormalized="virtual"`` acts as if a BatchNorm followed every weighted layer that has
+    none above it (the paper's precondition; output layers excepted): the chain then no longer
+    depends on the weights' overall scale — use it for transformers at small-std inits.
+    ``variance="measured"`` uses BatchNorm running variances instead of the row-norm
+    approximation. ``cap`` keeps every scale in ``[1/cap, cap]``.
+    ``prepare(model, x, relu="exact")`` and the other fields as keywords still work, with a
+    :class:`DeprecationWarning`: write ``conventions=fxbackmatch.Conventions(relu="exact")``.
+    Scales outside ``fxbackmatch.analysis.guards.SCALE_RANGE`` at the current weights raise a
+    ``ScaleRangeWarning``.
 
     >>> import torch, fxbackmatch
     >>> from fxbackmatch.models import lenet_bn
@@ -87,27 +91,11 @@ def prepare(
     >>> [r.s for r in plan.layers]
     [196.0, 25.0, 1.0, 1.0, 1.0]
     """
+    chosen = merge_legacy(resolve(conventions), deprecated, "prepare", stacklevel=3)
     plan = Plan(
-        model,
-        leaf_modules=leaf_modules,
-        rule=rule,
-        adapt=adapt,
-        variance=variance,
-        strict=strict,
-        compile=compile,
-        trust_coefficient=trust_coefficient,
-        registry=registry,
-        capture=capture,
-        gamma=gamma,
-        outputs=outputs,
-        cap=cap,
-        relu=relu,
-        unnormalized=unnormalized,
-        factors=factors,
-        refresh=refresh,
-        probes=probes,
-        taps=taps,
-        token_mask=token_mask, moments=moments, span=span,
+        model, leaf_modules=leaf_modules, rule=rule, adapt=adapt, strict=strict, compile=compile,
+        trust_coefficient=trust_coefficient, registry=registry, capture=capture, outputs=outputs, factors=factors,
+        refresh=refresh, probes=probes, token_mask=token_mask, conventions=chosen,
     )
     if example_inputs is None and not example_kwargs:
         plan._arm()

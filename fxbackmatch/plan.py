@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .analysis.conventions import Conventions
 from .analysis.registry import REGISTRY, RuleRegistry
 from .analysis.walk import Analysis, LayerRecord
 from .apply import fused, optim, tracking
@@ -38,22 +39,20 @@ class Plan:
 
     def __init__(
         self, model: nn.Module, *, leaf_modules: Sequence = (), rule: str = "backmatch", adapt: str = "all",
-        variance: str = "weights", strict: bool = True, compile: bool = True, trust_coefficient: float = 1e-3,
-        registry: RuleRegistry | None = None, capture: str = "auto", gamma: str = "one", outputs: Any = None,
-        cap: float | None = None, relu: str = "paper", unnormalized: str = "exact", factors: str = "derived",
-        taps: str = "all", refresh: int = 10, probes: int = 4, token_mask: str | int | None = None,
-        moments: str = "derived", span: str = "full",
+        strict: bool = True, compile: bool = True, trust_coefficient: float = 1e-3, registry: RuleRegistry | None = None,
+        capture: str = "auto", outputs: Any = None, factors: str = "derived", refresh: int = 10, probes: int = 4,
+        token_mask: str | int | None = None, conventions: Conventions | None = None,
     ) -> None:
-        build.check_options(capture=capture, adapt=adapt, rule=rule, gamma=gamma, relu=relu, unnormalized=unnormalized,
-                            factors=factors, taps=taps, moments=moments, span=span, refresh=refresh, probes=probes,
-                            token_mask=token_mask, cap=cap)
+        build.check_options(capture=capture, adapt=adapt, rule=rule, factors=factors, refresh=refresh, probes=probes,
+                            token_mask=token_mask)
+        self.conventions = c = conventions if conventions is not None else Conventions()  # what prepare resolved
         self.capture_mode, self.capture = capture, None  # capture: the one used, once built
         self.wrapped, self.model = model, unwrap_model(model)
         self.leaf_modules = tuple(leaf_modules)
-        self.rule, self.adapt, self.variance = rule, adapt, variance
-        self.gamma, self.relu, self.unnormalized, self.taps = gamma, relu, unnormalized, taps
+        self.rule, self.adapt, self.variance = rule, adapt, c.variance
+        self.gamma, self.relu, self.unnormalized, self.taps = c.gamma, c.relu, c.unnormalized, c.taps
         self.factors, self.refresh_every, self.probes = factors, int(refresh), int(probes)
-        self.moments, self.span, self.token_mask, self.outputs, self.cap = moments, span, token_mask, outputs, cap
+        self.moments, self.span, self.token_mask, self.outputs, self.cap = c.moments, c.span, token_mask, outputs, c.cap
         self.strict, self.compile, self.trust_coefficient = strict, compile, trust_coefficient
         self.registry = registry or REGISTRY
         self.input_shapes: tuple[tuple[int, ...], ...] | None = None

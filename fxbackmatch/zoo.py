@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .analysis.conventions import Conventions
 from .api import prepare
 from .errors import FxBackmatchError
 
@@ -112,8 +113,9 @@ def build(name: str, num_classes: int = 10) -> nn.Module:
     return torchvision.models.get_model(base, weights=None, num_classes=num_classes, **kw)
 
 
-def sweep_model(name: str, batches=None, **options) -> ZooResult:
-    """Prepare ``name`` (strict, then lenient if that fails; ``options`` go to ``prepare``),
+def sweep_model(name: str, batches=None, conventions: str | Conventions = "paper", **options) -> ZooResult:
+    """Prepare ``name`` (strict, then lenient if that fails; ``conventions`` and ``options`` go
+    to ``prepare``),
     its scale statistics, and with ``batches`` (CIFAR-10 ``(x, y)`` pairs) whether it trains
     (:func:`trains`)."""
     model = build(name)
@@ -122,7 +124,7 @@ def sweep_model(name: str, batches=None, **options) -> ZooResult:
     n_m = sum(p.numel() for p in model.parameters()) / 1e6
     t = time.perf_counter()
     try:
-        plan = prepare(model, torch.randn(2, 3, side, side), compile=False, **options)
+        plan = prepare(model, torch.randn(2, 3, side, side), compile=False, conventions=conventions, **options)
     except FxBackmatchError as e:
         dt = time.perf_counter() - t
         lenient = prepare(model, torch.randn(2, 3, side, side), compile=False, strict=False, **options)

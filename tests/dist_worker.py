@@ -123,7 +123,7 @@ def run_mode(mode: str, rank: int, world: int) -> dict:
         patch = patched(rt, "_data_parallel_world", lambda: 1) if mode == "ddp-bn-local" else contextlib.nullcontext()
         with patch:
             ddp = nn.parallel.DistributedDataParallel(BNNet())
-            plan = fxbackmatch.prepare(ddp, torch.randn(2, 3, 8, 8), compile=False, variance="measured")
+            plan = fxbackmatch.prepare(ddp, torch.randn(2, 3, 8, 8), compile=False, conventions=fxbackmatch.Conventions(variance="measured"))
             assert plan._analysis.atoms and plan._runtime.stat_refs
             train(ddp, plan, rank, world, log)
         net = ddp

@@ -190,7 +190,7 @@ def test_biases_and_affine_bn_roles_and_adapt_weights():
     gamma2 = float(bn.detach().double().pow(2).mean())
     assert s["5.bias"] == 1.0
     assert s["5.weight"] == 1.0  # gamma="one": γ counts as 1 in its input's E[a²] too
-    exact = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, gamma="exact").scales()
+    exact = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, conventions=fxbackmatch.Conventions(gamma="exact")).scales()
     assert exact["5.weight"] == pytest.approx(1 / gamma2, rel=1e-9)  # E[a²] = mean(γ²)
     m_bn_out = coln(fc)  # fc consumes flatten(pool(relu(bn)))
     s_bn = 16  # 4×4 locations after the pool carry gradient
@@ -200,7 +200,7 @@ def test_biases_and_affine_bn_roles_and_adapt_weights():
     m_cv_out = m_bn_out / rown(cv)
     assert s["0.weight"] == pytest.approx(1 / (m_cv_out * 16), rel=1e-9)
     assert s["0.bias"] == s["0.weight"]
-    s_exact = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, gamma="exact").scales()
+    s_exact = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, conventions=fxbackmatch.Conventions(gamma="exact")).scales()
     assert s_exact["0.weight"] == pytest.approx(1 / (m_cv_out * gamma2 * 16), rel=1e-9)
     assert s_exact["1.weight"] == s["1.weight"]  # γ's own scale does not depend on the mode
     plan_w = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, adapt="weights")
@@ -297,7 +297,7 @@ def test_host_chain_equals_the_generated_chain(case):
     from fxbackmatch.runtime.chain import HostChain, _base
 
     torch.manual_seed(0)
-    plan = fxbackmatch.prepare(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), gamma="exact")
+    plan = fxbackmatch.prepare(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), conventions=fxbackmatch.Conventions(gamma="exact"))
     rt, gen = plan._runtime, plan._runtime.gen
     host = HostChain.of(gen)
     assert host is not None and gen.n_stages == 16

@@ -49,8 +49,8 @@ def twins(variance: str = "weights", compile: bool = False):
     torch.manual_seed(0)
     a = Net()
     b = copy.deepcopy(a)
-    pa = fxbackmatch.prepare(a, torch.randn(SHAPE), compile=compile, variance=variance)
-    pb = fxbackmatch.prepare(b, torch.randn(SHAPE), compile=False, variance=variance)
+    pa = fxbackmatch.prepare(a, torch.randn(SHAPE), compile=compile, conventions=fxbackmatch.Conventions(variance=variance))
+    pb = fxbackmatch.prepare(b, torch.randn(SHAPE), compile=False, conventions=fxbackmatch.Conventions(variance=variance))
     return a, pa, b, pb
 
 

@@ -125,7 +125,7 @@ def test_variance_measured_everywhere_on_lenet():
     with torch.no_grad():
         for i, m in enumerate(x for x in net if isinstance(x, nn.modules.batchnorm._BatchNorm)):
             m.running_var.fill_(float(i + 2))
-    s = prep(net, 2, 3, 32, 32, variance="measured").scales()
+    s = prep(net, 2, 3, 32, 32, conventions=fxbackmatch.Conventions(variance="measured")).scales()
     fc3, fc2 = net[15].weight, net[12].weight
     # BN4 (before fc3's input relu) has running_var 5: m = ||fc3ᵀ||²/(5 + eps) at fc2's output
     eps = net[13].eps

@@ -169,7 +169,7 @@ def test_batch_moments_measure_what_averages_over_positions():
     net = _PoolNet()
     x = torch.randn(16, 3, 12, 12)
     derived = fxbackmatch.prepare(net, x, compile=False).scales()["head.weight"]
-    plan = fxbackmatch.prepare(net, x, compile=False, moments="batch", refresh=1)
+    plan = fxbackmatch.prepare(net, x, compile=False, conventions=fxbackmatch.Conventions(moments="batch"), refresh=1)
     k = _pooled_moment(net, x)
     assert plan.scales()["head.weight"] == pytest.approx(1.0 / k, rel=1e-6)  # s = 1, m = 1
     assert derived > 5.0 / k  # the independent-position estimate is far below the batch's
@@ -191,7 +191,7 @@ def test_batch_moments_measure_what_averages_over_positions():
 
 def test_refresh_without_measured_atoms_says_what_to_pass():
     net = nn.Sequential(nn.Linear(4, 4))
-    plan = fxbackmatch.prepare(net, torch.randn(2, 4), compile=False, moments="batch")  # nothing averages
+    plan = fxbackmatch.prepare(net, torch.randn(2, 4), compile=False, conventions=fxbackmatch.Conventions(moments="batch"))  # nothing averages
     with pytest.raises(fxbackmatch.FxBackmatchError, match="moments='batch'"):
         plan.refresh(torch.randn(2, 4))
 
@@ -211,7 +211,7 @@ def test_batch_moments_see_attention_with_a_buffer_mask_and_skip_weighted_matmul
             a = F.scaled_dot_product_attention(x, x, x, attn_mask=self.mask)
             return self.head(a @ self.w)
 
-    plan = fxbackmatch.prepare(Att(), torch.randn(4, 6, 8), compile=False, moments="batch")
+    plan = fxbackmatch.prepare(Att(), torch.randn(4, 6, 8), compile=False, conventions=fxbackmatch.Conventions(moments="batch"))
     kinds = {n.name: str(n.target) for n in plan._analysis.gm.graph.nodes}
     measured = [kinds[n] for n in plan._analysis.moment_nodes]
     assert any("scaled_dot_product_attention" in k for k in measured), measured

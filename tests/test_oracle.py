@@ -236,7 +236,7 @@ def test_valid_taps_match_measured_jacobians():
     agrees at every value. The paper's convention (``taps="all"``, the default) is measurably
     off at these sizes: at c2's output (the BN above divides by ``Var`` of c2's output, which
     the paper's rule over-counts by both convs' valid fractions) by (10/12)²·(14/20)² = 0.34."""
-    got = assert_oracle(PaddedSmallMaps, (48, 4, 4), taps="valid")
+    got = assert_oracle(PaddedSmallMaps, (48, 4, 4), conventions=fxbackmatch.Conventions(taps="valid"))
     assert len(got) >= 6
     paper = oracle_ratios(PaddedSmallMaps, (48, 4, 4), draws=2)
     assert paper["c2"] == pytest.approx((10 / 12) ** 2 * (14 / 20) ** 2, rel=TOL)
@@ -250,7 +250,7 @@ def test_valid_taps_leave_the_paper_vgg_scales_alone():
 
     torch.manual_seed(0)
     net, x = vgg_paper("vgg16"), torch.randn(4, 3, 32, 32)
-    paper, valid = prep(net, x), prep(net, x, taps="valid")
+    paper, valid = prep(net, x), prep(net, x, conventions=fxbackmatch.Conventions(taps="valid"))
     for k, v in paper.scales().items():
         _same(valid.scales()[k], v, rel=1e-12)
     assert [r.s for r in valid.layers][-2] == pytest.approx(4 / 9)  # 2×2 map, pooled to 1 location: 4/9 of taps
@@ -274,7 +274,7 @@ def test_relu_exact_matches_measured_jacobians_on_real_relus():
     identity is measurably off there (``2·(1/2 − 1/2π) = 1 − 1/π`` per stage, partly cancelling).
     Compared at the layers' outputs: at a ReLU's own input the measured mean runs over the
     entries it lets through, the rule's over all of them (a factor 2 by definition)."""
-    got = assert_oracle(ReluChain, (64,), values=False, relu="exact")
+    got = assert_oracle(ReluChain, (64,), values=False, conventions=fxbackmatch.Conventions(relu="exact"))
     assert len(got) == 5
     paper = oracle_ratios(ReluChain, (64,), draws=2, values=False)
     assert min(paper.values()) < 1 / (1 + 2 * TOL)
@@ -308,7 +308,7 @@ def test_valid_taps_weight_scale_matches_measured_weight_curvature():
         x = torch.randn(BATCH, 48, 4, 4)
         curv = _measured_weight_curvature(net, x, "c3.weight")
         for taps in logs:
-            logs[taps].append(math.log(prep(net, x, taps=taps).scales()["c3.weight"] * curv))
+            logs[taps].append(math.log(prep(net, x, conventions=fxbackmatch.Conventions(taps=taps)).scales()["c3.weight"] * curv))
     valid, paper = (math.exp(sum(v) / len(v)) for v in logs.values())
     assert valid == pytest.approx(1.0, rel=TOL)
     assert paper == pytest.approx(9.0, rel=TOL)
@@ -331,7 +331,7 @@ def test_gamma_one_counts_gamma_as_one_both_ways():
         scales[zero] = prep(net, x).scales()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", fxbackmatch.ScaleRangeWarning)  # exact: γ = 0 floors at 1e-12
-            scales["exact", zero] = prep(net, x, gamma="exact").scales()
+            scales["exact", zero] = prep(net, x, conventions=fxbackmatch.Conventions(gamma="exact")).scales()
     for k, v in scales[False].items():
         _same(scales[True][k], v)
     assert scales["exact", True]["conv1.weight"] != pytest.approx(scales["exact", False]["conv1.weight"], rel=1e-3)
@@ -443,7 +443,7 @@ def test_zero_residual_branch_equals_no_branch(silent):
     with_b, without = Block(True), Block(False)
     without.load_state_dict(with_b.state_dict())
     x = torch.randn(8, 8)
-    kw = {"gamma": "exact"} if silent == "zero-gamma-exact" else {}
+    kw = {"conventions": fxbackmatch.Conventions(gamma="exact")} if silent == "zero-gamma-exact" else {}
     a = prep(with_b, x, **kw).scales()
     b = prep(without, x, **kw).scales()
     _same(a["stem.weight"], b["stem.weight"], rel=1e-6)  # γ = 0 counts as EPS = 1e-12
@@ -561,7 +561,7 @@ def test_layer_scale_uses_variance_of_the_scaled_tensor():
     _same(s["gamma"], 1 / (m * rown(net.fc.weight)))  # E[x²] of fc's output = ||W||²row
     _same(s["fc.weight"], 1 / m)  # γ treated as 1 (gamma="one")
     # the exact form: m·mean(γ²) below γ — a 1e-6 layer scale makes fc's scale 1e12
-    ex = prep(net, x, gamma="exact").scales()
+    ex = prep(net, x, conventions=fxbackmatch.Conventions(gamma="exact")).scales()
     _same(ex["fc.weight"], 1 / (m * float(net.gamma[0]) ** 2), rel=1e-6)
 
 
@@ -593,7 +593,7 @@ def test_out_of_range_scales_warn_and_cap_bounds_them():
         plan = prep(Tiny(), x)
     assert plan.flags and "layer 'fc0'" in plan.flags[0]
     assert any("no norm above" in r.notes for r in plan.layers if r.name == "fc0")
-    capped = prep(Tiny(), x, cap=1e3)
+    capped = prep(Tiny(), x, conventions=fxbackmatch.Conventions(cap=1e3))
     assert capped.scales()["fc0.weight"] == pytest.approx(1e3)
     torch.testing.assert_close(capped.scale_tensor().max().item(), 1e3, rtol=1e-9, atol=0)
 

@@ -88,7 +88,7 @@ def test_the_api_listing_matches_prepare():
     listed = {}
     for p in (p.strip() for p in call.replace("\n", " ").split(",")):
         if p and p != "*":
-            name, sep, default = p.partition("=")
+            name, sep, default = p.lstrip("*").partition("=")  # ``**deprecated``: the name
             listed[name] = ast.literal_eval(default) if sep else inspect.Parameter.empty
     assert set(listed) == set(real), f"README lists {sorted(set(listed) - set(real))}, lacks {sorted(set(real) - set(listed))}"
     for name, default in listed.items():

@@ -139,7 +139,7 @@ def test_resnet_report_keeps_one_line_per_layer_with_a_legend():
 
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10)
-    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False, outputs=0, gamma="exact")
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False, outputs=0, conventions=fxbackmatch.Conventions(gamma="exact"))
     lines = str(plan).splitlines()
     assert max(len(line) for line in lines) <= 100
     rows = [line for line in lines if line.startswith("|") and not line.startswith("|-") and line.split("|")[1].strip() != "layer"]

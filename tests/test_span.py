@@ -25,7 +25,7 @@ def test_the_output_change_of_a_wide_layer_matches_the_least_squares_target(span
     net, batch = _wide(), 16
     x = torch.randn(batch, 512)
     y = torch.randint(0, 10, (batch,))
-    plan = fxbackmatch.prepare(net, x, compile=False, span=span)
+    plan = fxbackmatch.prepare(net, x, compile=False, conventions=fxbackmatch.Conventions(span=span))
     net(x)  # the call the plan reads B from
     out = net(x)
     loss = F.cross_entropy(out, y, reduction="sum")  # δb per sample: the target change
@@ -48,7 +48,7 @@ def test_span_follows_each_calls_batch_and_leaves_narrow_layers_alone():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(512, 8), nn.ReLU(), nn.Linear(8, 4))
     full = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False).scales()
-    plan = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, span="batch")
+    plan = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, conventions=fxbackmatch.Conventions(span="batch"))
     for batch in (16, 64, 1024):
         x = torch.randn(batch, 512, dtype=torch.float64)
         net(x.float())
@@ -80,7 +80,7 @@ def test_data_parallel_ranks_count_their_rows(monkeypatch):
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(512, 8))
-    plan = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, span="batch")
+    plan = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, conventions=fxbackmatch.Conventions(span="batch"))
     net(torch.randn(64, 512))
     one_process = plan.scales()["0.weight"]  # the same 64 rows in one process
     net(torch.randn(16, 512))
@@ -108,11 +108,11 @@ def test_with_a_token_mask_only_the_real_tokens_are_rows():
     x = torch.randn(batch, t, 256)
     mask = torch.zeros(batch, t)
     mask[:, :2] = 1  # f = 1/4: 4·2 = 8 real rows, against a fan-in of 256
-    plan = fxbackmatch.prepare(net, (x, mask), compile=False, token_mask=1, span="batch")
+    plan = fxbackmatch.prepare(net, (x, mask), compile=False, token_mask=1, conventions=fxbackmatch.Conventions(span="batch"))
     net(x, mask)
     # the equivalent network: the same layer on the real tokens alone, no padding, no mask
     real, ones = x[:, :2].contiguous(), torch.ones(batch, 2)
-    unpadded = fxbackmatch.prepare(net, (real, ones), compile=False, span="batch")
+    unpadded = fxbackmatch.prepare(net, (real, ones), compile=False, conventions=fxbackmatch.Conventions(span="batch"))
     net(real, ones)
     assert plan.scales()["inp.weight"] == pytest.approx(unpadded.scales()["inp.weight"], rel=1e-9)
     full = fxbackmatch.prepare(net, (real, ones), compile=False).scales()["inp.weight"]
@@ -122,6 +122,6 @@ def test_with_a_token_mask_only_the_real_tokens_are_rows():
 def test_compile_step_refuses_what_reads_the_batch():
     net = nn.Sequential(nn.Linear(64, 4))
     for kw in ({"span": "batch"}, {"moments": "batch"}):
-        plan = fxbackmatch.prepare(net, torch.randn(2, 64), compile=False, **kw)
+        plan = fxbackmatch.prepare(net, torch.randn(2, 64), compile=False, conventions=fxbackmatch.Conventions(**kw))
         with pytest.raises(fxbackmatch.FxBackmatchError, match="plan.attach"):
             plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1))

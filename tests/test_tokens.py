@@ -103,7 +103,7 @@ def test_each_steps_mask_sets_the_share_and_compiled_equals_eager():
     cap = 1.1
     assert base["inp.weight"] < cap < base["inp.weight"] * 8 / 5  # under the cap unpadded, over it at 1/f
     capped = fxbackmatch.prepare(net, (x,), example_kwargs={"attention_mask": full}, token_mask="attention_mask",
-                                 cap=cap, compile=False)
+                                 conventions=fxbackmatch.Conventions(cap=cap), compile=False)
     net(x, padded_mask(lengths()))
     assert capped.scales()["inp.weight"] == pytest.approx(cap, rel=1e-12)
     assert float(capped.scale_tensor()[capped.targets.index("inp.weight")]) == pytest.approx(cap, rel=1e-12)

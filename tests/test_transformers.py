@@ -69,7 +69,7 @@ class RMSMLP(nn.Module):
 def test_attention_rules_match_measured_jacobians(causal):
     """With ``gamma="exact"`` (the partners' moments from the graph) every value's rule ``m``
     agrees with the measured ``mean diag(JᵀJ)`` — q, k and v paths included."""
-    ratios = oracle_ratios(lambda: Attn(causal=causal), (16, 32), draws=3, gamma="exact")
+    ratios = oracle_ratios(lambda: Attn(causal=causal), (16, 32), draws=3, conventions=fxbackmatch.Conventions(gamma="exact"))
     assert {"q", "k", "v"} <= set(ratios), ratios
     assert not _close(ratios), ratios
 
@@ -120,7 +120,7 @@ def test_attention_written_out_matches_but_for_the_coherent_query_term():
     """matmul → softmax → matmul: every value as measured, except the queries, where the
     local rules cannot see that a key and its value come from one token: their rule is the
     incoherent part alone, ``D/(D + S − 1)`` of the measured factor (D = 32, S = 16)."""
-    ratios = oracle_ratios(lambda: Attn(manual=True), (16, 32), draws=3, gamma="exact")
+    ratios = oracle_ratios(lambda: Attn(manual=True), (16, 32), draws=3, conventions=fxbackmatch.Conventions(gamma="exact"))
     q = ratios.pop("q")
     for name in ("view", "transpose"):  # q's own reshapes
         ratios.pop(name, None)

@@ -4,7 +4,8 @@ back-matching factor as a symbolic expression.
 Holds the walk (:mod:`.walk`), the rule API and registry (:mod:`.registry`, :mod:`.context`,
 :mod:`.records`), the symbolic monomials (:mod:`.expr`), the variance estimator
 (:mod:`.variance`), the method table (:mod:`.methods`), scale guards (:mod:`.guards`), the
-row-span and token tables (:mod:`.span`, :mod:`.tokens`) and the built-in rules
+row-span and token tables (:mod:`.span`, :mod:`.tokens`), the approximation conventions
+(:mod:`.conventions`: :class:`~.conventions.Conventions`) and the built-in rules
 (:mod:`.rules`). It may import :mod:`fxbackmatch.capture` and :mod:`fxbackmatch.errors` —
 never runtime, apply, measure, report, train, cli or integrations.
 """

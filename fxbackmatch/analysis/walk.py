@@ -37,32 +37,15 @@ from .registry import RuleRegistry
 from ..capture.shapes import shape_of
 from ..capture.topology import backward_order, build_digraph, carries_tensor, live_nodes, select_outputs
 from .variance import VarianceEstimator
+from .conventions import (
+    GAMMA_MODES, MOMENT_MODES, RELU_MODES, TAPS_MODES, UNNORMALIZED_MODES, VARIANCES, check_choice,
+)
 
 __all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze", "GAMMA_MODES", "RELU_MODES",
            "UNNORMALIZED_MODES", "TAPS_MODES", "MOMENT_MODES", "MOMENT_PREFIX"]
 
-#: how multiplicative parameters (norm γ, layer scales) enter the chain: ``"one"`` treats
-#: them as 1 (the paper, §3.4: BN without trainable γ); ``"exact"`` multiplies by mean(γ²).
-GAMMA_MODES = ("one", "exact")
-#: how ReLU enters: ``"paper"`` — the identity (eq. 31); ``"exact"`` — half of the units carry
-#: gradient and ``Var[relu(z)] = (1/2 − 1/2π)·E[z²]`` (see docs/derivations.md)
-RELU_MODES = ("paper", "exact")
-#: weighted layers with no normalization above them (the paper's precondition, §3.1, broken):
-#: ``"exact"`` chains their Jacobians as they are; ``"virtual"`` acts as if a BN followed each
-#: one (except output layers): ``m ← m / Var[y]`` at its output, ``Var[y] = ||W||²row·E[x²]``,
-#: so the chain no longer depends on the weights' overall scale (e.g. 0.02-std inits)
-UNNORMALIZED_MODES = ("exact", "virtual")
-#: which conv kernel taps count: ``"all"`` — every tap at every output location (the paper's
-#: convention, eqs. 33, 35; exact away from the borders); ``"valid"`` — only the (output, tap)
-#: pairs that read a real input, not zero padding (the exact mean of ``JᵀJ``; it matters when
-#: the kernel is large beside the map, e.g. 7×7 on 1×1 or 2×2 maps; docs/derivations.md)
-TAPS_MODES = ("all", "valid")
-#: where the forward moments ``E[a²]`` the rules read come from: ``"derived"`` — estimated from
-#: the weights below (:mod:`fxbackmatch.analysis.variance`); ``"batch"`` — the same, except the values
-#: that average over positions (pooling, means, attention outputs), which are atoms measured
-#: on the live batch; ``"measured"`` — every value a rule reads is such an atom
-#: (``factors="measured"``). The plan refreshes the atoms every ``refresh`` steps.
-MOMENT_MODES = ("derived", "batch", "measured")
+#: (the modes of each convention are documented in :mod:`.conventions` and re-exported here)
+
 #: buffer-name prefix of a measured forward moment atom (``fxbackmatch.moment:<node>``)
 MOMENT_PREFIX = "fxbackmatch.moment:"
 
@@ -403,16 +386,8 @@ def analyze(
     ``outputs`` selects the graph outputs that enter the loss (see :func:`select_outputs`);
     ``None`` takes every tensor output.
     """
-    if variance not in ("weights", "measured"):
-        raise ValueError(f"variance must be 'weights' or 'measured', got {variance!r}")
-    if gamma not in GAMMA_MODES:
-        raise ValueError(f"gamma must be one of {GAMMA_MODES}, got {gamma!r}")
-    if relu not in RELU_MODES:
-        raise ValueError(f"relu must be one of {RELU_MODES}, got {relu!r}")
-    if unnormalized not in UNNORMALIZED_MODES:
-        raise ValueError(f"unnormalized must be one of {UNNORMALIZED_MODES}, got {unnormalized!r}")
-    if taps not in TAPS_MODES:
-        raise ValueError(f"taps must be one of {TAPS_MODES}, got {taps!r}")
-    if moments not in MOMENT_MODES:
-        raise ValueError(f"moments must be one of {MOMENT_MODES}, got {moments!r}")
+    for key, value, allowed in (("variance", variance, VARIANCES), ("gamma", gamma, GAMMA_MODES),
+                                ("relu", relu, RELU_MODES), ("unnormalized", unnormalized, UNNORMALIZED_MODES),
+                                ("taps", taps, TAPS_MODES), ("moments", moments, MOMENT_MODES)):
+        check_choice(key, value, allowed)
     return _Walker(gm, registry, model, strict, variance, gamma, relu, unnormalized, taps, moments).run(outputs)

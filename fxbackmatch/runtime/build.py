@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -16,11 +15,10 @@ from torch import nn
 from ..analysis.expr import Mono
 from ..analysis.guards import SCALE_RANGE, out_of_range, unnormalized_layers
 from ..analysis.methods import METHODS, scale_of
-from ..analysis.span import SPANS, batch_of, span_table
+from ..analysis.span import batch_of, span_table
 from ..analysis.tokens import check_mask, find_mask, is_token_shape, position_of, token_targets
-from ..analysis.walk import (
-    GAMMA_MODES, MOMENT_PREFIX, RELU_MODES, TAPS_MODES, UNNORMALIZED_MODES, Analysis, LayerRecord, analyze,
-)
+from ..analysis.conventions import check_choice
+from ..analysis.walk import MOMENT_PREFIX, Analysis, LayerRecord, analyze
 from ..capture.graph import CAPTURES, capture
 from ..capture.hooks import CallRecorder, LazyBuild
 from ..errors import FxBackmatchError, PlanMismatchError, PlanNotReadyError, ScaleRangeWarning
@@ -47,28 +45,21 @@ NO_NORM_NOTE = "no norm above"
 TOKEN_NOTE = "s × real-token share"
 
 
-def check_options(*, capture: str, adapt: str, rule: str, gamma: str, relu: str, unnormalized: str, factors: str,
-                  taps: str, moments: str, span: str, refresh: int, probes: int, token_mask: Any,
-                  cap: float | None) -> None:
-    """Raise :class:`ValueError` naming the first of ``prepare``'s options out of its range."""
+def check_options(*, capture: str, adapt: str, rule: str, factors: str, refresh: int, probes: int,
+                  token_mask: Any) -> None:
+    """Raise :class:`ValueError` naming the first of ``prepare``'s options out of its range
+    (the conventions check themselves: :class:`~fxbackmatch.analysis.conventions.Conventions`)."""
     if capture not in CAPTURES:
         raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
     if adapt not in ("all", "weights"):
         raise ValueError(f"adapt must be 'all' or 'weights', got {adapt!r}")
     if rule not in METHODS:
         raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(METHODS)}")
-    for key, value, allowed in (("gamma", gamma, GAMMA_MODES), ("relu", relu, RELU_MODES),
-                                ("unnormalized", unnormalized, UNNORMALIZED_MODES), ("factors", factors, FACTORS),
-                                ("taps", taps, TAPS_MODES), ("moments", moments, ("derived", "batch")),
-                                ("span", span, SPANS)):
-        if value not in allowed:
-            raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    check_choice("factors", factors, FACTORS)
     if refresh < 1 or probes < 1:
         raise ValueError(f"refresh and probes must be ≥ 1, got {refresh} and {probes}")
     if token_mask is not None and not isinstance(token_mask, (str, int)):
         raise ValueError(f"token_mask must name a keyword input or give a positional index, got {token_mask!r}")
-    if cap is not None and not (math.isfinite(cap) and cap > 1):
-        raise ValueError(f"cap must be a finite number > 1 (scales are kept in [1/cap, cap]), got {cap!r}")
 
 
 def build(plan: "Plan", example_inputs: Sequence[torch.Tensor], example_kwargs: dict | None = None) -> None:
@@ -132,8 +123,8 @@ def warn_range(plan: "Plan") -> None:
         warnings.warn(
             f"fxbackmatch: {len(found)} scale(s) of {type(plan.model).__name__} lie outside "
             f"{list(SCALE_RANGE)} at the current weights: " + "; ".join(found[:3]) + more
-            + ".\n  What to do: check the report (plan.report()); pass cap= to prepare to "
-            "bound the scales, or register a rule for the layer kind named.",
+            + ".\n  What to do: check the report (plan.report()); pass conventions=fxbackmatch."
+            "Conventions(cap=...) to prepare to bound the scales, or register a rule for the layer kind named.",
             ScaleRangeWarning, stacklevel=5,
         )
 

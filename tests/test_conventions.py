@@ -1,0 +1,159 @@
+"""``fxbackmatch.Conventions``: the approximation switches as one frozen value.
+
+``prepare(model, x, conventions="paper")`` is today's default bit for bit (scripts outside the
+repo rely on the name); the old keywords (``relu="exact"``, ...) still work, warn, and give
+what the Conventions form gives. The rest of the suite runs with the deprecation an error
+(pyproject's ``filterwarnings``), so the library itself never passes the old keywords."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxbackmatch
+from fxbackmatch import Conventions
+from fxbackmatch.analysis.conventions import CONVENTIONS, FIELDS
+from fxbackmatch.models import lenet_bn, resnet18_paper
+
+
+def _resnet():
+    return resnet18_paper(width=0.125)
+
+
+@pytest.mark.parametrize("build, shape", [(lenet_bn, (2, 3, 32, 32)), (_resnet, (2, 3, 32, 32))],
+                         ids=["lenet_bn", "resnet"])
+def test_paper_is_the_default_bit_for_bit(build, shape):
+    torch.manual_seed(0)
+    net, x = build(), torch.randn(shape)
+    default = fxbackmatch.prepare(net, x, compile=False)
+    paper = fxbackmatch.prepare(net, x, compile=False, conventions="paper")
+    assert paper.code == default.code
+    assert torch.equal(paper.scale_tensor(), default.scale_tensor())
+    assert paper.targets == default.targets
+    assert paper.conventions == default.conventions == Conventions() == CONVENTIONS["paper"]
+    assert paper.state_dict() == default.state_dict()
+
+
+class _Net(nn.Module):
+    """Small enough to prepare fast, with something for every convention to change: a BN with
+    γ ≠ 1 and running variances ≠ 1, ReLUs after it, 3×3 kernels on 2×2 maps (padding), a conv
+    with no norm above, an average pool, a linear wider than the batch's rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(32, 10)
+        with torch.no_grad():
+            self.bn.weight.uniform_(0.2, 0.6)
+            self.bn.running_var.uniform_(2.0, 5.0)
+            self.bn3.weight.uniform_(0.2, 0.6)
+            self.bn3.running_var.uniform_(2.0, 5.0)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c1(x)))
+        h = torch.relu(self.c2(h))  # no norm above c2
+        h = torch.relu(self.bn3(self.c3(h)))
+        h = self.pool(h)  # 4×4 → 2×2
+        return self.fc(h.flatten(1))
+
+
+#: a non-default valid value per field
+CHANGES = {"gamma": "exact", "relu": "exact", "taps": "valid", "span": "batch", "moments": "batch",
+           "unnormalized": "virtual", "variance": "measured", "cap": 1.5}
+
+
+def _prepare(**kw):
+    torch.manual_seed(0)
+    net = _Net()
+    torch.manual_seed(1)
+    return fxbackmatch.prepare(net, torch.randn(2, 3, 4, 4), compile=False, **kw)
+
+
+def test_every_field_has_a_change():
+    assert set(CHANGES) == set(FIELDS) == {"gamma", "relu", "taps", "span", "moments", "unnormalized",
+                                            "variance", "cap"}
+
+
+@pytest.mark.parametrize("key", sorted(CHANGES))
+def test_a_legacy_keyword_warns_and_gives_the_conventions_form(key):
+    value = CHANGES[key]
+    with pytest.warns(DeprecationWarning, match=key) as record:
+        legacy = _prepare(**{key: value})
+    assert all(w.filename == __file__ for w in record if issubclass(w.category, DeprecationWarning))
+    assert "Conventions" in str(record[0].message)
+    new = _prepare(conventions=Conventions(**{key: value}))
+    chained = _prepare(conventions=Conventions.named("paper").replace(**{key: value}))
+    paper = _prepare()
+    assert legacy.conventions == new.conventions == chained.conventions == Conventions(**{key: value})
+    assert getattr(legacy, key) == getattr(new, key) == value  # the plan's attributes stay
+    assert torch.equal(legacy.scale_tensor(), new.scale_tensor())
+    assert torch.equal(chained.scale_tensor(), new.scale_tensor())
+    assert legacy.code == new.code
+    assert legacy.scales() == new.scales()
+    # the change matters on this net
+    assert not torch.equal(new.scale_tensor(), paper.scale_tensor())
+
+
+def test_legacy_keywords_merge_over_the_chosen_conventions():
+    with pytest.warns(DeprecationWarning, match="relu"):
+        plan = _prepare(conventions=Conventions(taps="valid"), relu="exact")
+    assert plan.conventions == Conventions(taps="valid", relu="exact")
+
+
+def test_bad_values_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"relu must be one of \('paper', 'exact'\), got 'bogus'"):
+        Conventions(relu="bogus")
+    with pytest.raises(ValueError, match="variance must be one of"):
+        Conventions(variance="running")
+    with pytest.raises(ValueError, match="moments must be one of"):
+        Conventions(moments="measured")  # factors="measured" sets that, not a convention
+    for cap in (0.5, 1.0, math.inf, math.nan, "10"):
+        with pytest.raises(ValueError, match="cap must be a finite number > 1"):
+            Conventions(cap=cap)
+    with pytest.raises(ValueError, match="span must be one of"):
+        Conventions().replace(span="wide")
+    with pytest.raises(TypeError, match="no field 'relux'"):
+        Conventions().replace(relux="exact")
+    with pytest.raises(ValueError, match=r"unknown conventions 'papr'.*\['paper'\]"):
+        Conventions.named("papr")
+    net, x = lenet_bn(), torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"unknown conventions 'exact'.*\['paper'\]"):
+        fxbackmatch.prepare(net, x, conventions="exact")
+    with pytest.raises(TypeError, match="conventions must be"):
+        fxbackmatch.prepare(net, x, conventions={"relu": "exact"})
+    with pytest.raises(TypeError, match=r"^prepare\(\) got an unexpected keyword argument 'reluu'$"):
+        fxbackmatch.prepare(net, x, reluu="exact")
+    with pytest.warns(DeprecationWarning, match="gamma"), pytest.raises(ValueError, match="gamma must be one of"):
+        fxbackmatch.prepare(net, x, gamma="half")
+
+
+def test_the_signature_is_small_and_has_no_convention_keywords():
+    params = inspect.signature(fxbackmatch.prepare).parameters
+    assert len(params) <= 18
+    assert params["conventions"].default == "paper"
+    assert params["conventions"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert not set(FIELDS) & set(params)
+    assert list(params.values())[-1].kind is inspect.Parameter.VAR_KEYWORD
+
+
+def test_conventions_are_frozen_hashable_and_documented():
+    c = Conventions(relu="exact")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.relu = "paper"
+    assert hash(c) == hash(Conventions(relu="exact")) and c != Conventions()
+    assert {c: 1, Conventions(): 2}[Conventions(relu="exact")] == 1
+    assert c.replace(relu="paper") == Conventions() and c.relu == "exact"
+    assert Conventions.named("paper") is CONVENTIONS["paper"]
+    assert "Conventions" in fxbackmatch.__all__
+    assert [f.name for f in dataclasses.fields(Conventions)] == list(FIELDS)
+    assert Conventions() == Conventions(gamma="one", relu="paper", taps="all", span="full", moments="derived",
+                                        unnormalized="exact", variance="weights", cap=None)
