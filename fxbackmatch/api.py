@@ -60,7 +60,7 @@ def prepare(
     :class:`fxbackmatch.Conventions` or a name of ``fxbackmatch.analysis.conventions.CONVENTIONS``;
     ``"paper"`` (the default) is ``Conventions()``, the paper's choices. Its fields:
     ``gamma="one"`` treats multiplicative parameters (norm γ, layer scales) as 1 in the chain
-    and in the forward moments, as the paper's BN (§3.4); ``gamma="exact"`` uses ``mean(γ²)``.
+    and in the forward moments, as the paper's BN (§2.3, §4); ``gamma="exact"`` uses ``mean(γ²)``.
     ``relu="exact"``: a ReLU of a norm layer's output passes gradient at half of its entries
     (``m/2``) and has ``Var = (1/2 − 1/2π)·E[z²]`` — use it on deep ResNets/RegNets (the
     paper's identity, ``relu="paper"``, drifts by ``1 − 1/π`` per stage on deep nets).

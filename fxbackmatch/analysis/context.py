@@ -143,7 +143,7 @@ class RuleContext:
     def gamma_sq(self, name: str) -> Mono:
         """``mean(γ²)`` of a multiplicative parameter (norm γ, layer scale) as this plan counts
         it — forward moments and backward chain alike: ``1`` with ``gamma="one"`` (the
-        network the paper trains, BN without γ, §3.4), ``mean(γ²)`` with ``gamma="exact"``."""
+        network the paper trains, BN without γ, §2.3, §4), ``mean(γ²)`` with ``gamma="exact"``."""
         return self.mean_sq(name) if self.gamma_mode == "exact" else Mono()
 
     def stat_mean(self, ref: str) -> Mono:

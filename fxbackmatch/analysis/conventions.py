@@ -29,7 +29,7 @@ __all__ = ["Conventions", "CONVENTIONS", "FIELDS", "GAMMA_MODES", "RELU_MODES", 
            "MOMENT_MODES", "VARIANCES", "SPANS", "check_choice", "check_cap", "resolve", "merge_legacy"]
 
 #: how multiplicative parameters (norm γ, layer scales) enter the chain: ``"one"`` treats
-#: them as 1 (the paper, §3.4: BN without trainable γ); ``"exact"`` multiplies by mean(γ²).
+#: them as 1 (the paper, §2.3, §4: BN without trainable γ); ``"exact"`` multiplies by mean(γ²).
 GAMMA_MODES = ("one", "exact")
 #: how ReLU enters: ``"paper"`` — the identity (eq. 31); ``"exact"`` — half of the units carry
 #: gradient and ``Var[relu(z)] = (1/2 − 1/2π)·E[z²]`` (see docs/derivations.md)
@@ -77,7 +77,7 @@ class Conventions:
     field with :meth:`replace`. Every value is checked when the object is made.
     """
 
-    #: ``"one"``: norm γ and layer scales count as 1, in the chain and the moments (§3.4); ``"exact"``: mean(γ²)
+    #: ``"one"``: norm γ and layer scales count as 1, in the chain and the moments (§2.3, §4); ``"exact"``: mean(γ²)
     gamma: str = "one"
     #: ``"paper"``: ReLU is the identity (eq. 31); ``"exact"``: a ReLU of a norm output passes m/2 (deep ResNets)
     relu: str = "paper"

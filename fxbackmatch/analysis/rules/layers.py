@@ -211,7 +211,7 @@ def norm_layer(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | 
     running statistics it is 1 (noted).
 
     γ: by default treated as 1 in the chain, as the paper's BN without trainable affine
-    (§3.4) — so a zero-initialized γ (ResNet's last BN of a block) does not make the layers
+    (§2.3, §4) — so a zero-initialized γ (ResNet's last BN of a block) does not make the layers
     below unbounded; ``gamma="exact"`` multiplies ``m`` by ``mean(γ²)`` (``δ'x̂ = δb/γ``).
     γ and β take ``1/(m·s)`` at the BN's output (``x̂`` is normalized: ``E[x̂²] = 1``), ``s``
     its gradient-carrying positions."""

@@ -267,7 +267,7 @@ def sdpa_rule(ctx: RuleContext) -> None:
         ctx.note("attention mask: uniform over the keys it leaves (causal if it has a query dimension)")
     if ctx.gamma_mode == "exact":
         ev, eq, ek = _moment(ctx, v), _moment(ctx, q), _moment(ctx, k)
-    else:  # bilinear partners taken as normalized, as the paper's BN takes γ = 1 (§3.4)
+    else:  # bilinear partners taken as normalized, as the paper's BN takes γ = 1 (§2.3, §4)
         ev = eq = ek = Mono()
     m = ctx.m_out
     ctx.pass_to(v, m * ((L / S) * rho_v * groups), 1.0, 1.0)
