@@ -71,6 +71,6 @@ def _reaches_norm(node: fx.Node, gm: fx.GraphModule, registry: RuleRegistry) -> 
             continue
         if rule.norm:
             return True
-        if rule.transparent or rule.layout:
+        if rule.transparent or rule.layout or rule.sums:  # through residual adds to the stream's norm
             stack.extend(u.users)
     return False

@@ -59,6 +59,9 @@ class Rule:
     #: how alike the averaged values are — a property of the data, not of the weights — so
     #: ``moments="batch"`` measures it on the live batch instead of assuming independence
     averages: bool = False
+    #: its output is a sum of its inputs (residual adds): a normalization above the sum is
+    #: above each input too (:func:`~fxbackmatch.analysis.guards.unnormalized_layers`)
+    sums: bool = False
 
     def __call__(self, ctx) -> None:
         self.fn(ctx)
@@ -85,6 +88,7 @@ class RuleRegistry:
         layout: bool = False,
         structural: bool = False,
         averages: bool = False,
+        sums: bool = False,
         override: bool = False,
     ):
         """Register ``fn`` for module types, function targets and/or method names.
@@ -118,6 +122,7 @@ class RuleRegistry:
                     layout=layout,
                     structural=structural,
                     averages=averages,
+                    sums=sums,
                 )
             return f
 

@@ -23,6 +23,7 @@ __all__ = ["add_rule", "concat_rule", "container_rule", "getitem_rule", "pad_rul
 @register_rule(
     function=(operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub),
     method=("add", "add_", "sub", "sub_"),
+    sums=True,
 )
 def add_rule(ctx: RuleContext) -> None:
     """Addition (residual connections): every tensor input receives ``m`` (``J_i = I``); where
