@@ -61,20 +61,24 @@ def _grads_of_every_layout(device: str) -> list[torch.Tensor]:
 @pytest.mark.parametrize("chunk", [1 << 26, 40], ids=["one-chunk", "chunked"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_spread_multiply_equals_one_multiply_per_tensor(device, chunk, monkeypatch):
-    """spread_mul_ against grads[i] * scales[i], over every layout a gradient can have."""
+    """spread_mul_ against grads[i] * scales[positions[i]], over every layout a gradient can
+    have, twice through one cache (the second step reuses the cached layout)."""
     from fxbackmatch.runtime import chain as runtime
 
     monkeypatch.setattr(runtime, "SPREAD_CHUNK", chunk)
     grads = _grads_of_every_layout(device)
-    want = [g.clone() * (i + 0.5) for i, g in enumerate(grads)]
-    scales = torch.arange(len(grads), dtype=torch.float32, device=device) + 0.5
+    n = len(grads)
+    positions = list(range(n))[::-1]  # gradient i takes scale n-1-i
+    scales = torch.arange(n, dtype=torch.float32, device=device) + 0.5
+    want = [g.clone() * (n - 1 - i + 0.5) * (n - 1 - i + 0.5) for i, g in enumerate(grads)]
     strides = [g.stride() for g in grads]
-    counts: dict = {}
-    runtime.spread_mul_(grads, scales, counts)
+    cache: dict = {}
+    for _ in range(2):
+        runtime.spread_mul_(grads, scales, positions, cache)
     for g, w, st in zip(grads, want, strides):
         assert g.stride() == st
         torch.testing.assert_close(g, w, rtol=0, atol=0)
-    assert counts  # element counts kept for the next step
+    assert len(cache) == 1  # one layout, kept for the next step
 
 
 def test_runtime_spread_multiply_equals_the_per_tensor_path():

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -78,7 +78,7 @@ class Runtime:
         self._graphed: GraphedScales | None = None
         #: multiply through :func:`spread_mul_` (None: on CUDA, where launches cost more than bytes)
         self.flat_multiply: bool | None = None
-        self._spread_counts: dict = {}
+        self._spread_cache: dict = {}
 
     @property
     def fn(self):
@@ -208,7 +208,7 @@ class Runtime:
         for (dev, dtype), idx in groups.items():
             gs = [grads[i] for i in idx]
             if self.flat_multiply if self.flat_multiply is not None else (dev.type == "cuda" and _may_capture()):
-                spread_mul_(gs, scales[idx].to(device=dev, dtype=dtype), self._spread_counts)
+                spread_mul_(gs, scales.to(device=dev, dtype=dtype), idx, self._spread_cache)
             else:
                 sc = scales.to(device=dev, dtype=dtype).unbind(0)
                 torch._foreach_mul_(gs, [sc[i] for i in idx])
@@ -219,8 +219,9 @@ class Runtime:
 SPREAD_CHUNK = 1 << 26
 
 
-def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, counts: dict | None = None) -> None:
-    """``grads[i] *= scales[i]`` in a few launches instead of one per tensor.
+def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequence[int] | None = None,
+                cache: dict | None = None) -> None:
+    """``grads[i] *= scales[positions[i]]`` in a few launches instead of one per tensor.
 
     ``torch._foreach_mul_`` with a list of 0-d scale tensors is off foreach's fast path (the
     operands' shapes differ) and launches a kernel per gradient. Here the scales are spread
@@ -228,33 +229,45 @@ def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, counts: dict | 
     :data:`SPREAD_CHUNK` elements), and each gradient is multiplied by a view of that buffer
     with its own shape and strides — a tensor-list multiply on the fast path. It costs one
     extra write and read of the gradients' bytes, cheap where launches, not bytes, are the
-    cost (CUDA). Gradients that are not dense are multiplied one by one. ``counts`` caches
-    the per-chunk element counts on the device (a copy from the host would wait for the
-    device); pass the same dict every step.
+    cost (CUDA). Gradients that are not dense are multiplied one by one. ``cache`` keeps,
+    per gradient layout, the chunking and its index and count tensors on the device (a copy
+    from the host would wait for the device); pass the same dict every step.
     """
-    counts = {} if counts is None else counts
+    positions = range(len(grads)) if positions is None else positions
+    cache = {} if cache is None else cache
+    key = (scales.device, tuple(positions), tuple((g.shape, g.stride()) for g in grads))
+    layout = cache.get(key)
+    if layout is None:
+        layout = cache[key] = _spread_layout(grads, positions, scales.device)
+    loose, chunks = layout
+    for k in loose:
+        grads[k].mul_(scales[positions[k]])
+    for members, pos, counts, total in chunks:
+        flat = torch.repeat_interleave(scales.index_select(0, pos), counts, output_size=total)
+        views, offset = [], 0
+        for k in members:
+            g = grads[k]
+            views.append(flat.as_strided(g.shape, g.stride(), offset))  # strides are never negative
+            offset += g.numel()
+        torch._foreach_mul_([grads[k] for k in members], views)
+
+
+def _spread_layout(grads: list[torch.Tensor], positions: Sequence[int], device: torch.device):
+    """``(loose, chunks)`` for :func:`spread_mul_`: the gradients that are not dense, and per
+    chunk its members, their scale positions and element counts (device tensors), its size."""
     dense = [k for k, g in enumerate(grads) if _dense(g)]
-    for k in sorted(set(range(len(grads))) - set(dense)):
-        grads[k].mul_(scales[k])
-    start = 0
+    loose = [k for k in range(len(grads)) if k not in set(dense)]
+    chunks, start = [], 0
     while start < len(dense):
         stop, total = start, 0
         while stop < len(dense) and (stop == start or total + grads[dense[stop]].numel() <= SPREAD_CHUNK):
             total += grads[dense[stop]].numel()
             stop += 1
-        chunk = dense[start:stop]
-        sizes = tuple(grads[k].numel() for k in chunk)
-        key = (scales.device, sizes)
-        if key not in counts:
-            counts[key] = torch.tensor(sizes, device=scales.device)
-        flat = torch.repeat_interleave(scales[chunk], counts[key], output_size=total)
-        views, offset = [], 0
-        for k in chunk:
-            g = grads[k]
-            views.append(flat.as_strided(g.shape, g.stride(), offset))  # strides are never negative
-            offset += g.numel()
-        torch._foreach_mul_([grads[k] for k in chunk], views)
+        members = dense[start:stop]
+        chunks.append((members, torch.tensor([positions[k] for k in members], device=device),
+                       torch.tensor([grads[k].numel() for k in members], device=device), total))
         start = stop
+    return loose, chunks
 
 
 def _may_capture() -> bool:
