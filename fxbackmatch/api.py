@@ -20,7 +20,7 @@ def prepare(
     leaf_modules: Sequence = (),
     rule: str = "backmatch",
     adapt: str = "all",
-    strict: bool = True,
+    strict: bool = False,
     compile: bool = True,
     trust_coefficient: float = 1e-3,
     registry: RuleRegistry | None = None,
@@ -31,7 +31,7 @@ def prepare(
     refresh: int = 10,
     probes: int = 4,
     token_mask: str | int | None = None,
-    conventions: str | Conventions = "paper",
+    conventions: str | Conventions = "default",
     **deprecated: Any,
 ) -> Plan:
     """Trace ``model``, propagate shapes, walk the graph and build its layer-wise scales.
@@ -45,9 +45,13 @@ def prepare(
     never changes the model: parameters, buffers and train/eval mode stay as they were.
 
     Options: ``rule`` — ``"backmatch"`` (default), ``"lars"``, ``"lsalr"``, ``"sgd"``;
-    ``adapt="weights"`` keeps biases and norm parameters at scale 1; ``strict=False``
-    passes ops with no rule through (their parameters stay at scale 1, listed in
-    ``plan.uncovered``); ``compile=False`` runs the generated function eagerly.
+    ``adapt="weights"`` keeps biases and norm parameters at scale 1; an op with no rule
+    does not stop the pass (``strict=False``, the default): an elementwise one gets the
+    mean-field elementwise rule, any other has its own factor measured on the live batch
+    every ``refresh`` steps (:mod:`fxbackmatch.analysis.gaps`), and the report says which;
+    parameters no rule owns stay at scale 1, listed in ``plan.uncovered``; ``strict=True``
+    refuses both instead (:class:`UnsupportedOpError`, :class:`UncoveredParameterError`);
+    ``compile=False`` runs the generated function eagerly.
     ``outputs`` names the outputs that enter the loss (tuple index, dict key or field name,
     or a sequence of them; default: every tensor output) — only they start the chain with
     ``m = 1``. ``factors="measured"`` measures every layer's ``m`` on the live batch every

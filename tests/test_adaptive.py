@@ -20,10 +20,10 @@ def _setup(seed=0, rule="backmatch"):
     torch.manual_seed(seed)
     net = lenet_bn().double()
     x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
-    plan = fxbackmatch.prepare(net, x[:2], compile=False, rule=rule)
+    plan = fxbackmatch.prepare(net, x[:2], compile=False, rule=rule, conventions="paper")
     ref = lenet_bn().double()
     ref.load_state_dict(net.state_dict())
-    ref_plan = fxbackmatch.prepare(ref, x[:2], compile=False, rule=rule)
+    ref_plan = fxbackmatch.prepare(ref, x[:2], compile=False, rule=rule, conventions="paper")
     return net, plan, ref, ref_plan, x, y
 
 
@@ -115,8 +115,8 @@ def test_lamb_is_adamw_with_the_weight_norm_trust_ratio():
     ref = mlp()
     ref.load_state_dict(net.state_dict())
     x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 4, (32,))
-    plan = fxbackmatch.prepare(net, x, compile=False, rule="lamb")
-    ref_plan = fxbackmatch.prepare(ref, x, compile=False, rule="lamb")
+    plan = fxbackmatch.prepare(net, x, compile=False, rule="lamb", conventions="paper")
+    ref_plan = fxbackmatch.prepare(ref, x, compile=False, rule="lamb", conventions="paper")
     assert "3.bias" in plan.targets
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.01)
     plan.attach(opt, mode="length")
@@ -230,7 +230,7 @@ def test_compiled_length_step_equals_the_eager_core(monkeypatch):
     net, plan, ref, ref_plan, x, y = _setup(6)
     with torch.no_grad():
         net[0].weight.data = net[0].weight.data.contiguous(memory_format=torch.channels_last)
-    fast = fxbackmatch.prepare(net, x[:2], compile=True)
+    fast = fxbackmatch.prepare(net, x[:2], compile=True, conventions="paper")
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.01)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=2e-3, weight_decay=0.01)
     h = fast.attach(opt, mode="length")

@@ -16,7 +16,7 @@ from torch import nn
 
 import fxbackmatch
 from fxbackmatch import Conventions
-from fxbackmatch.analysis.conventions import CONVENTIONS, FIELDS
+from fxbackmatch.analysis.conventions import CONVENTIONS, DEFAULT, FIELDS, LEGACY_FIELDS
 from fxbackmatch.models import lenet_bn, resnet18_paper
 
 
@@ -26,16 +26,20 @@ def _resnet():
 
 @pytest.mark.parametrize("build, shape", [(lenet_bn, (2, 3, 32, 32)), (_resnet, (2, 3, 32, 32))],
                          ids=["lenet_bn", "resnet"])
-def test_paper_is_the_default_bit_for_bit(build, shape):
+def test_paper_is_conventions_at_their_zero_and_the_default_differs(build, shape):
+    """``"paper"`` is ``Conventions()`` bit for bit (the closed-form tests of the paper's nets,
+    tests/test_oracle.py, pin its values); the default is another set."""
     torch.manual_seed(0)
     net, x = build(), torch.randn(shape)
-    default = fxbackmatch.prepare(net, x, compile=False)
+    zero = fxbackmatch.prepare(net, x, compile=False, conventions=Conventions())
     paper = fxbackmatch.prepare(net, x, compile=False, conventions="paper")
-    assert paper.code == default.code
-    assert torch.equal(paper.scale_tensor(), default.scale_tensor())
-    assert paper.targets == default.targets
-    assert paper.conventions == default.conventions == Conventions() == CONVENTIONS["paper"]
-    assert paper.state_dict() == default.state_dict()
+    default = fxbackmatch.prepare(net, x, compile=False)
+    assert paper.code == zero.code
+    assert torch.equal(paper.scale_tensor(), zero.scale_tensor())
+    assert paper.targets == zero.targets == default.targets
+    assert paper.conventions == zero.conventions == Conventions() == CONVENTIONS["paper"]
+    assert paper.state_dict() == zero.state_dict()
+    assert default.conventions == DEFAULT and default.code != paper.code
 
 
 class _Net(nn.Module):
@@ -68,7 +72,7 @@ class _Net(nn.Module):
 
 #: a non-default valid value per field
 CHANGES = {"gamma": "exact", "relu": "exact", "taps": "valid", "span": "batch", "moments": "batch",
-           "unnormalized": "virtual", "variance": "measured", "cap": 1.5}
+           "unnormalized": "virtual", "variance": "measured", "cap": 1.5, "activations": "meanfield", "floor": "init"}
 
 
 def _prepare(**kw):
@@ -80,19 +84,20 @@ def _prepare(**kw):
 
 def test_every_field_has_a_change():
     assert set(CHANGES) == set(FIELDS) == {"gamma", "relu", "taps", "span", "moments", "unnormalized",
-                                            "variance", "cap"}
+                                            "variance", "cap", "activations", "floor"}
+    assert set(LEGACY_FIELDS) < set(FIELDS)
 
 
-@pytest.mark.parametrize("key", sorted(CHANGES))
+@pytest.mark.parametrize("key", sorted(LEGACY_FIELDS))
 def test_a_legacy_keyword_warns_and_gives_the_conventions_form(key):
     value = CHANGES[key]
     with pytest.warns(DeprecationWarning, match=key) as record:
-        legacy = _prepare(**{key: value})
+        legacy = _prepare(conventions="paper", **{key: value})
     assert all(w.filename == __file__ for w in record if issubclass(w.category, DeprecationWarning))
     assert "Conventions" in str(record[0].message)
     new = _prepare(conventions=Conventions(**{key: value}))
     chained = _prepare(conventions=Conventions.named("paper").replace(**{key: value}))
-    paper = _prepare()
+    paper = _prepare(conventions="paper")
     assert legacy.conventions == new.conventions == chained.conventions == Conventions(**{key: value})
     assert getattr(legacy, key) == getattr(new, key) == value  # the plan's attributes stay
     assert torch.equal(legacy.scale_tensor(), new.scale_tensor())
@@ -107,6 +112,17 @@ def test_legacy_keywords_merge_over_the_chosen_conventions():
     with pytest.warns(DeprecationWarning, match="relu"):
         plan = _prepare(conventions=Conventions(taps="valid"), relu="exact")
     assert plan.conventions == Conventions(taps="valid", relu="exact")
+    with pytest.warns(DeprecationWarning, match="gamma"):
+        plan = _prepare(gamma="exact")  # no conventions=: over the default
+    assert plan.conventions == DEFAULT.replace(gamma="exact")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'floor'"):
+        _prepare(floor="init")  # fields added after 0.2 are never keywords
+
+
+@pytest.mark.parametrize("key", ["activations", "floor"])
+def test_new_fields_change_the_scales(key):
+    assert not torch.equal(_prepare(conventions=Conventions(**{key: CHANGES[key]})).scale_tensor(),
+                           _prepare(conventions="paper").scale_tensor())
 
 
 def test_bad_values_raise_clear_errors():
@@ -123,10 +139,10 @@ def test_bad_values_raise_clear_errors():
         Conventions().replace(span="wide")
     with pytest.raises(TypeError, match="no field 'relux'"):
         Conventions().replace(relux="exact")
-    with pytest.raises(ValueError, match=r"unknown conventions 'papr'.*\['paper'\]"):
+    with pytest.raises(ValueError, match=r"unknown conventions 'papr'.*\['default', 'paper'\]"):
         Conventions.named("papr")
     net, x = lenet_bn(), torch.randn(2, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"unknown conventions 'exact'.*\['paper'\]"):
+    with pytest.raises(ValueError, match=r"unknown conventions 'exact'.*\['default', 'paper'\]"):
         fxbackmatch.prepare(net, x, conventions="exact")
     with pytest.raises(TypeError, match="conventions must be"):
         fxbackmatch.prepare(net, x, conventions={"relu": "exact"})
@@ -139,7 +155,7 @@ def test_bad_values_raise_clear_errors():
 def test_the_signature_is_small_and_has_no_convention_keywords():
     params = inspect.signature(fxbackmatch.prepare).parameters
     assert len(params) <= 18
-    assert params["conventions"].default == "paper"
+    assert params["conventions"].default == "default"
     assert params["conventions"].kind is inspect.Parameter.KEYWORD_ONLY
     assert not set(FIELDS) & set(params)
     assert list(params.values())[-1].kind is inspect.Parameter.VAR_KEYWORD
@@ -156,4 +172,6 @@ def test_conventions_are_frozen_hashable_and_documented():
     assert "Conventions" in fxbackmatch.__all__
     assert [f.name for f in dataclasses.fields(Conventions)] == list(FIELDS)
     assert Conventions() == Conventions(gamma="one", relu="paper", taps="all", span="full", moments="derived",
-                                        unnormalized="exact", variance="weights", cap=None)
+                                        unnormalized="exact", variance="weights", cap=None, activations="paper",
+                                        floor="none")
+    assert Conventions.named("default") is DEFAULT != Conventions()

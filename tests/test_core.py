@@ -30,7 +30,7 @@ def assert_close(got: dict, want: dict, rtol: float = 1e-6):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_lenet_matches_supplementary_closed_form(seed):
     net = randomize(lenet_bn(), seed)
-    plan = fxbackmatch.prepare(net, torch.randn(4, 3, 32, 32), compile=False)
+    plan = fxbackmatch.prepare(net, torch.randn(4, 3, 32, 32), compile=False, conventions="paper")
     assert_close(plan.scales(), lenet_closed_form(net))
     layers = plan.layers
     assert [r.s for r in layers] == [196.0, 25.0, 1.0, 1.0, 1.0]
@@ -46,7 +46,7 @@ def test_lenet_matches_supplementary_closed_form(seed):
 @pytest.mark.parametrize("depth", [11, 13, 16, 19])
 def test_paper_vgg_matches_hand_loop(depth):
     net = randomize(vgg_paper(depth, width=0.125), depth)
-    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False, conventions="paper")
     want = sequential_loop(net, 32)
     got = plan.scales()
     assert set(want) == {n for n, _ in net.named_parameters()}
@@ -139,7 +139,7 @@ def test_prepare_does_not_change_the_model():
 
 def test_lazy_prepare_from_first_forward():
     net = randomize(lenet_bn(), 1)
-    plan = fxbackmatch.prepare(net, compile=False)
+    plan = fxbackmatch.prepare(net, compile=False, conventions="paper")
     assert not plan.ready
     with pytest.raises(fxbackmatch.PlanNotReadyError, match="forward"):
         plan.scales()
@@ -180,7 +180,7 @@ def test_biases_and_affine_bn_roles_and_adapt_weights():
         nn.Flatten(), nn.Linear(4 * 4 * 4, 5),
     )
     randomize(net, 4)
-    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, conventions="paper")
     assert plan.roles == {
         "0.weight": "weight", "0.bias": "bias", "1.weight": "norm_scale",
         "1.bias": "norm_shift", "5.weight": "weight", "5.bias": "bias",
@@ -203,7 +203,7 @@ def test_biases_and_affine_bn_roles_and_adapt_weights():
     s_exact = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, conventions=fxbackmatch.Conventions(gamma="exact")).scales()
     assert s_exact["0.weight"] == pytest.approx(1 / (m_cv_out * gamma2 * 16), rel=1e-9)
     assert s_exact["1.weight"] == s["1.weight"]  # γ's own scale does not depend on the mode
-    plan_w = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, adapt="weights")
+    plan_w = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False, adapt="weights", conventions="paper")
     sw = plan_w.scales()
     assert sw["0.bias"] == sw["1.weight"] == sw["1.bias"] == sw["5.bias"] == 1.0
     assert sw["0.weight"] == pytest.approx(s["0.weight"], rel=1e-12)
@@ -227,7 +227,7 @@ def test_conv_geometry(conv, hw, s, c):
     bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](8, affine=False)
     net = nn.Sequential(conv, bn, nn.ReLU(), nxt)
     randomize(net, 9)
-    plan = fxbackmatch.prepare(net, torch.randn((2, 4) + (hw,) * dims), compile=False)
+    plan = fxbackmatch.prepare(net, torch.randn((2, 4) + (hw,) * dims), compile=False, conventions="paper")
     rec = plan.layers[0]
     assert rec.s == s and rec.c == pytest.approx(c)
     s_out = plan.layers[1].s
@@ -245,7 +245,7 @@ def test_conv_geometry(conv, hw, s, c):
 def test_linear_on_3d_input_shares_over_tokens():
     net = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3, bias=False))
     randomize(net, 1)
-    plan = fxbackmatch.prepare(net, torch.randn(2, 7, 6), compile=False)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 7, 6), compile=False, conventions="paper")
     assert [r.s for r in plan.layers] == [7.0, 7.0]
     s = plan.scales()
     # no norm between them: the top layer's input has E[a²] = ‖W0‖²row (eq. 13, E aaᵀ ≈ E[a²]·I)

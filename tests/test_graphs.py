@@ -22,6 +22,8 @@ def lin(i, o, bias=False):
 
 
 def prep(net, *shape, **kw):
+    """The paper's conventions unless a test names others: the hand oracles here derive them."""
+    kw.setdefault("conventions", "paper")
     return fxbackmatch.prepare(net, torch.randn(*shape), compile=False, **kw)
 
 

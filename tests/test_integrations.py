@@ -69,7 +69,7 @@ def _sgd(params):
 
 def test_scales_are_far_from_one():
     """The premise of every 'differs' check below: LeNet-BN's scales are not ~1."""
-    s = fxbackmatch.prepare(_lenet(), _batches(1)[0][0][:2], compile=False).scales()
+    s = fxbackmatch.prepare(_lenet(), _batches(1)[0][0][:2], compile=False, conventions="paper").scales()
     assert max(s.values()) > 3 and min(s.values()) < 0.9
 
 

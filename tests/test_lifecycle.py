@@ -13,7 +13,7 @@ def _setup(seed=0):
     torch.manual_seed(seed)
     net = lenet_bn()
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    plan = fxbackmatch.prepare(net, x[:2], compile=False)
+    plan = fxbackmatch.prepare(net, x[:2], compile=False, conventions="paper")  # scales independent of the batch
     return net, plan, x, y
 
 
@@ -25,7 +25,7 @@ def test_closure_step_is_scaled_like_the_hand_loop(as_kwarg):
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     plan.attach(opt, weight_decay=1e-3)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    ref_plan = fxbackmatch.prepare(ref, x[:2], compile=False)
+    ref_plan = fxbackmatch.prepare(ref, x[:2], compile=False, conventions="paper")
 
     def closure():
         opt.zero_grad()
@@ -74,7 +74,7 @@ def test_attaching_twice_raises_and_remove_allows_it():
     h = plan.attach(opt)
     with pytest.raises(fxbackmatch.AlreadyAttachedError, match="already attached"):
         plan.attach(opt)
-    other = fxbackmatch.prepare(net, x[:2], compile=False)
+    other = fxbackmatch.prepare(net, x[:2], compile=False, conventions="paper")
     with pytest.raises(fxbackmatch.AlreadyAttachedError, match="another plan"):
         other.attach(opt)
     h.remove()
@@ -85,7 +85,7 @@ def test_attaching_twice_raises_and_remove_allows_it():
 # ---------------------------------------------------------------- lazy plans and persistence
 def _hand_sgd(net, x, y, steps, lr=0.05):
     """A plain loop: backward, multiply each grad by a fresh plan's eager scales, SGD."""
-    ref_plan = fxbackmatch.prepare(net, x[:2], compile=False)
+    ref_plan = fxbackmatch.prepare(net, x[:2], compile=False, conventions="paper")
     for _ in range(steps):
         net.zero_grad()
         F.cross_entropy(net(x), y).backward()
@@ -103,7 +103,7 @@ def test_lazy_plan_follows_deepcopy_of_model_and_plan():
     torch.manual_seed(5)
     net = lenet_bn()
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    plan = fxbackmatch.prepare(net, compile=False)
+    plan = fxbackmatch.prepare(net, compile=False, conventions="paper")
     twin = copy.deepcopy(net)
     twin(x)
     twin(x)  # a second call used to raise AttributeError
@@ -130,7 +130,7 @@ def test_torch_save_with_a_waiting_plan_and_plan_pickling():
     import pickle
 
     net = lenet_bn()
-    plan = fxbackmatch.prepare(net, compile=False)
+    plan = fxbackmatch.prepare(net, compile=False, conventions="paper")
     buf = io.BytesIO()
     torch.save(net, buf)  # the waiting plan's hook is saved as a no-op
     buf.seek(0)
@@ -151,10 +151,10 @@ def test_lazy_plan_from_a_keyword_only_forward():
             return self.net(images)
 
     model = KW()
-    plan = fxbackmatch.prepare(model, compile=False)
+    plan = fxbackmatch.prepare(model, compile=False, conventions="paper")
     model(images=torch.randn(2, 3, 32, 32))
     assert plan.ready and plan.capture == "export"
-    full = fxbackmatch.prepare(model.net, torch.randn(2, 3, 32, 32), compile=False).scales()
+    full = fxbackmatch.prepare(model.net, torch.randn(2, 3, 32, 32), compile=False, conventions="paper").scales()
     got = plan.scales()
     for n, v in full.items():
         assert got[f"net.{n}"] == pytest.approx(v, rel=1e-9)

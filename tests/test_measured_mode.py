@@ -77,7 +77,7 @@ def test_an_export_graph_measures_the_first_samples_of_a_larger_batch():
     the last measured factors with a warning instead of failing."""
     torch.manual_seed(3)
     net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-    plan = fxbackmatch.prepare(net, torch.randn(8, 8), factors="measured", capture="export", compile=False)
+    plan = fxbackmatch.prepare(net, torch.randn(8, 8), factors="measured", capture="export", compile=False, conventions="paper")
     assert plan.capture == "export"
     x = torch.randn(32, 8)
     assert plan.refresh(x, seed=0) == plan.refresh(x[:8], seed=0)
@@ -102,8 +102,8 @@ def test_measured_mode_on_the_papers_lenet_is_near_the_closed_form():
     torch.manual_seed(2)
     net = lenet_bn()
     x = torch.randn(64, 3, 32, 32)
-    meas = fxbackmatch.prepare(net, x, factors="measured", probes=16, compile=False).scales()
-    der = fxbackmatch.prepare(net, x, compile=False).scales()
+    meas = fxbackmatch.prepare(net, x, factors="measured", probes=16, compile=False, conventions="paper").scales()
+    der = fxbackmatch.prepare(net, x, compile=False, conventions="paper").scales()
     k = {}
     hooks = [mod.register_forward_pre_hook(lambda mod, a, n=n: k.__setitem__(f"{n}.weight", float(a[0].double().pow(2).mean())))
              for n, mod in net.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
@@ -168,13 +168,13 @@ def test_batch_moments_measure_what_averages_over_positions():
     torch.manual_seed(4)
     net = _PoolNet()
     x = torch.randn(16, 3, 12, 12)
-    derived = fxbackmatch.prepare(net, x, compile=False).scales()["head.weight"]
+    derived = fxbackmatch.prepare(net, x, compile=False, conventions="paper").scales()["head.weight"]
     plan = fxbackmatch.prepare(net, x, compile=False, conventions=fxbackmatch.Conventions(moments="batch"), refresh=1)
     k = _pooled_moment(net, x)
     assert plan.scales()["head.weight"] == pytest.approx(1.0 / k, rel=1e-6)  # s = 1, m = 1
     assert derived > 5.0 / k  # the independent-position estimate is far below the batch's
     assert plan.scales()["conv.weight"] == pytest.approx(
-        fxbackmatch.prepare(net, x, compile=False).scales()["conv.weight"], rel=1e-9)  # m chain kept
+        fxbackmatch.prepare(net, x, compile=False, conventions="paper").scales()["conv.weight"], rel=1e-9)  # m chain kept
     assert "mean: E[a²] measured on the batch" in str(plan)  # the report names the value
     # attached, it follows the live batch: inputs 3× larger give pooled moments 9× larger
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
@@ -184,7 +184,7 @@ def test_batch_moments_measure_what_averages_over_positions():
     opt.step()
     assert plan.scales()["head.weight"] == pytest.approx(1.0 / _pooled_moment(net, x3), rel=1e-6)
     state = plan.state_dict()
-    other = fxbackmatch.prepare(net, x, compile=False)
+    other = fxbackmatch.prepare(net, x, compile=False, conventions="paper")
     with pytest.raises(fxbackmatch.PlanMismatchError, match="moments"):
         other.load_state_dict(state)
 

@@ -22,7 +22,7 @@ from oracles import lenet_closed_form, lenet_closed_form_m
 def lenet_plan():
     torch.manual_seed(0)
     net = lenet_bn()
-    return net, fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+    return net, fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False, conventions="paper")
 
 
 def test_report_figures_of_paper_lenet(lenet_plan):

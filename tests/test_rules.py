@@ -106,7 +106,7 @@ def _grads(net, seed=0):
 def test_competitor_rules_against_plain_formula(rule):
     torch.manual_seed(0)
     net = lenet_bn()
-    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), rule=rule, compile=False, trust_coefficient=2e-3)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), rule=rule, compile=False, trust_coefficient=2e-3, conventions="paper")
     _grads(net)
     got = plan.scales()
     for n, p in net.named_parameters():
@@ -126,8 +126,8 @@ def test_competitor_rules_against_plain_formula(rule):
 
 def test_competitor_zero_norm_guards():
     net = nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 2, bias=False))
-    lars = fxbackmatch.prepare(net, torch.randn(2, 4), rule="lars", compile=False)
-    lsalr = fxbackmatch.prepare(net, torch.randn(2, 4), rule="lsalr", compile=False)
+    lars = fxbackmatch.prepare(net, torch.randn(2, 4), rule="lars", compile=False, conventions="paper")
+    lsalr = fxbackmatch.prepare(net, torch.randn(2, 4), rule="lsalr", compile=False, conventions="paper")
     with torch.no_grad():
         net[0].weight.zero_()
     net(torch.randn(2, 4)).sum().backward()
@@ -151,7 +151,7 @@ def test_group_and_layer_norm_and_conv_transpose():
         nn.ConvTranspose2d(8, 4, 2, stride=2, bias=False), nn.Flatten(2), nn.LayerNorm(256),
     )
     x = torch.randn(2, 3, 8, 8)
-    plan = fxbackmatch.prepare(net, x, compile=False)
+    plan = fxbackmatch.prepare(net, x, compile=False, conventions="paper")
     s = plan.scales()
     ln_g = net[5].weight
     # LayerNorm at the output: m = 1; γ, β shared over the 4 channels; s = 4

@@ -47,7 +47,7 @@ def test_the_output_change_of_a_wide_layer_matches_the_least_squares_target(span
 def test_span_follows_each_calls_batch_and_leaves_narrow_layers_alone():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(512, 8), nn.ReLU(), nn.Linear(8, 4))
-    full = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False).scales()
+    full = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, conventions="paper").scales()
     plan = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, conventions=fxbackmatch.Conventions(span="batch"))
     for batch in (16, 64, 1024):
         x = torch.randn(batch, 512, dtype=torch.float64)
@@ -60,7 +60,7 @@ def test_span_follows_each_calls_batch_and_leaves_narrow_layers_alone():
         assert sc["0.weight"] == pytest.approx(full["0.weight"] * float(eig.mean() / on_span), rel=1e-9)
         assert sc["0.bias"] == pytest.approx(full["0.bias"], rel=1e-9)  # no fan-in
         assert sc["2.weight"] == pytest.approx(full["2.weight"], rel=1e-9)  # n = 8 < B
-    other = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False)
+    other = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, conventions="paper")
     with pytest.raises(fxbackmatch.PlanMismatchError, match="span"):
         other.load_state_dict(plan.state_dict())
 
@@ -115,13 +115,32 @@ def test_with_a_token_mask_only_the_real_tokens_are_rows():
     unpadded = fxbackmatch.prepare(net, (real, ones), compile=False, conventions=fxbackmatch.Conventions(span="batch"))
     net(real, ones)
     assert plan.scales()["inp.weight"] == pytest.approx(unpadded.scales()["inp.weight"], rel=1e-9)
-    full = fxbackmatch.prepare(net, (real, ones), compile=False).scales()["inp.weight"]
+    full = fxbackmatch.prepare(net, (real, ones), compile=False, conventions="paper").scales()["inp.weight"]
     assert unpadded.scales()["inp.weight"] == pytest.approx(full * (batch * 2 / 256), rel=1e-9)  # it did reduce
 
 
-def test_compile_step_refuses_what_reads_the_batch():
-    net = nn.Sequential(nn.Linear(64, 4))
-    for kw in ({"span": "batch"}, {"moments": "batch"}):
-        plan = fxbackmatch.prepare(net, torch.randn(2, 64), compile=False, conventions=fxbackmatch.Conventions(**kw))
-        with pytest.raises(fxbackmatch.FxBackmatchError, match="plan.attach"):
-            plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1))
+def test_compile_step_applies_what_reads_the_batch_as_attach_does():
+    """The fused step multiplies by the step's span (the batch size changes between steps) and
+    refreshes measured moments every ``refresh`` steps: the same weights as ``attach`` after
+    every step (the default conventions read the batch both ways)."""
+    def run(fused: bool):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
+        plan = fxbackmatch.prepare(net, torch.randn(2, 3, 6, 6), compile=False, refresh=2)
+        assert plan.span == "batch" and plan.moments == "batch"
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        step = plan.compile_step(opt) if fused else plan.attach(opt)
+        out = []
+        for k, b in enumerate((2, 5, 3, 8, 4)):
+            g = torch.Generator().manual_seed(k)
+            x, y = torch.randn(b, 3, 6, 6, generator=g), torch.randint(0, 4, (b,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            step() if fused else opt.step()
+            out.append([p.detach().clone() for p in net.parameters()])
+        return out
+
+    for a, b in zip(run(False), run(True)):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # float32 update order

@@ -86,7 +86,7 @@ def test_trains_says_a_diverging_run_is_not_ok():
     def run(lr):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
-        plan = fxbackmatch.prepare(net, torch.randn(2, 16), compile=False)
+        plan = fxbackmatch.prepare(net, torch.randn(2, 16), compile=False, conventions="paper")
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(20)]
         return trains(net, plan, batches, lr=lr)

@@ -17,7 +17,7 @@ from .records import Flow
 from ..capture.shapes import shape_of
 from ..capture.topology import carries_tensor, fetch_attr, numel_of
 
-__all__ = ["RuleContext", "positions", "flat_nodes", "fetch_attr"]
+__all__ = ["RuleContext", "positions", "flat_nodes", "fetch_attr", "param_view_source", "VIEW_METHODS"]
 
 
 def flat_nodes(args) -> list[fx.Node]:
@@ -61,11 +61,13 @@ class RuleContext:
         self.gamma_mode: str = walker.gamma
         self.relu_mode: str = walker.relu
         self.taps_mode: str = walker.taps
+        self.activations_mode: str = walker.activations
+        self.floor_mode: str = walker.floor
         #: the node's tensor-valued inputs, in argument order (kwargs after args); parameters
         #: (get_attr of an nn.Parameter) are not inputs — rules claim them with param_from_arg
         self.inputs: list[fx.Node] = [
             a for a in flat_nodes((node.args, node.kwargs))
-            if carries_tensor(a) and not (a.op == "get_attr" and isinstance(fetch_attr(walker.gm, a.target), nn.Parameter))
+            if carries_tensor(a) and not _is_param(walker.gm, param_view_source(a))
         ]
 
     # ----- shapes -------------------------------------------------------------------
@@ -115,10 +117,16 @@ class RuleContext:
         return self._w.claim(p, self.node)
 
     def param_from_arg(self, arg: Any) -> str | None:
-        """Canonical name of the parameter a ``get_attr`` argument refers to."""
-        if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            p = fetch_attr(self._w.gm, arg.target)
-            return self._w.claim(p, self.node, arg)
+        """Canonical name of the parameter a ``get_attr`` argument refers to, also when it is
+        read through a view (``self.gamma.view(1, -1, 1, 1)``, ``reshape``, ``expand``,
+        ``unsqueeze``, ...): a view of a parameter is the same parameter."""
+        src = param_view_source(arg)
+        if src is not None:
+            p = fetch_attr(self._w.gm, src.target)
+            first = arg
+            while first is not src and first.args[0] is not src:  # the view that reads the get_attr
+                first = first.args[0]
+            return self._w.claim(p, self.node if first is src else first, src)
         return None
 
     def buffer_from_arg(self, arg: Any) -> str | None:
@@ -132,19 +140,33 @@ class RuleContext:
     def numel_of_param(self, name: str) -> int:
         return self._w.params[name].numel()
 
-    def sumsq(self, name: str) -> Mono:
-        """``sum(W²)`` of parameter ``name``, as a per-step atom."""
-        return Mono.atom(self.atoms.weight(name))
+    def sumsq(self, name: str, init_var: float | None = None) -> Mono:
+        """``sum(W²)`` of parameter ``name``, as a per-step atom.
 
-    def mean_sq(self, name: str) -> Mono:
-        """``mean(W²)`` of parameter ``name`` (e.g. ``mean(γ²)``)."""
-        return self.sumsq(name) / self.numel_of_param(name)
+        With ``floor="init"`` it is ``max(sum(W²), numel·v₀)``: the parameter counts at least
+        as much as at its initialization, ``v₀`` the variance of its layer kind's default
+        initializer — ``init_var`` where the rule gives it (embeddings: 1, γ: 1), else torch's
+        ``kaiming_uniform_(a=√5)`` of Linear/Conv: ``v₀ = 1/(3·fan_in)``, so the floor is
+        ``shape[0]/3``; 1-D parameters get no floor unless ``init_var`` is given."""
+        floor = 0.0
+        if self.floor_mode == "init":
+            shape = self.param_shape(name)
+            if init_var is not None:
+                floor = self.numel_of_param(name) * float(init_var)
+            elif len(shape) >= 2:
+                floor = shape[0] / 3.0
+        return Mono.atom(self.atoms.weight(name, floor))
+
+    def mean_sq(self, name: str, init_var: float | None = None) -> Mono:
+        """``mean(W²)`` of parameter ``name`` (e.g. ``mean(γ²)``), floored as :meth:`sumsq`."""
+        return self.sumsq(name, init_var) / self.numel_of_param(name)
 
     def gamma_sq(self, name: str) -> Mono:
         """``mean(γ²)`` of a multiplicative parameter (norm γ, layer scale) as this plan counts
         it — forward moments and backward chain alike: ``1`` with ``gamma="one"`` (the
-        network the paper trains, BN without γ, §2.3, §4), ``mean(γ²)`` with ``gamma="exact"``."""
-        return self.mean_sq(name) if self.gamma_mode == "exact" else Mono()
+        network the paper trains, BN without γ, §2.3, §4), ``mean(γ²)`` with ``gamma="exact"``
+        (``max(mean(γ²), 1)`` with ``floor="init"``: γ's initial value is 1)."""
+        return self.mean_sq(name, 1.0) if self.gamma_mode == "exact" else Mono()
 
     def stat_mean(self, ref: str) -> Mono:
         """Mean of the buffer at qualified name ``ref`` (e.g. a BN ``running_var``)."""
@@ -153,6 +175,11 @@ class RuleContext:
     def stat_inv_mean(self, ref: str, eps: float = 0.0) -> Mono:
         """``mean(1/(x + eps))`` of the buffer at ``ref`` (``mean_c(1/(running_var_c + eps))``)."""
         return Mono.atom(self.atoms.stat_inv(ref, eps))
+
+    def value_now(self, mono: Mono) -> float | None:
+        """``mono``'s value at the current weights and statistics, or ``None`` where it reads
+        a value only a batch gives (a measured moment, a gradient)."""
+        return self._w.value_now(mono)
 
     # ----- the walk -----------------------------------------------------------------
     def pass_to(self, node: fx.Node, m: Mono, frac: float | None = None, chan: float | None = None) -> None:
@@ -192,6 +219,34 @@ class RuleContext:
         ``k`` a :class:`Mono` that multiplies ``m`` for that parameter only (a layer scale's
         ``E[x²]``); ``None`` names are skipped."""
         self._w.add_layer(self, kind, params, weight, s, c, input_node, notes)
+
+
+#: ops that read a tensor as it is, only laid out differently: a parameter read through them
+#: is still that parameter (not ``expand``: copies read ``r`` times are a layer of their own,
+#: :func:`~.rules.transformer.expand_rule`)
+VIEW_METHODS = ("view", "reshape", "unsqueeze", "squeeze", "flatten", "permute",
+                "transpose", "contiguous", "view_as", "reshape_as", "to", "type_as")
+
+
+def param_view_source(arg: Any, depth: int = 0) -> fx.Node | None:
+    """The ``get_attr`` node ``arg`` reads, directly or through views (:data:`VIEW_METHODS`,
+    ``torch.reshape``/``unsqueeze``/``flatten``/...), or ``None``."""
+    import torch
+
+    if not isinstance(arg, fx.Node) or depth > 8:
+        return None
+    if arg.op == "get_attr":
+        return arg
+    is_view = (arg.op == "call_method" and arg.target in VIEW_METHODS) or (
+        arg.op == "call_function" and arg.target in (torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten,
+                                                     torch.permute, torch.transpose))
+    if is_view and arg.args and isinstance(arg.args[0], fx.Node) and len(arg.users) == 1:
+        return param_view_source(arg.args[0], depth + 1)
+    return None
+
+
+def _is_param(gm: fx.GraphModule, node: fx.Node | None) -> bool:
+    return node is not None and isinstance(fetch_attr(gm, node.target), nn.Parameter)
 
 
 def _unit(x: float) -> float:

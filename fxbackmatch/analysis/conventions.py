@@ -1,15 +1,18 @@
 """The approximation conventions of the back-matching chain, as one typed value.
 
 Every switch that picks *how* a layer's factors are approximated — not which rule, which
-parameters or how the plan runs — is a field of :class:`Conventions`. ``prepare(model, x,
-conventions="paper")`` takes the named instance :data:`CONVENTIONS` ``["paper"]``, which is
-``Conventions()``: the paper's choices, and ``prepare``'s default.
+parameters or how the plan runs — is a field of :class:`Conventions`. Two named instances
+(:data:`CONVENTIONS`): ``"default"`` (:data:`DEFAULT`), what ``prepare`` uses, chosen by
+evidence (docs/zoo.md, docs/results.md); ``"paper"``, which is ``Conventions()``: the paper's
+choices, bit for bit what ``prepare`` did before 0.3. Each field's zero point is the paper.
 
 >>> from fxbackmatch import Conventions
 >>> Conventions.named("paper") == Conventions()
 True
 >>> Conventions.named("paper").replace(relu="exact").relu
 'exact'
+>>> Conventions.named("default").activations
+'meanfield'
 
 The allowed values of each field live here too (``GAMMA_MODES``, ``RELU_MODES``, ...); the
 walk (:mod:`.walk`) reads them from this module. This module imports only :mod:`.span`.
@@ -26,7 +29,7 @@ from typing import Any
 from .span import SPANS
 
 __all__ = ["Conventions", "CONVENTIONS", "FIELDS", "GAMMA_MODES", "RELU_MODES", "UNNORMALIZED_MODES", "TAPS_MODES",
-           "MOMENT_MODES", "VARIANCES", "SPANS", "check_choice", "check_cap", "resolve", "merge_legacy"]
+           "MOMENT_MODES", "VARIANCES", "ACTIVATION_MODES", "LEGACY_FIELDS", "FLOOR_MODES", "DEFAULT", "SPANS", "check_choice", "check_cap", "resolve", "merge_legacy"]
 
 #: how multiplicative parameters (norm γ, layer scales) enter the chain: ``"one"`` treats
 #: them as 1 (the paper, §2.3, §4: BN without trainable γ); ``"exact"`` multiplies by mean(γ²).
@@ -53,6 +56,17 @@ TAPS_MODES = ("all", "valid")
 MOMENT_MODES = ("derived", "batch", "measured")
 #: the ``moments`` values a :class:`Conventions` takes
 CONVENTION_MOMENTS = ("derived", "batch")
+#: how elementwise activations enter: ``"paper"`` — the identity (eq. 31; ReLU as ``relu``
+#: says); ``"meanfield"`` — under a zero-mean Gaussian pre-activation of the variance the chain
+#: knows, ``m ← m·E[φ'(z)²]`` and ``E[a²] ← Var[φ(z)]`` (:mod:`.meanfield`), for every
+#: activation whose input is a norm's or a weighted layer's output (ReLU: ``relu="exact"``'s
+#: ½ and ½ − 1/2π), and for any op found to be elementwise
+ACTIVATION_MODES = ("paper", "meanfield")
+#: ``"none"`` — weights count with their norms as they are (the paper); ``"init"`` — the
+#: reference floor: a weight's ``sum(W²)`` counts at least as at its default initialization
+#: (``numel·v₀``: ``shape[0]/3`` for torch Linear/Conv, ``numel`` for embeddings), and γ
+#: (``gamma="exact"``) at least 1 (docs/derivations.md, "The reference floor")
+FLOOR_MODES = ("none", "init")
 #: where a BatchNorm's input variance comes from: ``"weights"`` — the row-norm approximation
 #: from the weights below; ``"measured"`` — the BatchNorm's running variance
 VARIANCES = ("weights", "measured")
@@ -93,11 +107,15 @@ class Conventions:
     variance: str = "weights"
     #: ``None``: scales as computed; a finite number ``> 1``: every scale clamped into ``[1/cap, cap]``
     cap: float | None = None
+    #: ``"paper"``: activations are the identity; ``"meanfield"``: ``E[φ'²]`` back, ``Var[φ]`` forward
+    activations: str = "paper"
+    #: ``"none"``: norms as they are; ``"init"``: a weight counts at least as at its default init
+    floor: str = "none"
 
     def __post_init__(self) -> None:
         for key, allowed in (("gamma", GAMMA_MODES), ("relu", RELU_MODES), ("unnormalized", UNNORMALIZED_MODES),
                              ("taps", TAPS_MODES), ("moments", CONVENTION_MOMENTS), ("span", SPANS),
-                             ("variance", VARIANCES)):
+                             ("variance", VARIANCES), ("activations", ACTIVATION_MODES), ("floor", FLOOR_MODES)):
             check_choice(key, getattr(self, key), allowed)
         check_cap(self.cap)
 
@@ -110,7 +128,7 @@ class Conventions:
 
     @classmethod
     def named(cls, name: str) -> "Conventions":
-        """The named instance ``name`` of :data:`CONVENTIONS` (``"paper"``)."""
+        """The named instance ``name`` of :data:`CONVENTIONS` (``"default"``, ``"paper"``)."""
         try:
             return CONVENTIONS[name]
         except (KeyError, TypeError):
@@ -120,9 +138,18 @@ class Conventions:
 
 #: the fields of :class:`Conventions`, in order
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Conventions))
+#: the fields that were ``prepare`` keywords before :class:`Conventions` (still accepted, deprecated)
+LEGACY_FIELDS: tuple[str, ...] = ("gamma", "relu", "taps", "span", "moments", "unnormalized", "variance", "cap")
 
-#: named conventions ``prepare(conventions=...)`` accepts; ``"paper"`` is ``prepare``'s default
-CONVENTIONS: dict[str, Conventions] = {"paper": Conventions()}
+#: the conventions ``prepare`` uses unless told otherwise, chosen by evidence (docs/zoo.md,
+#: docs/results.md): mean-field activations, only the conv taps that read input, normal
+#: matrices on the batch's span, averaged moments measured on the batch, the reference floor
+DEFAULT = Conventions(relu="exact", activations="meanfield", taps="valid", span="batch", moments="batch",
+                      floor="init")
+
+#: named conventions ``prepare(conventions=...)`` accepts: ``"default"`` (:data:`DEFAULT`,
+#: ``prepare``'s default) and ``"paper"`` (``Conventions()``: the paper's choices, bit for bit)
+CONVENTIONS: dict[str, Conventions] = {"default": DEFAULT, "paper": Conventions()}
 
 
 def resolve(conventions: "str | Conventions") -> Conventions:
@@ -141,11 +168,13 @@ def merge_legacy(conventions: Conventions, legacy: dict[str, Any], where: str = 
     field of :class:`Conventions`, each warned about (a :class:`DeprecationWarning` at the
     caller of ``where``); any other keyword raises :class:`TypeError` as Python would."""
     for key in legacy:
-        if key not in FIELDS:
+        if key not in LEGACY_FIELDS:
             raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
     for key, value in legacy.items():
         warnings.warn(
-            f"{where}({key}=...) is deprecated: pass conventions=fxbackmatch.Conventions({key}={value!r}), "
-            f"or conventions=fxbackmatch.Conventions.named('paper').replace({key}={value!r})",
+            f"{where}({key}=...) is deprecated, and it now applies over the chosen conventions (the new "
+            f"default unless conventions= says otherwise): pass conventions=fxbackmatch.Conventions.named("
+            f"'default').replace({key}={value!r}), or conventions=fxbackmatch.Conventions.named('paper')"
+            f".replace({key}={value!r}) for what prepare({key}={value!r}) gave before 0.3",
             DeprecationWarning, stacklevel=stacklevel)
     return conventions.replace(**legacy) if legacy else conventions

@@ -6,6 +6,7 @@ from the model each step:
 
 * ``weight_sumsq``: ``sum(W**2)`` of a parameter (the norms ``||W||²_{2,μ}`` and
   ``||Wᵀ||²_{2,μ}`` are this divided by the number of rows or columns, a constant);
+  ``max(sum(W**2), param)`` where ``param > 0`` (the reference floor, ``floor="init"``);
 * ``grad_sumsq``: ``sum(δW**2)`` (for the LARS and LSALR rules);
 * ``grad_rows``: the number of rows of ``δW`` not all zero (an embedding's rows read this step);
 * ``stat_mean``: the mean of a buffer (BatchNorm ``running_var``, "measured variance");
@@ -103,8 +104,9 @@ class AtomTable:
             self.atoms.append(atom)
         return self._index[atom]
 
-    def weight(self, ref: str) -> int:
-        return self.intern(Atom("weight_sumsq", ref))
+    def weight(self, ref: str, floor: float = 0.0) -> int:
+        """``sum(W²)`` of parameter ``ref``; ``max(sum(W²), floor)`` with a ``floor > 0``."""
+        return self.intern(Atom("weight_sumsq", ref, param=float(floor)))
 
     def grad(self, ref: str) -> int:
         return self.intern(Atom("grad_sumsq", ref))

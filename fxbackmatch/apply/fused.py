@@ -201,6 +201,17 @@ class FusedStep:
         groups = self.optimizer.param_groups
         index, group_of, wd, slot = self.index, self.group_of, self.weight_decay, self._slot
         read_at, kept_at, n_w, n_kept = self._read_at, self._kept_at, len(rt.weights), len(self._kept)
+        per_step, cap = rt.multiplier is not None, rt.gen.cap
+        plain = factors
+
+        def factors(weight_sq, grads, stats, consts):  # noqa: F811 - the plan's per-step multiplier, if any
+            out = plain(weight_sq, grads, stats, consts)
+            if per_step:  # the batch's span / token share, as Runtime.scales applies it
+                out = out * consts["mult"]
+                if cap is not None:
+                    out = out.clamp(1.0 / cap, cap)
+            return out
+
         if self.kind == "sgd":
             momentum = [float(g["momentum"]) for g in groups]
             nesterov = [bool(g["nesterov"]) for g in groups]
@@ -239,6 +250,12 @@ class FusedStep:
             self._fn = self._build()
         dev = rt.device()
         consts = rt._consts.get(dev) or rt._consts.setdefault(dev, rt.gen.constants_on(dev))
+        self.plan._step_hook()  # measured moments / factors: refreshed in place every `refresh` steps
+        if rt.multiplier is not None:
+            mult = rt.multiplier()
+            n = len(rt.targets)
+            mult = torch.ones(n, dtype=torch.float64, device=dev) if mult is None else mult.to(dev, torch.float64)
+            consts = {**consts, "mult": mult}
         lrs = [torch.as_tensor(g["lr"], dtype=torch.float64, device=dev) for g in self.optimizer.param_groups]
         stats = [rt.buffers[r] for r in rt.stat_refs]
         kept = self._kept_sq()
@@ -254,16 +271,8 @@ def _mark(t: torch.Tensor) -> tuple[int, int]:
 
 
 def compile_step(plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: float = 0.0) -> FusedStep:
-    """A :class:`FusedStep` for ``optimizer``; refuses plans whose scales read each step's batch."""
-    from ..errors import FxBackmatchError
-
-    per_step = [f"{k}={v!r}" for k, v, default in (
-        ("token_mask", plan.token_mask, None), ("span", plan.span, "full"), ("moments", plan.moments, "derived"),
-        ("factors", plan.factors, "derived")) if v != default]
-    if per_step:
-        raise FxBackmatchError(
-            f"compile_step fuses the scales computed from the weights alone; this plan has "
-            f"{', '.join(per_step)}, which reads each step's batch (its size, mask or measured "
-            f"statistics).\n  What to do: use plan.attach(optimizer), which applies them every step."
-        )
+    """A :class:`FusedStep` for ``optimizer``. Plans whose scales read each step's batch
+    (``span="batch"``, a token mask) multiply them by the step's multiplier inside the fused
+    update; measured moments and factors are refreshed every ``refresh`` steps, as ``attach``
+    does."""
     return FusedStep(plan, optimizer, weight_decay, compile=plan.compile)

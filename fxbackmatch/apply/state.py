@@ -68,5 +68,8 @@ def deepcopy_plan(plan: "Plan", memo: dict) -> "Plan":
     new._attached = []
     new._last_call = None
     if new._analysis is not None:
-        finish(new)
+        if "_parameters" in new.model.__dict__:
+            finish(new)
+        else:  # copied from inside the model's own deepcopy (a hook holds the plan): the
+            new._finish_pending = True  # model is half-built; finish on first use
     return new

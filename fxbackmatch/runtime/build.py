@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..analysis.expr import Mono
+from ..analysis.gaps import local_refs
 from ..analysis.guards import SCALE_RANGE, out_of_range, unnormalized_layers
 from ..analysis.methods import METHODS, scale_of
 from ..analysis.span import batch_of, span_table
@@ -81,6 +82,7 @@ def build(plan: "Plan", example_inputs: Sequence[torch.Tensor], example_kwargs: 
         gm, plan.model, reg, strict=plan.strict, variance=plan.variance,
         gamma=plan.gamma, outputs=plan.outputs, relu=plan.relu, unnormalized=plan.unnormalized,
         taps=plan.taps, moments="measured" if plan.factors == "measured" else plan.moments,
+        activations=plan.conventions.activations, floor=plan.conventions.floor,
     )
     bare = unnormalized_layers(gm, reg, [r.node for r in a.layers])
     a.layers = [dataclasses.replace(r, notes=r.notes + (NO_NORM_NOTE,)) if r.node in bare else r for r in a.layers]
@@ -181,14 +183,17 @@ def finish(plan: "Plan") -> None:
 
 
 def measures(plan: "Plan") -> bool:
-    """Whether the plan has atoms measured on the live batch (refreshed every K steps)."""
-    return plan.factors == "measured" or (
-        plan.moments == "batch" and bool(plan._analysis and plan._analysis.moment_nodes))
+    """Whether the plan has atoms measured on the live batch (refreshed every K steps): the
+    layers' ``m`` (``factors="measured"``), averaged moments (``moments="batch"``), or the
+    own factors of ops no rule covers (:mod:`fxbackmatch.analysis.gaps`)."""
+    a = plan._analysis
+    return plan.factors == "measured" or bool(a and local_refs(a.atoms)) or (
+        plan.moments == "batch" and bool(a and a.moment_nodes))
 
 
 def measure_atoms(plan: "Plan", a: Analysis) -> None:
     layers = [MEASURED_PREFIX + rec.node for rec in a.layers] if plan.factors == "measured" else []
-    for key in layers + [MOMENT_PREFIX + n for n in a.moment_nodes]:
+    for key in layers + [MOMENT_PREFIX + n for n in a.moment_nodes] + local_refs(a.atoms):
         if key not in plan._measured:
             plan._measured[key] = torch.ones((), dtype=torch.float64)
         a.atoms.stat(key)
@@ -251,6 +256,8 @@ def eager_scales(plan: "Plan") -> dict[str, float]:
 def check(plan: "Plan") -> None:
     """The plan is ready and its parameters are still the model's (following FSDP2 sharding)."""
     need(plan)
+    if plan.__dict__.pop("_finish_pending", False):  # a deepcopy made while the model was half-built
+        finish(plan)
     try:
         check_identity(plan)
     except PlanMismatchError:

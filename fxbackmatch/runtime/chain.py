@@ -330,8 +330,8 @@ class HostChain:
     log-sum-exp per sum atom, zero coefficients ignored (a non-finite norm reaches only the
     scales that depend on it), the cap, ``exp``. Only for chains whose stages are all sums."""
 
-    def __init__(self, stages, final, final_b, cap: float | None) -> None:
-        self.stages, self.final, self.final_b = stages, final, final_b
+    def __init__(self, stages, final, final_b, cap: float | None, lo: list[float] | None = None) -> None:
+        self.stages, self.final, self.final_b, self.lo = stages, final, final_b, lo
         self.log_cap = None if cap is None else math.log(cap)
 
     @classmethod
@@ -341,10 +341,12 @@ class HostChain:
         stages = [(sparse(c[k]), c[k[:-2] + "_b"].tolist()) for k in c if k.endswith("_A") and k != "A"]
         if len(stages) != gen.n_stages or "A" not in c or not len(c["b"]):
             return None  # LARS / LSALR atoms: keep the generated chain
-        return cls(stages, sparse(c["A"].reshape(len(c["b"]), -1)), c["b"].tolist(), gen.cap)
+        lo = c["lo"].tolist() if "lo" in c else None  # the reference floor of each base entry
+        return cls(stages, sparse(c["A"].reshape(len(c["b"]), -1)), c["b"].tolist(), gen.cap, lo)
 
     def __call__(self, base: list[float]) -> list[float]:
-        x = [math.log(max(v, EPS)) for v in base]  # max keeps a NaN, as clamp_min does
+        lo = self.lo or [EPS] * len(base)
+        x = [math.log(max(v, f)) for v, f in zip(base, lo)]  # max keeps a NaN, as clamp_min does
         for rows, bs in self.stages:
             terms = [sum(a * x[j] for j, a in row) + b for row, b in zip(rows, bs)]
             x.append(_logsumexp(terms))

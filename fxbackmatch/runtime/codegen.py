@@ -134,6 +134,11 @@ def generate(
         '    all-reduce their local partial sums into it first)."""',
         f"    log_atoms = torch.log(base.to(torch.float64).clamp_min({EPS!r}))",
     ]
+    lo = [max(atoms[i].param, EPS) if atoms[i].kind == "weight_sumsq" else EPS for i in order]
+    if any(v > EPS for v in lo):  # floor="init": max(sum(W²), numel·v₀) per weight
+        consts["lo"] = torch.tensor(lo, dtype=torch.float64)
+        lines[-1] = ('    log_atoms = torch.log(torch.maximum(base.to(torch.float64), C["lo"]))'
+                     '  # the reference floor: a weight counts at least as at init')
     width = len(order)
     for i, a in enumerate(atoms):
         if a.kind in base or a.kind in STAT_KINDS:

@@ -13,7 +13,7 @@ __all__ = ["atom_str", "mono_str", "describe_uses"]
 def atom_str(i: int, atoms: Sequence[Atom]) -> str:
     a = atoms[i]
     if a.kind == "weight_sumsq":
-        return f"Σ{a.ref}²"
+        return f"max(Σ{a.ref}², {a.param:.4g})" if a.param > 0 else f"Σ{a.ref}²"
     if a.kind == "grad_sumsq":
         return f"Σδ{a.ref}²"
     if a.kind == "stat_mean":

@@ -52,6 +52,7 @@ def atom_values(
     for a in atoms:
         if a.kind == "weight_sumsq":
             v = float(sumsq(tensor(a.ref)))
+            v = max(v, a.param) if math.isfinite(v) else v  # the reference floor (floor="init")
             if not math.isfinite(v):
                 from ..errors import NonFiniteWeightError
 

@@ -1,4 +1,4 @@
 """Built-in rules. Importing this package registers them in the default registry."""
-from . import layers, ops, structure, transformer  # noqa: F401
+from . import activations, compose, layers, ops, structure, transformer  # noqa: F401
 
-__all__ = ["layers", "ops", "structure", "transformer"]
+__all__ = ["activations", "compose", "layers", "ops", "structure", "transformer"]

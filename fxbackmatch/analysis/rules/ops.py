@@ -5,8 +5,7 @@ reductions, scaling and gates (additions, concatenation, slicing, padding and co
 Each is the least-squares factor of the op's (linearized) Jacobian, ``mean diag(JᵀJ)`` under
 the paper's approximations (see ``docs/derivations.md``):
 
-* pointwise activations — ``δ'a = δa`` (the paper's ReLU result, eq. 31; other activations
-  are treated the same way: their derivative is applied by back-propagation itself);
+* pointwise activations — :mod:`.activations` (the paper's identity, eq. 31, or mean-field);
 * reshapes / dropout / identity — ``m``, positions and channels unchanged;
 * max pooling, ``amax`` — ``m`` unchanged, only ``out/in`` of the positions carry gradient
   (this is what makes ``s_cv1 = 196`` in LeNet);
@@ -45,21 +44,17 @@ except Exception:  # pragma: no cover - torchvision is a dependency, but stay im
     _StochasticDepth = nn.Identity
 
 _ACTIVATION_MODULES = (
-    _StochasticDepth, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-    nn.SiLU, nn.Mish, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.Flatten,
+    _StochasticDepth, nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.Flatten,
     nn.Unflatten, nn.LogSoftmax,
 )
 _ACTIVATION_FUNCTIONS = (
-    F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
-    F.gelu, F.silu, F.mish, torch.tanh, F.tanh, F.hardtanh, F.hardswish, F.softplus,
-    F.softsign, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
     torch.transpose, torch.clone, F.log_softmax, torch.log_softmax, torch.unflatten,
     torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis, torch.roll,
 )
 _ACTIVATION_METHODS = (
-    "tanh", "tanh_", "view", "view_as", "reshape", "reshape_as", "flatten",
+    "view", "view_as", "reshape", "reshape_as", "flatten",
     "contiguous", "permute", "transpose", "squeeze", "unsqueeze", "clone", "float", "double",
     "half", "bfloat16", "to", "type_as", "log_softmax", "detach_", "unflatten",
     "swapaxes", "swapdims", "movedim", "moveaxis", "roll",
@@ -71,48 +66,10 @@ _ACTIVATION_METHODS = (
     transparent=True,
 )
 def identity_rule(ctx: RuleContext) -> None:
-    """Pointwise activations, dropout, identity and reshapes: the flow passes unchanged."""
+    """Dropout, identity and reshapes: the flow passes unchanged (activations:
+    :mod:`.activations`)."""
     if ctx.inputs:
         ctx.pass_to(ctx.inputs[0], ctx.m_out)
-
-
-#: ``Var[relu(z)]`` for a normalized ``z``
-RELU_VAR = 0.5 - 1 / (2 * math.pi)
-
-
-def _relu_exact(ctx: RuleContext) -> bool:
-    """``relu="exact"`` applies where its values hold: a ReLU of a norm layer's output, whose
-    input is zero-mean and symmetric (half active, ``Var = 1/2 − 1/2π``). A ReLU of a residual
-    sum (a non-negative stream plus a branch: mostly active) keeps the paper's identity."""
-    if ctx.relu_mode != "exact" or not ctx.inputs:
-        return False
-    rule = ctx.rule_of(ctx.inputs[0])
-    return rule is not None and rule.norm
-
-
-def _relu_moment(ctx: RuleContext) -> Mono | None:
-    below, _ = ctx.variance_below(ctx.inputs[0]) if ctx.inputs else (None, "")
-    if not _relu_exact(ctx):
-        return below  # the paper: ReLU as the identity
-    return (below if below is not None else Mono()) * RELU_VAR
-
-
-@register_rule(
-    module=nn.ReLU, function=(F.relu, F.relu_, torch.relu, torch.relu_), method=("relu", "relu_"),
-    transparent=True, moment=_relu_moment,
-)
-def relu_rule(ctx: RuleContext) -> None:
-    """ReLU. ``relu="paper"`` (default): the identity (eq. 31) — ``m``, positions and channels
-    unchanged. ``relu="exact"``: each unit passes gradient with probability 1/2, independently
-    of its position and channel, so ``mean diag(JᵀJ)`` over the input halves, ``m ← m/2`` (the
-    layer below shares its weight over half of its outputs' entries, and its inputs see half of
-    its column norm), and the output variance is
-    ``(1/2 − 1/2π)·E[z²]`` — together ``1 − 1/π`` per conv–BN–ReLU stage, the paper's drift
-    on deep nets (docs/derivations.md) — where the ReLU reads a norm layer's output (zero-mean
-    input); a ReLU after a residual addition stays the identity. ``s`` still counts every
-    position, as the paper's."""
-    if ctx.inputs:
-        ctx.pass_to(ctx.inputs[0], ctx.m_out * (0.5 if _relu_exact(ctx) else 1.0))
 
 
 #: ``E[σ(z)²]`` of a gate near its operating point ``z ≈ 0`` (``σ(0)² = 1/4``): a heuristic, noted

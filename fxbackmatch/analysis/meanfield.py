@@ -1,0 +1,153 @@
+"""Mean-field factors of elementwise activations, by Gauss–Hermite quadrature.
+
+Under a Gaussian pre-activation ``z ~ N(μ, σ²)`` an elementwise ``y = φ(z)`` has the
+Jacobian ``diag(φ'(z))``, so its least-squares backward factor is ``E[φ'(z)²]`` and its
+output has the second moment ``E[φ(z)²]`` and the variance ``Var[φ(z)]``. For ReLU at
+``μ = 0``: ``1/2``, ``σ²/2`` and ``(1/2 − 1/2π)·σ²`` — the values of ``relu="exact"``.
+Every other activation (GELU, SiLU, tanh, ELU, LeakyReLU, hardswish, Mish, softplus, …)
+and any op found to be pointwise (:func:`pointwise_callable`) gets its values the same
+way, once per (function, σ², μ): :func:`gaussian_factors` is memoized.
+
+>>> f = gaussian_factors(torch.relu, 1.0)
+>>> round(f.back, 4), round(f.second, 4), round(f.var, 4)
+(0.5, 0.5, 0.3408)
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+__all__ = ["MeanField", "gaussian_factors", "hermite_rule", "pointwise_callable", "NODES"]
+
+#: quadrature nodes: even, so no node sits on a kink at 0 (ReLU's step derivative is then
+#: integrated exactly at μ = 0) and smooth activations are exact to float64 rounding
+NODES = 160
+
+
+@dataclass(frozen=True)
+class MeanField:
+    """``E[φ'(z)²]``, ``E[φ(z)²]`` and ``Var[φ(z)]`` for ``z ~ N(mean, var)``."""
+
+    back: float
+    second: float
+    var: float
+    mean: float  # E[φ(z)]
+
+
+@functools.lru_cache(maxsize=8)
+def hermite_rule(n: int = NODES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes ``x_i`` and weights ``w_i`` (float64) with ``Σ w_i f(x_i) ≈ E[f(Z)]``,
+    ``Z ~ N(0, 1)``: the Golub–Welsch eigenvalues of the (probabilists') Hermite Jacobi
+    matrix, whose off-diagonal is ``√k``."""
+    k = torch.arange(1, n, dtype=torch.float64)
+    jac = torch.diag(k.sqrt(), 1) + torch.diag(k.sqrt(), -1)
+    x, vecs = torch.linalg.eigh(jac)
+    w = vecs[0] ** 2  # the first components squared, for a unit-mass weight
+    return x, w / w.sum()
+
+
+
+@functools.lru_cache(maxsize=4096)
+def _factors(fn: Callable, var: float, mean: float) -> MeanField:
+    x, w = hermite_rule()
+    z = (mean + math.sqrt(max(var, 0.0)) * x).clone().requires_grad_(True)
+    with torch.enable_grad():
+        y = fn(z.clone())
+        if not isinstance(y, torch.Tensor) or y.shape != z.shape:
+            raise ValueError(f"{fn!r} is not elementwise: output shape {getattr(y, 'shape', None)} for input {tuple(z.shape)}")
+        (dy,) = torch.autograd.grad(y.sum(), z, allow_unused=True)
+    y = y.detach().double()
+    dy = torch.zeros_like(z) if dy is None else dy.double()
+    first = float((w * y).sum())
+    second = float((w * y * y).sum())
+    back = float((w * dy * dy).sum())
+    return MeanField(back=back, second=second, var=max(second - first * first, 0.0), mean=first)
+
+
+def gaussian_factors(fn: Callable[[torch.Tensor], torch.Tensor], var: float, mean: float = 0.0) -> MeanField:
+    """The mean-field factors of ``fn`` under ``z ~ N(mean, var)`` (memoized; ``var`` and
+    ``mean`` are rounded to 6 significant digits so near-equal variances share an entry)."""
+    return _factors(fn, float(f"{var:.6g}"), float(f"{mean:.6g}"))
+
+
+class _Bound:
+    """``fn`` with every argument but the tensor fixed: hashable, so the memo can key on it."""
+
+    def __init__(self, kind: str, target: Any, args: tuple, kwargs: tuple, slot: int):
+        self.kind, self.target, self.args, self.kwargs, self.slot = kind, target, args, kwargs, slot
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        args = list(self.args)
+        args[self.slot] = t
+        kwargs = dict(self.kwargs)
+        if self.kind == "call_method":
+            return getattr(args[0], self.target)(*args[1:], **kwargs)
+        return self.target(*args, **kwargs)
+
+    def _id(self) -> tuple:
+        return (self.kind, self.target if self.kind != "call_module" else id(self.target), self.args, self.kwargs, self.slot)
+
+    def __hash__(self) -> int:
+        return hash(self._id())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Bound) and self._id() == other._id()
+
+    def __repr__(self) -> str:
+        return f"{getattr(self.target, '__name__', self.target)}(…)"
+
+
+def _frozen(v: Any) -> Any:
+    """A hashable copy of a constant argument, or raise TypeError."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(e) for e in v)
+    hash(v)
+    return v
+
+
+def pointwise_callable(node: fx.Node, gm: fx.GraphModule, x: fx.Node) -> Callable | None:
+    """``t ↦ node's op applied to t`` in place of its tensor input ``x``, every other argument
+    as traced — if the op is elementwise: it keeps a 1-D tensor's shape, commutes with
+    reversing it, and takes no other tensor. ``None`` otherwise (and for modules with
+    parameters or random ops: dropout)."""
+    try:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if any(True for _ in mod.parameters()) or isinstance(mod, torch.nn.modules.dropout._DropoutNd):
+                return None
+            fn = _Bound("call_module", mod, (None,), (), 0)
+        else:
+            slot = None
+            args = []
+            for i, a in enumerate(node.args):
+                if a is x and slot is None:
+                    slot = i
+                    args.append(None)
+                elif isinstance(a, fx.Node):
+                    val = a.meta.get("val")
+                    if isinstance(val, torch.Tensor) or val is None:
+                        return None
+                    args.append(_frozen(val))
+                else:
+                    args.append(_frozen(a))
+            if slot is None or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+                return None
+            name = getattr(node.target, "__name__", str(node.target))
+            if "dropout" in name:
+                return None  # random
+            fn = _Bound(node.op, node.target, tuple(args), tuple(sorted((k, _frozen(v)) for k, v in node.kwargs.items())), slot)
+        t = torch.linspace(-3.0, 3.0, 17, dtype=torch.float64)
+        with torch.no_grad():
+            y = fn(t.clone())  # a copy: in-place ops (relu_) must not change the probe
+            if not isinstance(y, torch.Tensor) or y.shape != t.shape or not y.is_floating_point():
+                return None
+            if not torch.allclose(fn(t.flip(0).clone()), y.flip(0), equal_nan=True):
+                return None
+        return fn
+    except Exception:  # any op that will not take a 1-D float64 tensor is not one we can probe
+        return None
