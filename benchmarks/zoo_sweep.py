@@ -71,6 +71,10 @@ def main() -> None:
     ap.add_argument("--out", default="docs/zoo.md")
     ap.add_argument("--only", default="")
     ap.add_argument("--results", default="runs/zoo.jsonl")
+    ap.add_argument("--conventions", default="default", choices=("default", "paper"),
+                    help="the named conventions every model is prepared with (--option fields apply over them)")
+    ap.add_argument("--compare", default="", metavar="JSONL",
+                    help="another sweep's results (e.g. the paper set's): its ok column is shown beside this one")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="a prepare() option or Conventions field for every model, e.g. relu=exact (repeatable)")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-jpeg.npz"))
@@ -80,7 +84,8 @@ def main() -> None:
     names = args.only.split(",") if args.only else (
         torchvision.models.list_models(module=torchvision.models) + list(VARIANTS))
     options = dict(o.split("=", 1) for o in args.option)
-    conventions = Conventions(**{k: float(v) if k == "cap" else v for k, v in options.items() if k in FIELDS})
+    conventions = Conventions.named(args.conventions).replace(
+        **{k: float(v) if k == "cap" else v for k, v in options.items() if k in FIELDS})
     rest = {k: v for k, v in options.items() if k not in FIELDS}
     batches = cifar_batches(args.data)
     res = Path(args.results)

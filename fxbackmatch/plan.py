@@ -39,7 +39,7 @@ class Plan:
 
     def __init__(
         self, model: nn.Module, *, leaf_modules: Sequence = (), rule: str = "backmatch", adapt: str = "all",
-        strict: bool = True, compile: bool = True, trust_coefficient: float = 1e-3, registry: RuleRegistry | None = None,
+        strict: bool = False, compile: bool = True, trust_coefficient: float = 1e-3, registry: RuleRegistry | None = None,
         capture: str = "auto", outputs: Any = None, factors: str = "derived", refresh: int = 10, probes: int = 4,
         token_mask: str | int | None = None, conventions: Conventions | None = None,
     ) -> None:

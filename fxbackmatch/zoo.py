@@ -113,13 +113,14 @@ def build(name: str, num_classes: int = 10) -> nn.Module:
     return torchvision.models.get_model(base, weights=None, num_classes=num_classes, **kw)
 
 
-def sweep_model(name: str, batches=None, conventions: str | Conventions = "paper", **options) -> ZooResult:
-    """Prepare ``name`` (strict, then lenient if that fails; ``conventions`` and ``options`` go
-    to ``prepare``),
-    its scale statistics, and with ``batches`` (CIFAR-10 ``(x, y)`` pairs) whether it trains
-    (:func:`trains`)."""
-    model = build(name)
-    side = _input_side(name)
+def sweep_model(name: str, batches=None, conventions: str | Conventions = "default", *, model: nn.Module | None = None,
+                side: int | None = None, **options) -> ZooResult:
+    """Prepare ``name`` (torchvision's, or ``model`` at ``side``×``side`` if given; as
+    ``options`` say, then with ``strict=False`` if that fails; ``conventions`` and ``options``
+    go to ``prepare``), its scale statistics, and with ``batches`` (CIFAR-10 ``(x, y)`` pairs)
+    whether it trains (:func:`trains`)."""
+    model = build(name) if model is None else model
+    side = _input_side(name) if side is None else side
     total = sum(1 for p in model.parameters() if p.requires_grad)
     n_m = sum(p.numel() for p in model.parameters()) / 1e6
     t = time.perf_counter()

@@ -54,9 +54,10 @@ class Alpha(nn.Module):
         self.alpha = nn.Parameter(torch.ones(4))
 
     def forward(self, x):
-        # view keeps the flow but owns no parameter (a parameter expanded directly is a
-        # learned token, which the expand rule owns)
-        return torch.cat([self.fc(x), self.alpha.view(1, -1).expand(x.shape[0], -1)], dim=1)
+        # the sine of a parameter (read through a view) gates the features: the sin rule
+        # passes the flow but owns no parameter (a parameter expanded over the batch is a
+        # learned token, which the expand rule owns; a view of a parameter is the parameter)
+        return self.fc(x) * self.alpha.view(1, -1).sin()
 
 
 def test_untraceable_model_says_use_leaf_modules():
@@ -70,7 +71,7 @@ def test_leaf_module_with_registered_rule():
     with pytest.raises(fxbackmatch.TraceError):
         fxbackmatch.prepare(WithGate(), torch.randn(2, 4), capture="fx")
     with pytest.raises(fxbackmatch.UnsupportedOpError, match=r"register_rule\(module=Gate\)"):
-        fxbackmatch.prepare(WithGate(), torch.randn(2, 4), leaf_modules=[Gate])
+        fxbackmatch.prepare(WithGate(), torch.randn(2, 4), leaf_modules=[Gate], strict=True)
     reg = fxbackmatch.RuleRegistry()
     for rule in fxbackmatch.REGISTRY:
         reg.register(rule.fn, **{rule.key[0]: rule.key[1]}, transparent=rule.transparent, row_norm=rule.row_norm)
@@ -80,7 +81,8 @@ def test_leaf_module_with_registered_rule():
         ctx.pass_to(ctx.inputs[0], ctx.m_out, ctx.frac_out)
 
     net = WithGate()
-    plan = fxbackmatch.prepare(net, torch.randn(2, 4), leaf_modules=["gate"], registry=reg, compile=False)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 4), leaf_modules=["gate"], registry=reg, compile=False,
+                               conventions="paper")
     s = plan.scales()
     w2 = net.fc2.weight.detach().double()
     assert s["fc1.weight"] == pytest.approx(1 / float(w2.pow(2).sum() / 4), rel=1e-9)
@@ -90,16 +92,20 @@ def test_leaf_module_with_registered_rule():
 
 def test_unknown_op_names_node_and_rule_to_register():
     with pytest.raises(fxbackmatch.UnsupportedOpError) as e:
-        fxbackmatch.prepare(Cumsum(), torch.randn(2, 4))
+        fxbackmatch.prepare(Cumsum(), torch.randn(2, 4), strict=True)
     msg = str(e.value)
     assert "cumsum" in msg and "register_rule(function=cumsum)" in msg and "strict=False" in msg
 
 
-def test_unknown_op_non_strict_passes_through_with_note():
+def test_unknown_op_non_strict_measures_its_factor_with_note():
+    """strict=False (the default) fills the gap: cumsum over 4 features has the Jacobian of a
+    lower-triangular matrix of ones, whose column j holds 4 − j ones — mean diag(JᵀJ) =
+    (4+3+2+1)/4 = 2.5, measured on the batch; the head layer's m is that (tests/test_gaps.py
+    checks the measurement itself)."""
     net = Cumsum()
-    plan = fxbackmatch.prepare(net, torch.randn(2, 4), strict=False, compile=False)
-    assert any("cumsum" in n for n in plan.notes)
-    assert plan.scales()["fc.weight"] == 1.0
+    plan = fxbackmatch.prepare(net, torch.randn(64, 4), compile=False, conventions="paper", probes=64)
+    assert any("cumsum" in n and "measured" in n for n in plan.notes)
+    assert plan.layers[0].m == pytest.approx(2.5, rel=0.05)  # 64 Rademacher probes over 256 entries
 
 
 def test_wrong_input_shape_names_module():
@@ -117,7 +123,7 @@ def test_no_weighted_layer():
 
 def test_parameter_no_layer_owns():
     with pytest.raises(fxbackmatch.UncoveredParameterError, match="'alpha'") as e:
-        fxbackmatch.prepare(Alpha(), torch.randn(2, 4))
+        fxbackmatch.prepare(Alpha(), torch.randn(2, 4), strict=True)
     assert "view" in str(e.value) and "strict=False" in str(e.value)
     net = Alpha()
     plan = fxbackmatch.prepare(net, torch.randn(2, 4), strict=False, compile=False)

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .context import RuleContext, fetch_attr, flat_nodes, positions  # noqa: F401 (positions: 0.1 API)
+from .context import RuleContext, fetch_attr, flat_nodes, param_view_source, positions  # noqa: F401 (positions: 0.1 API)
 from ..errors import (
     FxBackmatchError,
     NoWeightedLayerError,
@@ -32,13 +32,15 @@ from ..errors import (
     UnsupportedOpError,
 )
 from .expr import ONE, AtomTable, Mono
+from .gaps import fill_gap
 from .records import ROLES, Flow, LayerRecord, ParamUse
 from .registry import RuleRegistry
 from ..capture.shapes import shape_of
 from ..capture.topology import backward_order, build_digraph, carries_tensor, live_nodes, select_outputs
 from .variance import VarianceEstimator
 from .conventions import (
-    GAMMA_MODES, MOMENT_MODES, RELU_MODES, TAPS_MODES, UNNORMALIZED_MODES, VARIANCES, check_choice,
+    ACTIVATION_MODES, FLOOR_MODES, GAMMA_MODES, MOMENT_MODES, RELU_MODES, TAPS_MODES, UNNORMALIZED_MODES, VARIANCES,
+    check_choice,
 )
 
 __all__ = ["LayerRecord", "ParamUse", "Analysis", "RuleContext", "analyze", "GAMMA_MODES", "RELU_MODES",
@@ -88,8 +90,10 @@ def _register_hint(node: fx.Node, gm: fx.GraphModule) -> str:
 class _Walker:
     def __init__(self, gm, registry: RuleRegistry, model: nn.Module, strict: bool, variance: str, gamma: str,
                  relu: str = "paper", unnormalized: str = "exact", taps: str = "all",
-                 moments: str = "derived"):
+                 moments: str = "derived", activations: str = "paper", floor: str = "none"):
         self.gm = gm
+        self.activations = activations
+        self.floor = floor
         self.moments = moments
         self.moment_nodes: list[str] = []
         self.registry = registry
@@ -193,6 +197,43 @@ class _Walker:
                 m_expr=ctx.m_out,
             )
         )
+
+    def value_now(self, mono: Mono) -> float | None:
+        """``mono`` evaluated at the current parameters and buffers (``None`` if it reads a
+        gradient or a measured moment); used for the constants a rule fixes at prepare."""
+        import math
+
+        vals: dict[int, float | None] = {}
+
+        def atom(i: int) -> float | None:
+            if i in vals:
+                return vals[i]
+            a = self.atoms.atoms[i]
+            v: float | None = None
+            try:
+                if a.kind == "weight_sumsq":
+                    v = max(float(self.params[a.ref].detach().double().square().sum()), a.param)
+                elif a.kind in ("stat_mean", "stat_inv_mean") and not a.ref.startswith(MOMENT_PREFIX):
+                    t = fetch_attr(self.gm, a.ref).detach().double()
+                    v = float(t.mean()) if a.kind == "stat_mean" else float((t + a.param).clamp_min(1e-12).reciprocal().mean())
+                elif a.kind == "sum":
+                    parts = [term(m) for _, m in a.terms]
+                    v = None if any(p is None for p in parts) else sum(w * p for (w, _), p in zip(a.terms, parts))
+            except Exception:  # a buffer this graph does not hold: no value now
+                v = None
+            vals[i] = v
+            return v
+
+        def term(m: Mono) -> float | None:
+            out = math.exp(m.log_const)
+            for i, p in m.powers:
+                v = atom(i)
+                if v is None:
+                    return None
+                out *= max(v, 1e-12) ** p
+            return out
+
+        return term(mono)
 
     def _batch_moment(self, node: fx.Node) -> Mono:
         """A measured ``E[a²]`` atom for ``node`` (filled by the plan on the live batch)."""
@@ -319,26 +360,27 @@ class _Walker:
                 self.notes.append(f"{n.name}: {t}")
 
     def _no_rule(self, node: fx.Node, flow: Flow) -> None:
+        """An op with no rule: ``strict=True`` refuses it; otherwise the gap is filled
+        (:func:`~fxbackmatch.analysis.gaps.fill_gap`: the generic elementwise rule, or the op's
+        own factor measured on the batch) and the report says how."""
         what = _describe(node, self.gm)
         if self.strict:
             raise UnsupportedOpError(
                 f"no fxbackmatch rule for {what} at node {node.format_node()}\n"
                 f"  What to do: register one with {_register_hint(node, self.gm)} "
-                f"(see fxbackmatch.analysis.registry), or pass strict=False to keep its parameters at "
-                f"scale 1 and pass the backward factor through it unchanged."
+                f"(see fxbackmatch.analysis.registry), or pass strict=False to fill the gap (an "
+                f"elementwise op gets the mean-field rule, any other op's factor is measured on the "
+                f"batch; its parameters stay at scale 1)."
             )
-        self.notes.append(f"{what} at '{node.name}' has no rule: factor passed through unchanged")
-        if node.op == "call_module":
-            for pname, p in self.gm.get_submodule(node.target).named_parameters():
-                name = self.param_names.get(id(p))
-                if name and p.requires_grad:
-                    self.uncovered.setdefault(name, f"{what} has no rule")
-        for inp in flat_nodes((node.args, node.kwargs)):
-            if carries_tensor(inp) and inp.op != "get_attr":
-                self.contribute(inp, flow, node)
+        try:  # the generic elementwise rule (imported here: the rules import the gap helpers)
+            from .rules.activations import elementwise_rule
+        except ImportError:  # pragma: no cover - the rules ship with the package
+            elementwise_rule = None
+        fill_gap(self, node, flow, what, elementwise_rule)
 
     def _check_params(self, g) -> None:
-        # parameters reached through get_attr by a node whose rule did not claim them
+        # parameters reached through get_attr (directly or through views) by a node whose rule
+        # did not claim them
         for n in self.gm.graph.nodes:
             if n.op != "get_attr":
                 continue
@@ -349,11 +391,13 @@ class _Walker:
             for user in n.users:
                 if (n, user) in self.claimed or name in self.uncovered:
                     continue
-                if user not in self.m_at:
+                reader = _view_reader(user, n)
+                if user not in self.m_at and reader not in self.m_at:
                     continue  # no gradient reaches this use
+                via = "" if reader is user else f", read by node {reader.format_node()} ({_describe(reader, self.gm)})"
                 msg = (
                     f"parameter '{name}' is used by node {user.format_node()} "
-                    f"({_describe(user, self.gm)}), and no rule owns it as a parameter"
+                    f"({_describe(user, self.gm)}){via}, and no rule owns it as a parameter"
                 )
                 if self.strict:
                     raise UncoveredParameterError(
@@ -367,12 +411,22 @@ class _Walker:
                 self.uncovered[name] = "no gradient path from the loss outputs reaches it in the traced forward"
 
 
+def _view_reader(user: fx.Node, src: fx.Node) -> fx.Node:
+    """The node that reads parameter ``src`` through the chain of views starting at ``user``
+    (``self.alpha.view(1, -1).expand(B, -1)`` → the op that takes the expanded tensor); ``user``
+    itself where it is no such view."""
+    node = user
+    while param_view_source(node) is src and len(node.users) == 1:
+        node = next(iter(node.users))
+    return node
+
+
 def analyze(
     gm: fx.GraphModule,
     model: nn.Module,
     registry: RuleRegistry,
     *,
-    strict: bool = True,
+    strict: bool = False,
     variance: str = "weights",
     gamma: str = "one",
     outputs: Any = None,
@@ -380,6 +434,8 @@ def analyze(
     unnormalized: str = "exact",
     taps: str = "all",
     moments: str = "derived",
+    activations: str = "paper",
+    floor: str = "none",
 ) -> Analysis:
     """Walk ``gm`` (with shapes propagated) and return the symbolic factors of every layer.
 
@@ -388,6 +444,8 @@ def analyze(
     """
     for key, value, allowed in (("variance", variance, VARIANCES), ("gamma", gamma, GAMMA_MODES),
                                 ("relu", relu, RELU_MODES), ("unnormalized", unnormalized, UNNORMALIZED_MODES),
-                                ("taps", taps, TAPS_MODES), ("moments", moments, MOMENT_MODES)):
+                                ("taps", taps, TAPS_MODES), ("moments", moments, MOMENT_MODES),
+                                ("activations", activations, ACTIVATION_MODES), ("floor", floor, FLOOR_MODES)):
         check_choice(key, value, allowed)
-    return _Walker(gm, registry, model, strict, variance, gamma, relu, unnormalized, taps, moments).run(outputs)
+    return _Walker(gm, registry, model, strict, variance, gamma, relu, unnormalized, taps, moments,
+                   activations, floor).run(outputs)

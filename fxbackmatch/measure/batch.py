@@ -4,6 +4,7 @@
 ``refresh`` steps, :func:`measure` on demand. Every function takes the plan."""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -12,6 +13,8 @@ import torch.distributed as dist
 
 from ..analysis.span import batch_of, span_multiplier
 from ..analysis.tokens import find_mask, token_multiplier
+from ..analysis.expr import EPS
+from ..analysis.gaps import local_ref, local_refs, parse_local_ref
 from ..analysis.walk import MOMENT_PREFIX
 from ..capture.shapes import shape_of
 from ..errors import FxBackmatchError, PlanMismatchError
@@ -32,7 +35,8 @@ HOOKS_REFUSED = (
 
 def refresh(plan: "Plan", inputs: Sequence[Any], kwargs: dict, probes: int | None = None,
             seed: int | None = None) -> dict[str, float]:
-    """Measure every layer's ``m`` (and the moments ``E[a²]``) on this batch and keep them."""
+    """Measure every layer's ``m`` (and the moments ``E[a²]``, and the own factors of the ops
+    no rule covers) on this batch and keep them."""
     a = need(plan)
     if not measures(plan):
         raise FxBackmatchError("refresh() needs prepare(..., factors='measured') or moments='batch' "
@@ -41,18 +45,58 @@ def refresh(plan: "Plan", inputs: Sequence[Any], kwargs: dict, probes: int | Non
         raise FxBackmatchError(HOOKS_REFUSED)
     flat = fit_batch(plan, flat_inputs(plan, inputs, kwargs))
     devices = [p.device for p in plan._params.values() if p.device.type == "cuda"][:1]
+    local = [parse_local_ref(r) for r in local_refs(a.atoms)]
     with torch.random.fork_rng(devices=devices):
         layers = [r.node for r in a.layers] if plan.factors == "measured" else []
         got = measure_factors(a.gm, plan.model, flat, a.output_nodes, layers,
                               a.moment_nodes, probes=probes or plan.probes,
-                              seed=plan._steps if seed is None else seed)
+                              seed=plan._steps if seed is None else seed, local=local)
     with torch.no_grad():
-        for prefix, values in ((MEASURED_PREFIX, got.m), (MOMENT_PREFIX, got.moments)):
-            for node, value in values.items():
-                t = plan._measured.get(prefix + node)
-                if t is not None and value and value > 0:  # a zero keeps the last value
-                    t.fill_(value)
+        for key, value in [(MOMENT_PREFIX + n, v) for n, v in got.moments.items()] + [
+                (local_ref(op, inp), v) for (op, inp), v in got.local.items()]:
+            t = plan._measured.get(key)
+            if t is None:
+                continue
+            if value and value > 0:
+                t.fill_(value)
+                _note(a, f"'{key}' measured 0", drop=True)
+            else:  # nothing to divide by: the last value stays, and the report says so
+                _note(a, f"'{key}' measured 0 on the batch: its last value is kept (1 before any measurement)")
+        _fill_layers(plan, a, got.m)
     return got.m
+
+
+def _fill_layers(plan: "Plan", a, measured: dict[str, float]) -> None:
+    """The layers' measured ``m``; where it is 0 (no gradient reaches the layer's output: a
+    zero-initialized layer above, e.g. a ViT's head) the layer's derived ``m`` is used, and
+    where that is degenerate too (it rests on a weight at zero) the last value is kept —
+    each time with a note in the report."""
+    late = [(r, measured.get(r.node)) for r in a.layers if MEASURED_PREFIX + r.node in plan._measured]
+    vals = None
+    for rec, value in late:
+        t = plan._measured[MEASURED_PREFIX + rec.node]
+        if value is not None and value > 0:
+            t.fill_(value)
+            _note(a, f"layer '{rec.name}': measured m is 0", drop=True)
+            continue
+        vals = vals if vals is not None else atom_values(plan)
+        derived = eval_mono(rec.m_expr, vals)
+        if math.isfinite(derived) and derived > 0 and all(vals[i] > EPS for i in rec.m_expr.atoms()):
+            t.fill_(derived)
+            _note(a, f"layer '{rec.name}': measured m is 0 on the batch (no gradient reaches its output, "
+                     f"e.g. a zero-initialized layer above): its derived m is used until it is positive")
+        else:
+            _note(a, f"layer '{rec.name}': measured m is 0 on the batch and its derived m rests on a zero "
+                     f"weight: its last value is kept (1 before any measurement)")
+
+
+def _note(a, text: str, drop: bool = False) -> None:
+    """Add ``text`` to the report's notes once; ``drop``: remove the notes it begins (the
+    state they describe is over)."""
+    if drop:
+        a.notes[:] = [n for n in a.notes if not n.startswith(text)]
+    elif text not in a.notes:
+        a.notes.append(text)
 
 
 def step_hook(plan: "Plan") -> None:

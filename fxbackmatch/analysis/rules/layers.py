@@ -226,7 +226,7 @@ def norm_layer(ctx: RuleContext, gamma, beta, running_var_ref, kind, s: float | 
         m_in = ctx.m_out
         ctx.note("Var[a] taken as 1 (no estimate below, no running statistics)")
     if gamma is not None and ctx.gamma_mode == "exact":
-        m_in = m_in * ctx.mean_sq(gamma)
+        m_in = m_in * ctx.mean_sq(gamma, 1.0)  # γ counts at least 1 with floor="init"
         ctx.note("γ²→m (gamma='exact')")
     if gamma is not None or beta is not None:
         if s is None:

@@ -44,11 +44,11 @@ except Exception:  # pragma: no cover - torchvision is a dependency, but stay im
     _StochasticDepth = nn.Identity
 
 _ACTIVATION_MODULES = (
-    _StochasticDepth, nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.Flatten,
+    _StochasticDepth, nn.Identity, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Flatten,
     nn.Unflatten, nn.LogSoftmax,
 )
 _ACTIVATION_FUNCTIONS = (
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.alpha_dropout,
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
     torch.transpose, torch.clone, F.log_softmax, torch.log_softmax, torch.unflatten,
     torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis, torch.roll,
@@ -267,7 +267,7 @@ def mul_rule(ctx: RuleContext) -> None:
         ctx.add_layer("mul (parameter)", [(name, "norm_scale", s, ex2)], weight=name, s=s, c=1.0, input_node=x)
         m = ctx.m_out
         if ctx.gamma_mode == "exact":
-            m = m * ctx.mean_sq(name)
+            m = m * ctx.mean_sq(name, 1.0)  # at least 1 with floor="init"
             ctx.note("γ²→m (gamma='exact')")
         ctx.pass_to(x, m)
         return
