@@ -33,7 +33,7 @@ from .analysis.methods import METHODS, register_method
 from .plan import Plan
 from .analysis.registry import REGISTRY, Rule, RuleRegistry, register_rule
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "prepare",

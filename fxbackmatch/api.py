@@ -61,15 +61,26 @@ def prepare(
     (``s = f·T``, :mod:`fxbackmatch.analysis.tokens`).
 
     ``conventions`` — how the chain approximates each layer: a
-    :class:`fxbackmatch.Conventions` or a name of ``fxbackmatch.analysis.conventions.CONVENTIONS``;
-    ``"paper"`` (the default) is ``Conventions()``, the paper's choices. Its fields:
+    :class:`fxbackmatch.Conventions` or a name of ``fxbackmatch.analysis.conventions.CONVENTIONS``:
+    ``"default"`` (the default) is ``Conventions(relu="exact", activations="meanfield",
+    taps="valid", span="batch", moments="batch", floor="init")``, the set for models outside
+    the paper's tables (docs/zoo.md); ``"paper"`` is ``Conventions()``, the paper's choices,
+    bit for bit the plans of ``prepare`` before 0.3 — use it to reproduce the paper's numbers.
+    Its fields:
+    ``activations="meanfield"``: every elementwise activation whose input is a norm's or a
+    weighted layer's output passes ``m·E[φ'(z)²]`` and has the forward moment ``Var[φ]``
+    (after a norm; ``E[φ²]`` elsewhere) under a zero-mean Gaussian ``z`` of the variance the
+    chain knows, and dropout in training is ``1/(1−p)`` both ways; ``"paper"``: the identity.
+    ``floor="init"``: each weight's ``sum(W²)`` counts at least ``numel·v₀``, ``v₀`` its layer
+    kind's default-init variance (``shape[0]/3`` for Linear/Conv; embeddings 1; γ with
+    ``gamma="exact"`` at least 1); ``"none"``: as it is.
     ``gamma="one"`` treats multiplicative parameters (norm γ, layer scales) as 1 in the chain
     and in the forward moments, as the paper's BN (§2.3, §4); ``gamma="exact"`` uses ``mean(γ²)``.
     ``relu="exact"``: a ReLU of a norm layer's output passes gradient at half of its entries
     (``m/2``) and has ``Var = (1/2 − 1/2π)·E[z²]`` — use it on deep ResNets/RegNets (the
     paper's identity, ``relu="paper"``, drifts by ``1 − 1/π`` per stage on deep nets).
     ``taps="valid"`` counts only the conv kernel taps that read real input, not zero padding
-    (exact at the borders; the default ``"all"`` is the paper's convention; on its VGG both
+    (exact at the borders; ``"all"`` is the paper's convention; on its VGG both
     give the same scales) — it matters where a kernel is as wide as the map (3×3 on 1×1).
     ``span="batch"`` takes a weight's normal matrix ``E aaᵀ`` on the span of the batch: its
     scale is divided by ``max(1, n/(B·s))`` (``n`` its fan-in, ``B·s`` the rows sharing it, ``B``
@@ -84,8 +95,10 @@ def prepare(
     depends on the weights' overall scale — use it for transformers at small-std inits.
     ``variance="measured"`` uses BatchNorm running variances instead of the row-norm
     approximation. ``cap`` keeps every scale in ``[1/cap, cap]``.
-    ``prepare(model, x, relu="exact")`` and the other fields as keywords still work, with a
-    :class:`DeprecationWarning`: write ``conventions=fxbackmatch.Conventions(relu="exact")``.
+    ``prepare(model, x, relu="exact")`` and the other fields of 0.2 as keywords still work,
+    with a :class:`DeprecationWarning`, applied over the chosen conventions (the default set
+    unless ``conventions=`` says otherwise): write
+    ``conventions=fxbackmatch.Conventions.named("default").replace(relu="exact")``.
     Scales outside ``fxbackmatch.analysis.guards.SCALE_RANGE`` at the current weights raise a
     ``ScaleRangeWarning``.
 
