@@ -449,8 +449,9 @@ def test_measured_method_first_step_by_hand(tiny_npz, tmp_path):
     first = torch.tensor(res.runs["backmatch+measured/0"]["first_batch"])
     x, y = data.normalize(data.train_x[first]), data.train_y[first]
     model = initial_model(cfg, 0, 10).train()
-    plan = prepare(model, torch.zeros(2, *x.shape[1:]), factors="measured", refresh=1)
-    derived = prepare(initial_model(cfg, 0, 10).train(), torch.zeros(2, *x.shape[1:])).scales()
+    plan = prepare(model, torch.zeros(2, *x.shape[1:]), factors="measured", refresh=1,
+                   conventions="paper")  # LeNet-BN, the paper's model: the harness uses its conventions
+    derived = prepare(initial_model(cfg, 0, 10).train(), torch.zeros(2, *x.shape[1:]), conventions="paper").scales()
     F.cross_entropy(model(x), y).backward()
     plan.refresh(x, seed=0)
     scales = plan.scales()

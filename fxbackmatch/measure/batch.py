@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..analysis.span import batch_of, span_multiplier
-from ..analysis.tokens import find_mask, token_multiplier
+from ..analysis.tokens import fill_token_stats, find_mask, token_multiplier
 from ..analysis.expr import EPS
 from ..analysis.gaps import local_ref, local_refs, parse_local_ref
 from ..analysis.walk import MOMENT_PREFIX
@@ -187,6 +187,7 @@ def multiplier(plan: "Plan") -> torch.Tensor | None:
     mask = current_mask(plan) if plan._token_bt is not None else None
     out = None
     if isinstance(mask, torch.Tensor):
+        fill_token_stats(plan._measured, mask)  # before the scales read them
         out = token_multiplier(mask, plan._token_flags)
     if plan.span == "batch":
         batch = batch_of(*plan._last_call) if plan._last_call is not None else None

@@ -17,7 +17,7 @@ from ..analysis.gaps import local_refs
 from ..analysis.guards import SCALE_RANGE, out_of_range, unnormalized_layers
 from ..analysis.methods import METHODS, scale_of
 from ..analysis.span import batch_of, span_table
-from ..analysis.tokens import check_mask, find_mask, is_token_shape, position_of, token_targets
+from ..analysis.tokens import TOKEN_META, check_mask, find_mask, is_token_layer, position_of, token_stats, token_targets
 from ..analysis.conventions import check_choice
 from ..analysis.walk import MOMENT_PREFIX, Analysis, LayerRecord, analyze
 from ..capture.graph import CAPTURES, capture
@@ -78,6 +78,8 @@ def build(plan: "Plan", example_inputs: Sequence[torch.Tensor], example_kwargs: 
         example_kwargs=example_kwargs, has_rule=reg.has, lookup=reg.lookup,
     )
     plan.example_kwargs = {k: v for k, v in (example_kwargs or {}).items() if not isinstance(v, torch.Tensor)}
+    if plan._token_bt is not None:  # the attention rules count the real keys (analysis/tokens.py)
+        gm.meta[TOKEN_META] = plan._token_bt
     a = plan._analysis = analyze(
         gm, plan.model, reg, strict=plan.strict, variance=plan.variance,
         gamma=plan.gamma, outputs=plan.outputs, relu=plan.relu, unnormalized=plan.unnormalized,
@@ -98,7 +100,7 @@ def build(plan: "Plan", example_inputs: Sequence[torch.Tensor], example_kwargs: 
     plan.input_shapes = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
     plan._example_batch = batch_of(list(example_inputs), dict(example_kwargs or {})) or 1
     if plan.token_mask is not None:
-        a.layers = [dataclasses.replace(r, notes=r.notes + (TOKEN_NOTE,)) if is_token_shape(r.output_shape, plan._token_bt)
+        a.layers = [dataclasses.replace(r, notes=r.notes + (TOKEN_NOTE,)) if is_token_layer(r, plan._token_bt)
                     else r for r in a.layers]
     finish(plan)
     if measures(plan):
@@ -169,6 +171,9 @@ def finish(plan: "Plan") -> None:
         title=f"{type(plan.model).__name__}, rule={plan.rule}, {len(targets)} scaled parameters",
         cap=plan.cap, chains=describe_uses(a),
     )
+    if plan._token_bt is not None:  # attention statistics over the real tokens, refilled each step
+        for ref, t in token_stats(a.atoms.atoms, plan._example_mask).items():
+            plan._measured.setdefault(ref, t)
     buffers = dict(plan.model.named_buffers())
     buffers.update(plan._measured)
     plan._runtime = Runtime(plan._generated, params, buffers, targets, plan.compile)
@@ -243,9 +248,9 @@ def layer_records(plan: "Plan") -> tuple[LayerRecord, ...]:
 def eager_scales(plan: "Plan") -> dict[str, float]:
     """Parameter name -> scale under the current weights (eager, float64; unscaled ones 1.0)."""
     check(plan)
+    mult = plan._runtime.multiplier() if plan._runtime.multiplier is not None else None  # first: per-step atoms
     vals = atom_values(plan)
     out = {n: 1.0 for n, p in plan._params.items() if p.requires_grad}
-    mult = plan._runtime.multiplier() if plan._runtime.multiplier is not None else None
     mult = None if mult is None else dict(zip(plan._targets, mult.tolist()))
     for n, expr in plan._scale_expr.items():
         v = eval_mono(expr, vals) * (1.0 if mult is None else mult[n])

@@ -120,8 +120,8 @@ class Runtime:
     @torch.no_grad()
     def scales(self) -> torch.Tensor:
         """float64 scales of the targets, on the parameters' device."""
+        mult = self.multiplier() if self.multiplier is not None else None  # first: it refills per-step atoms
         out = self._scales()
-        mult = self.multiplier() if self.multiplier is not None else None
         if mult is None:
             return out
         out = out * mult.to(out.device)

@@ -159,6 +159,8 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     a("--trust-coefficient", type=float, help="LARS trust coefficient (default 0.001)")
     a("--measure-every", type=int, metavar="K",
       help="backmatch+measured: measure every layer's m on the live batch every K steps (default 10)")
+    a("--conventions", choices=("default", "paper"),
+      help="the plans' conventions (default: paper for the paper's models lenet-bn and vgg*, default otherwise)")
     a("--device", help="cpu (default), cuda, cuda:1 ...")
     a("--compile", action="store_true", default=None, help="wrap the model with torch.compile")
     a("--plan-compile", action=argparse.BooleanOptionalAction, default=None,
@@ -176,7 +178,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
 
 _OPTION_FIELDS = ("data", "subset", "model", "width", "methods", "lr", "epochs", "seeds", "batch_size",
                   "eval_batch_size", "momentum", "nesterov", "weight_decay", "augment", "max_rotation",
-                  "schedule", "lr_decay_every", "lr_decay", "amp", "channels_last", "trust_coefficient", "measure_every", "device", "compile", "plan_compile",
+                  "schedule", "lr_decay_every", "lr_decay", "amp", "channels_last", "trust_coefficient", "measure_every", "conventions", "device", "compile", "plan_compile",
                   "out", "progress")
 
 

@@ -64,6 +64,21 @@ METRIC_FIELDS = ("method", "seed", "epoch", "train_loss", "train_acc", "test_los
 
 CHECKPOINT_VERSION = 1
 MODELS = ("lenet-bn", "vgg11", "vgg13", "vgg16", "vgg19", "resnet18-paper")
+#: the models the paper trains (LeNet with BN, §3.3; VGG 11–19, §4): their runs use the
+#: paper's conventions unless ``--conventions`` says otherwise; every other model the default
+PAPER_MODELS = ("lenet-bn", "vgg11", "vgg13", "vgg16", "vgg19")
+#: the named conventions a run may use (:data:`fxbackmatch.analysis.conventions.CONVENTIONS`)
+CONVENTION_NAMES = ("default", "paper")
+
+
+def model_key(name: str) -> str:
+    """A model name without the accepted ``-bn-paper`` suffix (``vgg11-bn-paper`` -> ``vgg11``)."""
+    return name[: -len("-bn-paper")] if name.endswith("-bn-paper") else name
+
+
+def default_conventions(model: str) -> str:
+    """``"paper"`` for a model the paper trains (:data:`PAPER_MODELS`), else ``"default"``."""
+    return "paper" if model_key(model) in PAPER_MODELS else "default"
 
 
 @dataclass
@@ -92,6 +107,9 @@ class TrainConfig:
     lr_decay: float = 0.2
     trust_coefficient: float = 1e-3
     measure_every: int = 10
+    #: the conventions the plans use, ``"default"`` or ``"paper"``; ``None``: the model's
+    #: (:func:`default_conventions`), fixed by :meth:`validate` (so ``config.json`` names it)
+    conventions: str | None = None
     subset: int | None = None
     device: str = "cpu"
     compile: bool = False
@@ -117,6 +135,11 @@ class TrainConfig:
     def on_cuda(self, flag: bool | None) -> bool:
         """A device-dependent switch: ``flag``, or whether the device is CUDA when ``None``."""
         return bool(flag) if flag is not None else torch.device(self.device).type == "cuda"
+
+    @property
+    def conventions_name(self) -> str:
+        """The conventions of this run's plans: ``conventions``, else the model's default."""
+        return self.conventions or default_conventions(self.model)
 
     def lr_for(self, method: str) -> float:
         """The global learning rate of ``method`` (``lr`` overrides, else the paper's)."""
@@ -188,6 +211,9 @@ class TrainConfig:
         if self.augmentation not in AUGMENTATIONS:
             raise CliError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         build_model(self.model, 10, self.width, check_only=True)
+        if self.conventions is not None and self.conventions not in CONVENTION_NAMES:
+            raise CliError(f"--conventions must be one of {', '.join(CONVENTION_NAMES)}, got {self.conventions!r}")
+        self.conventions = self.conventions_name
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise CliError(f"--device {self.device}: CUDA is not available on this machine")
 
@@ -211,7 +237,7 @@ def build_model(name: str, num_classes: int, width: float = 1.0, *, check_only: 
     classification model, ``weights=None``)."""
     from ..models import lenet_bn, vgg_paper
 
-    key = name[: -len("-bn-paper")] if name.endswith("-bn-paper") else name
+    key = model_key(name)
     if key.startswith("tv:") or key.startswith("torchvision:"):
         import torchvision.models as tvm
 
@@ -288,6 +314,7 @@ def load_config(out_dir: str | os.PathLike) -> TrainConfig:
         d = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise CliError(f"cannot resume: {str(p)!r} is unreadable ({type(e).__name__}: {e})") from e
+    d.setdefault("conventions", "paper")  # saved before the option: prepare's default was the paper's
     cfg = TrainConfig.from_dict(d)
     cfg.out = str(out_dir)
     return cfg

@@ -125,6 +125,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         data = ImageData(data.train_x[tr], data.train_y[tr], data.test_x[te], data.test_y[te],
                          data.classes, data.source)
     console.log(data.describe())
+    console.log(f"{cfg.model}: the plans use conventions={cfg.conventions_name!r}")
     data = data.to(device)
 
     all_rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -168,7 +169,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
                     all_rows[(method, seed)] = run.rows
                     run.save()
                     write_metrics(out, rows_flat())
-                runs[f"{method}/{seed}"] = {**run.info, "checkpoint": str(ckpt), "epochs": run.epoch}
+                runs[f"{method}/{seed}"] = {**run.info, "checkpoint": str(ckpt), "epochs": run.epoch,
+                                            "conventions": cfg.conventions_name}
                 if run.handle is not None:
                     run.handle.remove()
                 del run

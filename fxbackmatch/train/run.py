@@ -63,9 +63,11 @@ class Run:
             rule, optimizer = split_method(method)
             self.plan = prepare(self.model, example, rule=rule, compile=plan_compile,
                                 trust_coefficient=cfg.trust_coefficient, strict=False,
-                                factors=method_factors(method), refresh=cfg.measure_every)
+                                factors=method_factors(method), refresh=cfg.measure_every,
+                                conventions=cfg.conventions_name)
         except FxBackmatchError as e:
             raise CliError(f"fxbackmatch cannot prepare {cfg.model}: {str(e).splitlines()[0]}") from e
+        log.info("%s seed %d on %s: conventions=%s", method, seed, cfg.model, cfg.conventions_name)
         if self.plan.uncovered:
             log.warning("%s: %d parameter(s) not covered by any rule keep scale 1: %s", cfg.model,
                         len(self.plan.uncovered), ", ".join(self.plan.uncovered[:5]))

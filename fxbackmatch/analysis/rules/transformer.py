@@ -11,8 +11,11 @@
   ``m_B = m·M·E[A²]`` (``J_A = I ⊗ Bᵀ``; times the copies of a broadcast operand);
 * softmax — ``J = diag(p) − ppᵀ``: ``m ← m·(S − 1)/S³`` at uniform attention (``p = 1/S``);
 * ``scaled_dot_product_attention`` — the composition of the above at uniform attention
-  (``Σ_k P_qk² = 1/S``; causal: ``H_L/L`` on average); the value path gets
-  ``m·(L/S)·ρ̄``, queries ``m·τ²·d_v·E[v²]·E[k²]·ρ̄`` and keys ``m·τ²·d_v·E[v²]·E[q²]·(L/S)·ρ̄``;
+  (``Σ_k P_qk² = 1/S``; causal: ``H_L/L`` on average; the keys each query sees read from the
+  mask's own structure, :mod:`.masks`); the value path gets ``m·f_q·(L/S)·ρ̄`` (``f_q`` the
+  share of queries whose output carries gradient), queries ``m·τ²·d_v·E[v²]·E[k²]·ρ̄`` and keys
+  ``m·τ²·d_v·E[v²]·E[q²]·f_q·(L/S)·ρ̄``; with ``token_mask`` the ``ρ̄`` are per-step atoms over
+  the real tokens (:mod:`..tokens`);
   grouped-query attention multiplies the key/value factors by the heads sharing them;
 * functional ``layer_norm``/``group_norm``/``rms_norm`` — as their modules; RMS normalization
   written out (``x·rsqrt(mean(x²) + ε)``, Llama) is recognized by :func:`rms_source`;
@@ -36,6 +39,8 @@ from ..context import RuleContext
 from ..expr import Mono
 from ..registry import register_rule
 from .layers import norm_layer, input_moment
+from ..tokens import SHARE_REF, STATS, stat_ref
+from .masks import is_causal, token_kind, uniform_stats, visible_keys
 
 __all__ = [
     "embedding_rule", "functional_embedding_rule", "addmm_rule", "matmul_rule", "softmax_rule",
@@ -79,7 +84,7 @@ def _embedding(ctx: RuleContext, w: str | None, kind: str) -> None:
 
 def _embedding_moment(ctx: RuleContext) -> Mono | None:
     w = ctx.module_param("weight") if ctx.module is not None else ctx.param_from_arg(ctx.arg(1, "weight"))
-    return None if w is None else ctx.mean_sq(w)
+    return None if w is None else ctx.mean_sq(w, 1.0)  # floor="init": at least N(0, 1), its default init
 
 
 @register_rule(module=nn.Embedding, moment=_embedding_moment, channel_dim=-1)
@@ -167,8 +172,9 @@ def _matmul_activations(ctx: RuleContext, a, b) -> None:
     exact = ctx.gamma_mode == "exact"  # else partners taken as normalized (the paper's γ = 1)
     mb = _moment(ctx, b) if exact else _partner(ctx, b)
     ma = _moment(ctx, a) if exact else _partner(ctx, a)
-    ctx.pass_to(a, ctx.m_out * mb * (n_cols * max(1.0, ra)), 1.0, 1.0)
-    ctx.pass_to(b, ctx.m_out * ma * (m_rows * max(1.0, rb)), 1.0, 1.0)
+    # an element of A meets the N·chan output columns that carry gradient, one of B the M·frac rows
+    ctx.pass_to(a, ctx.m_out * mb * (n_cols * ctx.chan_out * max(1.0, ra)), ctx.frac_out, 1.0)
+    ctx.pass_to(b, ctx.m_out * ma * (m_rows * ctx.frac_out * max(1.0, rb)), 1.0, ctx.chan_out)
 
 
 @register_rule(function=(torch.matmul, operator.matmul, torch.bmm, torch.mm), method=("matmul", "bmm", "mm"),
@@ -217,62 +223,81 @@ def softmax_rule(ctx: RuleContext) -> None:
 # ---------------------------------------------------------------------------- attention
 def _sdpa_parts(ctx: RuleContext):
     """Shapes and the attention statistics at uniform attention: with ``n_i`` keys visible to
-    query ``i`` (all ``S``; causal: ``i + 1``), ``ρ_v = mean 1/n`` (``Σ_k P²`` per query),
-    ``ρ_qk = mean (1/n)(1 − 1/n)`` (the same with ``v_k − out_q``, which vanishes for a single
-    key) and ``coh = mean (1 − 1/n)²``."""
+    query ``i`` (read from the mask's structure, :func:`.masks.visible_keys`; ``is_causal``: ``i + 1``),
+    ``ρ_v = mean 1/n`` (``Σ_k P²`` per query), ``ρ_qk = mean (1/n)(1 − 1/n)`` (the same with
+    ``v_k − out_q``, which vanishes for a single key) and ``coh = mean (1 − 1/n)²``. Under a
+    token mask (:mod:`..tokens`) they are per-step atoms over the real queries and keys."""
     q, k, v = (ctx.arg(i, n) for i, n in enumerate(("query", "key", "value")))
     sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
     L, S, E, Ev = sq[-2], sk[-2], sq[-1], sv[-1]
     tau = ctx.node.kwargs.get("scale") or (ctx.arg(6, "scale") if len(ctx.node.args) > 6 else None) or 1 / math.sqrt(E)
     causal = bool(ctx.arg(5, "is_causal", False))
     mask = ctx.arg(3, "attn_mask", None)
-    mshape = ctx.shape(mask) if isinstance(mask, fx.Node) else None
-    if mshape and len(mshape) >= 2 and mshape[-2] == L == S and L > 1:
-        causal = True  # a mask with a query dimension on self-attention: causal (a padding
-        # mask has a singleton query dimension)
-    n = [min(S, i + 1 + max(0, S - L)) if causal else S for i in range(L)]
-    rho_v = sum(1.0 / x for x in n) / L
-    rho_qk = sum((1.0 / x) * (1 - 1.0 / x) for x in n) / L
-    coh = sum((1 - 1.0 / x) ** 2 for x in n) / L
+    n = visible_keys(ctx, mask, L, S) if isinstance(mask, fx.Node) else None
+    if n is None:
+        mshape = ctx.shape(mask) if isinstance(mask, fx.Node) else None
+        if mshape and len(mshape) >= 2 and mshape[-2] == L == S and L > 1:
+            causal = True  # a mask with a query dimension on self-attention: causal (a padding
+            # mask has a singleton query dimension)
+            ctx.note("attention mask not evaluated: taken as causal (it has a query dimension)")
+        n = torch.tensor([[min(S, i + 1 + max(0, S - L)) if causal else S for i in range(L)]], dtype=torch.float64)
+    elif mask is not None:
+        ctx.note("attention mask: uniform over the keys it leaves" + (" (causal)" if is_causal(n, S) else ""))
+    rho_v, rho_qk, coh = uniform_stats(n)
     groups = 1.0
     if ctx.node.kwargs.get("enable_gqa") and len(sq) >= 3 and len(sk) >= 3 and sk[-3]:
         groups = sq[-3] / sk[-3]
     width = sq[-3] * sq[-1] if len(sq) >= 4 else sq[-1]
-    return q, k, v, L, S, Ev, float(tau), (rho_v, rho_qk, coh / width), groups, mask is not None
+    kind = token_kind(ctx, mask, n, L, S)
+    if kind is not None and ctx.frac_out < 1 - 1e-9:
+        kind = "chosen"  # only chosen queries carry gradient (a pooler's): real, one per sample
+    if kind is not None:
+        ctx.note(f"attention over the real tokens ({kind} queries): ρ read from each step's token mask")
+        stats = tuple(ctx.stat_mean(stat_ref(kind, w)) for w in STATS)
+    else:
+        stats = tuple(Mono.const(x) if x > 0 else None for x in (rho_v, rho_qk, coh))
+    return q, k, v, L, S, Ev, float(tau), stats, 1.0 / width, groups, kind is not None
 
 
 def _sdpa_moment(ctx: RuleContext) -> Mono | None:
-    q, k, v, L, S, Ev, tau, (rho_v, _, _), groups, masked = _sdpa_parts(ctx)
+    q, k, v, L, S, Ev, tau, (rho_v, _, _), _, groups, _ = _sdpa_parts(ctx)
     ev, _ = ctx.variance_below(v)
     return None if ev is None else ev * rho_v
 
 
 @register_rule(function=F.scaled_dot_product_attention, moment=_sdpa_moment, averages=True)
 def sdpa_rule(ctx: RuleContext) -> None:
-    """``softmax(τ·QKᵀ + mask)·V`` at uniform attention (see :func:`_sdpa_parts`):
+    """``softmax(τ·QKᵀ + mask)·V`` at uniform attention over the keys each query sees (see
+    :func:`_sdpa_parts`):
 
-    * value ``m·(L/S)·ρ_v``;
+    * value ``m·f_q·(L/S)·ρ_v`` — ``Σ_q P_qk²`` over the ``f_q·L`` queries whose output carries
+      gradient (``f_q`` the output's ``frac``: BERT's last block under a pooler reads one);
     * query ``m·τ²·d_v·E[v²]·E[k²]·(ρ_qk + coh/D)`` — ``∂out_q/∂q = τ Σ_k P_qk (v_k − out_q) k_kᵀ``
       is incoherent over keys (``ρ_qk``) plus a coherent part: a key and its value are read
       from one token through independent weights, so ``E[v_k k_kᵀ]`` has norm² ``≈ 1/D`` per
       unit moment (``D`` the model width, heads × head dim);
-    * key ``m·τ²·d_v·E[v²]·E[q²]·(L/S)·ρ_qk``.
+    * key ``m·τ²·d_v·E[v²]·E[q²]·f_q·(L/S)·ρ_qk``; only the ``f_q`` share of queries carry gradient.
 
-    A mask tensor with a query dimension on self-attention is taken as causal, one without
-    as no mask (noted); GQA multiplies the key/value factors by the query heads per key head.
-    Under ``gamma="one"`` the partners' moments are 1 (the paper's γ = 1); ``"exact"`` reads
-    them from the graph."""
-    q, k, v, L, S, Ev, tau, (rho_v, rho_qk, coh), groups, masked = _sdpa_parts(ctx)
-    if masked:
-        ctx.note("attention mask: uniform over the keys it leaves (causal if it has a query dimension)")
+    The keys each query sees come from the mask's structure (evaluated without padding: causal,
+    sliding window, bidirectional); with a token mask, from each step's real tokens. GQA
+    multiplies the key/value factors by the query heads per key head. Under ``gamma="one"`` the
+    partners' moments are 1 (the paper's γ = 1); ``"exact"`` reads them from the graph."""
+    q, k, v, L, S, Ev, tau, (rho_v, rho_qk, coh), inv_width, groups, tokens = _sdpa_parts(ctx)
     if ctx.gamma_mode == "exact":
         ev, eq, ek = _moment(ctx, v), _moment(ctx, q), _moment(ctx, k)
     else:  # bilinear partners taken as normalized, as the paper's BN takes γ = 1 (§2.3, §4)
         ev = eq = ek = Mono()
-    m = ctx.m_out
-    ctx.pass_to(v, m * ((L / S) * rho_v * groups), 1.0, 1.0)
-    ctx.pass_to(q, m * ev * ek * (tau * tau * Ev * (rho_qk + coh)), 1.0, 1.0)
-    ctx.pass_to(k, m * ev * eq * (tau * tau * Ev * rho_qk * (L / S) * groups), 1.0, 1.0)
+    m, fq = ctx.m_out, ctx.frac_out  # fq: the share of the queries whose output carries gradient
+    mkv = m  # keys and values: summed over the fq·L queries, averaged over the keys
+    if tokens and fq < 1 - 1e-9:  # chosen queries (real) over the f·S real keys: fq·L/(f·S)
+        mkv = m / ctx.stat_mean(SHARE_REF)
+    ctx.pass_to(v, mkv * rho_v * ((L / S) * groups * fq), 1.0, 1.0)
+    terms = [(w, x) for w, x in ((1.0, rho_qk), (inv_width, coh)) if x is not None]
+    if terms:
+        ctx.pass_to(q, m * ev * ek * ctx.atoms.sum_of(terms, label=f"{ctx.node.name}: ρ_qk + coh/D") * (tau * tau * Ev),
+                    fq, 1.0)
+    if rho_qk is not None:
+        ctx.pass_to(k, mkv * ev * eq * rho_qk * (tau * tau * Ev * (L / S) * groups * fq), 1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------- norms
