@@ -43,7 +43,8 @@ METHODS = {
     "backmatch@adamw": ("adamw", "backmatch"),
     "lamb": ("adamw", "lamb"),
     "sgd": ("sgd", None),
-    "backmatch": ("sgd", "backmatch"),
+    "backmatch": ("sgd", "backmatch"),  # the default conventions
+    "backmatch-paper": ("sgd", "backmatch", "paper"),  # the paper's conventions
 }
 
 
@@ -72,9 +73,9 @@ def gpt_task(seed: int):
         logits = m(b[:, :-1], use_cache=False).logits
         return F.cross_entropy(logits.reshape(-1, 256), b[:, 1:].reshape(-1)), None
 
-    def prep(m, rule):
+    def prep(m, rule, conventions="default"):
         return fxbackmatch.prepare(m, (tr[:2 * ctx].view(2, ctx),), example_kwargs={"use_cache": False},
-                                   outputs="logits", rule=rule, compile=False)
+                                   outputs="logits", rule=rule, compile=False, conventions=conventions)
 
     return model, (lambda n, g: batches(tr, n, g)), batches(va, 8, torch.Generator().manual_seed(99)), loss_fn, prep, info
 
@@ -104,8 +105,8 @@ def vit_task(seed: int):
 
     val = [(xv[i:i + 250], yv[i:i + 250]) for i in range(0, len(yv), 250)]
 
-    def prep(m, rule):
-        return fxbackmatch.prepare(m, x[:2], rule=rule, compile=False)
+    def prep(m, rule, conventions="default"):
+        return fxbackmatch.prepare(m, x[:2], rule=rule, compile=False, conventions=conventions)
 
     return model, batches, val, loss_fn, prep, info
 
@@ -114,7 +115,7 @@ def vit_task(seed: int):
 def run(task, method: str, lr: float, steps: int, eval_every: int, seed: int) -> dict:
     model0, train_batches, val, loss_fn, prep, _ = task
     model = copy.deepcopy(model0)
-    opt_kind, rule = METHODS[method]
+    opt_kind, rule, *conventions = METHODS[method]
     if opt_kind == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     else:
@@ -122,7 +123,7 @@ def run(task, method: str, lr: float, steps: int, eval_every: int, seed: int) ->
     if rule is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # range warnings are reported by the plan's flags
-            plan = prep(model, rule)
+            plan = prep(model, rule, *conventions)
         plan.attach(opt, mode="length" if opt_kind == "adamw" else "grad")
     batches = train_batches(steps, torch.Generator().manual_seed(seed))
     curve, t0, diverged = [], time.perf_counter(), False
@@ -161,6 +162,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--out", default="", help="results file (default docs/adaptive_<task>.json)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     task = (gpt_task if args.task == "gpt" else vit_task)(args.seed)
@@ -184,7 +186,7 @@ def main() -> None:
         r = best.get(m)
         print(f"  {m:16} " + ("all rates diverged" if r is None else
                               f"lr {r['lr']:<7g} val loss {r['val_loss']:.4f} acc {r['val_acc']:.3f}"))
-    out = ROOT / "docs" / f"adaptive_{args.task}.json"
+    out = Path(args.out) if args.out else ROOT / "docs" / f"adaptive_{args.task}.json"
     out.write_text(json.dumps({"machine": machine(), "task": task[-1], "steps": args.steps, "seed": args.seed,
                                "grid": GRID, "total_s": time.perf_counter() - t_all,
                                "results": results}, indent=1))
@@ -202,7 +204,7 @@ def main() -> None:
         ax.set_title(f"{args.task}: each method at its best rate")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(ROOT / "docs" / f"adaptive_{args.task}.png", dpi=110)
+        fig.savefig(out.with_suffix(".png"), dpi=110)
     except ImportError:
         pass
 

@@ -30,18 +30,21 @@ FAST = (
     "inception_v3", "vit_b_16",
 )
 assert set(FAST) <= set(MODELS)
-#: CNNs with scales outside the documented range at 32×32 (299 for Inception), measured and
-#: explained in docs/derivations.md (the exact least-squares answer for a near-silent head);
-#: the guard must flag them (ScaleRangeWarning, plan.flags)
+#: CNNs with scales outside the documented range at 32×32 under the default conventions,
+#: measured and explained in docs/zoo.md; the guard must flag them (ScaleRangeWarning, plan.flags)
 KNOWN_OUT_OF_RANGE = {
-    "inception_v3": "the auxiliary classifier's weights are initialized with std 0.001",
+    "alexnet": "no norm: the rule m at features.0 is ~12× below the measured one (3e6)",
+    "efficientnet_b7": "a large backward factor at the stem: 5.6e-7 (the measured m is larger still)",
+    "efficientnet_v2_l": "a large backward factor at the stem: 5.8e-7",
+    "mnasnet0_5": "a large backward factor at the stem: 6.7e-7",
+    "mnasnet0_75": "a large backward factor at the stem: 9.5e-7",
 }
-#: transformers that prepare with strict=True, fully covered, and why a scale is out of range
+#: transformers that prepare, fully covered, and why a scale is out of range (default conventions)
 TRANSFORMERS = {
     "swin_t": None,  # aten pad/roll/index and the attention mask built in-graph, lowered
-    "vit_b_16": "zero-initialized head: the exact least-squares scales below it are unbounded",
-    "maxvit_t": "squeeze-excitation gates: a weak path (σ' ≤ 1/4 on a pooled vector), the measured m "
-                "agrees with the rule's within 2–12×: the exact least-squares scales are ~1e8",
+    "vit_b_16": None,  # the zero-initialized head is floored to its default-init norm (paper: 1.9e15)
+    "maxvit_t": "squeeze-excitation gates: the gradient at the SE output is correlated over its positions, "
+                "which the local rule does not see (rule m 0.39× the measured one): 4e6",
 }
 TARGET_FAMILIES = (
     "resnet", "resnext", "wide_resnet", "vgg", "densenet", "mobilenet", "efficientnet", "regnet",

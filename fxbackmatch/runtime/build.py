@@ -138,6 +138,11 @@ def flags(plan: "Plan") -> list[str]:
     a = need(plan)
     vals = atom_values(plan)
     raw = {n: eval_mono(e, vals) for n, e in plan._scale_expr.items()}
+    mult = plan._runtime.multiplier() if plan._runtime is not None and plan._runtime.multiplier is not None else None
+    if mult is not None:  # the step's batch span / token share, as the scales are applied
+        for n, v in zip(plan._targets, mult.tolist()):
+            if n in raw:
+                raw[n] *= v
     return out_of_range(raw, a.layers)
 
 
