@@ -149,3 +149,20 @@ def test_meanfield_on_real_cifar_batches_against_plan_measure():
     assert sum(abs(math.log(v)) for v in got.values()) < sum(abs(math.log(v)) for v in paper.values())
     gauss = _ratios(make(), torch.randn(128, 3, 32, 32, generator=torch.Generator().manual_seed(0)), MEANFIELD, probes=32)
     assert all(abs(math.log(v)) < math.log(1.12) for v in gauss.values()), gauss
+
+
+def test_dropout_in_training_counts_one_over_keep_both_ways():
+    """``J = diag(mask/q)``: ``m ← m/q`` below and ``E[y²] = E[x²]/q`` above (exact), against
+    the same net with the dropout removed; in eval mode, and in the paper's set, the identity."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5, affine=False), nn.Linear(5, 3, bias=False))
+    drop = nn.Sequential(base[0], base[1], nn.Dropout(0.2), base[2])
+    x = torch.randn(4, 6)
+    conv = Conventions(activations="meanfield")
+    s0 = fxbackmatch.prepare(base, x, compile=False, conventions=conv).scales()
+    s1 = fxbackmatch.prepare(drop, x, compile=False, conventions=conv).scales()
+    assert s1["0.weight"] == pytest.approx(s0["0.weight"] * 0.8, rel=1e-12)  # m/q below
+    assert s1["3.weight"] == pytest.approx(s0["2.weight"] * 0.8, rel=1e-12)  # E[a²]/q above
+    drop.eval()
+    s2 = fxbackmatch.prepare(drop, x, compile=False, conventions=conv).scales()
+    assert s2["0.weight"] == pytest.approx(s0["0.weight"], rel=1e-12)

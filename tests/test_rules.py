@@ -42,8 +42,8 @@ def test_transparent_modules_leave_factors_unchanged(mod):
     base = nn.Sequential(nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5, affine=False), nn.Linear(5, 3, bias=False))
     with_op = nn.Sequential(base[0], base[1], mod, base[2])
     x = torch.randn(4, 6)
-    s0 = fxbackmatch.prepare(base, x, compile=False).scales()
-    s1 = fxbackmatch.prepare(with_op, x, compile=False).scales()
+    s0 = fxbackmatch.prepare(base, x, compile=False, conventions="paper").scales()
+    s1 = fxbackmatch.prepare(with_op, x, compile=False, conventions="paper").scales()
     assert s0["0.weight"] == pytest.approx(s1["0.weight"], rel=1e-12)
     assert s0["2.weight"] == pytest.approx(s1["3.weight"], rel=1e-12)
 
