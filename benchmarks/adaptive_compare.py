@@ -163,15 +163,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--out", default="", help="results file (default docs/adaptive_<task>.json)")
+    ap.add_argument("--grid", default="", help="comma-separated rates instead of GRID (to bracket an optimum at its edge)")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    grid = tuple(float(r) for r in args.grid.split(",")) if args.grid else GRID
     task = (gpt_task if args.task == "gpt" else vit_task)(args.seed)
     print(machine())
     print(task[-1])
     results = []
     t_all = time.perf_counter()
     for method in args.methods:
-        for lr in GRID:
+        for lr in grid:
             r = run(task, method, lr, args.steps, args.eval_every, args.seed)
             results.append(r)
             print(f"{method:16} lr {lr:<7g} val loss {r['val_loss']:.4f} acc {r['val_acc']:.3f} "
@@ -188,7 +190,7 @@ def main() -> None:
                               f"lr {r['lr']:<7g} val loss {r['val_loss']:.4f} acc {r['val_acc']:.3f}"))
     out = Path(args.out) if args.out else ROOT / "docs" / f"adaptive_{args.task}.json"
     out.write_text(json.dumps({"machine": machine(), "task": task[-1], "steps": args.steps, "seed": args.seed,
-                               "grid": GRID, "total_s": time.perf_counter() - t_all,
+                               "grid": grid, "total_s": time.perf_counter() - t_all,
                                "results": results}, indent=1))
     try:
         import matplotlib
