@@ -37,7 +37,6 @@ KNOWN_OUT_OF_RANGE = {
     "efficientnet_b7": "a large backward factor at the stem: 5.6e-7 (the measured m is larger still)",
     "efficientnet_v2_l": "a large backward factor at the stem: 5.8e-7",
     "mnasnet0_5": "a large backward factor at the stem: 6.7e-7",
-    "mnasnet0_75": "a large backward factor at the stem: 9.5e-7",
 }
 #: transformers that prepare, fully covered, and why a scale is out of range (default conventions)
 TRANSFORMERS = {
