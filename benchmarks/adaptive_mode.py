@@ -44,7 +44,7 @@ def trajectory(data, mode: str | None, lr: float, init) -> dict[str, float]:
     net.load_state_dict(init)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     if mode is not None:
-        plan = fxbackmatch.prepare(net, data[0][0][:2], compile=False)
+        plan = fxbackmatch.prepare(net, data[0][0][:2], compile=False, conventions="paper")
         import warnings
 
         with warnings.catch_warnings():
@@ -67,7 +67,7 @@ def part1(path: str) -> None:
     init = lenet_bn().state_dict()
     net = lenet_bn()
     net.load_state_dict(init)
-    scales = fxbackmatch.prepare(net, data[0][0][:2], compile=False).scales()
+    scales = fxbackmatch.prepare(net, data[0][0][:2], compile=False, conventions="paper").scales()
     runs = {
         "adam": trajectory(data, None, 1e-3, init),
         "grad": trajectory(data, "grad", 1e-3, init),
@@ -99,7 +99,7 @@ def part2(models: list[str], reps: int) -> None:
         torch.manual_seed(0)
         net = build(name)
         x = torch.randn(8, 3, 32, 32)
-        plan = fxbackmatch.prepare(net, x[:2])
+        plan = fxbackmatch.prepare(net, x[:2], conventions="paper")
         F.cross_entropy(net(x), torch.randint(0, 10, (8,))).backward()
         params = [p for p in net.parameters() if p.grad is not None]
         opt = torch.optim.Adam(params, lr=1e-9, foreach=True)

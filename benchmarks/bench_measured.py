@@ -64,7 +64,8 @@ def main() -> None:
             model = make()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                plan = fxbackmatch.prepare(model, args, example_kwargs=kwargs or None, outputs=outputs, compile=False, **kw)
+                plan = fxbackmatch.prepare(model, args, example_kwargs=kwargs or None, outputs=outputs, compile=False,
+                                           conventions="paper", **kw)  # as recorded in docs/benchmarks.md
             steps[label] = step_fn(model, plan, args, kwargs, labels)
             if label == "derived":
                 rows = plan.measure(*args, probes=8, **kwargs)

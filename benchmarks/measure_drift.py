@@ -63,6 +63,7 @@ def warm(net: nn.Module, batches) -> None:
 
 
 def ratios(net, x, probes, **kw) -> list[tuple[str, float]]:
+    kw.setdefault("conventions", "paper")  # docs/derivations.md's drift tables: the paper's set unless told
     plan = fxbackmatch.prepare(net, x[:2], compile=False, **kw)
     return [(r["layer"], r["ratio"]) for r in plan.measure(x, probes=probes)]
 
