@@ -68,6 +68,15 @@ def _not_ok(rows: list[ZooResult], good: list[ZooResult]) -> list[str]:
 
 #: what the doc says about each set's remaining failures (measured: docs/derivations.md)
 NOTES = {
+    "paper": [
+        "Why, measured (docs/derivations.md, \"Rules against measured Jacobians\" and after): on deep ReLU",
+        "nets the paper's ReLU-as-identity leaves the lowest layers' factors below the measured curvature",
+        "(RegNets, deep ResNets: first steps too long); wide layers at batches of 16 overshoot by `n/(B·s)`",
+        "(VGG-BN's classifier, ConvNeXt-B/L); averaged tokens and squeeze-excitation inputs are more alike",
+        "than the independent-position estimate says (Swin, RegNet-Y); near-silent heads (ViT's zero head,",
+        "Inception's 0.001-std auxiliary classifier) make the exact least-squares scales huge. The default",
+        "conventions address each: [zoo.md](zoo.md).",
+    ],
     "default": [
         "Why the rest are not ok, measured (rule `m` against `plan.measure`, and one convention at a time",
         "over the paper's set, `benchmarks/zoo_sweep.py --only NAME --option KEY=VALUE`):",
