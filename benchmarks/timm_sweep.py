@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
-from zoo_sweep import cifar_batches  # noqa: E402
+from zoo_sweep import cifar_batches, load_results  # noqa: E402
 
 from fxbackmatch.analysis.guards import SCALE_RANGE  # noqa: E402
 from fxbackmatch.zoo import ZooResult, sweep_model  # noqa: E402
@@ -83,11 +83,7 @@ def main() -> None:
     batches = cifar_batches(args.data)
     res = Path(args.results)
     res.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if res.exists():
-        for line in res.read_text().splitlines():
-            d = json.loads(line)
-            done[(d.pop("conventions"), d["name"])] = ZooResult(**d)
+    done = load_results(res)
     for family, name in MODELS:
         if only and name not in only:
             continue

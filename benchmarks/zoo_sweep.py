@@ -42,6 +42,18 @@ def cifar_batches(path: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(data.normalize(data.train_x[i]), data.train_y[i]) for i in idx]
 
 
+def load_results(path: Path) -> dict[tuple[str | None, str], ZooResult]:
+    """A sweep's results file (one JSON row per model, appended as each finishes), keyed by
+    ``(conventions, name)`` (``conventions`` is ``None`` in rows that do not name it)."""
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            d = json.loads(line)
+            conventions = d.pop("conventions", None)
+            out[(conventions, d["name"])] = ZooResult(**d)
+    return out
+
+
 def _g(x) -> str:
     return "—" if x is None else f"{x:.2g}"
 
@@ -135,11 +147,7 @@ def main() -> None:
     batches = cifar_batches(args.data)
     res = Path(args.results)
     res.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if res.exists():
-        for line in res.read_text().splitlines():
-            d = json.loads(line)
-            done[d["name"]] = ZooResult(**d)
+    done = {name: r for (_, name), r in load_results(res).items()}
     rows = []
     t0 = time.perf_counter()
     for n in names:
@@ -159,12 +167,7 @@ def main() -> None:
               f"trains={r.trains} {r.message[:60]}", flush=True)
     ok = [r for r in rows if r.outcome == "ok"]
     good = [r for r in ok if r.trains == "ok" and SCALE_RANGE[0] <= r.scale_min and r.scale_max <= SCALE_RANGE[1]]
-    other = {}
-    if args.compare:
-        for line in Path(args.compare).read_text().splitlines():
-            d = json.loads(line)
-            d.pop("conventions", None)
-            other[d["name"]] = ZooResult(**d)
+    other = {name: r for (_, name), r in load_results(Path(args.compare)).items()} if args.compare else {}
     other_good = {n for n, r in other.items() if r.outcome == "ok" and r.trains == "ok" and r.scale_min is not None
                   and SCALE_RANGE[0] <= r.scale_min and r.scale_max <= SCALE_RANGE[1]}
     named = f"`conventions=\"{args.conventions}\"`" + (

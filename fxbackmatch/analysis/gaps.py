@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import torch
 import torch.fx as fx
 
 from .context import RuleContext
@@ -87,8 +86,8 @@ def elementwise_fn(node: fx.Node, gm: fx.GraphModule, x: fx.Node | None) -> Call
     elementwise but not defined on a zero-mean Gaussian: their factor is measured instead."""
     if x is None:
         return None
-    fn = pointwise_callable(node, gm, x)
-    if fn is None or not _diagonal(fn):
+    fn = pointwise_callable(node, gm, x)  # elementwise: shape, reversal and a diagonal Jacobian
+    if fn is None:
         return None
     try:
         f = gaussian_factors(fn, 1.0)
@@ -97,22 +96,6 @@ def elementwise_fn(node: fx.Node, gm: fx.GraphModule, x: fx.Node | None) -> Call
     if not all(math.isfinite(v) for v in (f.back, f.second, f.var)):
         return None
     return fn
-
-
-def _diagonal(fn: Callable, n: int = 9) -> bool:
-    """Whether ``fn``'s Jacobian on a 1-D probe is diagonal. Commuting with a reversal (what
-    :func:`~fxbackmatch.analysis.meanfield.pointwise_callable` checks) does not make an op
-    elementwise: every permutation-equivariant op commutes — ``x − mean(x)``, ``x·‖x‖`` —
-    and the mean-field factor ``E[φ'(z)²]`` (the derivative of ``Σφ``) is wrong for them."""
-    t = torch.linspace(-1.3, 1.7, n, dtype=torch.float64)
-    try:
-        jac = torch.autograd.functional.jacobian(fn, t)
-    except Exception:  # not differentiable on a float64 probe: not one to model
-        return False
-    if not isinstance(jac, torch.Tensor) or jac.shape != (n, n) or not bool(torch.isfinite(jac).all()):
-        return False
-    off = jac - torch.diag(torch.diagonal(jac))
-    return float(off.abs().max()) <= 1e-9 * max(1.0, float(jac.abs().max()))
 
 
 def fill_gap(walker: Any, node: fx.Node, flow: Flow, what: str,

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-__all__ = ["MeanField", "gaussian_factors", "gauss_rule", "legendre_rule", "pointwise_callable", "NODES", "KINKS"]
+__all__ = ["MeanField", "gaussian_factors", "gauss_rule", "legendre_rule", "pointwise_callable", "diagonal_jacobian", "NODES", "KINKS"]
 
 #: Gauss–Legendre nodes per panel, and panels over ``μ ± 12σ``
 NODES, PANELS = 8, 240
@@ -166,10 +166,21 @@ def pointwise_callable(node: fx.Node, gm: fx.GraphModule, x: fx.Node) -> Callabl
                 return None
             if not torch.allclose(fn(t.flip(0).clone()), y.flip(0), equal_nan=True):
                 return None
-        probe = torch.linspace(-1.3, 1.7, 5, dtype=torch.float64)  # a diagonal Jacobian: each output
-        jac = torch.autograd.functional.jacobian(lambda v: fn(v.clone()), probe)  # reads its own input only
-        if (jac - torch.diag(torch.diagonal(jac))).abs().max() > 1e-12:  # (softmax, x − mean(x): not elementwise)
-            return None
-        return fn
+        return fn if diagonal_jacobian(fn) else None
     except Exception:  # any op that will not take a 1-D float64 tensor is not one we can probe
         return None
+
+
+def diagonal_jacobian(fn: Callable, n: int = 9) -> bool:
+    """Whether ``fn``'s Jacobian on a 1-D probe is diagonal. Commuting with a reversal does not
+    make an op elementwise: every permutation-equivariant op commutes — softmax, ``x − mean(x)``,
+    ``x·‖x‖`` — and the mean-field factor ``E[φ'(z)²]`` (the derivative of ``Σφ``) is wrong for them."""
+    t = torch.linspace(-1.3, 1.7, n, dtype=torch.float64)
+    try:
+        jac = torch.autograd.functional.jacobian(lambda v: fn(v.clone()), t)
+    except Exception:  # not differentiable on a float64 probe: not one to model
+        return False
+    if not isinstance(jac, torch.Tensor) or jac.shape != (n, n) or not bool(torch.isfinite(jac).all()):
+        return False
+    off = jac - torch.diag(torch.diagonal(jac))
+    return float(off.abs().max()) <= 1e-9 * max(1.0, float(jac.abs().max()))

@@ -47,30 +47,23 @@ _METHODS = ("tanh", "tanh_")
 _LOOK_THROUGH = ("identity_rule", "dropout_rule")
 
 
+def _producer(ctx: RuleContext, x: fx.Node):
+    """The rule of what produced ``x``, looking through reshapes and dropout (``None`` for an input)."""
+    for _ in range(16):
+        rule = ctx.rule_of(x)
+        ins = [a for a in x.all_input_nodes if a.op != "get_attr"]
+        if rule is None or rule.name not in _LOOK_THROUGH or not ins:
+            return rule
+        x = ins[0]
+    return None
+
+
 def zero_mean_input(ctx: RuleContext, x: fx.Node) -> bool:
     """Whether ``x`` is (a view of) a norm layer's or a weighted layer's output: a zero-mean
     pre-activation under the mean-field assumptions."""
-    for _ in range(16):
-        rule = ctx.rule_of(x)
-        if rule is None:
-            return False
-        if rule.norm:
-            return True
-        if rule.row_norm is not None and not rule.transparent and not rule.averages:
-            return True
-        ins = [a for a in x.all_input_nodes if a.op != "get_attr"]
-        if rule.name not in _LOOK_THROUGH or not ins:
-            return False
-        x = ins[0]
-    return False
-
-
-def _input_is_norm(ctx: RuleContext, x: fx.Node) -> bool:
-    rule = ctx.rule_of(x)
-    while rule is not None and rule.name in _LOOK_THROUGH and x.all_input_nodes:
-        x = x.all_input_nodes[0]
-        rule = ctx.rule_of(x)
-    return rule is not None and rule.norm
+    rule = _producer(ctx, x)
+    return rule is not None and (rule.norm or (rule.row_norm is not None and not rule.transparent
+                                               and not rule.averages))
 
 
 def _meanfield(ctx: RuleContext) -> tuple[MeanField, Mono | None, float] | None:
@@ -91,8 +84,8 @@ def _meanfield(ctx: RuleContext) -> tuple[MeanField, Mono | None, float] | None:
     return gaussian_factors(fn, var), below, var
 
 
-def _apply(ctx: RuleContext) -> bool:
-    got = _meanfield(ctx)
+def _apply(ctx: RuleContext, got: tuple | None = None) -> bool:
+    got = _meanfield(ctx) if got is None else got
     if got is None:
         return False
     mf, _, var = got
@@ -111,7 +104,8 @@ def _moment(ctx: RuleContext) -> Mono | None:
     # after a norm layer the consumer is a conv/linear feeding the next norm, which removes the
     # mean: Var[φ] (relu="exact"'s ½ − 1/2π, checked against measured Jacobians); elsewhere the
     # next layer's pre-activation and normal matrix see the second moment E[φ²] (mean included)
-    normed = _input_is_norm(ctx, ctx.inputs[0])
+    producer = _producer(ctx, ctx.inputs[0])
+    normed = producer is not None and producer.norm
     ratio = max(mf.var if normed else mf.second, 1e-30) / var
     return (below if below is not None else Mono()) * ratio
 
@@ -173,8 +167,9 @@ def elementwise_rule(ctx: RuleContext) -> None:
     mean-field factors with the conventions' activations, the identity otherwise."""
     if not ctx.inputs:
         return
-    if _meanfield(ctx) is not None:
-        _apply(ctx)
+    got = _meanfield(ctx)
+    if got is not None:
+        _apply(ctx, got)
         return
     fn = pointwise_callable(ctx.node, ctx.gm, ctx.inputs[0])
     if fn is not None and ctx.activations_mode == "meanfield":  # mean unknown: its slope at N(0, 1)
