@@ -225,9 +225,8 @@ def test_compiled_cached_step():
 
 
 def test_a_large_update_reads_the_weights_each_step(monkeypatch):
-    """Past KEEP_MAX_PARAMS parameters the step keeps no sums (inductor would split the
-    update, see fused.KEEP_MAX_PARAMS) and reads every weight each call, still equal to
-    attach()."""
+    """Without the scheduler pass (here: an eager step) and past KEEP_MAX_PARAMS parameters,
+    the step keeps no sums and reads every weight each call, still equal to attach()."""
     import fxbackmatch.apply.fused as fused
 
     monkeypatch.setattr(fused, "KEEP_MAX_PARAMS", 2)
@@ -243,3 +242,36 @@ def test_a_large_update_reads_the_weights_each_step(monkeypatch):
             F.cross_entropy(net(x), y).backward()
             st()
         assert_same(a, b)
+
+
+@pytest.mark.slow
+def test_a_compiled_step_of_many_parameters_keeps_every_sum():
+    """50 parameters, past where inductor alone would split the update: compiled with the
+    scheduler pass, every weight's sum is kept and training equals attach() through a weight
+    changed by hand, with weight decay."""
+    torch.manual_seed(0)
+    blocks = [m for _ in range(12) for m in (nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU())]
+    a = nn.Sequential(*blocks, nn.Linear(16, 10))
+    b = copy.deepcopy(a)
+    x0 = torch.randn(32, 16)
+    pa = fxbackmatch.prepare(a, x0, compile=True)
+    pb = fxbackmatch.prepare(b, x0, compile=False)
+    oa = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    ob = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    step = pa.compile_step(oa, weight_decay=5e-4)
+    pb.attach(ob, weight_decay=5e-4)
+    assert len(list(a.parameters())) == 50 and step._read == [] and len(step._kept) == len(pa._runtime.weights)
+    g = torch.Generator().manual_seed(1)
+    for i in range(8):
+        x, y = torch.randn(32, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
+        if i == 4:
+            with torch.no_grad():
+                a[3].weight.mul_(1.5)
+                b[3].weight.mul_(1.5)
+        for net, st in ((a, step), (b, ob.step)):
+            net.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            st()
+        assert_same(a, b, tol=1e-5)
+        for got, want in zip(step._sq, fresh_sq(step)):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=0)

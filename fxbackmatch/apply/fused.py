@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..runtime.norms import sumsq, sumsq_many
+from .schedule import compile_options
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -35,12 +36,12 @@ if TYPE_CHECKING:
 
 __all__ = ["FusedStep", "KEEP_MAX_PARAMS", "compile_step"]
 
-#: updates of at most this many parameters keep each weight's sum from its own write; larger
-#: ones read the weights at the start of the step instead. Measured on this project's CPU
-#: (docs/benchmarks.md): up to ~14 parameters inductor sums each weight in the loop that
-#: writes it (paper VGG-16: 1.00–1.04× a compiled SGD step); from ~26 on it writes the
-#: momentum buffers in a second loop that re-reads gradient and buffer, which costs more
-#: (ResNet-50: 1.5×) than reading the weights once up front (1.35×).
+#: without the scheduler pass (``apply.schedule``; an inductor without the pre-fusion hook),
+#: updates of at most this many parameters keep each weight's sum from its own write and larger
+#: ones read the weights at the start of the step instead: from ~30 parameters on, inductor
+#: then writes the momentum buffers in a second loop that re-reads gradient and buffer, which
+#: costs more (ResNet-50: 1.5× a compiled SGD step) than reading the weights once (1.35×).
+#: With the pass every update keeps its sums (ResNet-50: ~1.05×, docs/benchmarks.md).
 KEEP_MAX_PARAMS = 16
 
 
@@ -134,6 +135,8 @@ class FusedStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.group_of = [gi for gi, g in enumerate(optimizer.param_groups) for _ in g["params"]]
         self._compile = compile
+        self._lr_key: tuple | None = None
+        self._lr_tensors: list[torch.Tensor] = []
         self._bind(plan._runtime)
 
     def _bind(self, rt: "Runtime") -> None:
@@ -141,9 +144,11 @@ class FusedStep:
         self._rt = rt
         pos = {id(p): k for k, p in enumerate(rt.targets)}
         self.index = [pos.get(id(p), -1) for p in self.params]
-        # weights the update writes keep their sums, unless the update is too large for
-        # inductor to fuse each sum into its weight's write (see KEEP_MAX_PARAMS)
-        written = {id(p) for p in self.params} if len(self.params) <= KEEP_MAX_PARAMS else set()
+        # weights the update writes keep their sums: compiled with the scheduler pass that puts
+        # each parameter's update in one loop, or small enough to fuse without it (KEEP_MAX_PARAMS)
+        self._options = compile_options() if self._compile else {}
+        keep = bool(self._options) or len(self.params) <= KEEP_MAX_PARAMS
+        written = {id(p) for p in self.params} if keep else set()
         #: weights the update writes (their sums are kept) and those read every step
         self._kept_at = [j for j, w in enumerate(rt.weights) if id(w) in written]
         self._read_at = [j for j, w in enumerate(rt.weights) if id(w) not in written]
@@ -159,6 +164,12 @@ class FusedStep:
     def _state(self):
         st = self.optimizer.state
         if self.kind == "sgd":
+            try:  # every step after the first
+                bufs = [st[p]["momentum_buffer"] for p in self.params]
+                if not any(b is None for b in bufs):
+                    return (bufs,)
+            except KeyError:
+                pass
             bufs = []
             for p in self.params:
                 s = st[p]
@@ -178,14 +189,23 @@ class FusedStep:
             steps.append(s["step"])
         return m1, m2, steps
 
+    def _lrs(self, dev: torch.device) -> list[torch.Tensor]:
+        """The groups' learning rates as float64 tensors, made again only when one changed."""
+        key = (dev, [g["lr"] for g in self.optimizer.param_groups])
+        if any(isinstance(v, torch.Tensor) for v in key[1]) or key != self._lr_key:
+            self._lr_key = key
+            self._lr_tensors = [torch.as_tensor(v, dtype=torch.float64, device=dev) for v in key[1]]
+        return self._lr_tensors
+
     def _kept_sq(self) -> list[torch.Tensor]:
         """The kept weights' sums, re-read where stale (or all of them: first call, a loaded
         plan state)."""
         if self._sq is None or self._loads != self.plan._state_loads:
             return self._read_sq(self._kept)
-        stale = [k for k, w in enumerate(self._kept) if _mark(w) != self._marks[k]]
-        if not stale:
+        marks = _marks(self._kept)
+        if marks == self._marks:  # nothing wrote a weight since the step did
             return self._sq
+        stale = [k for k, m in enumerate(marks) if m != self._marks[k]]
         sq = list(self._sq)
         for k, s in zip(stale, self._read_sq([self._kept[k] for k in stale])):
             sq[k] = s
@@ -233,7 +253,7 @@ class FusedStep:
                              slot, new_sq)
                 return new_sq
 
-        return torch.compile(step, fullgraph=True, dynamic=False) if self._compile else step
+        return torch.compile(step, fullgraph=True, dynamic=False, options=self._options) if self._compile else step
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -256,18 +276,18 @@ class FusedStep:
             n = len(rt.targets)
             mult = torch.ones(n, dtype=torch.float64, device=dev) if mult is None else mult.to(dev, torch.float64)
             consts = {**consts, "mult": mult}
-        lrs = [torch.as_tensor(g["lr"], dtype=torch.float64, device=dev) for g in self.optimizer.param_groups]
+        lrs = self._lrs(dev)
         stats = [rt.buffers[r] for r in rt.stat_refs]
         kept = self._kept_sq()
         self._sq = self._fn(self._read, kept, stats, consts, self.params, grads, lrs, *self._state())
-        self._marks = [_mark(w) for w in self._kept]
+        self._marks = _marks(self._kept)
         self._loads = self.plan._state_loads
         self.optimizer._opt_called = True  # tell LR schedulers the optimizer stepped
 
 
-def _mark(t: torch.Tensor) -> tuple[int, int]:
+def _marks(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
     """What changes when a tensor is written outside the step: its version, its storage."""
-    return t._version, t.data_ptr()
+    return [(t._version, t.data_ptr()) for t in tensors]
 
 
 def compile_step(plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: float = 0.0) -> FusedStep:

@@ -171,6 +171,11 @@ def finish(plan: "Plan") -> None:
     plan._owners = {n: owner(plan.model, n) for n in targets}
     plan._links = module_links(plan.model, targets)
     plan._shapes = {n: tuple(params[n].shape) for n in targets}
+    # what check_identity compares every step, flattened: (dict, key, expected[, shape])
+    plan._identity = (
+        [(parent._modules, key, child) for parent, key, child in plan._links],
+        [(mod._parameters, attr, p, torch.Size(plan._shapes[n])) for n, (mod, attr, p) in plan._owners.items()],
+    )
     plan._generated: GeneratedFactors = generate(
         a.atoms.atoms, [(n, plan._scale_expr[n]) for n in targets],
         title=f"{type(plan.model).__name__}, rule={plan.rule}, {len(targets)} scaled parameters",
@@ -296,6 +301,10 @@ def follow_sharded(plan: "Plan") -> bool:
 
 
 def check_identity(plan: "Plan") -> None:
+    """Every submodule on the way to a target and every target is the one prepared, same shape."""
+    links, owners = plan._identity
+    if all(d.get(k) is c for d, k, c in links) and all(d.get(a) is p and p.shape == s for d, a, p, s in owners):
+        return  # the per-step fast path; the loops below name what changed
     for parent, key, child in plan._links:
         if parent._modules.get(key) is not child:
             raise PlanMismatchError(
