@@ -22,6 +22,7 @@ data-parallel-synchronized statistics.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import defaultdict
@@ -398,12 +399,23 @@ def _data_parallel_world() -> int:
     return dist.get_world_size()
 
 
-def is_dtensor(t) -> bool:
+@functools.cache
+def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
+        return None
+    return DTensor
+
+
+def is_dtensor(t) -> bool:
+    dtensor = _dtensor_type()
+    if dtensor is None:  # pragma: no cover
         return False
-    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
+    if isinstance(t, dtensor):
+        return True
+    # a Parameter holding a DTensor (``.data`` makes a new alias: only for Parameters)
+    return isinstance(t, torch.nn.Parameter) and isinstance(t.data, dtensor)
 
 
 def local_part(t: torch.Tensor) -> tuple[torch.Tensor, int]:
