@@ -135,6 +135,7 @@ class FusedStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.group_of = [gi for gi, g in enumerate(optimizer.param_groups) for _ in g["params"]]
         self._compile = compile
+        self._dev: torch.device | None = None
         self._lr_key: tuple | None = None
         self._lr_tensors: list[torch.Tensor] = []
         self._bind(plan._runtime)
@@ -268,7 +269,9 @@ class FusedStep:
             self._bind(rt)
         if self._fn is None:
             self._fn = self._build()
-        dev = rt.device()
+        if grads[0].device != self._dev:  # first call, or the model moved
+            self._dev = rt.device()
+        dev = self._dev
         consts = rt._consts.get(dev) or rt._consts.setdefault(dev, rt.gen.constants_on(dev))
         self.plan._step_hook()  # measured moments / factors: refreshed in place every `refresh` steps
         if rt.multiplier is not None:
