@@ -36,7 +36,7 @@ def build(name: str, batch: int):
 
 
 def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, amp: bool = False,
-          rounds: int = 5) -> dict:
+          rounds: int = 5, adam: bool = False) -> dict:
     torch.manual_seed(0)
     net, shape = build(name, batch)
     fmt = torch.channels_last if amp else torch.preserve_format
@@ -107,6 +107,22 @@ def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, 
     except Exception as e:  # report it, keep measuring the rest
         print(f"# fused step failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         out["fused_step"] = None
+    if adam:  # the same pair for AdamW (the fused step warns that Adam cancels a rescale: fine here)
+        import warnings
+
+        oa_c = torch.optim.AdamW(params, lr=1e-6, foreach=True)
+        oa_c.step()
+        compiled_adam = torch.compile(oa_c.step)
+        compiled_adam()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused_adam = plan.compile_step(torch.optim.AdamW(params, lr=1e-6))
+        fused_adam()
+        out["adam_ratios"] = []
+        for _ in range(rounds):
+            c = timeit(compiled_adam, restore, reps)
+            out["adam_ratios"].append(timeit(fused_adam, restore, reps) / c)
+        out["compiled_adamw_step"] = c
     if torch.device(device).type == "cuda":  # the optimizer's own single-kernel-family update
         opt_k = torch.optim.SGD(params, lr=1e-6, momentum=0.9, fused=True)
         opt_k.step()
@@ -148,12 +164,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--train-reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the fused / compiled SGD pair")
+    ap.add_argument("--adam", action="store_true", help="also the fused AdamW step against a compiled AdamW step")
     ap.add_argument("--batch", type=int, default=128, help="training-step batch (default 128)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast and channels-last in the training step")
     args = ap.parse_args()
     print(f"# machine: {machine()}, device {args.device}, batch {args.batch}{', bf16 autocast' if args.amp else ''}")
     for name in args.models.split(","):
-        r = bench(name, args.device, args.reps, args.train_reps, args.batch, args.amp, args.rounds)
+        r = bench(name, args.device, args.reps, args.train_reps, args.batch, args.amp, args.rounds, args.adam)
         ms = lambda k: f"{r[k] * 1e3:8.3f} ms" if r.get(k) is not None else "     n/a"  # noqa: E731
         print(f"\n## {name} ({r['params_M']:.1f} M parameters)")
         for k in ("eager_loop", "compiled_rescale", "ungraphed_rescale", "sgd_momentum_step", "timm_lars_step", "copy",
@@ -168,6 +185,10 @@ def main() -> None:
                 q = sorted(r["fused_ratios"])
                 print(f"  in {len(q)} interleaved rounds        : median {statistics.median(q):.3f}, "
                       f"range {q[0]:.3f}–{q[-1]:.3f}")
+        if r.get("adam_ratios"):
+            q = sorted(r["adam_ratios"])
+            print(f"fused AdamW / compiled AdamW step    : median {statistics.median(q):.3f}, range {q[0]:.3f}–{q[-1]:.3f} "
+                  f"({len(q)} interleaved rounds; compiled AdamW {r['compiled_adamw_step'] * 1e3:.2f} ms)")
         print(f"rescale bandwidth {r['rescale_GBps']:.1f} GB/s vs copy_ {r['copy_GBps']:.1f} GB/s "
               f"({r['rescale_GBps'] / r['copy_GBps']:.2f})")
         if r.get("torch_fused_sgd_step") and r.get("fused_step"):

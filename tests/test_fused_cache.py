@@ -275,3 +275,30 @@ def test_a_compiled_step_of_many_parameters_keeps_every_sum():
         assert_same(a, b, tol=1e-5)
         for got, want in zip(step._sq, fresh_sq(step)):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+
+
+@pytest.mark.slow
+def test_a_compiled_adamw_step_with_two_groups_equals_attach():
+    """The compiled Adam path (bias corrections computed beside the update and passed in):
+    two parameter groups with their own betas and rates, a scheduler changing the rates, the
+    same training as attach() with torch's AdamW."""
+    a, pa, b, pb = twins(compile=True)
+
+    def groups(net):
+        return [{"params": [net.cv1.weight, net.cv2.weight], "betas": (0.8, 0.99)},
+                {"params": [p for n, p in net.named_parameters() if not n.startswith(("cv1", "cv2"))], "lr": 3e-3}]
+
+    oa = torch.optim.AdamW(groups(a), lr=1e-3, weight_decay=0.01)
+    ob = torch.optim.AdamW(groups(b), lr=1e-3, weight_decay=0.01)
+    step = pa.compile_step(oa)
+    pb.attach(ob)
+    sa, sb = (torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5) for o in (oa, ob))
+    for x, y in batches(6):
+        for net, st in ((a, step), (b, ob.step)):
+            net.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            st()
+        sa.step()
+        sb.step()
+        assert_same(a, b, tol=2e-5)
+    assert float(oa.state[a.fc.weight]["step"]) == float(ob.state[b.fc.weight]["step"]) == 6

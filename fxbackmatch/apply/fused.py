@@ -73,7 +73,19 @@ def _sgd_update(params, grads, bufs, scales, index, lrs, group_of, wd, momentum,
             new_sq[slot[i]] = sumsq(p)
 
 
-def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd, betas, eps, decoupled, slot, new_sq):
+def _adam_bias(steps: list[torch.Tensor], lrs: list[torch.Tensor], b1: torch.Tensor, b2: torch.Tensor,
+               group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every parameter's ``lr / (1 − β₁ᵗ)`` and ``√(1 − β₂ᵗ)`` for the coming step ``t``, in
+    float64 as torch.optim.Adam's. Computed before the compiled update and passed in: inside
+    it inductor inlines such scalars into each parameter's loop (two ``pow`` per vector)."""
+    t = torch.stack(steps).to(b1.device, torch.float64) + 1
+    return torch.stack(lrs)[group] / (1 - b1 ** t), (1 - b2 ** t).sqrt()
+
+
+def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd, betas, eps, decoupled, slot, new_sq,
+                 step_size, bc2_sqrt):
+    for s in steps:
+        s.add_(1)
     for i, p in enumerate(params):
         gi = group_of[i]
         g = grads[i]
@@ -82,18 +94,13 @@ def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd,
         k = index[i]
         if k >= 0:
             g = g * scales[k].to(g.dtype)
-        lr = lrs[gi]
         if decoupled[gi]:
-            p.mul_(1 - lr * decoupled[gi])
-        b1, b2 = betas[gi]
-        steps[i].add_(1)
-        t = steps[i].to(torch.float64)  # bias corrections in float64, as torch.optim.Adam's
-        bc1 = 1 - b1 ** t
-        bc2 = 1 - b2 ** t
-        m1[i].lerp_(g, 1 - b1)
-        m2[i].mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (m2[i].sqrt() / bc2.sqrt()).add_(eps[gi])
-        p.sub_((lr / bc1) * m1[i] / denom)
+            p.mul_(1 - lrs[gi] * decoupled[gi])
+        beta1, beta2 = betas[gi]
+        m1[i].lerp_(g, 1 - beta1)
+        m2[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (m2[i].sqrt() / bc2_sqrt[i]).add_(eps[gi])
+        p.sub_(step_size[i] * m1[i] / denom)
         if slot[i] >= 0:
             new_sq[slot[i]] = sumsq(p)
 
@@ -136,6 +143,7 @@ class FusedStep:
         self.group_of = [gi for gi, g in enumerate(optimizer.param_groups) for _ in g["params"]]
         self._compile = compile
         self._dev: torch.device | None = None
+        self._adam_consts: tuple | None = None  # (device, n), β₁ and β₂ per parameter, group per parameter
         self._lr_key: tuple | None = None
         self._lr_tensors: list[torch.Tensor] = []
         self._bind(plan._runtime)
@@ -188,7 +196,14 @@ class FusedStep:
             m1.append(s["exp_avg"])
             m2.append(s["exp_avg_sq"])
             steps.append(s["step"])
-        return m1, m2, steps
+        key = (self._dev, len(steps))  # the bias corrections live beside the parameters
+        if self._adam_consts is None or self._adam_consts[0] != key:
+            groups = self.optimizer.param_groups
+            b1 = torch.tensor([float(groups[gi]["betas"][0]) for gi in self.group_of], dtype=torch.float64, device=key[0])
+            b2 = torch.tensor([float(groups[gi]["betas"][1]) for gi in self.group_of], dtype=torch.float64, device=key[0])
+            self._adam_consts = (key, b1, b2, torch.tensor(self.group_of, device=key[0]))
+        _, b1, b2, group = self._adam_consts
+        return (m1, m2, steps, *_adam_bias(steps, self._lrs(key[0]), b1, b2, group))
 
     def _lrs(self, dev: torch.device) -> list[torch.Tensor]:
         """The groups' learning rates as float64 tensors, made again only when one changed."""
@@ -247,11 +262,11 @@ class FusedStep:
             eps = [float(g["eps"]) for g in groups]
             decoupled = [float(g["weight_decay"]) if isinstance(self.optimizer, torch.optim.AdamW) else 0.0 for g in groups]
 
-            def step(read, kept, stats, consts, params, grads, lrs, m1, m2, steps):
+            def step(read, kept, stats, consts, params, grads, lrs, m1, m2, steps, step_size, bc2_sqrt):
                 scales = factors(_weight_sq(read, read_at, kept, kept_at, n_w), [], stats, consts)
                 new_sq = [None] * n_kept
                 _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd, betas, eps, decoupled,
-                             slot, new_sq)
+                             slot, new_sq, step_size, bc2_sqrt)
                 return new_sq
 
         return torch.compile(step, fullgraph=True, dynamic=False, options=self._options) if self._compile else step
