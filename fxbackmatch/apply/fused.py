@@ -17,6 +17,12 @@ in-place edit through ``p.data`` bumps no version: the next step uses the sum fr
 the edit, and returns the right one (it sums what it writes), so such an edit is one step
 late. Weights the optimizer does not update are read every step.
 
+The update is compiled with :class:`~fxbackmatch.apply.schedule.ClusterUpdates`, an inductor
+pre-fusion pass that keeps each parameter's nodes together, so each parameter is one loop:
+weight, gradient and state read once, written once, the sum accumulated on the way. Adam's
+bias corrections are computed for all parameters before the call (``_adam_bias``) and passed
+in, so the loops load them instead of evaluating ``pow`` per vector.
+
 The optimizer's state (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``) is the
 optimizer's own, so ``optimizer.state_dict()`` and switching back to ``optimizer.step()``
 keep working. Learning rates are passed as tensors: schedulers do not trigger recompiles.
