@@ -167,6 +167,12 @@ def main(rank: int, world: int, modes: list[str], out: str, store: str) -> None:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Every result is saved and every collective has finished: leave without the interpreter's
+    # finalization, where gloo's worker threads (or work a DDP reducer still holds) can abort
+    # the process after the fact ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
