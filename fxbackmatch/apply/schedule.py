@@ -66,7 +66,10 @@ class ClusterUpdates(_Base):
 
     def __call__(self, nodes: list[Any]) -> list[Any]:
         try:
-            index = {nd.get_name(): i for i, nd in enumerate(nodes)}
+            index: dict[str, int] = {}
+            for i, nd in enumerate(nodes):  # a grouped node (foreach) answers for the nodes inside it
+                for sub in [nd, *getattr(nd, "snodes", ())]:
+                    index[sub.get_name()] = i
             touched = [{d.name for d in nd.read_writes.reads} | {d.name for d in nd.read_writes.writes} for nd in nodes]
             needs = [{index[a] for a in nd.ancestors if a in index} for nd in nodes]
         except AttributeError:  # a scheduler whose nodes look different: leave its order alone
