@@ -59,6 +59,15 @@ def assert_same(a: nn.Module, b: nn.Module, tol: float = 1e-6) -> None:
         torch.testing.assert_close(p, q, rtol=tol, atol=tol * float(q.detach().abs().max()), msg=n)
 
 
+def step_both(a: nn.Module, step_a, b: nn.Module, step_b, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step of each twin on the same batch: ``a`` with the fused step, ``b`` with
+    its optimizer under attach()."""
+    for net, st in ((a, step_a), (b, step_b)):
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        st()
+
+
 def fresh_sq(step) -> list[torch.Tensor]:
     return [sumsq(w) for w in step._kept]
 
@@ -97,10 +106,7 @@ def test_cached_step_equals_attach(name, variance):
     reads = count_reads(step)
     checkpoint = None
     for i, (x, y) in enumerate(batches(30)):
-        for net, st in ((a, step), (b, ob.step)):
-            net.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            st()
+        step_both(a, step, b, ob.step, x, y)
         assert_same(a, b)
         if i == 5:
             checkpoint = copy.deepcopy(b.state_dict())
@@ -162,10 +168,7 @@ def test_data_edit_is_one_step_late():
             a.cv2.weight.data.mul_(2)
             b.cv2.weight.data.mul_(2)
             pa.load_state_dict(pa.state_dict())  # what a resume does: re-read every weight
-        for net, st in ((a, step), (b, ob.step)):
-            net.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            st()
+        step_both(a, step, b, ob.step, x, y)
         assert_same(a, b)
     a.cv2.weight.data.mul_(2)  # this time unnoticed
     x, y = batches(1, seed=1)[0]
@@ -214,10 +217,7 @@ def test_compiled_cached_step():
         if i == 8:
             a.load_state_dict(checkpoint)
             b.load_state_dict(checkpoint)
-        for net, st in ((a, step), (b, ob.step)):
-            net.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            st()
+        step_both(a, step, b, ob.step, x, y)
         assert_same(a, b, tol=1e-5)  # compiled against eager float32 arithmetic
         for got, want in zip(step._sq, fresh_sq(step)):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
@@ -237,10 +237,7 @@ def test_a_large_update_reads_the_weights_each_step(monkeypatch):
     pb.attach(ob, weight_decay=5e-4)
     assert step._kept == [] and len(step._read) == 3
     for x, y in batches(5):
-        for net, st in ((a, step), (b, ob.step)):
-            net.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            st()
+        step_both(a, step, b, ob.step, x, y)
         assert_same(a, b)
 
 
@@ -268,10 +265,7 @@ def test_a_compiled_step_of_many_parameters_keeps_every_sum():
             with torch.no_grad():
                 a[3].weight.mul_(1.5)
                 b[3].weight.mul_(1.5)
-        for net, st in ((a, step), (b, ob.step)):
-            net.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            st()
+        step_both(a, step, b, ob.step, x, y)
         assert_same(a, b, tol=1e-5)
         for got, want in zip(step._sq, fresh_sq(step)):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
@@ -294,10 +288,7 @@ def test_a_compiled_adamw_step_with_two_groups_equals_attach():
     pb.attach(ob)
     sa, sb = (torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5) for o in (oa, ob))
     for x, y in batches(6):
-        for net, st in ((a, step), (b, ob.step)):
-            net.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            st()
+        step_both(a, step, b, ob.step, x, y)
         sa.step()
         sb.step()
         assert_same(a, b, tol=2e-5)

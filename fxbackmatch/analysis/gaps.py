@@ -98,28 +98,19 @@ def elementwise_fn(node: fx.Node, gm: fx.GraphModule, x: fx.Node | None) -> Call
     return fn
 
 
-def fill_gap(walker: Any, node: fx.Node, flow: Flow, what: str,
-             rule_fn: Callable[[RuleContext], None] | None) -> None:
+def fill_gap(walker: Any, node: fx.Node, flow: Flow, what: str, rule_fn: Callable[[RuleContext], None]) -> None:
     """Fill the gap at ``node`` (no rule, ``strict=False``): ``rule_fn`` (the generic
-    elementwise rule, ``None`` where it is not available: the identity) for an elementwise op,
-    or measured local factors for each tensor input; a module's trainable parameters stay at
-    scale 1 and are listed uncovered. ``walker`` is the running walk
-    (:mod:`fxbackmatch.analysis.walk`: ``gm``, ``notes``, ``contribute``, ``uncovered``,
-    ``param_names``, ``atoms``, ``live``)."""
+    elementwise rule) for an elementwise op, or measured local factors for each tensor input;
+    a module's trainable parameters stay at scale 1 and are listed uncovered. ``walker`` is the
+    running walk (:mod:`fxbackmatch.analysis.walk`: ``gm``, ``notes``, ``contribute``,
+    ``uncovered``, ``param_names``, ``atoms``, ``live``)."""
     gm = walker.gm
-    rule = Rule(name="elementwise_rule (no rule registered)", fn=rule_fn or _identity, key=("gap", node.target),
-                transparent=True)
+    rule = Rule(name="elementwise_rule (no rule registered)", fn=rule_fn, key=("gap", node.target), transparent=True)
     ctx = RuleContext(walker, node, rule, flow)
     ins = ctx.inputs  # tensor inputs; parameters (also read through views) are not inputs
-    fn = elementwise_fn(node, gm, ins[0] if len(ins) == 1 else None)
-    if fn is not None:
-        if rule_fn is not None:
-            rule(ctx)
-            walker.notes.append(f"{what} at '{node.name}': {ELEMENTWISE_NOTE}")
-        else:  # without the generic elementwise rule: the paper's identity for activations
-            _identity(ctx)
-            walker.notes.append(f"{what} at '{node.name}': no rule: treated as elementwise (identity: "
-                                f"no generic elementwise rule is available)")
+    if elementwise_fn(node, gm, ins[0] if len(ins) == 1 else None) is not None:
+        rule(ctx)
+        walker.notes.append(f"{what} at '{node.name}': {ELEMENTWISE_NOTE}")
         return
     if node.op == "call_module":
         for _, p in gm.get_submodule(node.target).named_parameters():
@@ -131,11 +122,6 @@ def fill_gap(walker: Any, node: fx.Node, flow: Flow, what: str,
         ctx.pass_to(inp, flow.m * measured_factor(ctx, inp))
     if live:
         walker.notes.append(f"{what} at '{node.name}': {MEASURED_NOTE}")
-
-
-def _identity(ctx: RuleContext) -> None:
-    if ctx.inputs:
-        ctx.pass_to(ctx.inputs[0], ctx.m_out)
 
 
 def _floating(node: fx.Node) -> bool:

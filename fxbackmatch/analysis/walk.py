@@ -16,6 +16,7 @@ parts). A residual ``h + f(h)`` gives ``m_h = m_y + m_f``; a silent branch adds 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .context import RuleContext, fetch_attr, flat_nodes, param_view_source, positions  # noqa: F401 (positions: 0.1 API)
+from .context import RuleContext, fetch_attr, param_view_source, positions  # noqa: F401 (positions: 0.1 API)
 from ..errors import (
     FxBackmatchError,
     NoWeightedLayerError,
@@ -201,8 +202,6 @@ class _Walker:
     def value_now(self, mono: Mono) -> float | None:
         """``mono`` evaluated at the current parameters and buffers (``None`` if it reads a
         gradient or a measured moment); used for the constants a rule fixes at prepare."""
-        import math
-
         vals: dict[int, float | None] = {}
 
         def atom(i: int) -> float | None:
@@ -372,10 +371,8 @@ class _Walker:
                 f"elementwise op gets the mean-field rule, any other op's factor is measured on the "
                 f"batch; its parameters stay at scale 1)."
             )
-        try:  # the generic elementwise rule (imported here: the rules import the gap helpers)
-            from .rules.activations import elementwise_rule
-        except ImportError:  # pragma: no cover - the rules ship with the package
-            elementwise_rule = None
+        from .rules.activations import elementwise_rule  # here: the rules import the gap helpers
+
         fill_gap(self, node, flow, what, elementwise_rule)
 
     def _check_params(self, g) -> None:

@@ -182,7 +182,10 @@ def elementwise_rule(ctx: RuleContext) -> None:
 
 def _keep(ctx: RuleContext) -> float:
     """``1 − p`` of an active dropout (the module's ``training`` flag, or ``F.dropout``'s
-    ``training`` argument as traced); 1 when it is off."""
+    ``training`` argument as traced) under ``activations="meanfield"``; 1 when it is off, and
+    in the paper's set (which has no dropout)."""
+    if ctx.activations_mode != "meanfield":
+        return 1.0
     m = ctx.module
     if m is not None:
         return 1.0 - float(m.p) if m.training else 1.0
@@ -194,7 +197,7 @@ def _keep(ctx: RuleContext) -> float:
 
 def _dropout_moment(ctx: RuleContext) -> Mono | None:
     below, _ = ctx.variance_below(ctx.inputs[0]) if ctx.inputs else (None, "")
-    keep = _keep(ctx) if ctx.activations_mode == "meanfield" else 1.0
+    keep = _keep(ctx)
     if below is None or keep >= 1.0 or keep <= 0.0:
         return below
     return below / keep
@@ -208,5 +211,5 @@ def dropout_rule(ctx: RuleContext) -> None:
     ``activations="meanfield"``; the identity in the paper's set (which has no dropout)."""
     if not ctx.inputs:
         return
-    keep = _keep(ctx) if ctx.activations_mode == "meanfield" else 1.0
+    keep = _keep(ctx)
     ctx.pass_to(ctx.inputs[0], ctx.m_out / keep if 0.0 < keep < 1.0 else ctx.m_out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..context import RuleContext
+from ..context import RuleContext, fetch_attr
 from ..tokens import TOKEN_META
 
 __all__ = ["ancestors", "visible_keys", "reads_tokens", "uniform_stats", "is_causal", "token_kind"]
@@ -54,7 +54,8 @@ def visible_keys(ctx: RuleContext, mask: fx.Node, L: int, S: int) -> torch.Tenso
                         return None
                     env[n] = torch.ones(tuple(val.shape), dtype=val.dtype, device=val.device)
                 elif n.op == "get_attr":
-                    env[n] = _attr(ctx.gm, n.target)
+                    obj = fetch_attr(ctx.gm, n.target)
+                    env[n] = obj.detach() if isinstance(obj, torch.Tensor) else obj
                 elif n.op in ("call_function", "call_method"):
                     args = fx.node.map_arg(n.args, lambda a: env[a])
                     kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
@@ -70,13 +71,6 @@ def visible_keys(ctx: RuleContext, mask: fx.Node, L: int, S: int) -> torch.Tenso
         return vis.sum(-1).reshape(-1, L).to(torch.float64).cpu()
     except Exception:  # an op this small evaluator cannot run: the shape heuristic decides
         return None
-
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj.detach() if isinstance(obj, torch.Tensor) else obj
 
 
 def reads_tokens(mask: fx.Node, bt: tuple[int, int]) -> bool:
