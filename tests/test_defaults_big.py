@@ -2,7 +2,9 @@
 ``maxvit_t`` (224×224, batch 2, ``weights=None``) and tiny Hugging Face GPT-2, BERT and Llama
 (built from config objects, nothing downloaded) prepare with ``fxbackmatch.prepare(model, x)``,
 cover every parameter, keep every scale in ``[1e-6, 1e6]`` at init, and train 20 steps of
-SGD-momentum (lr 2e-3, random data, the plan attached) with finite losses.
+SGD-momentum (lr 2e-3, random data, the plan attached): finite losses, never above 3× the
+first. Whether the first step moves any weight more than its norm is a test of its own, with
+the models where it does marked (strict xfail: a fix shows up as a pass).
 
 Run as a script to print each model's extreme scales under both named conventions::
 
@@ -11,6 +13,7 @@ Run as a script to print each model's extreme scales under both named convention
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -56,12 +59,15 @@ def extremes(plan: fxbackmatch.Plan) -> dict[str, Any]:
     return {"min": (lo, sc[lo]), "max": (hi, sc[hi]), "n": len(sc)}
 
 
-def train_steps(name: str, model, plan, args, kw, labels, steps: int = 20) -> list[float]:
-    """``steps`` SGD-momentum steps (lr 2e-3) on fresh random data with the plan attached."""
+def train_steps(name: str, model, plan, args, kw, labels, steps: int = 20) -> tuple[list[float], tuple[str, float]]:
+    """``steps`` SGD-momentum steps (lr 2e-3) on fresh random data with the plan attached: the
+    losses, and the largest first-step move ``‖ΔW‖/‖W‖`` over the nonzero parameters (and whose)."""
     opt = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9)
     plan.attach(opt)
     gen = torch.Generator().manual_seed(1)
     losses = []
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and bool(p.detach().norm() > 0)}
+    first_move = ("", 0.0)
     model.train()
     for _ in range(steps):
         if name in VISION:
@@ -77,7 +83,12 @@ def train_steps(name: str, model, plan, args, kw, labels, steps: int = 20) -> li
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    return losses
+        if len(losses) == 1:
+            params = dict(model.named_parameters())
+            first_move = max(((n, float((params[n].detach() - w).norm() / w.norm())) for n, w in before.items()),
+                             key=lambda t: t[1], default=("", 0.0))
+            before = {}
+    return losses, first_move
 
 
 def check(name: str, conventions: str = "default", steps: int = 20) -> dict[str, Any]:
@@ -94,21 +105,45 @@ def check(name: str, conventions: str = "default", steps: int = 20) -> dict[str,
            "flagged": [str(w.message).split(":")[1].strip() for w in caught
                        if issubclass(w.category, fxbackmatch.ScaleRangeWarning)]}
     if steps:
-        got["losses"] = train_steps(name, model, plan, args, kw, labels, steps)
+        got["losses"], got["first_move"] = train_steps(name, model, plan, args, kw, labels, steps)
         got["after"] = extremes(plan)
     return got
+
+
+@functools.lru_cache(maxsize=None)
+def checked(name: str) -> dict[str, Any]:
+    """:func:`check` once per model for both tests below."""
+    return check(name)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_models_prepare_with_the_defaults_and_train(name):
-    got = check(name)
+    got = checked(name)
     assert got["uncovered"] == [], got["uncovered"]
     (lo_name, lo), (hi_name, hi) = got["min"], got["max"]
     assert RANGE[0] <= lo and hi <= RANGE[1], (lo_name, lo, hi_name, hi)
-    # (the range guard reads the scales before the batch-span multiplier: maxvit_t's SE fc2
-    # at batch 2 is 1.06e6 there, 3.3e4 as applied — got["flagged"] says so, not asserted)
-    assert len(got["losses"]) == 20 and all(math.isfinite(v) for v in got["losses"]), got["losses"]
+    assert got["flagged"] == [], got["flagged"]
+    losses = got["losses"]
+    assert len(losses) == 20 and all(math.isfinite(v) for v in losses), losses
+    assert max(losses) <= 3 * losses[0], losses
+
+
+# measured 2026-12-05 (2-core CPU, torch 2.14.1): the largest first-step move ‖ΔW‖/‖W‖
+FIRST_MOVE_FAILS = {
+    "swin_t": "features.5.5.attn.proj.weight moves 1.20× its norm in step 1",
+    "maxvit_t": "an MBConv conv_b weight moves 1.11× its norm in step 1",
+    "bert": "word_embeddings (HF's 0.02-std init, under the floor's N(0, 1)) moves 7.8× its norm in step 1",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=FIRST_MOVE_FAILS[n])) if n in FIRST_MOVE_FAILS else n
+    for n in MODELS])
+def test_the_first_step_moves_no_weight_more_than_its_norm(name):
+    who, move = checked(name)["first_move"]
+    assert move <= 1.0, (who, move)
 
 
 if __name__ == "__main__":
