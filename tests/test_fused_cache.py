@@ -199,7 +199,9 @@ def test_weights_the_optimizer_does_not_step_are_read_every_step():
 
 def test_compiled_cached_step():
     """The one compiled step of this file: same training as attach() through an edit and a
-    loaded checkpoint, kept sums equal to fresh reads, one graph for every call."""
+    loaded checkpoint, kept sums equal to fresh reads, one graph for every call, and weights
+    re-read only on the first call, after the edit and after the checkpoint (the step's own
+    version bumps, learned on the first call, predict every other step's marks)."""
     from torch._dynamo.utils import counters
 
     a, pa, b, pb = twins(compile=True)
@@ -209,6 +211,7 @@ def test_compiled_cached_step():
     pb.attach(ob, weight_decay=5e-4)
     checkpoint = copy.deepcopy(b.state_dict())
     before = counters["stats"].get("unique_graphs", 0)
+    reads = count_reads(step)
     for i, (x, y) in enumerate(batches(12)):
         if i == 4:
             with torch.no_grad():
@@ -222,6 +225,7 @@ def test_compiled_cached_step():
         for got, want in zip(step._sq, fresh_sq(step)):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
     assert counters["stats"].get("unique_graphs", 0) - before == 1
+    assert reads == [len(step._kept), 1, len(step._kept)]
 
 
 def test_a_large_update_reads_the_weights_each_step(monkeypatch):
@@ -293,3 +297,78 @@ def test_a_compiled_adamw_step_with_two_groups_equals_attach():
         sb.step()
         assert_same(a, b, tol=2e-5)
     assert float(oa.state[a.fc.weight]["step"]) == float(ob.state[b.fc.weight]["step"]) == 6
+
+
+def one_cycle(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.OneCycleLR:
+    """OneCycleLR moves the learning rate and (its default) the momentum / betas every step."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=20, pct_start=0.3)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_scheduler_moving_momentum_or_betas_is_followed(kind):
+    """Momentum (SGD) and betas (Adam) are compiled into the update until a scheduler moves
+    them, then passed in every step: the same training as attach() with torch's optimizer."""
+    a, pa, b, pb = twins()
+    if kind == "sgd":
+        oa, ob = (torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9, nesterov=True) for n in (a, b))
+    else:
+        oa, ob = (torch.optim.AdamW(n.parameters(), lr=0.05, weight_decay=0.01) for n in (a, b))
+    step = pa.compile_step(oa)
+    pb.attach(ob)
+    sa, sb = one_cycle(oa), one_cycle(ob)
+    seen = set()
+    for x, y in batches(8):
+        step_both(a, step, b, ob.step, x, y)
+        sa.step()
+        sb.step()
+        assert_same(a, b, tol=2e-5)
+        seen.add(str(oa.param_groups[0]["momentum" if kind == "sgd" else "betas"]))
+    assert step._passed and len(seen) == 8  # the scheduler did move them, and the step followed
+
+
+def test_a_parameter_group_added_later_is_stepped():
+    """``add_param_group`` after ``compile_step``: the new parameters are stepped (and scaled)
+    from the next call, as attach() with torch's SGD does; a changed compiled-in setting
+    (nesterov) builds the update again."""
+    a, pa, b, pb = twins()
+
+    def first(net):
+        return [p for n, p in net.named_parameters() if not n.startswith("fc")]
+
+    oa, ob = (torch.optim.SGD(first(n), lr=0.05, momentum=0.9) for n in (a, b))
+    step = pa.compile_step(oa)
+    pb.attach(ob)
+    data = batches(6)
+    for x, y in data[:2]:
+        step_both(a, step, b, ob.step, x, y)
+    torch.testing.assert_close(a.fc.weight, b.fc.weight)  # neither stepped fc yet
+    fc0 = a.fc.weight.detach().clone()
+    oa.add_param_group({"params": list(a.fc.parameters()), "lr": 0.02})
+    ob.add_param_group({"params": list(b.fc.parameters()), "lr": 0.02})
+    for i, (x, y) in enumerate(data[2:]):
+        if i == 2:
+            oa.param_groups[0]["nesterov"] = ob.param_groups[0]["nesterov"] = True
+        step_both(a, step, b, ob.step, x, y)
+        assert_same(a, b)
+    assert not torch.equal(a.fc.weight, fc0)
+    assert len(step.params) == len(list(a.parameters())) and step.index[-2] >= 0  # fc.weight is scaled
+
+
+@pytest.mark.slow
+def test_a_compiled_step_under_one_cycle_compiles_twice():
+    """Compiled: the momentum compiled in for the first step, passed in from the scheduler's
+    first move on; two graphs in all, whatever the number of steps, and attach()'s training."""
+    from torch._dynamo.utils import counters
+
+    a, pa, b, pb = twins(compile=True)
+    oa, ob = (torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9) for n in (a, b))
+    step = pa.compile_step(oa, weight_decay=5e-4)
+    pb.attach(ob, weight_decay=5e-4)
+    sa, sb = one_cycle(oa), one_cycle(ob)
+    before = counters["stats"].get("unique_graphs", 0)
+    for x, y in batches(8):
+        step_both(a, step, b, ob.step, x, y)
+        sa.step()
+        sb.step()
+        assert_same(a, b, tol=1e-5)
+    assert step._passed and counters["stats"].get("unique_graphs", 0) - before == 2

@@ -60,9 +60,9 @@ def test_an_order_that_would_run_a_node_early_is_refused():
 
 
 def sgd_with_sums(n: int):
-    def step(params, grads, bufs, scales, lrs):
+    def step(params, grads, bufs, scales, lrs, momenta):
         new_sq = [None] * n
-        _sgd_update(params, grads, bufs, scales, list(range(n)), lrs, [0] * n, 1e-4, [0.9], [False],
+        _sgd_update(params, grads, bufs, scales, list(range(n)), lrs, momenta, [0] * n, 1e-4, [False],
                     list(range(n)), new_sq)
         return new_sq
     return step
@@ -72,20 +72,20 @@ def loops(code: str) -> int:
     return len(re.findall(r"for\(int64_t x0=", code))
 
 
-def compiled_update(n: int, options: dict) -> int:
+def compiled_update(n: int, options: dict, momentum: float | torch.Tensor = 0.9) -> int:
     """Loops in inductor's code for an ``n``-parameter SGD update with sums, after checking its
-    numbers against the eager update."""
+    numbers against the eager update; ``momentum`` compiled in (a float) or read (a tensor)."""
     from torch._inductor.utils import run_and_get_code
 
     g = torch.Generator().manual_seed(0)
     make = lambda: [torch.randn(256, generator=g) for _ in range(n)]  # noqa: E731
     params, grads, bufs = make(), make(), make()
     scales = torch.rand(n, dtype=torch.float64, generator=g) + 0.5
-    lrs = [torch.tensor(0.1, dtype=torch.float64)]
+    lrs, momenta = [torch.tensor(0.1, dtype=torch.float64)], [momentum]
     want_p, want_b = [p.clone() for p in params], [b.clone() for b in bufs]
-    want_sq = sgd_with_sums(n)(want_p, grads, want_b, scales, lrs)
+    want_sq = sgd_with_sums(n)(want_p, grads, want_b, scales, lrs, momenta)
     fn = torch.compile(sgd_with_sums(n), fullgraph=True, dynamic=False, options=options)
-    sq, codes = run_and_get_code(fn, params, grads, bufs, scales, lrs)
+    sq, codes = run_and_get_code(fn, params, grads, bufs, scales, lrs, momenta)
     for got, want in zip(params + bufs, want_p + want_b):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for got, want in zip(sq, want_sq):
@@ -107,6 +107,14 @@ def test_the_pass_puts_each_update_in_one_loop_with_the_eager_numbers():
 def test_without_the_pass_inductor_splits_the_update():
     """What the pass removes: inductor alone writes the buffers in second loops."""
     assert compiled_update(N_PARAMS, {}) > N_PARAMS + 10
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compile_options(), reason="this inductor has no pre-fusion hook")
+def test_a_momentum_read_from_memory_splits_some_updates():
+    """Why the fused step compiles momentum in until a scheduler moves it: read from a tensor,
+    it costs extra loops even with the pass (same numbers)."""
+    assert compiled_update(N_PARAMS, compile_options(), torch.tensor(0.9, dtype=torch.float64)) > N_PARAMS + 2
 
 
 def test_the_pass_leaves_a_foreign_graph_alone():

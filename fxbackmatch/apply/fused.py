@@ -26,9 +26,20 @@ in, so the loops load them instead of evaluating ``pow`` per vector.
 The optimizer's state (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``) is the
 optimizer's own, so ``optimizer.state_dict()`` and switching back to ``optimizer.step()``
 keep working. Learning rates are passed as tensors: schedulers do not trigger recompiles.
+Momentum (SGD) and betas (Adam) are compiled in until something changes them (OneCycleLR's
+``cycle_momentum``), then passed as tensors from that step on: one more compile, no more.
+A parameter group added later (``add_param_group``) or a changed compiled-in setting
+(``nesterov``, ``eps``, ``weight_decay``) builds the update again at the next call.
+
+Per step, the Python around the compiled call is the plan's identity check, the gradient and
+state lookups and the staleness marks (read once a step: the step's own ``_version`` bumps
+are learned and added), ~0.4 ms for ResNet-50's 161 parameters on a 2-core CPU, cold in cache
+after the update streamed the weights (docs/benchmarks.md).
 """
 from __future__ import annotations
 
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -63,8 +74,14 @@ def _weight_sq(
     return out
 
 
-def _sgd_update(params, grads, bufs, scales, index, lrs, group_of, wd, momentum, nesterov, slot, new_sq):
+def _as(v, dtype: torch.dtype):
+    """A passed float64 tensor in ``dtype``; a compiled-in Python float as it is."""
+    return v.to(dtype) if isinstance(v, torch.Tensor) else v
+
+
+def _sgd_update(params, grads, bufs, scales, index, lrs, momenta, group_of, wd, nesterov, slot, new_sq):
     for i, p in enumerate(params):
+        gi = group_of[i]
         g = grads[i]
         if wd:
             g = g + wd * p
@@ -72,24 +89,26 @@ def _sgd_update(params, grads, bufs, scales, index, lrs, group_of, wd, momentum,
         if k >= 0:
             g = g * scales[k].to(g.dtype)
         buf = bufs[i]
-        buf.mul_(momentum[group_of[i]]).add_(g)
-        step = g + momentum[group_of[i]] * buf if nesterov[group_of[i]] else buf
-        p.sub_(lrs[group_of[i]].to(p.dtype) * step)
+        momentum = _as(momenta[gi], buf.dtype)
+        buf.mul_(momentum).add_(g)
+        step = g + momentum * buf if nesterov[gi] else buf
+        p.sub_(lrs[gi].to(p.dtype) * step)
         if slot[i] >= 0:  # a weight the scales read: sum what was just written
             new_sq[slot[i]] = sumsq(p)
 
 
-def _adam_bias(steps: list[torch.Tensor], lrs: list[torch.Tensor], b1: torch.Tensor, b2: torch.Tensor,
-               group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _adam_bias(steps: list[torch.Tensor], lr: torch.Tensor, b1: torch.Tensor,
+               b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every parameter's ``lr / (1 − β₁ᵗ)`` and ``√(1 − β₂ᵗ)`` for the coming step ``t``, in
-    float64 as torch.optim.Adam's. Computed before the compiled update and passed in: inside
-    it inductor inlines such scalars into each parameter's loop (two ``pow`` per vector)."""
+    float64 as torch.optim.Adam's (``lr``, ``b1``, ``b2``: one entry per parameter). Computed
+    before the compiled update and passed in: inside it inductor inlines such scalars into each
+    parameter's loop (two ``pow`` per vector)."""
     t = torch.stack(steps).to(b1.device, torch.float64) + 1
-    return torch.stack(lrs)[group] / (1 - b1 ** t), (1 - b2 ** t).sqrt()
+    return lr / (1 - b1 ** t), (1 - b2 ** t).sqrt()
 
 
-def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd, betas, eps, decoupled, slot, new_sq,
-                 step_size, bc2_sqrt):
+def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, group_of, wd, eps, decoupled, slot,
+                 new_sq, step_size, bc2_sqrt):
     for s in steps:
         s.add_(1)
     for i, p in enumerate(params):
@@ -102,13 +121,23 @@ def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd,
             g = g * scales[k].to(g.dtype)
         if decoupled[gi]:
             p.mul_(1 - lrs[gi] * decoupled[gi])
-        beta1, beta2 = betas[gi]
-        m1[i].lerp_(g, 1 - beta1)
-        m2[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m1[i].lerp_(g, _as(1 - b1s[gi], g.dtype))
+        m2[i].mul_(_as(b2s[gi], g.dtype)).add_(_as(1 - b2s[gi], g.dtype) * g * g)  # addcmul_'s order
         denom = (m2[i].sqrt() / bc2_sqrt[i]).add_(eps[gi])
         p.sub_(step_size[i] * m1[i] / denom)
         if slot[i] >= 0:
             new_sq[slot[i]] = sumsq(p)
+
+
+#: the group entries passed to the compiled update as tensors each step (schedulers change
+#: them: the learning rate; OneCycleLR's momentum and betas) and those compiled into it (a
+#: change, like a new parameter group, builds the update again). Momentum and betas are
+#: compiled in as well until they first change: read from memory, they let inductor fuse
+#: different parameters' updates side by side and split each from its writes (34 loops for
+#: 34 parameters become 43, ``tests/test_schedule.py``)
+_PASSED = {"sgd": ("lr", "momentum"), "adam": ("lr", "betas")}
+_BAKED = {"sgd": ("nesterov", "dampening", "weight_decay", "maximize"),
+          "adam": ("eps", "weight_decay", "amsgrad", "maximize")}
 
 
 class FusedStep:
@@ -119,20 +148,13 @@ class FusedStep:
         kind = type(optimizer)
         if kind is torch.optim.SGD:
             self.kind = "sgd"
-            for g in optimizer.param_groups:
-                if g["dampening"] or g["weight_decay"] or g["maximize"] or not g["momentum"]:
-                    raise ValueError(
-                        "compile_step supports SGD with momentum > 0, dampening=0, maximize=False and "
-                        "weight_decay=0 (pass weight_decay to compile_step); use attach() otherwise"
-                    )
         elif kind in (torch.optim.Adam, torch.optim.AdamW):
             self.kind = "adam"
-            for g in optimizer.param_groups:
-                if g["amsgrad"] or g["maximize"] or (kind is torch.optim.Adam and g["weight_decay"]):
-                    raise ValueError(
-                        "compile_step supports Adam/AdamW without amsgrad/maximize (Adam: pass "
-                        "weight_decay to compile_step); use attach() otherwise"
-                    )
+        else:
+            raise TypeError(f"compile_step supports torch.optim.SGD, Adam and AdamW, not {kind.__name__}; use attach()")
+        self._compile = compile
+        self._take_params()
+        if self.kind == "adam":
             import warnings
 
             from ..errors import AdaptiveOptimizerWarning
@@ -143,16 +165,38 @@ class FusedStep:
                 f"gives each layer's update back-matching's length.",
                 AdaptiveOptimizerWarning, stacklevel=3,
             )
-        else:
-            raise TypeError(f"compile_step supports torch.optim.SGD, Adam and AdamW, not {kind.__name__}; use attach()")
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.group_of = [gi for gi, g in enumerate(optimizer.param_groups) for _ in g["params"]]
-        self._compile = compile
         self._dev: torch.device | None = None
-        self._adam_consts: tuple | None = None  # (device, n), β₁ and β₂ per parameter, group per parameter
-        self._lr_key: tuple | None = None
-        self._lr_tensors: list[torch.Tensor] = []
+        self._hyper_key: tuple | None = None
+        self._hyper_val: tuple = ()
+        self._passed = False  # momentum / betas passed as tensors, from their first change on
+        self._baked: list | None = None  # the momentum / betas compiled into the update
         self._bind(plan._runtime)
+
+    def _take_params(self) -> None:
+        """The optimizer's parameters, their groups and the groups' compiled-in settings."""
+        groups = self.optimizer.param_groups
+        for g in groups:
+            if self.kind == "sgd" and (g["dampening"] or g["weight_decay"] or g["maximize"] or not g["momentum"]):
+                raise ValueError(
+                    "compile_step supports SGD with momentum > 0, dampening=0, maximize=False and "
+                    "weight_decay=0 (pass weight_decay to compile_step); use attach() otherwise"
+                )
+            if self.kind == "adam" and (g["amsgrad"] or g["maximize"] or (
+                    type(self.optimizer) is torch.optim.Adam and g["weight_decay"])):
+                raise ValueError(
+                    "compile_step supports Adam/AdamW without amsgrad/maximize (Adam: pass "
+                    "weight_decay to compile_step); use attach() otherwise"
+                )
+        self.params = [p for g in groups for p in g["params"]]
+        self.group_of = [gi for gi, g in enumerate(groups) for _ in g["params"]]
+        self._layout = self._layout_of(groups)
+        self._hyper_key = None
+
+    def _layout_of(self, groups: list[dict]) -> list[tuple]:
+        """What the compiled update takes from the groups once: which parameter lists, which
+        settings (``_BAKED``); ``add_param_group``, a new list or a changed setting changes it."""
+        baked = _BAKED[self.kind]
+        return [(id(g["params"]), len(g["params"]), *[g[k] for k in baked]) for g in groups]
 
     def _bind(self, rt: "Runtime") -> None:
         """Where the runtime's targets and weights sit among the optimizer's parameters."""
@@ -173,6 +217,8 @@ class FusedStep:
         self._slot = [kept.get(id(p), -1) for p in self.params]  # parameter -> its kept sum, or -1
         self._sq: list[torch.Tensor] | None = None  # float64 sum(W²) of each kept weight
         self._marks: list[tuple[int, int]] = []  # (_version, data_ptr) of each, after the step wrote it
+        self._now: list[tuple[int, int]] = []  # the marks before this step
+        self._bumps: list[int] | None = None  # what the compiled step adds to each kept weight's _version
         self._loads = self.plan._state_loads
         self._fn: Callable | None = None
 
@@ -180,8 +226,8 @@ class FusedStep:
         st = self.optimizer.state
         if self.kind == "sgd":
             try:  # every step after the first
-                bufs = [st[p]["momentum_buffer"] for p in self.params]
-                if not any(b is None for b in bufs):
+                bufs = list(map(_BUF, map(st.__getitem__, self.params)))
+                if not any(map(is_, bufs, repeat(None))):
                     return (bufs,)
             except KeyError:
                 pass
@@ -202,31 +248,38 @@ class FusedStep:
             m1.append(s["exp_avg"])
             m2.append(s["exp_avg_sq"])
             steps.append(s["step"])
-        key = (self._dev, len(steps))  # the bias corrections live beside the parameters
-        if self._adam_consts is None or self._adam_consts[0] != key:
-            groups = self.optimizer.param_groups
-            b1 = torch.tensor([float(groups[gi]["betas"][0]) for gi in self.group_of], dtype=torch.float64, device=key[0])
-            b2 = torch.tensor([float(groups[gi]["betas"][1]) for gi in self.group_of], dtype=torch.float64, device=key[0])
-            self._adam_consts = (key, b1, b2, torch.tensor(self.group_of, device=key[0]))
-        _, b1, b2, group = self._adam_consts
-        return (m1, m2, steps, *_adam_bias(steps, self._lrs(key[0]), b1, b2, group))
+        return (m1, m2, steps, *_adam_bias(steps, *self._hyper_val[3:]))
 
-    def _lrs(self, dev: torch.device) -> list[torch.Tensor]:
-        """The groups' learning rates as float64 tensors, made again only when one changed."""
-        key = (dev, [g["lr"] for g in self.optimizer.param_groups])
-        if any(isinstance(v, torch.Tensor) for v in key[1]) or key != self._lr_key:
-            self._lr_key = key
-            self._lr_tensors = [torch.as_tensor(v, dtype=torch.float64, device=dev) for v in key[1]]
-        return self._lr_tensors
+    def _second(self) -> list:
+        """The groups' momentum (SGD) or betas (Adam): compiled in until they first change."""
+        key = "momentum" if self.kind == "sgd" else "betas"
+        return [g[key] for g in self.optimizer.param_groups]
+
+    def _hyper(self, dev: torch.device) -> tuple:
+        """The groups' ``_PASSED`` entries as float64 tensors, one list per entry (Adam: the
+        betas split in two, and learning rate and betas again per parameter for
+        :func:`_adam_bias`), made again only when one changed."""
+        vals = [[v for k in _PASSED[self.kind] for v in (g[k] if k == "betas" else (g[k],))]
+                for g in self.optimizer.param_groups]
+        if any(isinstance(v, torch.Tensor) for row in vals for v in row) or (dev, vals) != self._hyper_key:
+            self._hyper_key = (dev, vals)
+            cols = [[torch.as_tensor(v, dtype=torch.float64, device=dev).detach() for v in col] for col in zip(*vals)]
+            if self.kind == "adam":
+                group = torch.tensor(self.group_of, device=dev)
+                cols += [torch.stack(col)[group] for col in cols]
+            self._hyper_val = tuple(cols)
+        return self._hyper_val
 
     def _kept_sq(self) -> list[torch.Tensor]:
         """The kept weights' sums, re-read where stale (or all of them: first call, a loaded
         plan state)."""
         if self._sq is None or self._loads != self.plan._state_loads:
+            self._now, self._bumps = _marks(self._kept), None
             return self._read_sq(self._kept)
-        marks = _marks(self._kept)
+        marks = self._now = _marks(self._kept)
         if marks == self._marks:  # nothing wrote a weight since the step did
             return self._sq
+        self._bumps = None  # learn the step's own version bumps again
         stale = [k for k, m in enumerate(marks) if m != self._marks[k]]
         sq = list(self._sq)
         for k, s in zip(stale, self._read_sq([self._kept[k] for k in stale])):
@@ -254,24 +307,30 @@ class FusedStep:
                     out = out.clamp(1.0 / cap, cap)
             return out
 
+        second = self._second()
+        if any(isinstance(v, torch.Tensor) for v in second):
+            self._passed = True
+        self._baked = None if self._passed else second
         if self.kind == "sgd":
-            momentum = [float(g["momentum"]) for g in groups]
             nesterov = [bool(g["nesterov"]) for g in groups]
+            baked_m = None if self._passed else [float(m) for m in second]
 
-            def step(read, kept, stats, consts, params, grads, lrs, bufs):
+            def step(read, kept, stats, consts, params, grads, lrs, momenta, bufs):
                 scales = factors(_weight_sq(read, read_at, kept, kept_at, n_w), [], stats, consts)
                 new_sq = [None] * n_kept
-                _sgd_update(params, grads, bufs, scales, index, lrs, group_of, wd, momentum, nesterov, slot, new_sq)
+                _sgd_update(params, grads, bufs, scales, index, lrs, baked_m or momenta, group_of, wd, nesterov,
+                            slot, new_sq)
                 return new_sq
         else:
-            betas = [tuple(float(b) for b in g["betas"]) for g in groups]
             eps = [float(g["eps"]) for g in groups]
             decoupled = [float(g["weight_decay"]) if isinstance(self.optimizer, torch.optim.AdamW) else 0.0 for g in groups]
+            baked_b = None if self._passed else ([float(b[0]) for b in second], [float(b[1]) for b in second])
 
-            def step(read, kept, stats, consts, params, grads, lrs, m1, m2, steps, step_size, bc2_sqrt):
+            def step(read, kept, stats, consts, params, grads, lrs, b1s, b2s, m1, m2, steps, step_size, bc2_sqrt):
                 scales = factors(_weight_sq(read, read_at, kept, kept_at, n_w), [], stats, consts)
                 new_sq = [None] * n_kept
-                _adam_update(params, grads, m1, m2, steps, scales, index, lrs, group_of, wd, betas, eps, decoupled,
+                b1s, b2s = baked_b or (b1s, b2s)
+                _adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, group_of, wd, eps, decoupled,
                              slot, new_sq, step_size, bc2_sqrt)
                 return new_sq
 
@@ -280,14 +339,17 @@ class FusedStep:
     @torch.no_grad()
     def __call__(self) -> None:
         self.plan._check()
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
-            raise RuntimeError("compile_step needs a gradient for every parameter; use attach() when some are None")
         rt = self.plan._runtime
         if rt.gen.grad_refs:
             raise ValueError("compile_step supports gradient-independent rules (backmatch, sgd)")
-        if rt is not self._rt:  # the plan regenerated its runtime
+        if self._layout_of(self.optimizer.param_groups) != self._layout:  # add_param_group, a changed setting
+            self._take_params()
             self._bind(rt)
+        elif rt is not self._rt:  # the plan regenerated its runtime
+            self._bind(rt)
+        grads = list(map(_GRAD, self.params))
+        if any(map(is_, grads, repeat(None))):
+            raise RuntimeError("compile_step needs a gradient for every parameter; use attach() when some are None")
         if self._fn is None:
             self._fn = self._build()
         if grads[0].device != self._dev:  # first call, or the model moved
@@ -300,11 +362,21 @@ class FusedStep:
             n = len(rt.targets)
             mult = torch.ones(n, dtype=torch.float64, device=dev) if mult is None else mult.to(dev, torch.float64)
             consts = {**consts, "mult": mult}
-        lrs = self._lrs(dev)
+        hyper = self._hyper(dev)
+        if self._baked is not None and self._second() != self._baked:  # a scheduler moved momentum / betas
+            self._passed = True
+            self._fn = self._build()
         stats = [rt.buffers[r] for r in rt.stat_refs]
         kept = self._kept_sq()
-        self._sq = self._fn(self._read, kept, stats, consts, self.params, grads, lrs, *self._state())
-        self._marks = _marks(self._kept)
+        self._sq = self._fn(self._read, kept, stats, consts, self.params, grads, *hyper[:3], *self._state())
+        # the marks the next step expects: the step's own version bumps are the same every step,
+        # so they are read once (on a step that re-read a sum) and added after that; a wrong
+        # guess only makes the next step re-read those sums
+        if self._bumps is None:
+            self._marks = _marks(self._kept)
+            self._bumps = [a[0] - b[0] for a, b in zip(self._marks, self._now)]
+        else:
+            self._marks = list(map(_bumped, self._now, self._bumps))
         self._loads = self.plan._state_loads
         self.optimizer._opt_called = True  # tell LR schedulers the optimizer stepped
 
@@ -312,6 +384,14 @@ class FusedStep:
 def _marks(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
     """What changes when a tensor is written outside the step: its version, its storage."""
     return [(t._version, t.data_ptr()) for t in tensors]
+
+
+def _bumped(mark: tuple[int, int], bump: int) -> tuple[int, int]:
+    return (mark[0] + bump, mark[1])
+
+
+_GRAD = attrgetter("grad")
+_BUF = itemgetter("momentum_buffer")
 
 
 def compile_step(plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: float = 0.0) -> FusedStep:

@@ -101,7 +101,10 @@ def _note(a, text: str, drop: bool = False) -> None:
 
 def step_hook(plan: "Plan") -> None:
     """Called by the attached hooks before each rescale: refresh every ``refresh`` steps."""
-    if measures(plan) and plan._last_call is not None and plan._steps % plan.refresh_every == 0:
+    known = plan.__dict__.get("_measures_for")  # (runtime, measures(plan)): walks the atoms once per runtime
+    if known is None or known[0] is not plan._runtime:
+        known = plan._measures_for = (plan._runtime, measures(plan))
+    if known[1] and plan._last_call is not None and plan._steps % plan.refresh_every == 0:
         args, kwargs = plan._last_call
         try:
             plan.refresh(*args, **kwargs)

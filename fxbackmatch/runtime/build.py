@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import warnings
+from operator import attrgetter, is_
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -171,11 +172,7 @@ def finish(plan: "Plan") -> None:
     plan._owners = {n: owner(plan.model, n) for n in targets}
     plan._links = module_links(plan.model, targets)
     plan._shapes = {n: tuple(params[n].shape) for n in targets}
-    # what check_identity compares every step, flattened: (dict, key, expected[, shape])
-    plan._identity = (
-        [(parent._modules, key, child) for parent, key, child in plan._links],
-        [(mod._parameters, attr, p, torch.Size(plan._shapes[n])) for n, (mod, attr, p) in plan._owners.items()],
-    )
+    plan._identity = identity_columns(plan)
     plan._generated: GeneratedFactors = generate(
         a.atoms.atoms, [(n, plan._scale_expr[n]) for n in targets],
         title=f"{type(plan.model).__name__}, rule={plan.rule}, {len(targets)} scaled parameters",
@@ -270,9 +267,12 @@ def eager_scales(plan: "Plan") -> dict[str, float]:
 
 def check(plan: "Plan") -> None:
     """The plan is ready and its parameters are still the model's (following FSDP2 sharding)."""
-    need(plan)
+    if plan._analysis is None:
+        need(plan)  # raises PlanNotReadyError
     if plan.__dict__.pop("_finish_pending", False):  # a deepcopy made while the model was half-built
         finish(plan)
+    if same_identity(plan._identity):  # the per-step fast path
+        return
     try:
         check_identity(plan)
     except PlanMismatchError:
@@ -300,11 +300,32 @@ def follow_sharded(plan: "Plan") -> bool:
     return True
 
 
+_shape = attrgetter("shape")
+
+
+def identity_columns(plan: "Plan") -> tuple[list, ...]:
+    """What :func:`same_identity` compares every step, as columns: each module on the way to
+    a target (parent's ``_modules``, key, module), each target (owner's ``_parameters``, key,
+    parameter) and its prepared shape."""
+    links = [(parent._modules, key, child) for parent, key, child in plan._links]
+    owners = [(mod._parameters, attr, p, torch.Size(plan._shapes[n])) for n, (mod, attr, p) in plan._owners.items()]
+    if not all(isinstance(t[0], dict) for t in links + owners):  # a module with its own mapping
+        return ([], [], [], [], [], [], [None])  # never the same: check_identity's loops decide
+    return tuple([t[i] for t in links] for i in range(3)) + tuple([t[i] for t in owners] for i in range(4))
+
+
+def same_identity(columns: tuple[list, ...]) -> bool:
+    """Every prepared module and target is still where it was, same shape: C-level loops (``map``)
+    over the columns of :func:`identity_columns`, the per-step cost of every rescale."""
+    dicts, keys, children, owners, attrs, params, shapes = columns
+    return (all(map(is_, map(dict.get, dicts, keys), children))
+            and all(map(is_, map(dict.get, owners, attrs), params)) and list(map(_shape, params)) == shapes)
+
+
 def check_identity(plan: "Plan") -> None:
     """Every submodule on the way to a target and every target is the one prepared, same shape."""
-    links, owners = plan._identity
-    if all(d.get(k) is c for d, k, c in links) and all(d.get(a) is p and p.shape == s for d, a, p, s in owners):
-        return  # the per-step fast path; the loops below name what changed
+    if same_identity(plan._identity):
+        return
     for parent, key, child in plan._links:
         if parent._modules.get(key) is not child:
             raise PlanMismatchError(
