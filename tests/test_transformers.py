@@ -417,3 +417,30 @@ def test_cli_report_on_a_hugging_face_model(capsys, monkeypatch):
     assert data["capture"] == "export"
     assert any("wte" in ",".join(p for p in row.get("params", [])) or "embedding" in row.get("op", "")
                for row in data["layers"])
+
+
+def test_shape_arithmetic_is_known_whatever_fake_tensor_prop_records(monkeypatch):
+    """``x.size(-1) ** -0.5`` traced by torch.fx is a node; its number must reach the product
+    rule. torch 2.11's FakeTensorProp keeps no Python numbers in ``meta["val"]`` (2.14's does):
+    emulated here, the attention scores' factor was off by ``d`` = 16 before ``capture.shapes``
+    filled them in. The plan must equal the one made with the numbers recorded."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    torch.manual_seed(0)
+    net = Attn(manual=True)
+    x = torch.randn(4, 16, 32)
+    want = fxbackmatch.prepare(net, x, compile=False).scales()
+    plain = FakeTensorProp.run_node
+
+    def older(self, n):  # what torch 2.11 records: tensors (and symbols) only
+        out = plain(self, n)
+        val = n.meta.get("val")
+        if isinstance(val, (int, float, bool)):
+            del n.meta["val"]
+        elif isinstance(val, (tuple, list)):
+            n.meta["val"] = type(val)(None if isinstance(v, (int, float, bool)) else v for v in val)
+        return out
+
+    monkeypatch.setattr(FakeTensorProp, "run_node", older)
+    got = fxbackmatch.prepare(net, x, compile=False).scales()
+    assert got == pytest.approx(want, rel=1e-12)  # without the fill-in: q and k 16× off

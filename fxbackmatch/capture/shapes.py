@@ -32,7 +32,11 @@ class _NodeFakeProp(FakeTensorProp):
 
     def run_node(self, n: fx.Node):
         self.current = n
-        return super().run_node(n)
+        result = super().run_node(n)
+        val = _with_numbers(result, n.meta.get("val"))
+        if val is not None:
+            n.meta["val"] = val
+        return result
 
     def call_module(self, target, args, kwargs):
         try:
@@ -55,6 +59,21 @@ class _NodeFakeProp(FakeTensorProp):
             with torch.no_grad():
                 out = torch.func.functional_call(self.module.get_submodule(target), state, r_args, r_kwargs)
         return tree_map(lambda t: self._mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, out)
+
+
+_NUMBERS = (int, float, bool)
+
+
+def _with_numbers(result, val):
+    """``val`` with the Python numbers of ``result`` filled in (shape arithmetic traced by
+    torch.fx: ``x.size(-1) ** -0.5``). torch 2.14's FakeTensorProp records them; older ones
+    (2.11) record tensors and symbols only, and the rules would then miss an attention's
+    ``1/√d`` (its scores' factor off by ``d``)."""
+    if val is None and isinstance(result, _NUMBERS):
+        return result
+    if isinstance(result, (tuple, list)) and isinstance(val, (tuple, list)) and len(val) == len(result):
+        return type(val)(r if v is None and isinstance(r, _NUMBERS) else v for r, v in zip(result, val))
+    return val
 
 
 def _first_line(e: BaseException) -> str:
