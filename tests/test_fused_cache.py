@@ -89,6 +89,7 @@ OPTIMIZERS = {
     "sgd-wd": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), 5e-4),
     "nesterov-wd": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True), 5e-4),
     "adamw": (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01), 0.0),
+    "adamw-wd": (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01), 5e-4),  # both decays, as attach()
     "adam-wd": (lambda p: torch.optim.Adam(p, lr=1e-3), 5e-4),
 }
 
@@ -372,3 +373,45 @@ def test_a_compiled_step_under_one_cycle_compiles_twice():
         sb.step()
         assert_same(a, b, tol=1e-5)
     assert step._passed and counters["stats"].get("unique_graphs", 0) - before == 2
+
+
+def test_a_weight_decay_schedule_and_tensor_betas_are_followed():
+    """AdamW's decoupled weight decay moved by hand every step (as a ViT recipe's schedule
+    does), and betas given as tensors and changed in place: same training as attach()."""
+    a, pa, b, pb = twins()
+    oa, ob = (torch.optim.AdamW(n.parameters(), lr=1e-2, weight_decay=0.01,
+                                betas=(torch.tensor(0.9), torch.tensor(0.999))) for n in (a, b))
+    step = pa.compile_step(oa)
+    pb.attach(ob)
+    for i, (x, y) in enumerate(batches(6)):
+        for o in (oa, ob):
+            o.param_groups[0]["weight_decay"] = 0.01 * (i + 1)
+            o.param_groups[0]["betas"][0].fill_(0.9 - 0.05 * i)
+        step_both(a, step, b, ob.step, x, y)
+        assert_same(a, b, tol=2e-5)
+    assert step._passed
+
+
+def test_passed_hyperparameters_keep_float32_for_bfloat16_weights():
+    """A passed β₂ = 0.999 must not round to bfloat16's 1.0 (the second moment would never
+    decay); a compiled-in float is left as it is."""
+    from fxbackmatch.apply.fused import _as
+
+    b2 = torch.tensor(0.999, dtype=torch.float64)
+    assert torch.tensor(0.999).to(torch.bfloat16).item() == 1.0  # the hazard
+    assert _as(b2, torch.bfloat16).dtype == torch.float32 and _as(b2, torch.bfloat16).item() == pytest.approx(0.999)
+    assert _as(b2, torch.float64).dtype == torch.float64 and _as(0.9, torch.bfloat16) == 0.9
+
+
+def test_a_plan_waiting_for_its_first_forward_says_so_when_stepped():
+    """An attached plan prepared without example inputs, stepped before any forward: the
+    plan's own error (the step hook used to reach for a runtime that does not exist yet)."""
+    torch.manual_seed(0)
+    net = Net()
+    plan = fxbackmatch.prepare(net, compile=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    plan.attach(opt)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(fxbackmatch.PlanNotReadyError, match="run one forward pass first"):
+        opt.step()

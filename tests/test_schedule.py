@@ -113,7 +113,8 @@ def test_without_the_pass_inductor_splits_the_update():
 @pytest.mark.skipif(not compile_options(), reason="this inductor has no pre-fusion hook")
 def test_a_momentum_read_from_memory_splits_some_updates():
     """Why the fused step compiles momentum in until a scheduler moves it: read from a tensor,
-    it costs extra loops even with the pass (same numbers)."""
+    it costs extra loops even with the pass (same numbers). Should a later inductor fuse it as
+    well, this fails: then the step can pass momentum and betas from the start."""
     assert compiled_update(N_PARAMS, compile_options(), torch.tensor(0.9, dtype=torch.float64)) > N_PARAMS + 2
 
 

@@ -75,8 +75,9 @@ def _weight_sq(
 
 
 def _as(v, dtype: torch.dtype):
-    """A passed float64 tensor in ``dtype``; a compiled-in Python float as it is."""
-    return v.to(dtype) if isinstance(v, torch.Tensor) else v
+    """A passed float64 tensor in ``dtype``, at least float32 (bfloat16 would round β₂ = 0.999
+    to 1); a compiled-in Python float as it is."""
+    return v.to(torch.promote_types(dtype, torch.float32)) if isinstance(v, torch.Tensor) else v
 
 
 def _sgd_update(params, grads, bufs, scales, index, lrs, momenta, group_of, wd, nesterov, slot, new_sq):
@@ -87,12 +88,12 @@ def _sgd_update(params, grads, bufs, scales, index, lrs, momenta, group_of, wd, 
             g = g + wd * p
         k = index[i]
         if k >= 0:
-            g = g * scales[k].to(g.dtype)
+            g = g * _as(scales[k], g.dtype)
         buf = bufs[i]
         momentum = _as(momenta[gi], buf.dtype)
         buf.mul_(momentum).add_(g)
         step = g + momentum * buf if nesterov[gi] else buf
-        p.sub_(lrs[gi].to(p.dtype) * step)
+        p.sub_(_as(lrs[gi], p.dtype) * step)
         if slot[i] >= 0:  # a weight the scales read: sum what was just written
             new_sq[slot[i]] = sumsq(p)
 
@@ -107,20 +108,20 @@ def _adam_bias(steps: list[torch.Tensor], lr: torch.Tensor, b1: torch.Tensor,
     return lr / (1 - b1 ** t), (1 - b2 ** t).sqrt()
 
 
-def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, group_of, wd, eps, decoupled, slot,
-                 new_sq, step_size, bc2_sqrt):
+def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, wds, group_of, wd, eps, decoupled,
+                 slot, new_sq, step_size, bc2_sqrt):
     for s in steps:
         s.add_(1)
     for i, p in enumerate(params):
         gi = group_of[i]
         g = grads[i]
-        if wd and not decoupled[gi]:
+        if wd:  # compile_step's own weight decay, added to the gradient as attach() does
             g = g + wd * p
         k = index[i]
         if k >= 0:
-            g = g * scales[k].to(g.dtype)
-        if decoupled[gi]:
-            p.mul_(1 - lrs[gi] * decoupled[gi])
+            g = g * _as(scales[k], g.dtype)
+        if decoupled:  # AdamW: the group's weight decay
+            p.mul_(1 - lrs[gi] * wds[gi])
         m1[i].lerp_(g, _as(1 - b1s[gi], g.dtype))
         m2[i].mul_(_as(b2s[gi], g.dtype)).add_(_as(1 - b2s[gi], g.dtype) * g * g)  # addcmul_'s order
         denom = (m2[i].sqrt() / bc2_sqrt[i]).add_(eps[gi])
@@ -129,15 +130,15 @@ def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, gro
             new_sq[slot[i]] = sumsq(p)
 
 
-#: the group entries passed to the compiled update as tensors each step (schedulers change
-#: them: the learning rate; OneCycleLR's momentum and betas) and those compiled into it (a
-#: change, like a new parameter group, builds the update again). Momentum and betas are
-#: compiled in as well until they first change: read from memory, they let inductor fuse
-#: different parameters' updates side by side and split each from its writes (34 loops for
-#: 34 parameters become 43, ``tests/test_schedule.py``)
-_PASSED = {"sgd": ("lr", "momentum"), "adam": ("lr", "betas")}
+#: the group entries a schedule may move, passed to the compiled update as float64 tensors
+#: (the learning rate always; OneCycleLR's momentum and betas, a weight-decay schedule), and
+#: those compiled into it (a change, like a new parameter group, builds the update again). The
+#: entries after ``lr`` are compiled in as well until they first change: read from memory,
+#: they let inductor fuse different parameters' updates side by side and split each from its
+#: writes (34 loops for 34 parameters become 43, ``tests/test_schedule.py``)
+_PASSED = {"sgd": ("lr", "momentum"), "adam": ("lr", "betas"), "adamw": ("lr", "betas", "weight_decay")}
 _BAKED = {"sgd": ("nesterov", "dampening", "weight_decay", "maximize"),
-          "adam": ("eps", "weight_decay", "amsgrad", "maximize")}
+          "adam": ("eps", "weight_decay", "amsgrad", "maximize"), "adamw": ("eps", "amsgrad", "maximize")}
 
 
 class FusedStep:
@@ -146,12 +147,11 @@ class FusedStep:
     def __init__(self, plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: float = 0.0, compile: bool = True):
         self.plan, self.optimizer, self.weight_decay = plan, optimizer, float(weight_decay)
         kind = type(optimizer)
-        if kind is torch.optim.SGD:
-            self.kind = "sgd"
-        elif kind in (torch.optim.Adam, torch.optim.AdamW):
-            self.kind = "adam"
-        else:
+        flavours = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+        if kind not in flavours:
             raise TypeError(f"compile_step supports torch.optim.SGD, Adam and AdamW, not {kind.__name__}; use attach()")
+        self._flavour = flavours[kind]
+        self.kind = "sgd" if kind is torch.optim.SGD else "adam"
         self._compile = compile
         self._take_params()
         if self.kind == "adam":
@@ -168,8 +168,9 @@ class FusedStep:
         self._dev: torch.device | None = None
         self._hyper_key: tuple | None = None
         self._hyper_val: tuple = ()
-        self._passed = False  # momentum / betas passed as tensors, from their first change on
-        self._baked: list | None = None  # the momentum / betas compiled into the update
+        self._bias_in: tuple = ()
+        self._passed = False  # momentum / betas / AdamW's decay passed as tensors, from their first change on
+        self._baked: list | None = None  # those compiled into the update, per group
         self._bind(plan._runtime)
 
     def _take_params(self) -> None:
@@ -195,7 +196,7 @@ class FusedStep:
     def _layout_of(self, groups: list[dict]) -> list[tuple]:
         """What the compiled update takes from the groups once: which parameter lists, which
         settings (``_BAKED``); ``add_param_group``, a new list or a changed setting changes it."""
-        baked = _BAKED[self.kind]
+        baked = _BAKED[self._flavour]
         return [(id(g["params"]), len(g["params"]), *[g[k] for k in baked]) for g in groups]
 
     def _bind(self, rt: "Runtime") -> None:
@@ -248,25 +249,27 @@ class FusedStep:
             m1.append(s["exp_avg"])
             m2.append(s["exp_avg_sq"])
             steps.append(s["step"])
-        return (m1, m2, steps, *_adam_bias(steps, *self._hyper_val[3:]))
+        return (m1, m2, steps, *_adam_bias(steps, *self._bias_in))
 
-    def _second(self) -> list:
-        """The groups' momentum (SGD) or betas (Adam): compiled in until they first change."""
-        key = "momentum" if self.kind == "sgd" else "betas"
-        return [g[key] for g in self.optimizer.param_groups]
+    def _second(self) -> list[tuple]:
+        """Per group, the ``_PASSED`` entries after ``lr`` (betas unpacked): compiled in until
+        they first change."""
+        keys = _PASSED[self._flavour][1:]
+        return [tuple(v for k in keys for v in (g[k] if k == "betas" else (g[k],))) for g in self.optimizer.param_groups]
 
     def _hyper(self, dev: torch.device) -> tuple:
-        """The groups' ``_PASSED`` entries as float64 tensors, one list per entry (Adam: the
-        betas split in two, and learning rate and betas again per parameter for
-        :func:`_adam_bias`), made again only when one changed."""
-        vals = [[v for k in _PASSED[self.kind] for v in (g[k] if k == "betas" else (g[k],))]
-                for g in self.optimizer.param_groups]
+        """The groups' ``_PASSED`` entries as float64 tensors, one list per entry (betas
+        unpacked), made again only when one changed; for Adam also learning rate and betas per
+        parameter, :func:`_adam_bias`'s inputs (``_bias_in``)."""
+        vals = [(g["lr"], *sec) for g, sec in zip(self.optimizer.param_groups, self._second())]
         if any(isinstance(v, torch.Tensor) for row in vals for v in row) or (dev, vals) != self._hyper_key:
             self._hyper_key = (dev, vals)
             cols = [[torch.as_tensor(v, dtype=torch.float64, device=dev).detach() for v in col] for col in zip(*vals)]
             if self.kind == "adam":
                 group = torch.tensor(self.group_of, device=dev)
-                cols += [torch.stack(col)[group] for col in cols]
+                self._bias_in = tuple(torch.stack(col)[group] for col in cols[:3])
+                if self._flavour == "adam":  # Adam's weight decay is compile_step's (the groups' is 0)
+                    cols.append([torch.zeros((), dtype=torch.float64, device=dev)] * len(vals))
             self._hyper_val = tuple(cols)
         return self._hyper_val
 
@@ -307,13 +310,15 @@ class FusedStep:
                     out = out.clamp(1.0 / cap, cap)
             return out
 
+        self._bumps = None  # a new graph: learn its version bumps again
         second = self._second()
-        if any(isinstance(v, torch.Tensor) for v in second):
+        if any(isinstance(v, torch.Tensor) for row in second for v in row):
             self._passed = True
         self._baked = None if self._passed else second
+        baked = None if self._passed else [[float(v) for v in col] for col in zip(*second)]
         if self.kind == "sgd":
             nesterov = [bool(g["nesterov"]) for g in groups]
-            baked_m = None if self._passed else [float(m) for m in second]
+            baked_m = baked[0] if baked else None
 
             def step(read, kept, stats, consts, params, grads, lrs, momenta, bufs):
                 scales = factors(_weight_sq(read, read_at, kept, kept_at, n_w), [], stats, consts)
@@ -323,15 +328,16 @@ class FusedStep:
                 return new_sq
         else:
             eps = [float(g["eps"]) for g in groups]
-            decoupled = [float(g["weight_decay"]) if isinstance(self.optimizer, torch.optim.AdamW) else 0.0 for g in groups]
-            baked_b = None if self._passed else ([float(b[0]) for b in second], [float(b[1]) for b in second])
+            decoupled = self._flavour == "adamw"
+            if baked and not decoupled:
+                baked.append([0.0] * len(groups))
 
-            def step(read, kept, stats, consts, params, grads, lrs, b1s, b2s, m1, m2, steps, step_size, bc2_sqrt):
+            def step(read, kept, stats, consts, params, grads, lrs, b1s, b2s, wds, m1, m2, steps, step_size, bc2_sqrt):
                 scales = factors(_weight_sq(read, read_at, kept, kept_at, n_w), [], stats, consts)
                 new_sq = [None] * n_kept
-                b1s, b2s = baked_b or (b1s, b2s)
-                _adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, group_of, wd, eps, decoupled,
-                             slot, new_sq, step_size, bc2_sqrt)
+                b1s, b2s, wds = baked or (b1s, b2s, wds)
+                _adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, wds, group_of, wd, eps,
+                             decoupled, slot, new_sq, step_size, bc2_sqrt)
                 return new_sq
 
         return torch.compile(step, fullgraph=True, dynamic=False, options=self._options) if self._compile else step
@@ -363,12 +369,12 @@ class FusedStep:
             mult = torch.ones(n, dtype=torch.float64, device=dev) if mult is None else mult.to(dev, torch.float64)
             consts = {**consts, "mult": mult}
         hyper = self._hyper(dev)
-        if self._baked is not None and self._second() != self._baked:  # a scheduler moved momentum / betas
+        if self._baked is not None and self._second() != self._baked:  # a schedule moved momentum, betas, decay
             self._passed = True
             self._fn = self._build()
         stats = [rt.buffers[r] for r in rt.stat_refs]
         kept = self._kept_sq()
-        self._sq = self._fn(self._read, kept, stats, consts, self.params, grads, *hyper[:3], *self._state())
+        self._sq = self._fn(self._read, kept, stats, consts, self.params, grads, *hyper, *self._state())
         # the marks the next step expects: the step's own version bumps are the same every step,
         # so they are read once (on a step that re-read a sum) and added after that; a wrong
         # guess only makes the next step re-read those sums

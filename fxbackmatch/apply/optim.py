@@ -64,6 +64,8 @@ class AttachHandle:
 
     @torch.no_grad()
     def _apply(self, optimizer) -> None:
+        if not self.plan.ready:
+            self.plan._check()  # PlanNotReadyError: waiting for the first forward
         if self.weight_decay:
             groups = defaultdict(lambda: ([], []))
             for group in optimizer.param_groups:
