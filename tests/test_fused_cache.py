@@ -415,3 +415,17 @@ def test_a_plan_waiting_for_its_first_forward_says_so_when_stepped():
         p.grad = torch.zeros_like(p)
     with pytest.raises(fxbackmatch.PlanNotReadyError, match="run one forward pass first"):
         opt.step()
+
+
+def test_an_eager_adamw_step_is_torchs_own_arithmetic():
+    """With betas compiled in, the eager fused AdamW update does torch.optim.AdamW's own ops
+    (``lerp_``, ``mul_(β₂).addcmul_``): bit for bit attach()'s training in float32."""
+    a, pa, b, pb = twins()
+    oa, ob = (torch.optim.AdamW(n.parameters(), lr=1e-3, weight_decay=0.01) for n in (a, b))
+    step = pa.compile_step(oa)
+    pb.attach(ob)
+    for x, y in batches(5):
+        step_both(a, step, b, ob.step, x, y)
+    assert not step._passed
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)

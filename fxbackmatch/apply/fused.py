@@ -88,12 +88,12 @@ def _sgd_update(params, grads, bufs, scales, index, lrs, momenta, group_of, wd, 
             g = g + wd * p
         k = index[i]
         if k >= 0:
-            g = g * _as(scales[k], g.dtype)
+            g = g * scales[k].to(g.dtype)  # as attach() rounds it
         buf = bufs[i]
         momentum = _as(momenta[gi], buf.dtype)
         buf.mul_(momentum).add_(g)
         step = g + momentum * buf if nesterov[gi] else buf
-        p.sub_(_as(lrs[gi], p.dtype) * step)
+        p.sub_(lrs[gi].to(p.dtype) * step)
         if slot[i] >= 0:  # a weight the scales read: sum what was just written
             new_sq[slot[i]] = sumsq(p)
 
@@ -119,11 +119,15 @@ def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, wds
             g = g + wd * p
         k = index[i]
         if k >= 0:
-            g = g * _as(scales[k], g.dtype)
+            g = g * scales[k].to(g.dtype)  # as attach() rounds it
         if decoupled:  # AdamW: the group's weight decay
             p.mul_(1 - lrs[gi] * wds[gi])
         m1[i].lerp_(g, _as(1 - b1s[gi], g.dtype))
-        m2[i].mul_(_as(b2s[gi], g.dtype)).add_(_as(1 - b2s[gi], g.dtype) * g * g)  # addcmul_'s order
+        w2 = _as(1 - b2s[gi], g.dtype)
+        if isinstance(w2, float):  # compiled in: torch.optim.Adam's own ops
+            m2[i].mul_(b2s[gi]).addcmul_(g, g, value=w2)
+        else:  # passed in: addcmul_ takes no tensor value
+            m2[i].mul_(_as(b2s[gi], g.dtype)).add_(w2 * g * g)
         denom = (m2[i].sqrt() / bc2_sqrt[i]).add_(eps[gi])
         p.sub_(step_size[i] * m1[i] / denom)
         if slot[i] >= 0:
