@@ -8,6 +8,7 @@ effective bandwidth against a plain ``copy_`` of the same bytes, and a full trai
 
     python benchmarks/bench_rescale.py                 # VGG-16 (paper) and ResNet-50, CIFAR shapes
     python benchmarks/bench_rescale.py --models vgg16 --train-reps 3
+    python benchmarks/bench_rescale.py --models resnet50 --profile profile.txt   # where a rescale's host time goes
 """
 from __future__ import annotations
 
@@ -35,8 +36,37 @@ def build(name: str, batch: int):
     return torchvision.models.get_model(name, weights=None, num_classes=10), (batch, 3, 32, 32)
 
 
+def host_profile(fn, setup, calls: int) -> str:
+    """cProfile's functions by cumulative time over ``calls`` calls of ``fn`` (``setup`` before
+    each, not profiled), then torch.profiler's ops by self CPU time over ``calls`` calls in a row
+    (``setup`` once before them)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(calls):
+        setup()
+        sync()
+        prof.enable()
+        fn()
+        prof.disable()
+        sync()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    setup()
+    with torch.profiler.profile(activities=acts) as tp:  # no setup inside: its copies would fill the table
+        for _ in range(calls):
+            fn()
+        sync()
+    return text.getvalue() + "\n" + tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=25) + "\n"
+
+
 def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, amp: bool = False,
-          rounds: int = 5, adam: bool = False) -> dict:
+          rounds: int = 5, adam: bool = False, profile: str | None = None) -> dict:
     torch.manual_seed(0)
     net, shape = build(name, batch)
     fmt = torch.channels_last if amp else torch.preserve_format
@@ -56,6 +86,10 @@ def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, 
     out = {"model": name, "params_M": sum(p.numel() for p in params) / 1e6}
     plan.rescale_grads_()  # compile once
     out["compiled_rescale"] = timeit(plan.rescale_grads_, restore, reps)
+    if profile:  # where the host time of a rescale goes: Python functions, then torch ops
+        with open(profile, "a") as f:
+            f.write(f"# {name}, {device}: profile of 20 calls of plan.rescale_grads_()\n")
+            f.write(host_profile(plan.rescale_grads_, restore, 20))
     if torch.device(device).type == "cuda":  # the same without the CUDA graph of the scales
         plan._runtime.cuda_graph = False
         out["ungraphed_rescale"] = timeit(plan.rescale_grads_, restore, reps)
@@ -167,10 +201,12 @@ def main() -> None:
     ap.add_argument("--adam", action="store_true", help="also the fused AdamW step against a compiled AdamW step")
     ap.add_argument("--batch", type=int, default=128, help="training-step batch (default 128)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast and channels-last in the training step")
+    ap.add_argument("--profile", metavar="FILE", help="append a host-time profile of the rescale (cProfile, torch.profiler)")
     args = ap.parse_args()
     print(f"# machine: {machine()}, device {args.device}, batch {args.batch}{', bf16 autocast' if args.amp else ''}")
     for name in args.models.split(","):
-        r = bench(name, args.device, args.reps, args.train_reps, args.batch, args.amp, args.rounds, args.adam)
+        r = bench(name, args.device, args.reps, args.train_reps, args.batch, args.amp, args.rounds, args.adam,
+                  args.profile)
         ms = lambda k: f"{r[k] * 1e3:8.3f} ms" if r.get(k) is not None else "     n/a"  # noqa: E731
         print(f"\n## {name} ({r['params_M']:.1f} M parameters)")
         for k in ("eager_loop", "compiled_rescale", "ungraphed_rescale", "sgd_momentum_step", "timm_lars_step", "copy",

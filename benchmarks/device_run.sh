@@ -5,7 +5,8 @@
 #      the step; the fused step against the compiled and the torch-fused SGD steps);
 #   3. the paper's Table 2 protocol (benchmarks/table2.py) in the time that is left: VGG-11
 #      SGD vs back-matching, then VGG-16 and a second seed if time is left.
-# Results under $OUT: gpu.txt, gpu_tests.txt, bench_rescale.txt, table2.md, table2.json, log.txt.
+# Results under $OUT: gpu.txt, gpu_tests.txt, bench_rescale.txt, profile.txt (where the rescale's
+# host time goes), table2_log.txt, table2.md, table2.json, log.txt (8: the most that come back).
 #
 # On the device (from the repo root, after `mkdir -p data && cp ../shared/datasets/cifar10-jpeg.npz data/`):
 #   run(command="bash benchmarks/device_run.sh", carry=["data"], timeout_s=590)
@@ -51,7 +52,7 @@ say "data decoded"
 timeout -k 5 60 $PY -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$OUT/gpu_tests.txt" 2>&1
 say "cuda tests: rc $? — $(tail -1 "$OUT/gpu_tests.txt")"
 
-timeout -k 5 120 $PY benchmarks/bench_rescale.py "${BENCH[@]}" > "$OUT/bench_rescale.txt" 2>&1
+timeout -k 5 150 $PY benchmarks/bench_rescale.py "${BENCH[@]}" --profile "$OUT/profile.txt" > "$OUT/bench_rescale.txt" 2>&1
 say "bench_rescale: rc $?"
 
 T=$(( $(left) - 15 ))

@@ -192,6 +192,9 @@ def test_device_script_dry_run(tmp_path):
     log = (out / "log.txt").read_text()
     assert "cuda tests: rc 0" in log and "bench_rescale: rc 0" in log and "table2: rc 0" in log, log
     assert "fused step / compiled SGD step" in (out / "bench_rescale.txt").read_text()
+    profile = (out / "profile.txt").read_text()
+    assert "rescale_grads_" in profile and "Self CPU" in profile  # cProfile's functions, then torch's ops
+    assert len([f for f in out.rglob("*") if f.is_file()]) <= 8  # the most the device tool brings back
     rows = [line for line in (out / "table2.md").read_text().splitlines() if line.startswith("| vgg11 | 0 |")]
     assert [row.split("|")[3].strip() for row in rows] == ["SGD", "back-matching"]
     assert all(row.split("|")[5].strip() == "2" for row in rows)
