@@ -196,6 +196,7 @@ class FusedStep:
         self.group_of = [gi for gi, g in enumerate(groups) for _ in g["params"]]
         self._layout = self._layout_of(groups)
         self._hyper_key = None
+        self._group_idx: torch.Tensor | None = None  # each parameter's group, on the device
 
     def _layout_of(self, groups: list[dict]) -> list[tuple]:
         """What the compiled update takes from the groups once: which parameter lists, which
@@ -270,7 +271,9 @@ class FusedStep:
             self._hyper_key = (dev, vals)
             cols = [[torch.as_tensor(v, dtype=torch.float64, device=dev).detach() for v in col] for col in zip(*vals)]
             if self.kind == "adam":
-                group = torch.tensor(self.group_of, device=dev)
+                if self._group_idx is None or self._group_idx.device != dev:  # made once per layout
+                    self._group_idx = torch.tensor(self.group_of, device=dev)
+                group = self._group_idx
                 self._bias_in = tuple(torch.stack(col)[group] for col in cols[:3])
                 if self._flavour == "adam":  # Adam's weight decay is compile_step's (the groups' is 0)
                     cols.append([torch.zeros((), dtype=torch.float64, device=dev)] * len(vals))
