@@ -429,3 +429,25 @@ def test_an_eager_adamw_step_is_torchs_own_arithmetic():
     assert not step._passed
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_an_adamw_group_added_later_is_stepped_with_its_own_betas():
+    """``add_param_group`` on AdamW: the new group's parameters, betas and decay reach the
+    update (and the bias corrections, per parameter), as with torch's AdamW under attach()."""
+    a, pa, b, pb = twins()
+
+    def first(net):
+        return [p for n, p in net.named_parameters() if not n.startswith("fc")]
+
+    oa, ob = (torch.optim.AdamW(first(n), lr=1e-3, weight_decay=0.01) for n in (a, b))
+    step = pa.compile_step(oa)
+    pb.attach(ob)
+    data = batches(5)
+    for x, y in data[:2]:
+        step_both(a, step, b, ob.step, x, y)
+    for o, n in ((oa, a), (ob, b)):
+        o.add_param_group({"params": list(n.fc.parameters()), "lr": 3e-3, "betas": (0.8, 0.99), "weight_decay": 0.1})
+    for x, y in data[2:]:
+        step_both(a, step, b, ob.step, x, y)
+        assert_same(a, b, tol=2e-5)
+    assert float(oa.state[a.fc.weight]["step"]) == 3
