@@ -155,7 +155,6 @@ class FusedStep:
         if kind not in flavours:
             raise TypeError(f"compile_step supports torch.optim.SGD, Adam and AdamW, not {kind.__name__}; use attach()")
         self._flavour = flavours[kind]
-        self.kind = "sgd" if kind is torch.optim.SGD else "adam"
         self._compile = compile
         self._take_params()
         if self.kind == "adam":
@@ -170,12 +169,16 @@ class FusedStep:
                 AdaptiveOptimizerWarning, stacklevel=3,
             )
         self._dev: torch.device | None = None
-        self._hyper_key: tuple | None = None
         self._hyper_val: tuple = ()
         self._bias_in: tuple = ()
         self._passed = False  # momentum / betas / AdamW's decay passed as tensors, from their first change on
         self._baked: list | None = None  # those compiled into the update, per group
         self._bind(plan._runtime)
+
+    @property
+    def kind(self) -> str:
+        """``"sgd"`` or ``"adam"`` (Adam and AdamW share the update)."""
+        return "sgd" if self._flavour == "sgd" else "adam"
 
     def _take_params(self) -> None:
         """The optimizer's parameters, their groups and the groups' compiled-in settings."""
@@ -195,7 +198,7 @@ class FusedStep:
         self.params = [p for g in groups for p in g["params"]]
         self.group_of = [gi for gi, g in enumerate(groups) for _ in g["params"]]
         self._layout = self._layout_of(groups)
-        self._hyper_key = None
+        self._hyper_key: tuple | None = None  # the values _hyper_val was made from
         self._group_idx: torch.Tensor | None = None  # each parameter's group, on the device
 
     def _layout_of(self, groups: list[dict]) -> list[tuple]:

@@ -101,13 +101,9 @@ def _note(a, text: str, drop: bool = False) -> None:
 
 def step_hook(plan: "Plan") -> None:
     """Called by the attached hooks before each rescale: refresh every ``refresh`` steps."""
-    rt = plan.__dict__.get("_runtime")  # none yet: a plan waiting for its first forward, a fresh copy
-    if rt is None:
+    measuring = plan.__dict__.get("_measuring")  # set by build.finish; a waiting plan has none yet
+    if measuring is None:
         measuring = measures(plan)
-    else:  # measures() walks the atoms: once per runtime
-        measuring = rt.__dict__.get("measuring")
-        if measuring is None:
-            measuring = rt.measuring = measures(plan)
     if measuring and plan._last_call is not None and plan._steps % plan.refresh_every == 0:
         args, kwargs = plan._last_call
         try:

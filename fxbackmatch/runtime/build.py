@@ -155,7 +155,8 @@ def finish(plan: "Plan") -> None:
     opts = {"trust_coefficient": plan.trust_coefficient}
     plan._scale_expr = {}
     plan._roles = {}
-    if measures(plan):
+    plan._measuring = measures(plan)  # read every step by measure.batch.step_hook
+    if plan._measuring:
         measure_atoms(plan, a)
     for name in params:
         uses = a.uses.get(name)
@@ -271,7 +272,7 @@ def check(plan: "Plan") -> None:
         need(plan)  # raises PlanNotReadyError
     if plan.__dict__.pop("_finish_pending", False):  # a deepcopy made while the model was half-built
         finish(plan)
-    if same_identity(plan._identity):  # the per-step fast path
+    if same_identity(plan._identity):  # the per-step fast path; check_identity names what changed
         return
     try:
         check_identity(plan)
@@ -303,29 +304,30 @@ def follow_sharded(plan: "Plan") -> bool:
 _shape = attrgetter("shape")
 
 
-def identity_columns(plan: "Plan") -> tuple[list, ...]:
+def identity_columns(plan: "Plan") -> tuple[list, ...] | None:
     """What :func:`same_identity` compares every step, as columns: each module on the way to
     a target (parent's ``_modules``, key, module), each target (owner's ``_parameters``, key,
-    parameter) and its prepared shape."""
+    parameter) and its prepared shape; ``None`` where a module keeps its own mapping type."""
     links = [(parent._modules, key, child) for parent, key, child in plan._links]
     owners = [(mod._parameters, attr, p, torch.Size(plan._shapes[n])) for n, (mod, attr, p) in plan._owners.items()]
-    if not all(isinstance(t[0], dict) for t in links + owners):  # a module with its own mapping
-        return ([], [], [], [], [], [], [None])  # never the same: check_identity's loops decide
+    if not all(isinstance(t[0], dict) for t in links + owners):
+        return None  # check_identity's loops decide, every step
     return tuple([t[i] for t in links] for i in range(3)) + tuple([t[i] for t in owners] for i in range(4))
 
 
-def same_identity(columns: tuple[list, ...]) -> bool:
+def same_identity(columns: tuple[list, ...] | None) -> bool:
     """Every prepared module and target is still where it was, same shape: C-level loops (``map``)
     over the columns of :func:`identity_columns`, the per-step cost of every rescale."""
+    if columns is None:
+        return False
     dicts, keys, children, owners, attrs, params, shapes = columns
     return (all(map(is_, map(dict.get, dicts, keys), children))
             and all(map(is_, map(dict.get, owners, attrs), params)) and list(map(_shape, params)) == shapes)
 
 
 def check_identity(plan: "Plan") -> None:
-    """Every submodule on the way to a target and every target is the one prepared, same shape."""
-    if same_identity(plan._identity):
-        return
+    """Every submodule on the way to a target and every target is the one prepared, same shape
+    (the loops behind :func:`same_identity`, which say what changed)."""
     for parent, key, child in plan._links:
         if parent._modules.get(key) is not child:
             raise PlanMismatchError(
