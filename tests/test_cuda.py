@@ -102,3 +102,57 @@ def test_runtime_spread_multiply_equals_the_per_tensor_path():
     s = plan.scales()
     for (n, p), g in zip(net.named_parameters(), saved):
         torch.testing.assert_close(p.grad, g * s[n], rtol=1e-6, atol=0)
+
+
+def test_spread_multiply_follows_a_changed_gradient_layout():
+    """A cached layout is reused while every gradient keeps its shape and strides, and built
+    again (still exact) when one gradient comes back with other strides (channels-last)."""
+    from fxbackmatch.runtime import chain as runtime
+
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(4, 6, 2, 2, generator=g), torch.randn(5, generator=g)]
+    scales = torch.tensor([3.0, 0.5])
+    cache: dict = {}
+    runtime.spread_mul_(grads, scales, [0, 1], cache)
+    first = next(iter(cache.values()))
+    runtime.spread_mul_(grads, scales, [0, 1], cache)
+    assert next(iter(cache.values())) is first  # the views were not built again
+    want = [grads[0].clone() * 3.0, grads[1].clone() * 0.5]
+    grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
+    runtime.spread_mul_(grads, scales, [0, 1], cache)
+    assert next(iter(cache.values())) is not first
+    for got, w in zip(grads, want):
+        torch.testing.assert_close(got, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "spread"])
+def test_rescale_groups_by_dtype_and_skips_missing_and_other_optimizers_grads(flat):
+    """rescale_ with ``only`` (one optimizer's parameters) over three steps whose gradients
+    change pattern — all float32; then three in float64 and one missing; then all float32
+    again (the groups kept for the first pattern are right again): each present gradient in
+    ``only`` is multiplied by its scale, the rest untouched — against the plain product."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4), torch.nn.ReLU(),
+                              torch.nn.Linear(4, 3))
+    plan = fxbackmatch.prepare(net, torch.randn(2, 6))
+    plan._runtime.flat_multiply = flat
+    s = plan.scales()
+    params = dict(net.named_parameters())
+    g = torch.Generator().manual_seed(2)
+    saved = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
+    only = {id(params[n]) for n in ("0.weight", "2.weight", "2.bias", "4.weight")}
+    wide = ("2.weight", "4.weight", "4.bias")
+    for mixed in (False, True, False):
+        for n, p in params.items():
+            p.data = p.data.double() if mixed and n in wide else p.data.float()
+            p.grad = None if mixed and n == "2.bias" else saved[n].to(p.dtype, copy=True)
+        plan.rescale_grads_(only)
+        for n, p in params.items():
+            if mixed and n == "2.bias":
+                assert p.grad is None
+                continue
+            assert p.grad.dtype == (torch.float64 if mixed and n in wide else torch.float32)
+            want = saved[n].to(p.grad.dtype) * (s[n] if id(p) in only else 1.0)
+            torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=0)
+        for p in params.values():
+            p.grad = None

@@ -26,6 +26,8 @@ import functools
 import logging
 import math
 from collections import defaultdict
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Callable, Sequence
 
 import torch
@@ -80,6 +82,7 @@ class Runtime:
         #: multiply through :func:`spread_mul_` (None: on CUDA, where launches cost more than bytes)
         self.flat_multiply: bool | None = None
         self._spread_cache: dict = {}
+        self._group_cache: dict = {}
 
     @property
     def fn(self):
@@ -196,24 +199,37 @@ class Runtime:
         """Multiply the targets' gradients by their scales (only those whose ``id`` is in
         ``only``, when given: the parameters of one optimizer)."""
         scales = self.scales()
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        grads = []
-        for i, p in enumerate(self.targets):
-            g = p.grad if only is None or id(p) in only else None
-            if g is not None:
-                g = local_part(g)[0] if self._sharded else g
-                grads.append(g)
-                groups[(g.device, g.dtype)].append(i)
-            else:
-                grads.append(None)
-        for (dev, dtype), idx in groups.items():
-            gs = [grads[i] for i in idx]
+        grads = list(map(_GRAD, self.targets))
+        if only is not None:
+            grads = [g if id(p) in only else None for p, g in zip(self.targets, grads)]
+        if self._sharded:
+            grads = [None if g is None else local_part(g)[0] for g in grads]
+        for (dev, dtype), idx in self._groups(grads):
+            gs = grads if len(idx) == len(grads) else [grads[i] for i in idx]
             if self.flat_multiply if self.flat_multiply is not None else (dev.type == "cuda" and _may_capture()):
                 spread_mul_(gs, scales.to(device=dev, dtype=dtype), idx, self._spread_cache)
             else:
                 sc = scales.to(device=dev, dtype=dtype).unbind(0)
                 torch._foreach_mul_(gs, [sc[i] for i in idx])
         return scales
+
+    def _groups(self, grads: list[torch.Tensor | None]) -> list[tuple[tuple[torch.device, torch.dtype], list[int]]]:
+        """The gradients' positions grouped by device and dtype (``None`` skipped), kept per
+        pattern: a step reads each gradient's device and dtype, nothing else."""
+        if not any(map(is_, grads, repeat(None))):
+            sig = (tuple(map(_DEVICE, grads)), tuple(map(_DTYPE, grads)))
+        else:
+            sig = tuple(None if g is None else (g.device, g.dtype) for g in grads)
+        groups = self._group_cache.get(sig)
+        if groups is None:
+            by: dict[tuple, list[int]] = defaultdict(list)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    by[(g.device, g.dtype)].append(i)
+            if len(self._group_cache) >= 16:  # a few patterns (one per optimizer's ``only``) in practice
+                self._group_cache.clear()
+            groups = self._group_cache[sig] = list(by.items())
+        return groups
 
 
 #: :func:`spread_mul_` spreads the scales over at most this many elements at a time
@@ -226,49 +242,81 @@ def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequ
 
     ``torch._foreach_mul_`` with a list of 0-d scale tensors is off foreach's fast path (the
     operands' shapes differ) and launches a kernel per gradient. Here the scales are spread
-    by ``repeat_interleave`` over one flat buffer (a few kernels per chunk of
+    over one flat buffer (an ``index_select`` by a ``repeat_interleave`` index, per chunk of
     :data:`SPREAD_CHUNK` elements), and each gradient is multiplied by a view of that buffer
     with its own shape and strides — a tensor-list multiply on the fast path. It costs one
     extra write and read of the gradients' bytes, cheap where launches, not bytes, are the
-    cost (CUDA). Gradients that are not dense are multiplied one by one. ``cache`` keeps,
-    per gradient layout, the chunking and its index and count tensors on the device (a copy
-    from the host would wait for the device); pass the same dict every step.
+    cost (CUDA). Gradients that are not dense are multiplied by a contiguous view, in a call
+    of their own (off the fast path). ``cache`` keeps, per positions, device and dtype, a
+    :class:`_Spread`: the buffer, the views over it (built once: ~1 µs of host time each)
+    and the index and count tensors on the device (a copy from the host would wait for the
+    device); pass the same dict every step. A gradient's shape or strides changing builds
+    it again.
     """
     positions = range(len(grads)) if positions is None else positions
     cache = {} if cache is None else cache
-    key = (scales.device, tuple(positions), tuple((g.shape, g.stride()) for g in grads))
-    layout = cache.get(key)
-    if layout is None:
-        layout = cache[key] = _spread_layout(grads, positions, scales.device)
-    loose, chunks = layout
-    for k in loose:
-        grads[k].mul_(scales[positions[k]])
-    for members, pos, counts, total in chunks:
-        flat = torch.repeat_interleave(scales.index_select(0, pos), counts, output_size=total)
-        views, offset = [], 0
-        for k in members:
-            g = grads[k]
-            views.append(flat.as_strided(g.shape, g.stride(), offset))  # strides are never negative
-            offset += g.numel()
-        torch._foreach_mul_([grads[k] for k in members], views)
+    key = (scales.device, scales.dtype, tuple(positions))
+    shapes, strides = tuple(map(_SHAPE, grads)), tuple(map(_STRIDE, grads))
+    spread = cache.get(key)
+    if spread is None or spread.shapes != shapes or spread.strides != strides:
+        spread = cache[key] = _Spread(grads, positions, scales, shapes, strides)
+    spread(grads, scales)
 
 
-def _spread_layout(grads: list[torch.Tensor], positions: Sequence[int], device: torch.device):
-    """``(loose, chunks)`` for :func:`spread_mul_`: the gradients that are not dense, and per
-    chunk its members, their scale positions and element counts (device tensors), its size."""
-    dense = [k for k, g in enumerate(grads) if _dense(g)]
-    loose = [k for k in range(len(grads)) if k not in set(dense)]
-    chunks, start = [], 0
+class _Spread:
+    """One gradient layout's spread buffer and the views :func:`spread_mul_` multiplies by."""
+
+    def __init__(self, grads: list[torch.Tensor], positions: Sequence[int], scales: torch.Tensor,
+                 shapes: tuple, strides: tuple) -> None:
+        self.shapes, self.strides = shapes, strides
+        dense = [k for k, g in enumerate(grads) if _dense(g)]
+        loose = [k for k, g in enumerate(grads) if not _dense(g)]
+        dev = scales.device
+        #: per chunk: its members, scale positions and element counts (device), size, buffer, views
+        self.chunks: list[tuple[list[int], torch.Tensor, torch.Tensor, int, torch.Tensor, list[torch.Tensor]]] = []
+        for members, is_dense in [*((m, True) for m in _chunked(dense, grads)), *(([k], False) for k in loose)]:
+            counts = [grads[k].numel() for k in members]
+            total = sum(counts)
+            flat = torch.empty(total, dtype=scales.dtype, device=dev)
+            views, offset = [], 0
+            for k, n in zip(members, counts):
+                g = grads[k]  # dense strides are never negative; a loose gradient takes a contiguous view
+                views.append(flat.as_strided(g.shape, g.stride() if is_dense else _contiguous(g.shape), offset))
+                offset += n
+            self.chunks.append((members, torch.tensor([positions[k] for k in members], device=dev),
+                                torch.tensor(counts, device=dev), total, flat, views))
+
+    def __call__(self, grads: list[torch.Tensor], scales: torch.Tensor) -> None:
+        for members, pos, counts, total, flat, views in self.chunks:
+            rep = torch.repeat_interleave(counts, output_size=total)
+            torch.index_select(scales.index_select(0, pos), 0, rep, out=flat)
+            torch._foreach_mul_(grads if len(members) == len(grads) else [grads[k] for k in members], views)
+
+
+def _chunked(dense: list[int], grads: list[torch.Tensor]) -> list[list[int]]:
+    """``dense`` cut into runs of at most :data:`SPREAD_CHUNK` elements (a bigger tensor alone)."""
+    runs, start = [], 0
     while start < len(dense):
         stop, total = start, 0
         while stop < len(dense) and (stop == start or total + grads[dense[stop]].numel() <= SPREAD_CHUNK):
             total += grads[dense[stop]].numel()
             stop += 1
-        members = dense[start:stop]
-        chunks.append((members, torch.tensor([positions[k] for k in members], device=device),
-                       torch.tensor([grads[k].numel() for k in members], device=device), total))
+        runs.append(dense[start:stop])
         start = stop
-    return loose, chunks
+    return runs
+
+
+def _contiguous(shape: torch.Size) -> tuple[int, ...]:
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= size
+    return tuple(reversed(strides))
+
+
+_SHAPE = attrgetter("shape")
+_GRAD, _DEVICE, _DTYPE = attrgetter("grad"), attrgetter("device"), attrgetter("dtype")
+_STRIDE = torch.Tensor.stride
 
 
 def _may_capture() -> bool:
@@ -312,7 +360,9 @@ class GraphedScales:
 
     @staticmethod
     def _key(weights: list[torch.Tensor], stats: list[torch.Tensor]) -> tuple:
-        return tuple((t.data_ptr(), t.dtype, t.shape) for t in (*weights, *stats))
+        """Every input's address, dtype and shape (C-level maps: ~0.2 µs a tensor, not 1 µs)."""
+        ts = [*weights, *stats]
+        return tuple(map(torch.Tensor.data_ptr, ts)), tuple(map(_DTYPE, ts)), tuple(map(_SHAPE, ts))
 
     def matches(self, weights: list[torch.Tensor], stats: list[torch.Tensor]) -> bool:
         """Whether every input still lives where the graph reads it."""
