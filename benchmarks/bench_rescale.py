@@ -191,6 +191,45 @@ def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, 
     return out
 
 
+def bench_fused_options(name: str, device: str, reps: int, batch: int, amp: bool, rounds: int,
+                        options: dict) -> list[float]:
+    """The fused step built with extra inductor ``options`` on CUDA (``apply.fused.CUDA_OPTIONS``)
+    against a compiled SGD step, in interleaved rounds; measured after the main results are
+    printed, so a failure or a timeout here loses nothing else."""
+    from fxbackmatch.apply import fused as fused_mod
+
+    torch.manual_seed(0)
+    net, shape = build(name, batch)
+    net.to(device, memory_format=torch.channels_last if amp else torch.preserve_format)
+    x = torch.randn(shape, device=device)
+    plan = fxbackmatch.prepare(net, x[:2], conventions="paper")
+    F.cross_entropy(net(x[:8]), torch.randint(0, 10, (8,), device=device)).backward()
+    params = [p for p in net.parameters() if p.grad is not None]
+    saved = [p.grad.clone() for p in params]
+
+    def restore():
+        for p, g in zip(params, saved):
+            p.grad.copy_(g)
+
+    opt_c = torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=True)
+    opt_c.step()
+    compiled_sgd = torch.compile(opt_c.step)
+    compiled_sgd()
+    before = dict(fused_mod.CUDA_OPTIONS)
+    fused_mod.CUDA_OPTIONS.update(options)
+    try:
+        fused = plan.compile_step(torch.optim.SGD(params, lr=1e-6, momentum=0.9))
+        fused()
+    finally:
+        fused_mod.CUDA_OPTIONS.clear()
+        fused_mod.CUDA_OPTIONS.update(before)
+    ratios = []
+    for _ in range(rounds):
+        c = timeit(compiled_sgd, restore, reps)
+        ratios.append(timeit(fused, restore, reps) / c)
+    return ratios
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="vgg16,resnet50")
@@ -202,6 +241,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128, help="training-step batch (default 128)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast and channels-last in the training step")
     ap.add_argument("--profile", metavar="FILE", help="append a host-time profile of the rescale (cProfile, torch.profiler)")
+    ap.add_argument("--combo", action="store_true",
+                    help="then the fused step with inductor's combo kernels (on CUDA) against a compiled SGD step")
     args = ap.parse_args()
     print(f"# machine: {machine()}, device {args.device}, batch {args.batch}{', bf16 autocast' if args.amp else ''}")
     for name in args.models.split(","):
@@ -233,6 +274,16 @@ def main() -> None:
             print(f"full step with / without rescale     : {r['train_step_with'] / r['train_step_without']:.4f}  (target ≤ 1.02)")
             print(f"rescale share of the step            : {100 * r['compiled_rescale'] / r['train_step_with']:.2f} %  "
                   f"(compiled rescale alone / full step; target ≤ 1 %)")
+    if args.combo:  # CUDA_OPTIONS apply on CUDA only: on the CPU (the dry run) this is the plain fused step
+        for name in args.models.split(","):
+            try:
+                q = sorted(bench_fused_options(name, args.device, args.reps, args.batch, args.amp, args.rounds,
+                                               {"combo_kernels": True}))
+                print(f"\n{name}: fused step with combo_kernels / compiled SGD step: median "
+                      f"{statistics.median(q):.3f}, range {q[0]:.3f}–{q[-1]:.3f} ({len(q)} interleaved rounds)")
+            except Exception as e:  # report it: the main results are already printed
+                print(f"\n{name}: fused step with combo_kernels failed: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 # One script for a session that has a GPU (device tool), sized to 9 minutes of device time:
 #   1. the CUDA tests;
 #   2. bench_rescale on the GPU: ResNet-50, batch 256, bf16 autocast (the rescale as a share of
-#      the step; the fused step against the compiled and the torch-fused SGD steps);
+#      the step; the fused step against the compiled and the torch-fused SGD steps; last, the
+#      fused step with inductor's combo kernels, which a timeout may cut without losing the rest);
 #   3. the paper's Table 2 protocol (benchmarks/table2.py) in the time that is left: VGG-11
 #      SGD vs back-matching, then VGG-16 and a second seed if time is left.
 # Results under $OUT: gpu.txt, gpu_tests.txt, bench_rescale.txt, profile.txt (where the rescale's
@@ -29,12 +30,12 @@ say() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/log.txt"; }
 if [ "${DRY:-0}" = 1 ]; then
   DEVICE=cpu
   TESTS=(-m cuda tests/test_optim.py)
-  BENCH=(--models resnet18 --device cpu --batch 8 --reps 2 --train-reps 1 --amp)
+  BENCH=(--models resnet18 --device cpu --batch 8 --reps 2 --train-reps 1 --amp --combo --rounds 2)
   TABLE=(--device cpu --epochs 2 --subset 64 --width 0.0625 --jobs vgg11:0)
 else
   DEVICE=cuda
   TESTS=(-m cuda tests/test_optim.py tests/test_pipeline.py tests/test_cuda.py)
-  BENCH=(--models resnet50 --device cuda --batch 256 --reps 20 --train-reps 10 --amp)
+  BENCH=(--models resnet50 --device cuda --batch 256 --reps 20 --train-reps 10 --amp --combo)
   TABLE=(--device cuda --jobs "${JOBS:-vgg11:0,vgg16:0,vgg11:1}" --min-epochs 15 --max-epochs 60 ${EPOCHS:+--epochs $EPOCHS})
 fi
 
@@ -52,7 +53,7 @@ say "data decoded"
 timeout -k 5 60 $PY -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$OUT/gpu_tests.txt" 2>&1
 say "cuda tests: rc $? — $(tail -1 "$OUT/gpu_tests.txt")"
 
-timeout -k 5 150 $PY benchmarks/bench_rescale.py "${BENCH[@]}" --profile "$OUT/profile.txt" > "$OUT/bench_rescale.txt" 2>&1
+timeout -k 5 180 $PY benchmarks/bench_rescale.py "${BENCH[@]}" --profile "$OUT/profile.txt" > "$OUT/bench_rescale.txt" 2>&1
 say "bench_rescale: rc $?"
 
 T=$(( $(left) - 15 ))

@@ -451,3 +451,23 @@ def test_an_adamw_group_added_later_is_stepped_with_its_own_betas():
         step_both(a, step, b, ob.step, x, y)
         assert_same(a, b, tol=2e-5)
     assert float(oa.state[a.fc.weight]["step"]) == 3
+
+
+def test_cuda_options_reach_only_a_step_on_cuda(monkeypatch):
+    """``apply.fused.CUDA_OPTIONS`` (what bench_rescale --combo tries) joins the compile options
+    of a step whose runtime lives on CUDA — the scheduler pass kept, the large-update rule
+    unchanged — and not those of a CPU step."""
+    from fxbackmatch.apply import fused
+    from fxbackmatch.runtime.chain import Runtime
+
+    monkeypatch.setattr(fused, "CUDA_OPTIONS", {"combo_kernels": True})
+    torch.manual_seed(0)
+    net = Net()
+    plan = fxbackmatch.prepare(net, torch.randn(SHAPE))
+    cpu = plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    assert "combo_kernels" not in cpu._options
+    monkeypatch.setattr(Runtime, "device", lambda self: torch.device("cuda"))
+    on_cuda = plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    assert on_cuda._options["combo_kernels"] is True
+    assert set(cpu._options) <= set(on_cuda._options)  # the scheduler pass, where this inductor has it
+    assert on_cuda._kept == cpu._kept

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from itertools import repeat
 from operator import attrgetter, is_, itemgetter
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ..plan import Plan
     from ..runtime.chain import Runtime
 
-__all__ = ["FusedStep", "KEEP_MAX_PARAMS", "compile_step"]
+__all__ = ["CUDA_OPTIONS", "FusedStep", "KEEP_MAX_PARAMS", "compile_step"]
 
 #: without the scheduler pass (``apply.schedule``; an inductor without the pre-fusion hook),
 #: updates of at most this many parameters keep each weight's sum from its own write and larger
@@ -60,6 +60,12 @@ __all__ = ["FusedStep", "KEEP_MAX_PARAMS", "compile_step"]
 #: costs more (ResNet-50: 1.5× a compiled SGD step) than reading the weights once (1.35×).
 #: With the pass every update keeps its sums (ResNet-50: ~1.05×, docs/benchmarks.md).
 KEEP_MAX_PARAMS = 16
+
+#: inductor options added for a fused step whose parameters live on CUDA (read when the step is
+#: built). Empty: measured on an H200, the compiled update is launch-bound (one kernel per
+#: parameter, 1.66× a compiled SGD step; docs/benchmarks.md); ``{"combo_kernels": True}``
+#: (several parameters' loops per launch) is what ``bench_rescale.py --combo`` measures against it
+CUDA_OPTIONS: dict[str, Any] = {}
 
 
 def _weight_sq(
@@ -216,6 +222,8 @@ class FusedStep:
         # each parameter's update in one loop, or small enough to fuse without it (KEEP_MAX_PARAMS)
         self._options = compile_options() if self._compile else {}
         keep = bool(self._options) or len(self.params) <= KEEP_MAX_PARAMS
+        if self._compile and rt.device().type == "cuda":
+            self._options = {**self._options, **CUDA_OPTIONS}
         written = {id(p) for p in self.params} if keep else set()
         #: weights the update writes (their sums are kept) and those read every step
         self._kept_at = [j for j, w in enumerate(rt.weights) if id(w) in written]
