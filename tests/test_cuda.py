@@ -58,14 +58,16 @@ def _grads_of_every_layout(device: str) -> list[torch.Tensor]:
     return [t.to(device) for t in base]
 
 
-@pytest.mark.parametrize("chunk", [1 << 26, 40], ids=["one-chunk", "chunked"])
+@pytest.mark.parametrize("budget", [1 << 24, 40], ids=["all-spread", "largest-alone"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_spread_multiply_equals_one_multiply_per_tensor(device, chunk, monkeypatch):
+def test_spread_multiply_equals_one_multiply_per_tensor(device, budget, monkeypatch):
     """spread_mul_ against grads[i] * scales[positions[i]], over every layout a gradient can
-    have, twice through one cache (the second step reuses the cached layout)."""
+    have, twice through one cache (the second step reuses the cached layout) — with every
+    dense gradient in the buffer, and with a 40-element buffer (the smallest gradients; the
+    others multiplied one by one)."""
     from fxbackmatch.runtime import chain as runtime
 
-    monkeypatch.setattr(runtime, "SPREAD_CHUNK", chunk)
+    monkeypatch.setattr(runtime, "SPREAD_MAX", budget)
     grads = _grads_of_every_layout(device)
     n = len(grads)
     positions = list(range(n))[::-1]  # gradient i takes scale n-1-i
@@ -79,6 +81,13 @@ def test_spread_multiply_equals_one_multiply_per_tensor(device, chunk, monkeypat
         assert g.stride() == st
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert len(cache) == 1  # one layout, kept for the next step
+    spread = next(iter(cache.values()))
+    # dense sizes 216, 8, 35, 96, 35, 3 (gradient 5 is not dense: always on its own); a
+    # 40-element buffer takes the smallest first: 3 + 8, then 35 does not fit
+    if budget > 1000:
+        assert (spread.members, spread.total, spread.rest) == ([0, 1, 2, 3, 4, 6], 393, [5])
+    else:
+        assert (spread.members, spread.total, spread.rest) == ([1, 6], 11, [0, 2, 3, 4, 5])
 
 
 def test_runtime_spread_multiply_equals_the_per_tensor_path():

@@ -232,8 +232,10 @@ class Runtime:
         return groups
 
 
-#: :func:`spread_mul_` spreads the scales over at most this many elements at a time
-SPREAD_CHUNK = 1 << 26
+#: :func:`spread_mul_` keeps a spread buffer of at most this many elements per gradient layout
+#: (64 MiB in float32), filled with the smallest gradients first: those are the launch-bound
+#: ones; a gradient that does not fit is multiplied on its own (one launch for ≥ its bytes)
+SPREAD_MAX = 1 << 24
 
 
 def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequence[int] | None = None,
@@ -242,16 +244,16 @@ def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequ
 
     ``torch._foreach_mul_`` with a list of 0-d scale tensors is off foreach's fast path (the
     operands' shapes differ) and launches a kernel per gradient. Here the scales are spread
-    over one flat buffer (an ``index_select`` by a ``repeat_interleave`` index, per chunk of
-    :data:`SPREAD_CHUNK` elements), and each gradient is multiplied by a view of that buffer
-    with its own shape and strides — a tensor-list multiply on the fast path. It costs one
-    extra write and read of the gradients' bytes, cheap where launches, not bytes, are the
-    cost (CUDA). Gradients that are not dense are multiplied by a contiguous view, in a call
-    of their own (off the fast path). ``cache`` keeps, per positions, device and dtype, a
-    :class:`_Spread`: the buffer, the views over it (built once: ~1 µs of host time each)
-    and the index and count tensors on the device (a copy from the host would wait for the
-    device); pass the same dict every step. A gradient's shape or strides changing builds
-    it again.
+    over one flat buffer (an ``index_select`` by a ``repeat_interleave`` index), and each
+    gradient is multiplied by a view of that buffer with its own shape and strides — a
+    tensor-list multiply on the fast path: three launches for any number of tensors, for one
+    extra write and read of their bytes, cheap where launches, not bytes, are the cost (CUDA).
+    The buffer holds the smallest dense gradients, up to :data:`SPREAD_MAX` elements; the
+    others (large ones, and any that is not dense) are multiplied one by one. ``cache`` keeps,
+    per positions, device and dtype, a :class:`_Spread`: the buffer, the views over it (built
+    once: ~1 µs of host time each) and the index and count tensors on the device (a copy from
+    the host would wait for the device); pass the same dict every step. A gradient's shape
+    or strides changing builds it again.
     """
     positions = range(len(grads)) if positions is None else positions
     cache = {} if cache is None else cache
@@ -259,59 +261,46 @@ def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequ
     shapes, strides = tuple(map(_SHAPE, grads)), tuple(map(_STRIDE, grads))
     spread = cache.get(key)
     if spread is None or spread.shapes != shapes or spread.strides != strides:
-        spread = cache[key] = _Spread(grads, positions, scales, shapes, strides)
+        spread = cache[key] = _Spread(grads, positions, scales.device, scales.dtype, shapes, strides)
     spread(grads, scales)
 
 
 class _Spread:
-    """One gradient layout's spread buffer and the views :func:`spread_mul_` multiplies by."""
+    """One gradient layout's spread buffer, the views :func:`spread_mul_` multiplies by, and
+    the gradients it multiplies one by one."""
 
-    def __init__(self, grads: list[torch.Tensor], positions: Sequence[int], scales: torch.Tensor,
-                 shapes: tuple, strides: tuple) -> None:
+    def __init__(self, grads: list[torch.Tensor], positions: Sequence[int], device: torch.device,
+                 dtype: torch.dtype, shapes: tuple, strides: tuple) -> None:
         self.shapes, self.strides = shapes, strides
-        dense = [k for k, g in enumerate(grads) if _dense(g)]
-        loose = [k for k, g in enumerate(grads) if not _dense(g)]
-        dev = scales.device
-        #: per chunk: its members, scale positions and element counts (device), size, buffer, views
-        self.chunks: list[tuple[list[int], torch.Tensor, torch.Tensor, int, torch.Tensor, list[torch.Tensor]]] = []
-        for members, is_dense in [*((m, True) for m in _chunked(dense, grads)), *(([k], False) for k in loose)]:
-            counts = [grads[k].numel() for k in members]
-            total = sum(counts)
-            flat = torch.empty(total, dtype=scales.dtype, device=dev)
-            views, offset = [], 0
-            for k, n in zip(members, counts):
-                g = grads[k]  # dense strides are never negative; a loose gradient takes a contiguous view
-                views.append(flat.as_strided(g.shape, g.stride() if is_dense else _contiguous(g.shape), offset))
-                offset += n
-            self.chunks.append((members, torch.tensor([positions[k] for k in members], device=dev),
-                                torch.tensor(counts, device=dev), total, flat, views))
+        members, total = [], 0
+        for k in sorted((k for k, g in enumerate(grads) if _dense(g)), key=lambda k: grads[k].numel()):
+            if total + grads[k].numel() > SPREAD_MAX:
+                break
+            members.append(k)
+            total += grads[k].numel()
+        members.sort()
+        taken = set(members)
+        #: the buffer's gradients, their scale positions and element counts (device), its size
+        self.members, self.total = members, total
+        self.everything = len(members) == len(grads)
+        self.pos = torch.tensor([positions[k] for k in members], dtype=torch.long, device=device)
+        self.counts = torch.tensor([grads[k].numel() for k in members], dtype=torch.long, device=device)
+        self.flat = torch.empty(total, dtype=dtype, device=device)
+        self.views, offset = [], 0
+        for k in members:  # dense strides are never negative
+            self.views.append(self.flat.as_strided(grads[k].shape, grads[k].stride(), offset))
+            offset += grads[k].numel()
+        #: the gradients multiplied one by one, and their scale positions (device)
+        self.rest = [k for k in range(len(grads)) if k not in taken]
+        self.rest_pos = torch.tensor([positions[k] for k in self.rest], dtype=torch.long, device=device)
 
     def __call__(self, grads: list[torch.Tensor], scales: torch.Tensor) -> None:
-        for members, pos, counts, total, flat, views in self.chunks:
-            rep = torch.repeat_interleave(counts, output_size=total)
-            torch.index_select(scales.index_select(0, pos), 0, rep, out=flat)
-            torch._foreach_mul_(grads if len(members) == len(grads) else [grads[k] for k in members], views)
-
-
-def _chunked(dense: list[int], grads: list[torch.Tensor]) -> list[list[int]]:
-    """``dense`` cut into runs of at most :data:`SPREAD_CHUNK` elements (a bigger tensor alone)."""
-    runs, start = [], 0
-    while start < len(dense):
-        stop, total = start, 0
-        while stop < len(dense) and (stop == start or total + grads[dense[stop]].numel() <= SPREAD_CHUNK):
-            total += grads[dense[stop]].numel()
-            stop += 1
-        runs.append(dense[start:stop])
-        start = stop
-    return runs
-
-
-def _contiguous(shape: torch.Size) -> tuple[int, ...]:
-    strides, n = [], 1
-    for size in reversed(shape):
-        strides.append(n)
-        n *= size
-    return tuple(reversed(strides))
+        if self.members:
+            rep = torch.repeat_interleave(self.counts, output_size=self.total)
+            torch.index_select(scales.index_select(0, self.pos), 0, rep, out=self.flat)
+            torch._foreach_mul_(grads if self.everything else [grads[k] for k in self.members], self.views)
+        if self.rest:
+            torch._foreach_mul_([grads[k] for k in self.rest], scales.index_select(0, self.rest_pos).unbind(0))
 
 
 _SHAPE = attrgetter("shape")
