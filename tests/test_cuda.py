@@ -165,3 +165,23 @@ def test_rescale_groups_by_dtype_and_skips_missing_and_other_optimizers_grads(fl
             torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=0)
         for p in params.values():
             p.grad = None
+
+
+def test_spread_cache_keeps_a_bounded_number_of_layouts():
+    """Gradients that come and go (a different subset each step) give a new layout each time;
+    the cache keeps at most SPREAD_LAYOUTS buffers, and every step is still exact."""
+    from fxbackmatch.runtime import chain as runtime
+
+    g = torch.Generator().manual_seed(3)
+    full = [torch.randn(5, 3, generator=g) for _ in range(6)]
+    scales = torch.arange(1.0, 7.0)
+    cache: dict = {}
+    sizes = []
+    for step in range(10):
+        pos = [k for k in range(6) if (k + step) % 5]  # five different subsets, in turn
+        grads = [full[k].clone() for k in pos]
+        runtime.spread_mul_(grads, scales, pos, cache)
+        for k, got in zip(pos, grads):
+            torch.testing.assert_close(got, full[k] * scales[k], rtol=0, atol=0)
+        sizes.append(len(cache))
+    assert sizes == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]  # the fifth layout cleared the four before it

@@ -236,6 +236,9 @@ class Runtime:
 #: (64 MiB in float32), filled with the smallest gradients first: those are the launch-bound
 #: ones; a gradient that does not fit is multiplied on its own (one launch for ≥ its bytes)
 SPREAD_MAX = 1 << 24
+#: layouts a :func:`spread_mul_` cache keeps (one per optimizer's parameters and dtype in
+#: practice); a new one past that clears it, so at most this many buffers stay allocated
+SPREAD_LAYOUTS = 4
 
 
 def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequence[int] | None = None,
@@ -253,7 +256,7 @@ def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequ
     per positions, device and dtype, a :class:`_Spread`: the buffer, the views over it (built
     once: ~1 µs of host time each) and the index and count tensors on the device (a copy from
     the host would wait for the device); pass the same dict every step. A gradient's shape
-    or strides changing builds it again.
+    or strides changing builds it again; a new layout past :data:`SPREAD_LAYOUTS` clears it.
     """
     positions = range(len(grads)) if positions is None else positions
     cache = {} if cache is None else cache
@@ -261,6 +264,8 @@ def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequ
     shapes, strides = tuple(map(_SHAPE, grads)), tuple(map(_STRIDE, grads))
     spread = cache.get(key)
     if spread is None or spread.shapes != shapes or spread.strides != strides:
+        if spread is None and len(cache) >= SPREAD_LAYOUTS:  # gradients that come and go (MoE experts)
+            cache.clear()
         spread = cache[key] = _Spread(grads, positions, scales.device, scales.dtype, shapes, strides)
     spread(grads, scales)
 
