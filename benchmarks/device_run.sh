@@ -4,15 +4,18 @@
 #   2. bench_rescale on the GPU: ResNet-50, batch 256, bf16 autocast (the rescale as a share of
 #      the step; the fused step against the compiled and the torch-fused SGD steps; last, the
 #      fused step with inductor's combo kernels, which a timeout may cut without losing the rest);
-#   3. the paper's Table 2 protocol (benchmarks/table2.py) in the time that is left: VGG-16
+#   3. step_profile: the Table 2 harness's VGG-11 step, wall time against the device's kernel
+#      time (is the device kept busy?), appended to profile.txt;
+#   4. the paper's Table 2 protocol (benchmarks/table2.py) in the time that is left: VGG-16
 #      SGD vs back-matching, then VGG-11's second seed (its first ran), if time is left.
 # Results under $OUT: gpu.txt, gpu_tests.txt, bench_rescale.txt, profile.txt (where the rescale's
-# host time goes), table2_log.txt, table2.md, table2.json, log.txt (8: the most that come back).
+# host time goes, then where a training step's time goes), table2_log.txt, table2.md, table2.json,
+# log.txt (8: the most that come back).
 #
 # On the device (from the repo root, after `mkdir -p data && cp ../shared/datasets/cifar10-jpeg.npz data/`):
 #   run(command="bash benchmarks/device_run.sh", carry=["data"], timeout_s=590)
 # Shorter runs: BUDGET=SECONDS, JOBS=vgg16:0 (the table's jobs), EPOCHS=N (fixed, no probe).
-# A CPU dry run of every step (tiny models, 2 epochs; tests/test_device_run.py):
+# A CPU dry run of every step (tiny models, 2 epochs; tests/test_pipeline.py):
 #   DRY=1 DATA=path/to/pack.npz OUT=/tmp/out bash benchmarks/device_run.sh
 set -u
 OUT=${OUT:-out}
@@ -31,11 +34,13 @@ if [ "${DRY:-0}" = 1 ]; then
   DEVICE=cpu
   TESTS=(-m cuda tests/test_optim.py)
   BENCH=(--models resnet18 --device cpu --batch 8 --reps 2 --train-reps 1 --amp --combo --rounds 2)
+  STEP=(--device cpu --width 0.0625 --batch-size 16 --steps 3)
   TABLE=(--device cpu --epochs 2 --subset 64 --width 0.0625 --jobs vgg11:0)
 else
   DEVICE=cuda
   TESTS=(-m cuda tests/test_optim.py tests/test_pipeline.py tests/test_cuda.py)
   BENCH=(--models resnet50 --device cuda --batch 256 --reps 20 --train-reps 10 --amp --combo)
+  STEP=(--device cuda --steps 50)
   # VGG-11 seed 0 ran 46 epochs on 2026-12-04 (docs/results.md): next, VGG-16 long, then a second seed
   TABLE=(--device cuda --jobs "${JOBS:-vgg16:0,vgg11:1,vgg11:0}" --min-epochs 15 --max-epochs 60 ${EPOCHS:+--epochs $EPOCHS})
 fi
@@ -56,6 +61,10 @@ say "cuda tests: rc $? — $(tail -1 "$OUT/gpu_tests.txt")"
 
 timeout -k 5 180 $PY benchmarks/bench_rescale.py "${BENCH[@]}" --profile "$OUT/profile.txt" > "$OUT/bench_rescale.txt" 2>&1
 say "bench_rescale: rc $?"
+
+# is the device kept busy? the harness's VGG-11 step: wall vs kernel time, busiest ops
+timeout -k 5 90 $PY benchmarks/step_profile.py --data "$DATA" "${STEP[@]}" >> "$OUT/profile.txt" 2>&1
+say "step_profile: rc $?"
 
 T=$(( $(left) - 15 ))
 say "table2 with ${T} s"

@@ -196,6 +196,8 @@ def test_device_script_dry_run(tmp_path):
     assert "fused step with combo_kernels / compiled SGD step: median" in bench, bench  # measured, not failed
     profile = (out / "profile.txt").read_text()
     assert "rescale_grads_" in profile and "Self CPU" in profile  # cProfile's functions, then torch's ops
+    assert "step_profile: rc 0" in log and "## vgg11 backmatch, cpu, batch 16: 3 steps per epoch" in profile
+    assert "wall per step (unprofiled)" in profile
     assert len([f for f in out.rglob("*") if f.is_file()]) <= 8  # the most the device tool brings back
     rows = [line for line in (out / "table2.md").read_text().splitlines() if line.startswith("| vgg11 | 0 |")]
     assert [row.split("|")[3].strip() for row in rows] == ["SGD", "back-matching"]
