@@ -72,11 +72,12 @@ def test_spread_multiply_equals_one_multiply_per_tensor(device, budget, monkeypa
     n = len(grads)
     positions = list(range(n))[::-1]  # gradient i takes scale n-1-i
     scales = torch.arange(n, dtype=torch.float32, device=device) + 0.5
-    want = [g.clone() * (n - 1 - i + 0.5) * (n - 1 - i + 0.5) for i, g in enumerate(grads)]
+    # the second step's scales differ: a buffer kept from the first would be caught
+    want = [g.clone() * (n - 1 - i + 0.5) * (2 * (n - 1 - i) + 3) for i, g in enumerate(grads)]
     strides = [g.stride() for g in grads]
     cache: dict = {}
-    for _ in range(2):
-        runtime.spread_mul_(grads, scales, positions, cache)
+    for step in range(2):
+        runtime.spread_mul_(grads, scales if step == 0 else 2 * scales + 2, positions, cache)
     for g, w, st in zip(grads, want, strides):
         assert g.stride() == st
         torch.testing.assert_close(g, w, rtol=0, atol=0)
@@ -167,21 +168,55 @@ def test_rescale_groups_by_dtype_and_skips_missing_and_other_optimizers_grads(fl
             p.grad = None
 
 
-def test_spread_cache_keeps_a_bounded_number_of_layouts():
-    """Gradients that come and go (a different subset each step) give a new layout each time;
-    the cache keeps at most SPREAD_LAYOUTS buffers, and every step is still exact."""
+def test_spread_cache_keeps_a_bounded_number_of_layouts(monkeypatch):
+    """Gradients that come and go (a different subset each step) give a new layout each time.
+    Five subsets in turn fit the cache (each kept, the buffers reused, with new scales every
+    step); with room for four, the least recently used is dropped and each step builds its
+    layout again — exact every step either way."""
     from fxbackmatch.runtime import chain as runtime
 
     g = torch.Generator().manual_seed(3)
     full = [torch.randn(5, 3, generator=g) for _ in range(6)]
-    scales = torch.arange(1.0, 7.0)
-    cache: dict = {}
-    sizes = []
-    for step in range(10):
-        pos = [k for k in range(6) if (k + step) % 5]  # five different subsets, in turn
-        grads = [full[k].clone() for k in pos]
-        runtime.spread_mul_(grads, scales, pos, cache)
-        for k, got in zip(pos, grads):
-            torch.testing.assert_close(got, full[k] * scales[k], rtol=0, atol=0)
-        sizes.append(len(cache))
-    assert sizes == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]  # the fifth layout cleared the four before it
+
+    def steps(n: int, cache: dict) -> list[int]:
+        sizes, built = [], []
+        for step in range(n):
+            scales = torch.arange(1.0, 7.0) + step
+            pos = [k for k in range(6) if (k + step) % 5]  # five different subsets, in turn
+            grads = [full[k].clone() for k in pos]
+            before = set(map(id, cache.values()))
+            runtime.spread_mul_(grads, scales, pos, cache)
+            for k, got in zip(pos, grads):
+                torch.testing.assert_close(got, full[k] * scales[k], rtol=0, atol=0)
+            sizes.append(len(cache))
+            built.append(not set(map(id, cache.values())) <= before)
+        return sizes, built
+
+    sizes, built = steps(10, {})
+    assert sizes == [1, 2, 3, 4, 5, 5, 5, 5, 5, 5] and built == [True] * 5 + [False] * 5
+    monkeypatch.setattr(runtime, "SPREAD_LAYOUTS", 4)
+    sizes, built = steps(10, {})
+    assert sizes == [1, 2, 3, 4] + [4] * 6 and all(built)  # five in turn through four places
+    monkeypatch.setattr(runtime, "SPREAD_LAYOUTS", 8)
+    monkeypatch.setattr(runtime, "SPREAD_CACHED", 3 * 5 * 15)  # room for three 5-gradient buffers
+    sizes, _ = steps(10, {})
+    assert max(sizes) == 3
+
+
+def test_rescale_inside_a_compiled_function_has_no_graph_break():
+    """Traced by dynamo (an optimizer hook inside a compiled training step), rescale_ reads the
+    gradients with plain loops and multiplies them one by one even where the spread multiply
+    is asked for (its buffer would outlive the compiled region): no graph break, the product
+    right, no buffer kept."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    plan = fxbackmatch.prepare(net, torch.randn(2, 6))
+    plan._runtime.flat_multiply = True
+    net(torch.randn(4, 6)).sum().backward()
+    saved = {n: p.grad.clone() for n, p in net.named_parameters()}
+    s = plan.scales()
+    explained = torch._dynamo.explain(plan.rescale_grads_)()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, saved[n] * s[n], rtol=1e-6, atol=0)
+    assert plan._runtime._spread_cache == {}

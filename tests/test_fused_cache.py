@@ -454,20 +454,27 @@ def test_an_adamw_group_added_later_is_stepped_with_its_own_betas():
 
 
 def test_cuda_options_reach_only_a_step_on_cuda(monkeypatch):
-    """``apply.fused.CUDA_OPTIONS`` (what bench_rescale --combo tries) joins the compile options
-    of a step whose runtime lives on CUDA — the scheduler pass kept, the large-update rule
-    unchanged — and not those of a CPU step."""
+    """``apply.fused.CUDA_OPTIONS`` (what bench_rescale --combo tries) joins the options the
+    update is compiled with when the step's device is CUDA — beside the scheduler pass — and
+    not on the CPU; a step whose model moved is compiled again for its new device."""
     from fxbackmatch.apply import fused
-    from fxbackmatch.runtime.chain import Runtime
 
     monkeypatch.setattr(fused, "CUDA_OPTIONS", {"combo_kernels": True})
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
     torch.manual_seed(0)
     net = Net()
-    plan = fxbackmatch.prepare(net, torch.randn(SHAPE))
-    cpu = plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
-    assert "combo_kernels" not in cpu._options
-    monkeypatch.setattr(Runtime, "device", lambda self: torch.device("cuda"))
-    on_cuda = plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
-    assert on_cuda._options["combo_kernels"] is True
-    assert set(cpu._options) <= set(on_cuda._options)  # the scheduler pass, where this inductor has it
-    assert on_cuda._kept == cpu._kept
+    x = torch.randn(SHAPE)
+    plan = fxbackmatch.prepare(net, x)
+    step = plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    F.cross_entropy(net(x), torch.arange(8)).backward()
+    step()
+    assert len(seen) == 1 and "combo_kernels" not in seen[0]
+    step()
+    assert len(seen) == 1  # built once
+    step._dev = torch.device("cuda")  # as if the model had been on CUDA: the next call rebuilds for the CPU
+    step()
+    assert len(seen) == 2 and "combo_kernels" not in seen[1]
+    step._dev = torch.device("cuda")
+    step._build()  # what a step on CUDA compiles with
+    assert seen[2]["combo_kernels"] is True and set(seen[0]) <= set(seen[2])

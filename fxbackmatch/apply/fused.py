@@ -61,8 +61,8 @@ __all__ = ["CUDA_OPTIONS", "FusedStep", "KEEP_MAX_PARAMS", "compile_step"]
 #: With the pass every update keeps its sums (ResNet-50: ~1.05×, docs/benchmarks.md).
 KEEP_MAX_PARAMS = 16
 
-#: inductor options added for a fused step whose parameters live on CUDA (read when the step is
-#: built). Empty: measured on an H200, the compiled update is launch-bound (one kernel per
+#: inductor options added for a fused step whose parameters live on CUDA (read when the update
+#: is compiled: at the first call, after the model moved, after a change that rebuilds it). Empty: measured on an H200, the compiled update is launch-bound (one kernel per
 #: parameter, 1.66× a compiled SGD step; docs/benchmarks.md); ``{"combo_kernels": True}``
 #: (several parameters' loops per launch) is what ``bench_rescale.py --combo`` measures against it
 CUDA_OPTIONS: dict[str, Any] = {}
@@ -222,8 +222,6 @@ class FusedStep:
         # each parameter's update in one loop, or small enough to fuse without it (KEEP_MAX_PARAMS)
         self._options = compile_options() if self._compile else {}
         keep = bool(self._options) or len(self.params) <= KEEP_MAX_PARAMS
-        if self._compile and rt.device().type == "cuda":
-            self._options = {**self._options, **CUDA_OPTIONS}
         written = {id(p) for p in self.params} if keep else set()
         #: weights the update writes (their sums are kept) and those read every step
         self._kept_at = [j for j, w in enumerate(rt.weights) if id(w) in written]
@@ -358,7 +356,10 @@ class FusedStep:
                              decoupled, slot, new_sq, step_size, bc2_sqrt)
                 return new_sq
 
-        return torch.compile(step, fullgraph=True, dynamic=False, options=self._options) if self._compile else step
+        if not self._compile:
+            return step
+        extra = CUDA_OPTIONS if self._dev is not None and self._dev.type == "cuda" else {}
+        return torch.compile(step, fullgraph=True, dynamic=False, options={**self._options, **extra})
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -374,10 +375,10 @@ class FusedStep:
         grads = list(map(_GRAD, self.params))
         if any(map(is_, grads, repeat(None))):
             raise RuntimeError("compile_step needs a gradient for every parameter; use attach() when some are None")
+        if grads[0].device != self._dev:  # first call, or the model moved: built for its device
+            self._dev, self._fn = rt.device(), None
         if self._fn is None:
             self._fn = self._build()
-        if grads[0].device != self._dev:  # first call, or the model moved
-            self._dev = rt.device()
         dev = self._dev
         consts = rt._consts.get(dev) or rt._consts.setdefault(dev, rt.gen.constants_on(dev))
         self.plan._step_hook()  # measured moments / factors: refreshed in place every `refresh` steps

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections import defaultdict
 from itertools import repeat
 from operator import attrgetter, is_
 from typing import Callable, Sequence
@@ -199,14 +198,18 @@ class Runtime:
         """Multiply the targets' gradients by their scales (only those whose ``id`` is in
         ``only``, when given: the parameters of one optimizer)."""
         scales = self.scales()
-        grads = list(map(_GRAD, self.targets))
+        compiling = torch.compiler.is_compiling()  # dynamo traces loops, not C-level maps
+        grads = [p.grad for p in self.targets] if compiling else list(map(_GRAD, self.targets))
         if only is not None:
             grads = [g if id(p) in only else None for p, g in zip(self.targets, grads)]
         if self._sharded:
             grads = [None if g is None else local_part(g)[0] for g in grads]
-        for (dev, dtype), idx in self._groups(grads):
+        # the spread multiply keeps a buffer across steps: never inside a graph capture or a
+        # compiled region (where it would outlive the graph's memory pool, or not be traced)
+        flat, may = self.flat_multiply, _may_capture()
+        for (dev, dtype), idx in (_grouped(grads) if compiling else self._groups(grads)):
             gs = grads if len(idx) == len(grads) else [grads[i] for i in idx]
-            if self.flat_multiply if self.flat_multiply is not None else (dev.type == "cuda" and _may_capture()):
+            if may and (flat if flat is not None else dev.type == "cuda"):
                 spread_mul_(gs, scales.to(device=dev, dtype=dtype), idx, self._spread_cache)
             else:
                 sc = scales.to(device=dev, dtype=dtype).unbind(0)
@@ -214,22 +217,27 @@ class Runtime:
         return scales
 
     def _groups(self, grads: list[torch.Tensor | None]) -> list[tuple[tuple[torch.device, torch.dtype], list[int]]]:
-        """The gradients' positions grouped by device and dtype (``None`` skipped), kept per
-        pattern: a step reads each gradient's device and dtype, nothing else."""
+        """:func:`_grouped`, kept per pattern: a step reads each gradient's device and dtype
+        (C-level maps), nothing else."""
         if not any(map(is_, grads, repeat(None))):
             sig = (tuple(map(_DEVICE, grads)), tuple(map(_DTYPE, grads)))
         else:
             sig = tuple(None if g is None else (g.device, g.dtype) for g in grads)
         groups = self._group_cache.get(sig)
         if groups is None:
-            by: dict[tuple, list[int]] = defaultdict(list)
-            for i, g in enumerate(grads):
-                if g is not None:
-                    by[(g.device, g.dtype)].append(i)
             if len(self._group_cache) >= 16:  # a few patterns (one per optimizer's ``only``) in practice
                 self._group_cache.clear()
-            groups = self._group_cache[sig] = list(by.items())
+            groups = self._group_cache[sig] = _grouped(grads)
         return groups
+
+
+def _grouped(grads: list[torch.Tensor | None]) -> list[tuple[tuple[torch.device, torch.dtype], list[int]]]:
+    """The gradients' positions grouped by device and dtype, ``None`` skipped."""
+    by: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grads):
+        if g is not None:
+            by.setdefault((g.device, g.dtype), []).append(i)
+    return list(by.items())
 
 
 #: :func:`spread_mul_` keeps a spread buffer of at most this many elements per gradient layout
@@ -237,10 +245,13 @@ class Runtime:
 #: ones; a gradient that does not fit is multiplied on its own (one launch for ≥ its bytes)
 SPREAD_MAX = 1 << 24
 #: layouts a :func:`spread_mul_` cache keeps (one per optimizer's parameters and dtype in
-#: practice); a new one past that clears it, so at most this many buffers stay allocated
-SPREAD_LAYOUTS = 4
+#: practice), and the elements their buffers may hold together; past either, the least
+#: recently used layouts are dropped
+SPREAD_LAYOUTS = 8
+SPREAD_CACHED = 4 * SPREAD_MAX
 
 
+@torch.no_grad()
 def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequence[int] | None = None,
                 cache: dict | None = None) -> None:
     """``grads[i] *= scales[positions[i]]`` in a few launches instead of one per tensor.
@@ -256,7 +267,8 @@ def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequ
     per positions, device and dtype, a :class:`_Spread`: the buffer, the views over it (built
     once: ~1 µs of host time each) and the index and count tensors on the device (a copy from
     the host would wait for the device); pass the same dict every step. A gradient's shape
-    or strides changing builds it again; a new layout past :data:`SPREAD_LAYOUTS` clears it.
+    or strides changing builds it again; past :data:`SPREAD_LAYOUTS` layouts or
+    :data:`SPREAD_CACHED` elements, the least recently used are dropped.
     """
     positions = range(len(grads)) if positions is None else positions
     cache = {} if cache is None else cache
@@ -264,9 +276,14 @@ def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequ
     shapes, strides = tuple(map(_SHAPE, grads)), tuple(map(_STRIDE, grads))
     spread = cache.get(key)
     if spread is None or spread.shapes != shapes or spread.strides != strides:
-        if spread is None and len(cache) >= SPREAD_LAYOUTS:  # gradients that come and go (MoE experts)
-            cache.clear()
-        spread = cache[key] = _Spread(grads, positions, scales.device, scales.dtype, shapes, strides)
+        cache.pop(key, None)
+        spread = _Spread(grads, positions, scales.device, scales.dtype, shapes, strides)
+        while cache and (len(cache) >= SPREAD_LAYOUTS or  # gradients that come and go (MoE experts)
+                         sum(s.total for s in cache.values()) + spread.total > SPREAD_CACHED):
+            del cache[next(iter(cache))]  # the least recently used
+        cache[key] = spread
+    elif next(reversed(cache)) != key:
+        cache[key] = cache.pop(key)  # the most recently used last
     spread(grads, scales)
 
 
