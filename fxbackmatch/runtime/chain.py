@@ -112,8 +112,8 @@ class Runtime:
         return self._fn
 
     def device(self) -> torch.device:
-        for t in self.targets or self.weights:
-            return local_part(t)[0].device
+        for t in self.targets or self.weights:  # a DTensor's own .device may not be its shard's
+            return local_part(t)[0].device if self._sharded else t.device
         return torch.device("cpu")
 
     @property
