@@ -227,6 +227,16 @@ def test_compiled_cached_step():
             torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
     assert counters["stats"].get("unique_graphs", 0) - before == 1
     assert reads == [len(step._kept), 1, len(step._kept)]
+    # a diverged weight: its kept sum turns NaN, which must not recompile the step (0-d CPU
+    # sums passed one by one were guarded as Python floats, with a NaN check each)
+    with torch.no_grad():
+        a.cv2.weight[0, 0, 0, 0] = float("nan")
+    for x, y in batches(2, seed=1):
+        a.zero_grad()
+        F.cross_entropy(a(x), y).backward()
+        step()
+    assert not torch.isfinite(a.cv2.weight).all()
+    assert counters["stats"].get("unique_graphs", 0) - before == 1
 
 
 def test_a_large_update_reads_the_weights_each_step(monkeypatch):
