@@ -482,9 +482,12 @@ def test_cuda_options_reach_only_a_step_on_cuda(monkeypatch):
     assert len(seen) == 1 and "combo_kernels" not in seen[0]
     step()
     assert len(seen) == 1  # built once
-    step._dev = torch.device("cuda")  # as if the model had been on CUDA: the next call rebuilds for the CPU
-    step()
+    step._dev = step._grad_dev = torch.device("cuda")  # as if the model had been on CUDA
+    step()  # moved to the CPU: built again for it
     assert len(seen) == 2 and "combo_kernels" not in seen[1]
+    step._grad_dev = torch.device("meta")  # the first gradient moved, the runtime's device did not
+    step()
+    assert len(seen) == 2  # (model parallel: the first gradient need not be on the targets' device)
     step._dev = torch.device("cuda")
     step._build()  # what a step on CUDA compiles with
     assert seen[2]["combo_kernels"] is True and set(seen[0]) <= set(seen[2])

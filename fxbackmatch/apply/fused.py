@@ -174,7 +174,8 @@ class FusedStep:
                 f"gives each layer's update back-matching's length.",
                 AdaptiveOptimizerWarning, stacklevel=3,
             )
-        self._dev: torch.device | None = None
+        self._dev: torch.device | None = None  # the runtime's device, what the update is built for
+        self._grad_dev: torch.device | None = None  # the first gradient's, to notice a move cheaply
         self._hyper_val: tuple = ()
         self._bias_in: tuple = ()
         self._passed = False  # momentum / betas / AdamW's decay passed as tensors, from their first change on
@@ -375,8 +376,10 @@ class FusedStep:
         grads = list(map(_GRAD, self.params))
         if any(map(is_, grads, repeat(None))):
             raise RuntimeError("compile_step needs a gradient for every parameter; use attach() when some are None")
-        if grads[0].device != self._dev:  # first call, or the model moved: built for its device
-            self._dev, self._fn = rt.device(), None
+        if grads[0].device != self._grad_dev:  # first call, or the model moved
+            self._grad_dev = grads[0].device
+            if rt.device() != self._dev:  # built for its device (CUDA_OPTIONS)
+                self._dev, self._fn = rt.device(), None
         if self._fn is None:
             self._fn = self._build()
         dev = self._dev
