@@ -491,3 +491,25 @@ def test_cuda_options_reach_only_a_step_on_cuda(monkeypatch):
     step._dev = torch.device("cuda")
     step._build()  # what a step on CUDA compiles with
     assert seen[2]["combo_kernels"] is True and set(seen[0]) <= set(seen[2])
+
+
+def test_a_first_gradient_on_another_device_than_the_targets_builds_once(monkeypatch):
+    """The step notices a move on the first gradient's device and rebuilds only when the
+    runtime's device changed: with the two apart (model parallel; here the runtime's spelled
+    ``cpu:0``), five steps build the update once."""
+    from fxbackmatch.runtime.chain import Runtime
+
+    monkeypatch.setattr(Runtime, "device", lambda self: torch.device("cpu", 0))
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(SHAPE)
+    plan = fxbackmatch.prepare(net, x, compile=False)
+    step = plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    built = []
+    build = step._build
+    monkeypatch.setattr(step, "_build", lambda: built.append(1) or build())
+    for _ in range(5):
+        net.zero_grad()
+        F.cross_entropy(net(x), torch.arange(8)).backward()
+        step()
+    assert len(built) == 1

@@ -237,6 +237,7 @@ class FusedStep:
         self._bumps: list[int] | None = None  # what the compiled step adds to each kept weight's _version
         self._loads = self.plan._state_loads
         self._fn: Callable | None = None
+        self._grad_dev = None  # a new runtime: its device is read again at the next call
 
     def _state(self):
         st = self.optimizer.state
