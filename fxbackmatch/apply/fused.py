@@ -7,7 +7,8 @@ there is no separate pass that writes the gradients.
 
 The scales need each weight's ``sum(W²)``. The update writes every weight anyway, so it
 also returns the sum of squares of what it wrote, and the next step's scales start from
-those (the generated ``factors_from_sq``): no weight is read for its norm in steady state.
+those (the generated ``factors_from_sq``; passed back in as one vector, which dynamo guards
+once, not as a Python float per weight): no weight is read for its norm in steady state.
 A weight is read again (eagerly, before the compiled call) on the first call, after
 ``plan.load_state_dict``, when the plan's runtime changed, and when the weight was changed
 outside the step: its ``_version`` (bumped by every in-place op on it, so by
