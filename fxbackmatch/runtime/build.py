@@ -272,6 +272,9 @@ def check(plan: "Plan") -> None:
         need(plan)  # raises PlanNotReadyError
     if plan.__dict__.pop("_finish_pending", False):  # a deepcopy made while the model was half-built
         finish(plan)
+    if torch.compiler.is_compiling():  # dynamo traces the loops (and guards what they read), not C-level maps
+        check_identity(plan)
+        return
     if same_identity(plan._identity):  # the per-step fast path; check_identity names what changed
         return
     try:
