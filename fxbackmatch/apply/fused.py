@@ -40,11 +40,12 @@ after the update streamed the weights (docs/benchmarks.md).
 from __future__ import annotations
 
 from itertools import repeat
-from operator import attrgetter, is_, itemgetter
+from operator import is_, itemgetter
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ..runtime.chain import _GRAD
 from ..runtime.norms import sumsq, sumsq_many
 from .schedule import compile_options
 
@@ -277,10 +278,14 @@ class FusedStep:
     def _hyper(self, dev: torch.device) -> tuple:
         """The groups' ``_PASSED`` entries as float64 tensors, one list per entry (betas
         unpacked), made again only when one changed; for Adam also learning rate and betas per
-        parameter, :func:`_adam_bias`'s inputs (``_bias_in``)."""
-        vals = [(g["lr"], *sec) for g, sec in zip(self.optimizer.param_groups, self._second())]
+        parameter, :func:`_adam_bias`'s inputs (``_bias_in``). A change of an entry compiled
+        into the update (``_baked``) drops the update, to be built with it passed."""
+        second = self._second()
+        vals = [(g["lr"], *sec) for g, sec in zip(self.optimizer.param_groups, second)]
         if any(isinstance(v, torch.Tensor) for row in vals for v in row) or (dev, vals) != self._hyper_key:
             self._hyper_key = (dev, vals)
+            if self._baked is not None and second != self._baked:  # a schedule moved momentum, betas, decay
+                self._passed, self._fn = True, None  # passed from now on: built again
             cols = [[torch.as_tensor(v, dtype=torch.float64, device=dev).detach() for v in col] for col in zip(*vals)]
             if self.kind == "adam":
                 if self._group_idx is None or self._group_idx.device != dev:  # made once per layout
@@ -393,8 +398,7 @@ class FusedStep:
             mult = torch.ones(n, dtype=torch.float64, device=dev) if mult is None else mult.to(dev, torch.float64)
             consts = {**consts, "mult": mult}
         hyper = self._hyper(dev)
-        if self._baked is not None and self._second() != self._baked:  # a schedule moved momentum, betas, decay
-            self._passed = True
+        if self._fn is None:  # _hyper saw a compiled-in setting move
             self._fn = self._build()
         stats = [rt.buffers[r] for r in rt.stat_refs]
         # the kept sums as one vector: one input for dynamo's guards, not one per weight (0-d CPU
@@ -423,7 +427,6 @@ def _bumped(mark: tuple[int, int], bump: int) -> tuple[int, int]:
     return (mark[0] + bump, mark[1])
 
 
-_GRAD = attrgetter("grad")
 _BUF = itemgetter("momentum_buffer")
 
 

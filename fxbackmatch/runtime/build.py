@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import warnings
-from operator import attrgetter, is_
+from operator import is_
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -24,7 +24,7 @@ from ..analysis.walk import MOMENT_PREFIX, Analysis, LayerRecord, analyze
 from ..capture.graph import CAPTURES, capture
 from ..capture.hooks import CallRecorder, LazyBuild
 from ..errors import FxBackmatchError, PlanMismatchError, PlanNotReadyError, ScaleRangeWarning
-from .chain import Runtime, is_dtensor
+from .chain import _SHAPE, Runtime, is_dtensor
 from .codegen import GeneratedFactors, generate
 from .explain import describe_uses
 from .reference import atom_values as eval_atoms
@@ -272,10 +272,8 @@ def check(plan: "Plan") -> None:
         need(plan)  # raises PlanNotReadyError
     if plan.__dict__.pop("_finish_pending", False):  # a deepcopy made while the model was half-built
         finish(plan)
-    if torch.compiler.is_compiling():  # dynamo traces the loops (and guards what they read), not C-level maps
-        check_identity(plan)
-        return
-    if same_identity(plan._identity):  # the per-step fast path; check_identity names what changed
+    # the per-step fast path (C-level maps; dynamo traces check_identity's loops instead)
+    if not torch.compiler.is_compiling() and same_identity(plan._identity):
         return
     try:
         check_identity(plan)
@@ -304,9 +302,6 @@ def follow_sharded(plan: "Plan") -> bool:
     return True
 
 
-_shape = attrgetter("shape")
-
-
 def identity_columns(plan: "Plan") -> tuple[list, ...] | None:
     """What :func:`same_identity` compares every step, as columns: each module on the way to
     a target (parent's ``_modules``, key, module), each target (owner's ``_parameters``, key,
@@ -325,7 +320,7 @@ def same_identity(columns: tuple[list, ...] | None) -> bool:
         return False
     dicts, keys, children, owners, attrs, params, shapes = columns
     return (all(map(is_, map(dict.get, dicts, keys), children))
-            and all(map(is_, map(dict.get, owners, attrs), params)) and list(map(_shape, params)) == shapes)
+            and all(map(is_, map(dict.get, owners, attrs), params)) and list(map(_SHAPE, params)) == shapes)
 
 
 def check_identity(plan: "Plan") -> None:
