@@ -40,12 +40,11 @@ after the update streamed the weights (docs/benchmarks.md).
 from __future__ import annotations
 
 from itertools import repeat
-from operator import is_, itemgetter
+from operator import attrgetter, is_, itemgetter
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..runtime.chain import _GRAD
 from ..runtime.norms import sumsq, sumsq_many
 from .schedule import compile_options
 
@@ -427,6 +426,7 @@ def _bumped(mark: tuple[int, int], bump: int) -> tuple[int, int]:
     return (mark[0] + bump, mark[1])
 
 
+_GRAD = attrgetter("grad")
 _BUF = itemgetter("momentum_buffer")
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import warnings
-from operator import is_
+from operator import attrgetter, is_
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -24,7 +24,7 @@ from ..analysis.walk import MOMENT_PREFIX, Analysis, LayerRecord, analyze
 from ..capture.graph import CAPTURES, capture
 from ..capture.hooks import CallRecorder, LazyBuild
 from ..errors import FxBackmatchError, PlanMismatchError, PlanNotReadyError, ScaleRangeWarning
-from .chain import _SHAPE, Runtime, is_dtensor
+from .chain import Runtime, is_dtensor
 from .codegen import GeneratedFactors, generate
 from .explain import describe_uses
 from .reference import atom_values as eval_atoms
@@ -300,6 +300,9 @@ def follow_sharded(plan: "Plan") -> bool:
     finish(plan)
     log.info("fxbackmatch: plan follows %s into its sharded parameters", type(plan.model).__name__)
     return True
+
+
+_SHAPE = attrgetter("shape")
 
 
 def identity_columns(plan: "Plan") -> tuple[list, ...] | None:
