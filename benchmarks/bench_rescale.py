@@ -65,13 +65,13 @@ def host_profile(fn, setup, calls: int) -> str:
     return text.getvalue() + "\n" + tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=25) + "\n"
 
 
-def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, amp: bool = False,
-          rounds: int = 5, adam: bool = False, profile: str | None = None) -> dict:
+def model_setup(name: str, device: str, batch: int, amp: bool):
+    """``(net, plan, x, y, params, restore)``: the model on ``device`` (channels-last with
+    ``amp``), its plan with the paper's conventions, a batch, the parameters with gradients
+    and a function that puts those gradients back (they are rescaled in place)."""
     torch.manual_seed(0)
     net, shape = build(name, batch)
-    fmt = torch.channels_last if amp else torch.preserve_format
-    net.to(device, memory_format=fmt)
-    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    net.to(device, memory_format=torch.channels_last if amp else torch.preserve_format)
     x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last if amp else torch.contiguous_format)
     y = torch.randint(0, 10, (shape[0],), device=device)
     plan = fxbackmatch.prepare(net, x[:2], conventions="paper")  # docs/benchmarks.md: measured with the paper's set
@@ -83,6 +83,23 @@ def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, 
         for p, g in zip(params, saved):
             p.grad.copy_(g)
 
+    return net, plan, x, y, params, restore
+
+
+def interleaved(base, fn, restore, reps: int, rounds: int) -> list[float]:
+    """``fn``'s time over ``base``'s in ``rounds`` rounds, each timing both back to back."""
+    ratios = []
+    for _ in range(rounds):
+        c = timeit(base, restore, reps)
+        ratios.append(timeit(fn, restore, reps) / c)
+    return ratios
+
+
+def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, amp: bool = False,
+          rounds: int = 5, adam: bool = False, profile: str | None = None) -> dict:
+    net, plan, x, y, params, restore = model_setup(name, device, batch, amp)
+    saved = [p.grad.clone() for p in params]  # the copy_ baseline's bytes
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     out = {"model": name, "params_M": sum(p.numel() for p in params) / 1e6}
     plan.rescale_grads_()  # compile once
     out["compiled_rescale"] = timeit(plan.rescale_grads_, restore, reps)
@@ -134,10 +151,7 @@ def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, 
         fused()
         out["fused_step"] = timeit(fused, restore, reps)
         # the pair again in interleaved rounds: the ratio of each round, both timed back to back
-        out["fused_ratios"] = []
-        for _ in range(rounds):
-            c = timeit(compiled_sgd, restore, reps)
-            out["fused_ratios"].append(timeit(fused, restore, reps) / c)
+        out["fused_ratios"] = interleaved(compiled_sgd, fused, restore, reps, rounds)
     except Exception as e:  # report it, keep measuring the rest
         print(f"# fused step failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         out["fused_step"] = None
@@ -152,11 +166,8 @@ def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, 
             warnings.simplefilter("ignore")
             fused_adam = plan.compile_step(torch.optim.AdamW(params, lr=1e-6))
         fused_adam()
-        out["adam_ratios"] = []
-        for _ in range(rounds):
-            c = timeit(compiled_adam, restore, reps)
-            out["adam_ratios"].append(timeit(fused_adam, restore, reps) / c)
-        out["compiled_adamw_step"] = c
+        out["adam_ratios"] = interleaved(compiled_adam, fused_adam, restore, reps, rounds)
+        out["compiled_adamw_step"] = timeit(compiled_adam, restore, reps)
     if torch.device(device).type == "cuda":  # the optimizer's own single-kernel-family update
         opt_k = torch.optim.SGD(params, lr=1e-6, momentum=0.9, fused=True)
         opt_k.step()
@@ -198,18 +209,7 @@ def bench_fused_options(name: str, device: str, reps: int, batch: int, amp: bool
     printed, so a failure or a timeout here loses nothing else."""
     from fxbackmatch.apply import fused as fused_mod
 
-    torch.manual_seed(0)
-    net, shape = build(name, batch)
-    net.to(device, memory_format=torch.channels_last if amp else torch.preserve_format)
-    x = torch.randn(shape, device=device)
-    plan = fxbackmatch.prepare(net, x[:2], conventions="paper")
-    F.cross_entropy(net(x[:8]), torch.randint(0, 10, (8,), device=device)).backward()
-    params = [p for p in net.parameters() if p.grad is not None]
-    saved = [p.grad.clone() for p in params]
-
-    def restore():
-        for p, g in zip(params, saved):
-            p.grad.copy_(g)
+    _, plan, _, _, params, restore = model_setup(name, device, batch, amp)
 
     opt_c = torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=True)
     opt_c.step()
@@ -223,11 +223,7 @@ def bench_fused_options(name: str, device: str, reps: int, batch: int, amp: bool
     finally:
         fused_mod.CUDA_OPTIONS.clear()
         fused_mod.CUDA_OPTIONS.update(before)
-    ratios = []
-    for _ in range(rounds):
-        c = timeit(compiled_sgd, restore, reps)
-        ratios.append(timeit(fused, restore, reps) / c)
-    return ratios
+    return interleaved(compiled_sgd, fused, restore, reps, rounds)
 
 
 def main() -> None:
