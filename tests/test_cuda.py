@@ -226,3 +226,87 @@ def test_rescale_inside_a_compiled_function_has_no_graph_break():
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.grad, saved[n] * s[n], rtol=1e-6, atol=0)
     assert plan._runtime._spread_cache == {}
+
+
+def _wrapped_compile(monkeypatch) -> None:
+    """``torch.compile`` behind a plain Python wrapper, as ``import lightning`` leaves it
+    (``lightning.fabric.wrappers._capture_compile_kwargs``): dynamo does not know the wrapper, so
+    a call of it inside a traced region breaks the graph."""
+    import functools
+
+    compile_fn = torch.compile
+
+    @functools.wraps(compile_fn)
+    def wrapper(*args, **kwargs):
+        return compile_fn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", wrapper)
+
+
+def test_first_rescale_inside_a_compiled_region_builds_nothing_there(monkeypatch):
+    """A compiled plan's first rescale, traced inside the caller's compiled region (a compiled
+    optimizer step, before any eager step), used to build its compiled factor function there:
+    under a wrapped ``torch.compile`` one graph break (dynamo's counter; none on the same code
+    with torch's own). Now the generated function is inlined, nothing is cached, and the next
+    eager call builds the compiled one; the products match the scales computed eagerly."""
+    from torch._dynamo.utils import counters
+
+    _wrapped_compile(monkeypatch)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    plan = fxbackmatch.prepare(net, torch.randn(2, 6))
+    net(torch.randn(4, 6)).sum().backward()
+    saved = {n: p.grad.clone() for n, p in net.named_parameters()}
+    counters.clear()
+    torch.compile(plan.rescale_grads_, backend="eager")()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert plan._runtime._fn is None  # built at the first eager call, not inside the trace
+    s = plan.scales()  # the eager reference
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, saved[n] * s[n], rtol=1e-6, atol=0)
+    plan.rescale_grads_()  # eagerly: builds the compiled function, multiplies again
+    assert plan._runtime._fn is not None
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, saved[n] * s[n] ** 2, rtol=1e-6, atol=0)
+
+
+def test_length_mode_inside_a_compiled_step_under_a_wrapped_compile(monkeypatch):
+    """``attach(mode="length")``'s compiled per-tensor kernel is built lazily too: traced in a
+    compiled ``opt.step`` before it exists, the function itself is inlined. Under a wrapped
+    ``torch.compile`` the step then breaks its graph exactly where torch's AdamW alone does
+    (its own ``graph_break()``; the code before broke twice more), with no warning from dynamo,
+    and matches an eager step from the same state."""
+    import copy
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    from fxbackmatch.apply import length
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 40))
+    x = torch.randn(8, 64)
+    twin = copy.deepcopy(net)
+
+    def one_step(model, compiled: bool, attach: bool = True) -> int:
+        plan = fxbackmatch.prepare(model, x[:2])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if attach:
+            plan.attach(opt, mode="length")
+        model(x).square().mean().backward()
+        counters.clear()
+        (torch.compile(opt.step, backend="eager") if compiled else opt.step)()
+        return sum(counters["graph_break"].values())
+
+    monkeypatch.setattr(length, "SMALL", 1)  # every tensor through the compiled kernel
+    monkeypatch.setattr(length, "_COMPILED", [])
+    _wrapped_compile(monkeypatch)
+    torch._dynamo.reset()
+    own = one_step(copy.deepcopy(net), True, attach=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dynamo's warnings (a traced cache wrapper) among them
+        assert one_step(net, True) == own >= 1
+    assert length._COMPILED == []  # built at the first eager step, not inside the trace
+    one_step(twin, False)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

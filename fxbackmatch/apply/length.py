@@ -29,7 +29,7 @@ import torch
 
 from ..runtime.norms import sumsq_many
 from .handles import HANDLES
-from ..runtime.chain import local_part
+from ..runtime.sharding import local_part
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -100,8 +100,11 @@ _COMPILED: list = []
 
 def _compiled_step_one():
     """One compiled kernel for every tensor (flattened, dynamic size): compile time does not
-    grow with the model."""
+    grow with the model. While dynamo traces a caller, the function itself (as
+    :attr:`Runtime.fn <fxbackmatch.runtime.chain.Runtime.fn>` does)."""
     if not _COMPILED:
+        if torch.compiler.is_compiling():
+            return _step_one
         _COMPILED.append(torch.compile(_step_one, dynamic=True, fullgraph=True))
     return _COMPILED[0]
 
@@ -237,7 +240,7 @@ class LengthHandle:
         (references and updates together). Replicated tensors count ``1/world`` per rank."""
         import torch.distributed as dist
 
-        from ..runtime.chain import group_of
+        from ..runtime.sharding import group_of
 
         local, shares, group, world = [], [], None, 1
         for p in params:

@@ -24,7 +24,8 @@ from ..analysis.walk import MOMENT_PREFIX, Analysis, LayerRecord, analyze
 from ..capture.graph import CAPTURES, capture
 from ..capture.hooks import CallRecorder, LazyBuild
 from ..errors import FxBackmatchError, PlanMismatchError, PlanNotReadyError, ScaleRangeWarning
-from .chain import Runtime, is_dtensor
+from .chain import Runtime
+from .sharding import is_dtensor
 from .codegen import GeneratedFactors, generate
 from .explain import describe_uses
 from .reference import atom_values as eval_atoms

@@ -22,7 +22,6 @@ data-parallel-synchronized statistics.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from itertools import repeat
@@ -37,6 +36,7 @@ import torch.distributed as dist
 from .codegen import GeneratedFactors
 from ..analysis.expr import EPS
 from .norms import rows_read, sumsq, sumsq_many
+from .sharding import group_of, is_dtensor, local_part
 
 __all__ = ["Runtime", "HostChain", "GraphedScales", "spread_mul_", "COMPILE_MAX_STAGES"]
 
@@ -86,8 +86,13 @@ class Runtime:
     @property
     def fn(self):
         """``fn(weights, grads, stats, C) -> scales``: eager, the generated ``factors``;
-        compiled, foreach norms then the compiled chain."""
+        compiled, foreach norms then the compiled chain. Traced inside a caller's compiled
+        region (a compiled optimizer step), the generated function itself, uncached: dynamo
+        inlines it, where building a compiled one would itself be traced (and break the
+        caller's graph under a wrapped ``torch.compile``, as importing Lightning makes it)."""
         if self._fn is None:
+            if torch.compiler.is_compiling():
+                return self.gen.fn
             if self.compile and self.gen.n_stages <= COMPILE_MAX_STAGES and (
                 len(self.weights) + len(self.grad_params) <= FUSED_MAX_TENSORS
             ):  # few tensors: inductor fuses every float64 reduction into one read (0.1's path)
@@ -458,40 +463,3 @@ def _data_parallel_world() -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size()
-
-
-@functools.cache
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return None
-    return DTensor
-
-
-def is_dtensor(t) -> bool:
-    dtensor = _dtensor_type()
-    if dtensor is None:  # pragma: no cover
-        return False
-    if isinstance(t, dtensor):
-        return True
-    # a Parameter holding a DTensor (``.data`` makes a new alias: only for Parameters)
-    return isinstance(t, torch.nn.Parameter) and isinstance(t.data, dtensor)
-
-
-def local_part(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The local tensor and the number of shards it is one of (1 when not sharded)."""
-    if not is_dtensor(t):
-        return t, 1
-    from torch.distributed.tensor import Shard
-
-    shards = 1
-    for mesh_dim, pl in enumerate(t.placements):
-        if isinstance(pl, Shard):
-            shards *= t.device_mesh.size(mesh_dim)
-    return t.to_local(), shards
-
-
-def group_of(t) -> tuple[object, int]:
-    mesh = t.device_mesh
-    return (mesh.get_group() if mesh.ndim == 1 else None), mesh.size()
