@@ -213,8 +213,8 @@ def test_rescale_inside_a_compiled_function_has_no_graph_break():
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    # compile=False: the plan's own compiled factor function, nested in another compiled
-    # region, is dynamo's business (Lightning's torch.compile wrapper breaks it); rescale_'s is this
+    # compile=False: the identity check and rescale_'s loops alone (the compiled factor
+    # function traced in a caller's region: test_first_rescale_inside_a_compiled_region_...)
     plan = fxbackmatch.prepare(net, torch.randn(2, 6), compile=False)
     plan._runtime.flat_multiply = True
     net(torch.randn(4, 6)).sum().backward()
