@@ -400,3 +400,25 @@ def test_fused_compile_step_rejects_unsupported():
         plan.compile_step(torch.optim.RMSprop(net.parameters()))
     with pytest.raises(ValueError, match="dampening"):
         plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4))
+
+
+def test_fused_compile_step_refuses_a_model_split_across_devices():
+    """The update stacks every weight's sum on one device: a second device (here the meta
+    device, as a model moved in part would have it) is refused with what to use instead, at
+    construction and when parameters move later, never a device-mismatch error from inductor."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    plan = fxbackmatch.prepare(net, torch.randn(2, 4), compile=False)
+    step = plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    net(torch.randn(5, 4)).sum().backward()
+    step()  # one device: runs
+    split = torch.optim.SGD([net[0].weight, torch.nn.Parameter(torch.zeros(3, device="meta"))], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"one device; this optimizer's are on cpu, meta(.|\n)*attach"):
+        plan.compile_step(split)
+    # a parameter on another device seen at a call (a CPU test cannot move one in place, as
+    # cuda:0 -> cuda:1 would, so the step's own list gets it), after the first one moved
+    moved = torch.nn.Parameter(torch.zeros(2, device="meta"))
+    moved.grad = torch.zeros(2, device="meta")
+    step.params = step.params + [moved]
+    step._grad_dev = None
+    with pytest.raises(ValueError, match="one device"):
+        step()

@@ -204,6 +204,7 @@ class FusedStep:
                     "weight_decay to compile_step); use attach() otherwise"
                 )
         self.params = [p for g in groups for p in g["params"]]
+        _one_device(self.params)
         self.group_of = [gi for gi, g in enumerate(groups) for _ in g["params"]]
         self._layout = self._layout_of(groups)
         self._hyper_key: tuple | None = None  # the values _hyper_val was made from
@@ -383,6 +384,7 @@ class FusedStep:
         if any(map(is_, grads, repeat(None))):
             raise RuntimeError("compile_step needs a gradient for every parameter; use attach() when some are None")
         if grads[0].device != self._grad_dev:  # first call, or the model moved
+            _one_device(self.params)
             self._grad_dev = grads[0].device
             if rt.device() != self._dev:  # built for its device (CUDA_OPTIONS)
                 self._dev, self._fn = rt.device(), None
@@ -415,6 +417,18 @@ class FusedStep:
             self._marks = list(map(_bumped, self._now, self._bumps))
         self._loads = self.plan._state_loads
         self.optimizer._opt_called = True  # tell LR schedulers the optimizer stepped
+
+
+def _one_device(params: list[torch.Tensor]) -> None:
+    """Raise unless every parameter lives on one device: the update stacks the weights' sums
+    and multiplies each gradient by a scale computed on one device."""
+    devices = sorted({str(p.device) for p in params})
+    if len(devices) > 1:
+        raise ValueError(
+            f"compile_step needs every parameter on one device; this optimizer's are on "
+            f"{', '.join(devices)} (a model split across devices: device_map, pipeline stages).\n"
+            f"  What to do: plan.attach(optimizer) rescales such a model, then optimizer.step() updates it."
+        )
 
 
 def _marks(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
