@@ -448,5 +448,5 @@ def compile_step(plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: f
     """A :class:`FusedStep` for ``optimizer``. Plans whose scales read each step's batch
     (``span="batch"``, a token mask) multiply them by the step's multiplier inside the fused
     update; measured moments and factors are refreshed every ``refresh`` steps, as ``attach``
-    does."""
+    does. Every parameter must live on one device (a model split across devices: ``attach``)."""
     return FusedStep(plan, optimizer, weight_decay, compile=plan.compile)
