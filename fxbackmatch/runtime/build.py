@@ -271,7 +271,8 @@ def check(plan: "Plan") -> None:
     """The plan is ready and its parameters are still the model's (following FSDP2 sharding)."""
     if plan._analysis is None:
         need(plan)  # raises PlanNotReadyError
-    if plan.__dict__.pop("_finish_pending", False):  # a deepcopy made while the model was half-built
+    if getattr(plan, "_finish_pending", False):  # a deepcopy made while the model was half-built
+        del plan._finish_pending  # (getattr, not __dict__.pop: torch 2.11's dynamo traces only this)
         finish(plan)
     # the per-step fast path (C-level maps; dynamo traces check_identity's loops instead)
     if not torch.compiler.is_compiling() and same_identity(plan._identity):
