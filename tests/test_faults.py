@@ -86,7 +86,7 @@ def test_wrapped_models_give_the_same_plan():
     assert via_compile.scales() == ref.scales()
     assert [r.name for r in via_compile.layers] == [r.name for r in ref.layers]
     if not dist.is_available():
-        return
+        pytest.skip("torch.distributed is not available: the DDP half is not checked")
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:

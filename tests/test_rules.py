@@ -85,12 +85,24 @@ def test_duplicate_registration_raises_and_override():
 
 
 def test_registry_lookup_uses_mro():
-    class MyReLU(nn.ReLU):
-        pass
+    """A subclass of a registered module is a leaf with its base's rule. Its forward here is
+    one symbolic tracing cannot enter (a branch on the data), so only the MRO lookup lets the
+    fx capture succeed; the scales then equal the same net's with the plain ``nn.ReLU``."""
 
-    net = nn.Sequential(nn.Linear(3, 3, bias=False), nn.BatchNorm1d(3, affine=False), MyReLU(), nn.Linear(3, 2, bias=False))
-    plan = fxbackmatch.prepare(net, torch.randn(4, 3), compile=False)
-    assert plan.uncovered == ()
+    class MyReLU(nn.ReLU):
+        def forward(self, x):
+            return super().forward(x) if bool(x.sum() > -1e9) else x
+
+    def net_with(act):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 3, bias=False), nn.BatchNorm1d(3, affine=False), act,
+                             nn.Linear(3, 2, bias=False))
+
+    x = torch.randn(4, 3)
+    plan = fxbackmatch.prepare(net_with(MyReLU()), x, compile=False, capture="fx", strict=True)
+    ref = fxbackmatch.prepare(net_with(nn.ReLU()), x, compile=False, capture="fx", strict=True)
+    assert [n.target for n in plan.graph_module.graph.nodes if n.op == "call_module"] == ["0", "1", "2", "3"]
+    assert plan.scales() == pytest.approx(ref.scales(), rel=1e-12)
 
 
 # ----------------------------------------------------------------- rate methods
