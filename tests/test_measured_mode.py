@@ -96,7 +96,8 @@ def test_an_export_graph_measures_the_first_samples_of_a_larger_batch():
 
 def test_measured_mode_on_the_papers_lenet_is_near_the_closed_form():
     """On the paper's own net, where its approximations hold, measured and derived ``m`` agree
-    to the drift docs/derivations.md tabulates (LeNet: 0.7–1.4). The input moments are the
+    to the drift docs/derivations.md tabulates for LeNet, with 16 probes' noise on top (this
+    seed: 0.55–1.09, the fully-connected layers lowest; bounded at 0.45–1.6). The input moments are the
     batch's own (max-pooled ReLU outputs are not the paper's 1): checked against forward
     hooks, exactly at the output layer, whose ``m`` is 1 in both."""
     torch.manual_seed(2)
@@ -113,7 +114,7 @@ def test_measured_mode_on_the_papers_lenet_is_near_the_closed_form():
         h.remove()
     assert set(k) == set(der)
     for n in der:  # the paper takes every weighted layer's input moment as 1
-        assert 0.4 < meas[n] * k[n] / der[n] < 2.5, (n, meas[n], der[n], k[n])
+        assert 0.45 < meas[n] * k[n] / der[n] < 1.6, (n, meas[n], der[n], k[n])
     assert meas["15.weight"] * k["15.weight"] == pytest.approx(der["15.weight"], rel=1e-6)
     assert not 0.9 < k["15.weight"] < 1.1  # so the last line is not 1 = 1
 

@@ -613,9 +613,9 @@ def test_measure_leaves_the_model_alone_and_matches_the_paper_lenet():
     assert all(p.grad is None for p in net.parameters())  # no .grad touched
     assert [r["layer"] for r in rows] == [r.name for r in plan.layers]
     assert rows[-1]["rule_m"] == 1.0 and rows[-1]["measured_m"] == pytest.approx(1.0)  # the output
-    # the paper's approximations on its own LeNet: within a factor 2 at every layer (ReLU masks
-    # and Var ≈ ‖W‖²row drift a little per layer, see docs/derivations.md)
-    assert all(0.5 < r["ratio"] < 2.0 for r in rows)
+    # the paper's approximations on its own LeNet: ReLU masks and Var ≈ ‖W‖²row drift a little
+    # per layer (docs/derivations.md); this seed with 8 probes: 0.67–1.39
+    assert all(0.6 < r["ratio"] < 1.5 for r in rows), [r["ratio"] for r in rows]
 
 
 def test_generated_code_states_each_chain_in_words():

@@ -93,3 +93,39 @@ def test_the_api_listing_matches_prepare():
     assert set(listed) == set(real), f"README lists {sorted(set(listed) - set(real))}, lacks {sorted(set(real) - set(listed))}"
     for name, default in listed.items():
         assert default == real[name].default, (name, default, real[name].default)
+
+
+def test_the_quickstart_trains_as_a_hand_loop():
+    """The quickstart block, run alone, leaves its net where a plain eager loop from the same
+    init and batches does: a separately prepared plan's scales multiplied into each gradient,
+    then the same SGD step. Its own checks are none, so this is where its numbers are checked."""
+    import torch
+
+    import fxbackmatch
+    from fxbackmatch.models import lenet_bn
+
+    line, code, _ = next(b for b in BLOCKS if "plan.attach(opt" in b[1] and "loader = [" in b[1])
+    ns: dict = {"__name__": "readme"}
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, f"README.md:{line}", "exec"), ns)
+    torch.manual_seed(0)
+    ref = lenet_bn()  # the block's net is the first thing it draws
+    plan = fxbackmatch.prepare(ref, torch.zeros(2, 3, 32, 32), compile=False)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.02, momentum=0.9)
+    assert len(ns["loader"]) == 3
+    for x, y in ns["loader"]:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        scales = plan.scales()
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                p.grad.mul_(scales[n])
+        opt.step()
+    for (n, p), q in zip(ns["net"].named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    torch.manual_seed(0)
+    init = lenet_bn()
+    moved = max(float((p - q).norm() / q.norm()) for p, q in zip(ref.parameters(), init.parameters()))
+    assert moved > 1e-3  # the steps did move the weights: the comparison is not init = init

@@ -241,6 +241,43 @@ def test_every_method_trains_two_steps(four_methods):
     assert not torch.equal(finals["sgd"], finals["backmatch"])
 
 
+def test_each_method_first_step_by_hand(tiny_npz, tmp_path):
+    """The harness's first update of each SGD method (one step: 16 images, batch 16) equals a
+    plain eager step from the same init on the same batch: ``g' = g + wd·p`` (attach adds the
+    decay first), times the method's scale — 1 for ``sgd``; the plain formulas for ``lars``
+    (``τ‖W‖/‖g'‖``) and ``lsalr`` (``1 + log(1 + 1/‖g'‖)``); a separately prepared plan's
+    for ``backmatch`` — then ``p − lr·g'`` (the momentum buffer starts at ``g'``)."""
+    import torch.nn.functional as F
+
+    from fxbackmatch import prepare
+
+    path, _ = tiny_npz
+    wd = 5e-4
+    methods = ("sgd", "backmatch", "lars", "lsalr")
+    cfg = tiny_config(path, tmp_path, methods=methods, batch_size=16, weight_decay=wd)
+    assert cfg.momentum > 0 and not cfg.nesterov
+    res = train(cfg)
+    data = load_data(str(path), subset=16)
+    for m in methods:
+        first = torch.tensor(res.runs[f"{m}/0"]["first_batch"])
+        x, y = data.normalize(data.train_x[first]), data.train_y[first]
+        model = initial_model(cfg, 0, 10).train()
+        F.cross_entropy(model(x), y).backward()
+        if m == "backmatch":  # LeNet-BN, the paper's model: the harness uses its conventions
+            plan = prepare(initial_model(cfg, 0, 10), torch.zeros(2, *x.shape[1:]), compile=False, conventions="paper")
+            scales = plan.scales()
+        lr = cfg.lr_for(m)
+        ck = torch.load(Path(cfg.out) / f"{m}-seed0" / "checkpoint.pt", weights_only=True)["model"]
+        for n, p in model.named_parameters():
+            g = p.grad.double() + wd * p.detach().double()
+            w_norm, g_norm = float(p.detach().double().norm()), float(g.norm())
+            scale = {"sgd": 1.0, "lars": cfg.trust_coefficient * w_norm / g_norm if w_norm and g_norm else 1.0,
+                     "lsalr": 1 + math.log(1 + 1 / g_norm),
+                     "backmatch": scales[n] if m == "backmatch" else None}[m]
+            want = (p.detach().double() - lr * scale * g).float()
+            torch.testing.assert_close(ck[n], want, rtol=1e-5, atol=1e-7, msg=f"{m}: {n}")
+
+
 def test_adamw_methods_train_with_the_step_length_mode(tiny_npz, tmp_path):
     """``backmatch@adamw`` and ``lamb`` run AdamW with the rule setting each layer's step
     length; ``sgd@adamw`` is plain AdamW: from the same init, three different results."""

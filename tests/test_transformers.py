@@ -392,7 +392,12 @@ def test_a_wrapper_returning_logits_prepares_strict():
     ids = torch.randint(0, 100, (2, 8))
     plan = fxbackmatch.prepare(wrapped, ids, compile=False, strict=True)
     assert plan.capture == "export" and plan.uncovered == ()
-    assert all(0 < v < float("inf") for v in plan.scales().values())
+    # the same function captured without the wrapper (the model's own outputs, logits named)
+    ref = fxbackmatch.prepare(model, (ids,), example_kwargs=kw, outputs="logits", compile=False, strict=True)
+    got = plan.scales()
+    assert set(got) == {"m." + n for n in ref.scales()}
+    for n, v in ref.scales().items():
+        assert got["m." + n] == pytest.approx(v, rel=1e-12), n
 
 
 def tiny_gpt2():
