@@ -337,15 +337,31 @@ def _hf(name: str):
 
 
 def _train(model, plan, ids, labels, kw, steps=20):
-    opt = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9)
+    """``steps`` SGD-momentum steps with the plan attached; the losses. The first step is
+    checked by hand: each parameter moves by ``lr`` × its scale × its gradient (the momentum
+    buffer starts there), the scale from ``plan.scales()`` (the eager evaluator, not the
+    generated code the attached step runs) read in a step pre-hook after the attached one, whose
+    refresh re-measures the batch moments (under dropout, not those of the forward before)."""
+    lr = 2e-3
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     plan.attach(opt)
+    seen: dict = {}
+    hook = opt.register_step_pre_hook(lambda *_: seen.update(scales=plan.scales()) and None)
+    named = dict(model.named_parameters())  # GPT-2's tied lm_head: one entry
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
         opt.zero_grad()
         logits = model(ids, **kw).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         loss.backward()
+        if step == 0:
+            before = {n: (p.detach().clone(), p.grad.clone()) for n, p in named.items() if p.grad is not None}
         opt.step()
+        if step == 0:
+            hook.remove()
+            assert len(before) == len(named), set(named) - set(before)
+            for n, (w, g) in before.items():
+                torch.testing.assert_close(named[n].detach(), w - lr * seen["scales"][n] * g, rtol=1e-5, atol=1e-8)
         losses.append(float(loss))
     return losses
 
