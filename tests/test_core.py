@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -52,6 +54,30 @@ def test_paper_vgg_matches_hand_loop(depth):
     assert set(want) == {n for n, _ in net.named_parameters()}
     assert_close(got, want)
     assert plan.uncovered == ()
+
+
+BLOCKS = st.lists(st.tuples(st.integers(1, 6), st.booleans()), min_size=1, max_size=4)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(blocks=BLOCKS, hw=st.sampled_from([4, 8, 16]), seed=st.integers(0, 1000))
+def test_fuzz_conv_bn_relu_stacks_match_the_hand_loop(blocks, hw, seed):
+    """Random stacks of the paper's block — conv 3×3 (pad 1, no bias), BN, ReLU, a 2×2 max-pool
+    or not, random widths — then Flatten and Linear, with random weights: every weight's scale
+    under the paper's conventions equals Algorithm 1 run by hand (``oracles.sequential_loop``)."""
+    layers: list[nn.Module] = []
+    c, side = 3, hw
+    for width, pool in blocks:
+        layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width, affine=False), nn.ReLU()]
+        c = width
+        if pool and side >= 2:
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
+    net = randomize(nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * side * side, 4, bias=False)), seed)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, hw, hw), compile=False, conventions="paper")
+    want = sequential_loop(net, hw)
+    assert set(want) == {n for n, _ in net.named_parameters()}
+    assert_close(plan.scales(), want)
 
 
 class LeNetFunctional(nn.Module):
