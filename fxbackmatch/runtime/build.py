@@ -246,10 +246,14 @@ def atom_values(plan: "Plan") -> list[float]:
 
 
 def layer_records(plan: "Plan") -> tuple[LayerRecord, ...]:
-    """Per-layer records in forward order, with ``m`` evaluated under current weights."""
+    """Per-layer records in forward order, with the ``m`` the scales use: the rule's under the
+    current weights, or with ``factors="measured"`` the last measurement (the rule's ``m`` is
+    ``plan.measure()``'s ``rule_m``)."""
     a = need(plan)
     vals = atom_values(plan)
-    recs = [r.with_m(eval_mono(r.m_expr, vals)) for r in a.layers]
+    got = plan._measured if plan.factors == "measured" else {}
+    recs = [r.with_m(float(got[MEASURED_PREFIX + r.node]) if MEASURED_PREFIX + r.node in got
+                     else eval_mono(r.m_expr, vals)) for r in a.layers]
     order = {n.name: i for i, n in enumerate(a.gm.graph.nodes)}
     return tuple(sorted(recs, key=lambda r: order.get(r.node, 0)))
 
