@@ -422,3 +422,33 @@ def test_fused_compile_step_refuses_a_model_split_across_devices():
     step._grad_dev = None
     with pytest.raises(ValueError, match="one device"):
         step()
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_weights_on_several_devices_read_each_sum_where_it_lives(compile, monkeypatch):
+    """A model split across devices (``device_map``, pipeline stages) cannot stack its weights'
+    sums in place: the runtime reads each where it lives and moves it to the targets' device
+    before the chain (``Runtime._split``, set at prepare). A CPU test cannot hold two devices,
+    so the split is declared: the route is taken and gives the one-device scales, the eager
+    evaluator's (``plan.scales()``), including through an attached step."""
+    torch.manual_seed(0)
+    net = lenet_bn()
+    x = torch.randn(8, 3, 32, 32)
+    plan = fxbackmatch.prepare(net, x[:2], compile=compile)
+    rt = plan._runtime
+    assert not rt._split  # one device
+    rt._split, rt._fn = True, None
+    from fxbackmatch.runtime import chain
+
+    devices, base = [], chain._base
+    monkeypatch.setattr(chain, "_base", lambda *a: devices.append(a[-1]) or base(*a))
+    F.cross_entropy(net(x), torch.arange(8)).backward()
+    want = plan.scales()
+    got = dict(zip(plan.targets, plan.scale_tensor().tolist()))
+    assert devices == [rt.device()]  # the per-weight route, onto the targets' device
+    for n in plan.targets:
+        assert got[n] == pytest.approx(want[n], rel=1e-6), n
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    plan.rescale_grads_()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n] * want[n], rtol=1e-6, atol=0)

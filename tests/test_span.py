@@ -144,3 +144,48 @@ def test_compile_step_applies_what_reads_the_batch_as_attach_does():
     for a, b in zip(run(False), run(True)):
         for p, q in zip(a, b):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # float32 update order
+
+
+@pytest.mark.parametrize("path", ["attach", "compile_step", "compiled attach"])
+def test_cap_holds_once_after_the_batch_multiplier(path):
+    """``cap=C`` keeps each scale in [1/C, C] after the batch's span multiplier, once: the step
+    applies ``clamp(s·k)``, with ``s·k`` the uncapped plan's scale at this batch of 8, which is
+    what ``plan.scales()`` shows. The runtime used to clamp ``s`` before the multiplier as well
+    (``clamp(s)·k``: 2.5 applied where 12.2 was shown). Checked on one SGD step (the momentum
+    buffer starts at the gradient), from the weights' change, against the uncapped plan's
+    scales clamped by hand."""
+    cap, lr = 20.0, 0.1
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                             nn.Linear(16, 4)).double()
+
+    x0 = torch.randn(2, 64, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 64, generator=g, dtype=torch.float64), torch.randint(0, 4, (8,), generator=g)
+    # the oracle: the uncapped plan's scales at this batch (its multiplier included), clamped by hand
+    free = net()
+    free_plan = fxbackmatch.prepare(free, x0, compile=False)
+    F.cross_entropy(free(x), y).backward()
+    want = {n: min(max(v, 1 / cap), cap) for n, v in free_plan.scales().items()}
+    assert max(free_plan.scales().values()) > cap * 2  # the cap binds before the multiplier...
+    assert any(1 / cap < want[n] < cap < free_plan.scales()[n] * 8 for n in want)  # ...and not after
+
+    model = net()
+    plan = fxbackmatch.prepare(model, x0, compile=path == "compiled attach",
+                               conventions=fxbackmatch.Conventions.named("default").replace(cap=cap))
+    assert plan.span == "batch"
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)  # step 1: the buffer is the gradient
+    step = plan.compile_step(opt) if path == "compile_step" else (plan.attach(opt) and opt.step)
+    F.cross_entropy(model(x), y).backward()
+    shown = plan.scales()
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+    step()
+    for n, p in model.named_parameters():
+        w, grad = before[n]
+        if grad.abs().max() < 1e-12:  # the bias before BatchNorm: no gradient (round-off), nothing to read
+            continue
+        applied = float(((w - p.detach()) * grad).sum() / (lr * grad.square().sum()))
+        assert applied == pytest.approx(want[n], rel=1e-9), n
+        assert shown[n] == pytest.approx(want[n], rel=1e-9), n

@@ -323,7 +323,7 @@ class FusedStep:
         groups = self.optimizer.param_groups
         index, group_of, wd, slot = self.index, self.group_of, self.weight_decay, self._slot
         read_at, kept_at, n_w, n_kept = self._read_at, self._kept_at, len(rt.weights), len(self._kept)
-        per_step, cap = rt.multiplier is not None, rt.gen.cap
+        per_step, cap = rt.multiplier is not None, rt.post_cap
         plain = factors
 
         def factors(weight_sq, grads, stats, consts):  # noqa: F811 - the plan's per-step multiplier, if any

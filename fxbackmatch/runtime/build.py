@@ -175,10 +175,13 @@ def finish(plan: "Plan") -> None:
     plan._links = module_links(plan.model, targets)
     plan._shapes = {n: tuple(params[n].shape) for n in targets}
     plan._identity = identity_columns(plan)
+    # a scale the batch multiplies (token_mask, span="batch") is capped once, after that
+    # multiplier (Runtime.post_cap), as the eager scales are; every other in the generated code
+    per_step = plan._token_bt is not None or plan.span == "batch"
     plan._generated: GeneratedFactors = generate(
         a.atoms.atoms, [(n, plan._scale_expr[n]) for n in targets],
         title=f"{type(plan.model).__name__}, rule={plan.rule}, {len(targets)} scaled parameters",
-        cap=plan.cap, chains=describe_uses(a),
+        cap=None if per_step else plan.cap, chains=describe_uses(a),
     )
     if plan._token_bt is not None:  # attention statistics over the real tokens, refilled each step
         for ref, t in token_stats(a.atoms.atoms, plan._example_mask).items():
@@ -190,8 +193,9 @@ def finish(plan: "Plan") -> None:
         plan._token_flags = torch.tensor(token_targets(targets, a.uses, a.layers, plan._token_bt), dtype=torch.float64)
     if plan.span == "batch":
         plan._span_fan, plan._span_rows = span_table(targets, a.uses, a.layers, plan._shapes)
-    if plan._token_bt is not None or plan.span == "batch":
+    if per_step:
         plan._runtime.multiplier = plan._multiplier
+        plan._runtime.post_cap = plan.cap
     plan.fingerprint = fingerprint(a.gm, params)
     log.debug("fxbackmatch: prepared %s with %d layers", type(plan.model).__name__, len(a.layers))
 

@@ -72,9 +72,15 @@ class Runtime:
         self._fn = None
         self._consts: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._sharded = any(is_dtensor(t) for t in self.weights + self.targets)
+        #: weights on several devices (``device_map``, pipeline stages; read at prepare): each
+        #: weight's sum is read where it lives and moved to :meth:`device`, never stacked in place
+        self._split = len({local_part(t)[0].device for t in self.weights + self.targets}) > 1
         #: per-step factor on the scales (``token_mask``: 1/real-token share on token-wise
         #: layers): returns a float64 tensor in target order, or ``None``
         self.multiplier: Callable[[], torch.Tensor | None] | None = None
+        #: the plan's ``cap`` where a multiplier is set: applied once, after it (a scale clamped
+        #: before it too would end outside what the cap alone gives: ``clamp(s)·k ≠ clamp(s·k)``)
+        self.post_cap: float | None = None
         #: replay the scales as a CUDA graph where that is sound (see the module docstring)
         self.cuda_graph = True
         self._graphed: GraphedScales | None = None
@@ -93,20 +99,21 @@ class Runtime:
         if self._fn is None:
             if torch.compiler.is_compiling():
                 return self.gen.fn
-            if self.compile and self.gen.n_stages <= COMPILE_MAX_STAGES and (
+            if self.compile and not self._split and self.gen.n_stages <= COMPILE_MAX_STAGES and (
                 len(self.weights) + len(self.grad_params) <= FUSED_MAX_TENSORS
             ):  # few tensors: inductor fuses every float64 reduction into one read (0.1's path)
                 self._fn = torch.compile(self.gen.fn, fullgraph=True, dynamic=False)
-            elif self.compile:
+            elif self.compile or self._split:
                 chain = self.gen.from_base
                 host = HostChain.of(self.gen)
-                if self.gen.n_stages <= COMPILE_MAX_STAGES and not (host and self.device().type == "cpu"):
+                dev = self.device()
+                if self.compile and self.gen.n_stages <= COMPILE_MAX_STAGES and not (host and dev.type == "cpu"):
                     chain = torch.compile(chain, fullgraph=True, dynamic=False)
 
                 inverse, n_sq = self.gen.stat_inverse, self.gen.n_grad_sq
 
                 def fn(weights, grads, stats, consts):
-                    base = _base(weights, grads, stats, inverse, n_sq)
+                    base = _base(weights, grads, stats, inverse, n_sq, dev)
                     if host is not None and base.device.type == "cpu":  # no sync to avoid on the host
                         return torch.tensor(host(base.tolist()), dtype=torch.float64)
                     return chain(base, consts)
@@ -130,11 +137,10 @@ class Runtime:
         """float64 scales of the targets, on the parameters' device."""
         mult = self.multiplier() if self.multiplier is not None else None  # first: it refills per-step atoms
         out = self._scales()
-        if mult is None:
-            return out
-        out = out * mult.to(out.device)
-        cap = self.gen.cap
-        return out if cap is None else out.clamp(1.0 / cap, cap)  # the cap holds after the token share
+        if mult is not None:
+            out = out * mult.to(out.device)
+        cap = self.post_cap  # once, after the batch's multiplier (the generated code has no cap then)
+        return out if cap is None else out.clamp(1.0 / cap, cap)
 
     def _scales(self) -> torch.Tensor:
         dev = self.device()
@@ -150,7 +156,7 @@ class Runtime:
             return self._sharded_scales(grads, stats, consts, dev)
         if stats and _data_parallel_world() > 1:
             return self._synced_stat_scales(grads, stats, consts, dev)
-        if self.cuda_graph and dev.type == "cuda" and not grads and _may_capture():
+        if self.cuda_graph and dev.type == "cuda" and not grads and not self._split and _may_capture():
             g = self._graphed
             if g is None or not g.matches(self.weights, stats):
                 try:
@@ -446,15 +452,16 @@ def _stat_means(stats, inverse) -> list[torch.Tensor]:
     ]
 
 
-def _base(weights, grads, stats, inverse, n_sq: int | None = None) -> torch.Tensor:
-    """The stacked ``[weight_sq, grad_sq, rows, stat]`` vector ``factors_from_base`` takes."""
+def _base(weights, grads, stats, inverse, n_sq: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """The stacked ``[weight_sq, grad_sq, rows, stat]`` vector ``factors_from_base`` takes, on
+    ``device`` (default: the first part's); each part is read where its tensor lives."""
     grads = list(grads)
     n_sq = len(grads) if n_sq is None else n_sq
     parts = sumsq_many(list(weights)) + sumsq_many(grads[:n_sq]) + [rows_read(g) for g in grads[n_sq:]]
     parts += _stat_means(stats, inverse)
     if not parts:
-        return torch.zeros(0, dtype=torch.float64)
-    dev = parts[0].device
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    dev = parts[0].device if device is None else device
     return torch.stack([p.to(dev) for p in parts])
 
 
