@@ -68,6 +68,7 @@ class Plan:
         self._attached: list = []
         self._last_updates: dict[str, torch.Tensor] = {}  # parameter -> ‖ΔW‖/‖W‖ of the last step
         self._applied: torch.Tensor | None = None  # the scales of the last rescale_grads_
+        self._applied_grads: list | None = None  # the gradients it left (gradient-reading rules)
         self._state_loads = 0  # load_state_dict calls: a fused step re-reads its weights after one
 
     # ------------------------------------------------------------------ building (runtime.build)
@@ -167,7 +168,10 @@ class Plan:
     def scales(self) -> dict[str, float]:
         """Parameter name -> multiplier ``1/(m·s)`` under the current weights (eager, float64).
 
-        Every trainable parameter is listed; those not scaled have 1.0.
+        Every trainable parameter is listed; those not scaled have 1.0. A rule that reads
+        the gradients (LARS, LSALR) reads them as they are, except gradients the last
+        :meth:`rescale_grads_` multiplied in place and nothing changed since: their scales are
+        the ones applied (read again, the rescaled gradients would give another rate).
 
         >>> plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32))  # doctest: +SKIP
         >>> plan.scales()["fc3.weight"]                                   # doctest: +SKIP
@@ -195,6 +199,8 @@ class Plan:
         with ``only``, just the parameters whose ``id`` is in it)."""
         self._check()
         self._applied = self._runtime.rescale_(only)
+        if self._runtime.gen.grad_refs:  # a rule reading the gradients: which ones it rescaled
+            self._applied_grads = build.grad_marks(self)
 
     def applied_scales(self) -> dict[str, float]:
         """Target name -> the scale the last :meth:`rescale_grads_` multiplied by (empty

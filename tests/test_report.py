@@ -192,18 +192,53 @@ def test_tracked_relative_updates_against_a_hand_step():
 
 def test_applied_scales_are_those_of_the_last_rescale_for_gradient_rules():
     """LARS reads the gradient: recomputed after ``rescale_grads_`` it would see the rescaled
-    gradient (τ‖W‖/‖s·g‖ = 1); ``applied_scales`` keeps what was multiplied, checked against
-    the ratio of the gradients before and after."""
+    gradient (τ‖W‖/‖s·g‖ = 1). ``applied_scales`` keeps what was multiplied, checked against the
+    ratio of the gradients before and after; ``scales()``, the report and ``effective_lrs`` give
+    the same while the gradients are the rescaled ones (they showed 1.0), and read the
+    gradients again once a new backward replaced them (the LARS formula by hand)."""
     torch.manual_seed(0)
     net = lenet_bn()
-    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), rule="lars", compile=False)
+    tau = 1e-3
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), rule="lars", compile=False, trust_coefficient=tau,
+                               conventions="paper")  # the plain formula: no batch multiplier
     assert plan.applied_scales() == {}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    handle = plan.attach(opt)
     F.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
     before = {n: p.grad.clone() for n, p in net.named_parameters()}
-    plan.rescale_grads_()
+    opt.step()
     applied = plan.applied_scales()
     for n, p in net.named_parameters():
         ratio = float(p.grad.double().norm() / before[n].double().norm())
         assert applied[n] == pytest.approx(ratio, rel=1e-5), n
-    assert plan.scales()["9.weight"] == pytest.approx(1.0, rel=1e-5)  # what a recomputation gives
     assert applied["9.weight"] != pytest.approx(1.0, rel=1e-2)
+    assert plan.scales() == pytest.approx(applied, rel=1e-12)
+    lrs = handle.effective_lrs()[0]
+    rows = {r["name"]: r for r in plan.to_dict()["layers"]}
+    assert lrs["9.weight"] == pytest.approx(0.1 * applied["9.weight"], rel=1e-12)
+    assert rows["9"]["scale"] == pytest.approx(applied["9.weight"], rel=1e-12)
+    opt.zero_grad()
+    F.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    w, g = net[9].weight.detach().double(), net[9].weight.grad.double()
+    assert plan.scales()["9.weight"] == pytest.approx(tau * float(w.norm()) / float(g.norm()), rel=1e-9)
+
+
+def test_the_length_mode_column_is_labelled_as_the_ratio_it_holds():
+    """``attach(mode="length")``'s ``effective_lrs`` are the last step's length ratios
+    ``T/‖u‖`` (not ``lr·scale``): the report's column says so, beside an SGD handle's
+    ``lr·scale`` column, and holds the ratio the handle reports."""
+    torch.manual_seed(0)
+    net = lenet_bn()
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), compile=False)
+    adam = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    length = plan.attach(adam, mode="length")
+    plan.attach(sgd)
+    F.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    adam.step()
+    text = str(plan)  # the plain-text report
+    assert "T/‖u‖ #0" in text and text.count("lr·sca") == 1  # the SGD handle's (cut to fit 100 columns)
+    d = plan.to_dict()
+    assert d["effective_lr_kinds"] == ["length", "grad"]
+    row = next(r for r in d["layers"] if r["name"] == "9")
+    assert row["effective_lr"][0] == pytest.approx(length.last_ratios["9.weight"], rel=1e-12)

@@ -38,6 +38,8 @@ def _shape(s) -> str:
 
 
 def _compare_rates(plan: "Plan", name: str, rules: Sequence[str]) -> dict[str, float | None]:
+    """The competitors' rates from the weight and its ``.grad`` as they are now: before an
+    attached step (after one, the gradient is the rescaled one)."""
     p = plan._params[name]
     out: dict[str, float | None] = {}
     w_sq = float(sumsq(p))
@@ -105,6 +107,8 @@ def plan_to_dict(plan: "Plan", compare: Sequence[str] = ()) -> dict[str, Any]:
         "scaled": len(plan.targets),
         "trainable": sum(1 for p in plan.model.parameters() if p.requires_grad),
         "layers": rows,
+        # what each attached optimizer's column holds: lr·scale, or the step-length mode's T/‖u‖
+        "effective_lr_kinds": [getattr(h, "mode", "grad") for h in plan._attached],
         "uncovered": plan.uncovered_reasons,
         "notes": list(plan.notes),
         "title": _title(plan),
@@ -131,8 +135,10 @@ def build_table(plan: "Plan", compare: Sequence[str] = (), *, plain: bool = Fals
     for c in ("s", "c", "m", "scale"):
         t.add_column(c, justify="right", no_wrap=True)
     n_opt = max((len(r.get("effective_lr", [])) for r in d["layers"]), default=0)
+    kinds = d.get("effective_lr_kinds", [])
     for i in range(n_opt):
-        t.add_column(f"lr·scale{'' if n_opt == 1 else f' #{i}'}", justify="right")
+        head = "T/‖u‖" if i < len(kinds) and kinds[i] == "length" else "lr·scale"  # the length mode's ratio
+        t.add_column(f"{head}{'' if n_opt == 1 else f' #{i}'}", justify="right")
     tracked = any("rel_update" in r for r in d["layers"])
     if tracked:
         t.add_column("‖ΔW‖/‖W‖", justify="right")

@@ -176,8 +176,10 @@ def finish(plan: "Plan") -> None:
     plan._shapes = {n: tuple(params[n].shape) for n in targets}
     plan._identity = identity_columns(plan)
     # a scale the batch multiplies (token_mask, span="batch") is capped once, after that
-    # multiplier (Runtime.post_cap), as the eager scales are; every other in the generated code
-    per_step = plan._token_bt is not None or plan.span == "batch"
+    # multiplier (Runtime.post_cap), as the eager scales are; every other in the generated code.
+    # Both multipliers correct back-matching's s; the competitors (sgd, lars, lsalr, lamb) are
+    # their published formulas, under any conventions
+    per_step = plan.rule == "backmatch" and (plan._token_bt is not None or plan.span == "batch")
     plan._generated: GeneratedFactors = generate(
         a.atoms.atoms, [(n, plan._scale_expr[n]) for n in targets],
         title=f"{type(plan.model).__name__}, rule={plan.rule}, {len(targets)} scaled parameters",
@@ -262,9 +264,20 @@ def layer_records(plan: "Plan") -> tuple[LayerRecord, ...]:
     return tuple(sorted(recs, key=lambda r: order.get(r.node, 0)))
 
 
+def grad_marks(plan: "Plan") -> list[tuple[int, int] | None]:
+    """Each target's gradient as it is now (its identity and version), ``None`` where absent."""
+    return [None if (g := plan._params[n].grad) is None else (id(g), g._version) for n in plan._targets]
+
+
 def eager_scales(plan: "Plan") -> dict[str, float]:
-    """Parameter name -> scale under the current weights (eager, float64; unscaled ones 1.0)."""
+    """Parameter name -> scale under the current weights (eager, float64; unscaled ones 1.0);
+    for a gradient-reading rule, the applied scales while the gradients are the rescaled ones."""
     check(plan)
+    if plan._runtime.gen.grad_refs and plan._applied is not None and (
+            plan._applied_grads == grad_marks(plan)):
+        out = {n: 1.0 for n, p in plan._params.items() if p.requires_grad}
+        out.update(zip(plan._targets, plan._applied.tolist()))
+        return out
     mult = plan._runtime.multiplier() if plan._runtime.multiplier is not None else None  # first: per-step atoms
     vals = atom_values(plan)
     out = {n: 1.0 for n, p in plan._params.items() if p.requires_grad}
