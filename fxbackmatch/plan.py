@@ -203,8 +203,8 @@ class Plan:
             self._applied_grads = build.grad_marks(self)
 
     def applied_scales(self) -> dict[str, float]:
-        """Target name -> the scale the last :meth:`rescale_grads_` multiplied by (empty
-        before the first). Unlike :meth:`scales`, right for rules that read the gradient
+        """Target name -> the scale the last :meth:`rescale_grads_` (or fused step,
+        :meth:`compile_step`) multiplied by (empty before the first). Unlike :meth:`scales`, right for rules that read the gradient
         (LARS, LSALR) after the gradients were rescaled."""
         return {} if self._applied is None else dict(zip(self._targets, self._applied.tolist()))
 

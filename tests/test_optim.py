@@ -369,6 +369,8 @@ def test_fused_compile_step_equals_attach(make, wd):
         tol = 1e-6 if i == 0 else 2e-5
         for p, q in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=tol, atol=tol * float(q.detach().abs().max()))
+        # the fused step's applied scales are the attached step's (they were never set)
+        assert pa.applied_scales() == pytest.approx(pb.applied_scales(), rel=10 * tol)
     assert set(oa.state_dict()["state"][0]) == set(ob.state_dict()["state"][0])
 
 

@@ -349,7 +349,7 @@ class FusedStep:
                 new_sq = [None] * n_kept
                 _sgd_update(params, grads, bufs, scales, index, lrs, baked_m or momenta, group_of, wd, nesterov,
                             slot, new_sq)
-                return new_sq
+                return new_sq, scales
         else:
             eps = [float(g["eps"]) for g in groups]
             decoupled = self._flavour == "adamw"
@@ -362,7 +362,7 @@ class FusedStep:
                 b1s, b2s, wds = baked or (b1s, b2s, wds)
                 _adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, wds, group_of, wd, eps,
                              decoupled, slot, new_sq, step_size, bc2_sqrt)
-                return new_sq
+                return new_sq, scales
 
         if not self._compile:
             return step
@@ -406,7 +406,8 @@ class FusedStep:
         # tensors are even guarded as Python floats, ~1 µs each: ResNet-50's 161 cost ~0.2 ms a step)
         kept = self._kept_sq()
         kept = torch.stack(kept) if kept else torch.zeros(0, dtype=torch.float64, device=dev)
-        self._sq = self._fn(self._read, kept, stats, consts, self.params, grads, *hyper, *self._state())
+        self._sq, self.plan._applied = self._fn(self._read, kept, stats, consts, self.params, grads, *hyper,
+                                                *self._state())  # the scales: plan.applied_scales()
         # the marks the next step expects: the step's own version bumps are the same every step,
         # so they are read once (on a step that re-read a sum) and added after that; a wrong
         # guess only makes the next step re-read those sums
