@@ -128,7 +128,8 @@ class Plan:
 
     @property
     def layers(self) -> tuple[LayerRecord, ...]:
-        """Per-layer records in forward order, with ``m`` evaluated under current weights."""
+        """Per-layer records in forward order, with the ``m`` the scales use: the rule's under the
+        current weights, or with ``factors="measured"`` the last measurement."""
         return build.layer_records(self)
 
     @property
@@ -171,7 +172,8 @@ class Plan:
         Every trainable parameter is listed; those not scaled have 1.0. A rule that reads
         the gradients (LARS, LSALR) reads them as they are, except gradients the last
         :meth:`rescale_grads_` multiplied in place and nothing changed since: their scales are
-        the ones applied (read again, the rescaled gradients would give another rate).
+        then the ones applied (:meth:`applied_scales`, the runtime's; read again, the rescaled
+        gradients would give another rate).
 
         >>> plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32))  # doctest: +SKIP
         >>> plan.scales()["fc3.weight"]                                   # doctest: +SKIP
@@ -197,14 +199,12 @@ class Plan:
     def rescale_grads_(self, only: set[int] | None = None) -> None:
         """Multiply every covered ``p.grad`` in place by its scale (``None`` grads skipped;
         with ``only``, just the parameters whose ``id`` is in it)."""
-        self._check()
-        self._applied = self._runtime.rescale_(only)
-        if self._runtime.gen.grad_refs:  # a rule reading the gradients: which ones it rescaled
-            self._applied_grads = build.grad_marks(self)
+        build.rescale(self, only)
 
     def applied_scales(self) -> dict[str, float]:
-        """Target name -> the scale the last :meth:`rescale_grads_` (or fused step,
-        :meth:`compile_step`) multiplied by (empty before the first). Unlike :meth:`scales`, right for rules that read the gradient
+        """Target name -> the scale the last :meth:`rescale_grads_` or fused step
+        (:meth:`compile_step`) multiplied it by (empty before the first; with several
+        optimizers, each target's from its own optimizer's last step). Unlike :meth:`scales`, right for rules that read the gradient
         (LARS, LSALR) after the gradients were rescaled."""
         return {} if self._applied is None else dict(zip(self._targets, self._applied.tolist()))
 

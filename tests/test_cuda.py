@@ -203,7 +203,8 @@ def test_spread_cache_keeps_a_bounded_number_of_layouts(monkeypatch):
     assert max(sizes) == 3
 
 
-def test_rescale_inside_a_compiled_function_has_no_graph_break():
+@pytest.mark.parametrize("rule", ["backmatch", "lars"])
+def test_rescale_inside_a_compiled_function_has_no_graph_break(rule):
     """Traced by dynamo (an optimizer hook inside a compiled training step), the plan's identity
     check and rescale_ read with plain loops, and the gradients are multiplied one by one even
     where the spread multiply is asked for (its buffer would outlive the compiled region): no
@@ -215,7 +216,7 @@ def test_rescale_inside_a_compiled_function_has_no_graph_break():
     net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
     # compile=False: the identity check and rescale_'s loops alone (the compiled factor
     # function traced in a caller's region: test_first_rescale_inside_a_compiled_region_...)
-    plan = fxbackmatch.prepare(net, torch.randn(2, 6), compile=False)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 6), compile=False, rule=rule)  # lars: which grads it left
     plan._runtime.flat_multiply = True
     net(torch.randn(4, 6)).sum().backward()
     saved = {n: p.grad.clone() for n, p in net.named_parameters()}

@@ -242,3 +242,27 @@ def test_the_length_mode_column_is_labelled_as_the_ratio_it_holds():
     assert d["effective_lr_kinds"] == ["length", "grad"]
     row = next(r for r in d["layers"] if r["name"] == "9")
     assert row["effective_lr"][0] == pytest.approx(length.last_ratios["9.weight"], rel=1e-12)
+
+
+def test_gradient_rule_scales_with_an_optimizer_per_part():
+    """Two optimizers over two halves of LeNet, both attached, LARS: each rescales its own
+    part, so after both steps every parameter's ``applied_scales()`` and ``scales()`` are the
+    LARS rate of its raw gradient (computed by hand before the steps). The second optimizer's
+    call used to replace every entry, the first part's with rates of its rescaled gradients (1.0)."""
+    torch.manual_seed(0)
+    net = lenet_bn()
+    tau = 1e-3
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 32, 32), rule="lars", compile=False, trust_coefficient=tau,
+                               conventions="paper")
+    params = list(net.named_parameters())
+    opts = [torch.optim.SGD([p for _, p in params[:4]], lr=0.1), torch.optim.SGD([p for _, p in params[4:]], lr=0.1)]
+    for o in opts:
+        plan.attach(o)
+    F.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    want = {n: tau * float(p.detach().double().norm()) / float(p.grad.double().norm()) for n, p in params}
+    for o in opts:
+        o.step()
+    applied, shown = plan.applied_scales(), plan.scales()
+    for n, _ in params:
+        assert applied[n] == pytest.approx(want[n], rel=1e-9), n
+        assert shown[n] == pytest.approx(want[n], rel=1e-9), n

@@ -183,3 +183,23 @@ def test_group_and_layer_norm_and_conv_transpose():
     assert s["1.weight"] == pytest.approx(1 / (m_gn * 64), rel=1e-9)
     m_conv = m_gn * float(net[1].weight.detach().double().pow(2).mean()) / rown(net[0].weight)
     assert s["0.weight"] == pytest.approx(1 / (m_conv * 64), rel=1e-9)
+
+
+def test_a_registered_method_gets_the_batch_corrections_of_s(monkeypatch):
+    """A method registered by the user sees ``s`` in its uses, so the batch's corrections of
+    ``s`` (the default's ``span="batch"``) multiply its scales as they do back-matching's:
+    a copy of back-matching registered under another name gives back-matching's scales at a
+    batch of 8, which differ from the batch of 2 it was prepared on."""
+    from fxbackmatch.analysis import methods
+
+    monkeypatch.setitem(methods.METHODS, "mine", methods.METHODS["backmatch"])
+    monkeypatch.setitem(methods.LENGTH_UNITS, "mine", "gradient")
+    torch.manual_seed(0)
+    net = lenet_bn()
+    x = torch.randn(8, 3, 32, 32)
+    mine = fxbackmatch.prepare(net, x[:2], rule="mine", compile=False)
+    ref = fxbackmatch.prepare(net, x[:2], rule="backmatch", compile=False)
+    before = ref.scales()
+    net(x)
+    assert mine.scales() == pytest.approx(ref.scales(), rel=1e-12)
+    assert ref.scales()["9.weight"] != pytest.approx(before["9.weight"], rel=1e-3)  # the batch moved it

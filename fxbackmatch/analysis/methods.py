@@ -24,12 +24,16 @@ from typing import Callable
 from .walk import ParamUse
 from .expr import ONE, AtomTable, Mono
 
-__all__ = ["METHODS", "LENGTH_UNITS", "register_method", "scale_of", "length_unit"]
+__all__ = ["METHODS", "LENGTH_UNITS", "PUBLISHED", "register_method", "scale_of", "length_unit"]
 
 MethodFn = Callable[[AtomTable, str, list[ParamUse], dict], Mono]
 METHODS: dict[str, MethodFn] = {}
 #: method name -> "gradient" (a gradient scale) or "absolute" (a step length: length mode only)
 LENGTH_UNITS: dict[str, str] = {}
+#: the competitors: published formulas of the weight and its gradient, which read no ``s``, so the
+#: batch's corrections of ``s`` (``span="batch"``, ``token_mask``) never multiply them; a
+#: registered method sees ``s`` in its uses and gets them, as back-matching does
+PUBLISHED = ("sgd", "lars", "lsalr", "lamb")
 
 
 def register_method(name: str, fn: MethodFn | None = None, *, unit: str = "gradient"):
@@ -37,7 +41,9 @@ def register_method(name: str, fn: MethodFn | None = None, *, unit: str = "gradi
 
     ``unit="gradient"``: the method's value multiplies the gradient (SGD) or sets the step
     length ``lr · value · ‖ḡ‖`` (step-length mode); ``unit="absolute"``: the value is the step
-    length over ``lr`` and the method works in the step-length mode only.
+    length over ``lr`` and the method works in the step-length mode only. Its scales get the
+    batch's multipliers of ``s`` (``span="batch"``, ``token_mask``) as back-matching's do (the
+    competitors in :data:`PUBLISHED` do not).
     """
     if unit not in ("gradient", "absolute"):
         raise ValueError(f"unit must be 'gradient' or 'absolute', got {unit!r}")

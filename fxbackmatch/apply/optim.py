@@ -37,6 +37,8 @@ MODES = ("grad", "length")
 class AttachHandle:
     """Returned by :meth:`Plan.attach`; ``remove()`` detaches the plan from the optimizer."""
 
+    mode = "grad"
+
     def __init__(self, plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: float):
         self.plan = plan
         self.optimizer = optimizer

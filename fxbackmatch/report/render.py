@@ -108,7 +108,7 @@ def plan_to_dict(plan: "Plan", compare: Sequence[str] = ()) -> dict[str, Any]:
         "trainable": sum(1 for p in plan.model.parameters() if p.requires_grad),
         "layers": rows,
         # what each attached optimizer's column holds: lr·scale, or the step-length mode's T/‖u‖
-        "effective_lr_kinds": [getattr(h, "mode", "grad") for h in plan._attached],
+        "effective_lr_kinds": [h.mode for h in plan._attached],
         "uncovered": plan.uncovered_reasons,
         "notes": list(plan.notes),
         "title": _title(plan),

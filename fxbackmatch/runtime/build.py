@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import warnings
+import weakref
 from operator import attrgetter, is_
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -16,7 +17,7 @@ from torch import nn
 from ..analysis.expr import Mono
 from ..analysis.gaps import local_refs
 from ..analysis.guards import SCALE_RANGE, out_of_range, unnormalized_layers
-from ..analysis.methods import METHODS, scale_of
+from ..analysis.methods import METHODS, PUBLISHED, scale_of
 from ..analysis.span import batch_of, span_table
 from ..analysis.tokens import TOKEN_META, check_mask, find_mask, is_token_layer, position_of, token_stats, token_targets
 from ..analysis.conventions import check_choice
@@ -101,7 +102,7 @@ def build(plan: "Plan", example_inputs: Sequence[torch.Tensor], example_kwargs: 
         )
     plan.input_shapes = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
     plan._example_batch = batch_of(list(example_inputs), dict(example_kwargs or {})) or 1
-    if plan.token_mask is not None:
+    if plan.token_mask is not None and batch_corrected(plan):
         a.layers = [dataclasses.replace(r, notes=r.notes + (TOKEN_NOTE,)) if is_token_layer(r, plan._token_bt)
                     else r for r in a.layers]
     finish(plan)
@@ -177,9 +178,8 @@ def finish(plan: "Plan") -> None:
     plan._identity = identity_columns(plan)
     # a scale the batch multiplies (token_mask, span="batch") is capped once, after that
     # multiplier (Runtime.post_cap), as the eager scales are; every other in the generated code.
-    # Both multipliers correct back-matching's s; the competitors (sgd, lars, lsalr, lamb) are
-    # their published formulas, under any conventions
-    per_step = plan.rule == "backmatch" and (plan._token_bt is not None or plan.span == "batch")
+    # Both multipliers correct back-matching's s; the competitors are their published formulas
+    per_step = batch_corrected(plan) and (plan._token_bt is not None or plan.span == "batch")
     plan._generated: GeneratedFactors = generate(
         a.atoms.atoms, [(n, plan._scale_expr[n]) for n in targets],
         title=f"{type(plan.model).__name__}, rule={plan.rule}, {len(targets)} scaled parameters",
@@ -264,17 +264,53 @@ def layer_records(plan: "Plan") -> tuple[LayerRecord, ...]:
     return tuple(sorted(recs, key=lambda r: order.get(r.node, 0)))
 
 
-def grad_marks(plan: "Plan") -> list[tuple[int, int] | None]:
-    """Each target's gradient as it is now (its identity and version), ``None`` where absent."""
-    return [None if (g := plan._params[n].grad) is None else (id(g), g._version) for n in plan._targets]
+def rescale(plan: "Plan", only: set[int] | None = None) -> None:
+    """``plan.rescale_grads_``: multiply the gradients, keep the scales applied (with ``only``,
+    one optimizer's part: the other targets keep theirs) and, for a rule reading the
+    gradients, which gradients it left."""
+    check(plan)
+    scales = plan._runtime.rescale_(only)
+    if only is not None and plan._applied is not None:
+        mine = torch.tensor([id(p) in only for p in plan._runtime.targets], device=scales.device)
+        scales = torch.where(mine, scales, plan._applied.to(scales.device))
+    plan._applied = scales
+    if plan._runtime.gen.grad_refs:
+        plan._applied_grads = grad_marks(plan)
+
+
+def batch_corrected(plan: "Plan") -> bool:
+    """Whether the batch's corrections of ``s`` (``span="batch"``, ``token_mask``) multiply the
+    plan's scales: every method but the published competitors (:data:`PUBLISHED`)."""
+    return plan.rule not in PUBLISHED
+
+
+def grad_marks(plan: "Plan") -> list[tuple[weakref.ref, int] | None]:
+    """Each target's gradient as it is now: the tensor (a weak reference: a new ``.grad`` may
+    reuse a freed one's ``id``) and its version; ``None`` where absent. A plain loop: dynamo
+    traces it inside a compiled step (a comprehension's assignment expression broke the graph)."""
+    out: list = []
+    for n in plan._targets:
+        g = plan._params[n].grad
+        out.append(None if g is None else (weakref.ref(g), g._version))
+    return out
+
+
+def same_grads(plan: "Plan", marks: list | None) -> bool:
+    """Whether every target's gradient is the one ``marks`` recorded, unchanged since."""
+    if marks is None:
+        return False
+    for n, m in zip(plan._targets, marks):
+        g = plan._params[n].grad
+        if (g is None) != (m is None) or (g is not None and (m[0]() is not g or m[1] != g._version)):
+            return False
+    return True
 
 
 def eager_scales(plan: "Plan") -> dict[str, float]:
     """Parameter name -> scale under the current weights (eager, float64; unscaled ones 1.0);
     for a gradient-reading rule, the applied scales while the gradients are the rescaled ones."""
     check(plan)
-    if plan._runtime.gen.grad_refs and plan._applied is not None and (
-            plan._applied_grads == grad_marks(plan)):
+    if plan._runtime.gen.grad_refs and plan._applied is not None and same_grads(plan, plan._applied_grads):
         out = {n: 1.0 for n, p in plan._params.items() if p.requires_grad}
         out.update(zip(plan._targets, plan._applied.tolist()))
         return out

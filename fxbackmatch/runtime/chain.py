@@ -72,9 +72,10 @@ class Runtime:
         self._fn = None
         self._consts: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._sharded = any(is_dtensor(t) for t in self.weights + self.targets)
-        #: weights on several devices (``device_map``, pipeline stages; read at prepare): each
-        #: weight's sum is read where it lives and moved to :meth:`device`, never stacked in place
-        self._split = len({local_part(t)[0].device for t in self.weights + self.targets}) > 1
+        #: weights on several devices (``device_map``, pipeline stages): each weight's sum is
+        #: read where it lives and moved to :meth:`device`, never stacked in place. Read when the
+        #: factor function is built (the first step), so a model placed after prepare counts
+        self._split: bool | None = None
         #: per-step factor on the scales (``token_mask``: 1/real-token share on token-wise
         #: layers): returns a float64 tensor in target order, or ``None``
         self.multiplier: Callable[[], torch.Tensor | None] | None = None
@@ -99,16 +100,17 @@ class Runtime:
         if self._fn is None:
             if torch.compiler.is_compiling():
                 return self.gen.fn
-            if self.compile and not self._split and self.gen.n_stages <= COMPILE_MAX_STAGES and (
+            split = self.split()
+            if self.compile and not split and self.gen.n_stages <= COMPILE_MAX_STAGES and (
                 len(self.weights) + len(self.grad_params) <= FUSED_MAX_TENSORS
             ):  # few tensors: inductor fuses every float64 reduction into one read (0.1's path)
                 self._fn = torch.compile(self.gen.fn, fullgraph=True, dynamic=False)
-            elif self.compile or self._split:
+            elif self.compile or split:
                 chain = self.gen.from_base
                 host = HostChain.of(self.gen)
-                dev = self.device()
-                if self.compile and self.gen.n_stages <= COMPILE_MAX_STAGES and not (host and dev.type == "cpu"):
+                if self.compile and self.gen.n_stages <= COMPILE_MAX_STAGES and not (host and self.device().type == "cpu"):
                     chain = torch.compile(chain, fullgraph=True, dynamic=False)
+                dev = self.device() if split else None  # else the sums stay where they are (a moved model follows)
 
                 inverse, n_sq = self.gen.stat_inverse, self.gen.n_grad_sq
 
@@ -122,6 +124,12 @@ class Runtime:
             else:
                 self._fn = self.gen.fn
         return self._fn
+
+    def split(self) -> bool:
+        """Whether the weights and targets live on more than one device (read once)."""
+        if self._split is None:
+            self._split = len({local_part(t)[0].device for t in self.weights + self.targets}) > 1
+        return self._split
 
     def device(self) -> torch.device:
         for t in self.targets or self.weights:  # a DTensor's own .device may not be its shard's
@@ -156,7 +164,7 @@ class Runtime:
             return self._sharded_scales(grads, stats, consts, dev)
         if stats and _data_parallel_world() > 1:
             return self._synced_stat_scales(grads, stats, consts, dev)
-        if self.cuda_graph and dev.type == "cuda" and not grads and not self._split and _may_capture():
+        if self.cuda_graph and dev.type == "cuda" and not grads and not self.split() and _may_capture():
             g = self._graphed
             if g is None or not g.matches(self.weights, stats):
                 try:

@@ -9,7 +9,8 @@ _DTENSOR: list = []  # DTensor's class (None without it), imported at the first 
 
 
 def _dtensor_type() -> type | None:
-    # a list, not functools.cache: dynamo traces this inside compiled steps and warns about caches
+    """DTensor's class, or ``None`` where torch has none (cached in a list, not by
+    ``functools.cache``: dynamo traces this inside compiled steps and warns about caches)."""
     if not _DTENSOR:
         try:
             from torch.distributed.tensor import DTensor
