@@ -69,6 +69,7 @@ class Plan:
         self._last_updates: dict[str, torch.Tensor] = {}  # parameter -> ‖ΔW‖/‖W‖ of the last step
         self._applied: torch.Tensor | None = None  # the scales of the last rescale_grads_
         self._applied_grads: list | None = None  # the gradients it left (gradient-reading rules)
+        self._round: tuple | None = None  # optimizers over parts: the round's gradients and scales
         self._state_loads = 0  # load_state_dict calls: a fused step re-reads its weights after one
 
     # ------------------------------------------------------------------ building (runtime.build)

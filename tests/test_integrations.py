@@ -382,3 +382,29 @@ def test_container_attach_to_each_inner_optimizer():
     ref0 = copy.deepcopy(net)
     _run_container(net, batches, lambda box: box.optimizers)
     _assert_same(net, _hand_loop(copy.deepcopy(ref0), batches, _sgd))
+
+
+@pytest.mark.parametrize("order", ["lower part first", "upper part first"])
+def test_inner_optimizers_in_either_order_match_the_hand_loop(order):
+    """Attached to each inner optimizer, each part takes the scales the round's first part
+    computed from the weights before any part moved: either stepping order equals the hand
+    loop (all scales before the step), at a rate where the parts' moves change the factors.
+    Before, the part stepping second computed its scales after the first part's update
+    (``upper part first``: the lower part's factors saw the upper part's new weights)."""
+    net, batches = _lenet(3), _batches(seed=5)
+    ref0 = copy.deepcopy(net)
+    lr = 0.5
+    lower, upper = _halves(net)
+    plan = fxbackmatch.prepare(net, batches[0][0][:2], compile=False)
+    parts = [lower, upper] if order == "lower part first" else [upper, lower]
+    opts = [torch.optim.SGD(p, lr=lr, momentum=0.9) for p in parts]
+    for o in opts:
+        plan.attach(o)
+    for x, y in batches:
+        for o in opts:
+            o.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        for o in opts:
+            o.step()
+    hand = _hand_loop(copy.deepcopy(ref0), batches, lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9))
+    _assert_same(net, hand)

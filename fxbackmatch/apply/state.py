@@ -18,7 +18,7 @@ OPTIONS = {"rule": None, "adapt": None, "variance": None, "trust_coefficient": N
            "relu": "paper", "unnormalized": "exact", "factors": "derived", "taps": "all", "token_mask": None,
            "moments": "derived", "span": "full"}
 #: fields a copy does not share: the runtime is regenerated for the copied tensors
-NOT_COPIED = ("_runtime", "_attached", "_generated", "_last_call")
+NOT_COPIED = ("_runtime", "_attached", "_generated", "_last_call", "_applied_grads", "_round")
 NO_PICKLE = (
     "a fxbackmatch Plan does not pickle (it holds the graph, the rule registry and "
     "compiled code).\n  What to do: save plan.state_dict() beside the model's and, after "
@@ -67,6 +67,7 @@ def deepcopy_plan(plan: "Plan", memo: dict) -> "Plan":
             setattr(new, k, copy.deepcopy(v, memo))
     new._attached = []
     new._last_call = None
+    new._applied_grads = new._round = None  # they name the original's gradients
     if new._analysis is not None:
         if "_parameters" in new.model.__dict__:
             finish(new)

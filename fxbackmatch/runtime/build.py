@@ -267,9 +267,20 @@ def layer_records(plan: "Plan") -> tuple[LayerRecord, ...]:
 def rescale(plan: "Plan", only: set[int] | None = None) -> None:
     """``plan.rescale_grads_``: multiply the gradients, keep the scales applied (with ``only``,
     one optimizer's part: the other targets keep theirs) and, for a rule reading the
-    gradients, which gradients it left."""
+    gradients, which gradients it left. Several optimizers over one model step one after the
+    other: each part takes the scales the round's first part computed, before any part moved,
+    while its gradients are the ones they were computed with (else a later part would see the
+    earlier parts' new weights in its factors, or LARS their rescaled gradients)."""
     check(plan)
-    scales = plan._runtime.rescale_(only)
+    rt = plan._runtime
+    if only is None:
+        plan._round = None
+        scales = rt.rescale_()
+    else:
+        r = plan._round
+        if r is None or not same_grads(plan, r[0], only):
+            r = plan._round = (grad_marks(plan), rt.scales())
+        scales = rt.rescale_(only, r[1])
     if only is not None and plan._applied is not None:
         mine = torch.tensor([id(p) in only for p in plan._runtime.targets], device=scales.device)
         scales = torch.where(mine, scales, plan._applied.to(scales.device))
@@ -295,12 +306,16 @@ def grad_marks(plan: "Plan") -> list[tuple[weakref.ref, int] | None]:
     return out
 
 
-def same_grads(plan: "Plan", marks: list | None) -> bool:
-    """Whether every target's gradient is the one ``marks`` recorded, unchanged since."""
+def same_grads(plan: "Plan", marks: list | None, only: set[int] | None = None) -> bool:
+    """Whether every target's gradient (those of the parameters whose ``id`` is in ``only``,
+    when given) is the one ``marks`` recorded, unchanged since."""
     if marks is None:
         return False
     for n, m in zip(plan._targets, marks):
-        g = plan._params[n].grad
+        p = plan._params[n]
+        if only is not None and id(p) not in only:
+            continue
+        g = p.grad
         if (g is None) != (m is None) or (g is not None and (m[0]() is not g or m[1] != g._version)):
             return False
     return True

@@ -213,10 +213,10 @@ class Runtime:
         return self.gen.from_base(base.to(dev), consts)
 
     @torch.no_grad()
-    def rescale_(self, only: set[int] | None = None) -> torch.Tensor:
+    def rescale_(self, only: set[int] | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
         """Multiply the targets' gradients by their scales (only those whose ``id`` is in
-        ``only``, when given: the parameters of one optimizer)."""
-        scales = self.scales()
+        ``only``, when given: the parameters of one optimizer); ``scales``: computed before."""
+        scales = self.scales() if scales is None else scales
         compiling = torch.compiler.is_compiling()  # dynamo traces loops, not C-level maps
         grads = [p.grad for p in self.targets] if compiling else list(map(_GRAD, self.targets))
         if only is not None:
