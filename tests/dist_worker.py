@@ -57,7 +57,9 @@ def data():
     return [(torch.randn(BATCH, 3, 8, 8, generator=g), torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def train(net, plan, rank: int, world: int, scales_log: list, length: bool = False) -> None:
+def train(net, plan, rank: int, world: int, scales_log: list, length: bool = False, states: list | None = None) -> None:
+    """A few steps on this rank's share of each batch; after each step, the plan's scales (and,
+    with ``states``, this rank's parameters and buffers they were computed from)."""
     if length:  # the step-length mode on AdamW
         opt = torch.optim.AdamW(net.parameters(), lr=0.02, weight_decay=0.01)
         handle = plan.attach(opt, mode="length")
@@ -71,6 +73,9 @@ def train(net, plan, rank: int, world: int, scales_log: list, length: bool = Fal
         F.cross_entropy(net(xs), ys).backward()
         opt.step()
         scales_log.append(plan.scale_tensor().cpu())
+        if states is not None:
+            module = net.module if hasattr(net, "module") else net
+            states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
     handle.remove()
 
 
@@ -125,8 +130,10 @@ def run_mode(mode: str, rank: int, world: int) -> dict:
             ddp = nn.parallel.DistributedDataParallel(BNNet())
             plan = fxbackmatch.prepare(ddp, torch.randn(2, 3, 8, 8), compile=False, conventions=fxbackmatch.Conventions(variance="measured"))
             assert plan._analysis.atoms and plan._runtime.stat_refs
-            train(ddp, plan, rank, world, log)
-        net = ddp
+            states: list = []
+            train(ddp, plan, rank, world, log, states=states)
+        return {"params": full_params(ddp.module), "scales": log, "sharded": plan._runtime.sharded,
+                "states": states}
     elif mode == "ddp":
         net = nn.parallel.DistributedDataParallel(make_net())
         plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)

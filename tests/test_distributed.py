@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import dist_worker
+import fxbackmatch
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
@@ -82,21 +83,52 @@ def check_fsdp_after(r):
     assert all(x == {"refused": True, "grads": True} for x in r)
 
 
+def _bn_scales(state: dict) -> torch.Tensor:
+    """One process, no process group: the scales of a BNNet holding ``state`` (parameters and
+    BatchNorm running statistics)."""
+    net = dist_worker.BNNet()
+    net.load_state_dict(state)
+    plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False,
+                               conventions=fxbackmatch.Conventions(variance="measured"))
+    return plan.scale_tensor()
+
+
+def _rank_mean(states: list[dict]) -> dict:
+    """The ranks' common parameters with their running statistics averaged."""
+    return {k: v if not v.is_floating_point() else torch.stack([s[k] for s in states]).mean(0)
+            for k, v in states[0].items()}
+
+
 def check_ddp_bn(r):
     """BN after an addition with variance="measured": the scales read running variances,
     which differ per rank; one all-reduce averages them, and the replicas stay bitwise
-    identical."""
+    identical. Oracle: one process on the ranks' averaged statistics. The all-reduce averages
+    each statistic's atom (a mean of the variances, of their inverses), the oracle the variances
+    themselves: equal to second order in the ranks' spread, which is well under the tolerance
+    here while either rank's own statistics miss it by far more (so rank 0's statistics
+    broadcast, or none shared, would fail)."""
     r0, r1 = r
     for n in r0["params"]:
         assert torch.equal(r0["params"][n], r1["params"][n]), n
     for a, b in zip(r0["scales"], r1["scales"]):
         assert torch.equal(a, b)
+    for step, (s0, s1, got) in enumerate(zip(r0["states"], r1["states"], r0["scales"], strict=True)):
+        assert any(not torch.equal(s0[k], s1[k]) for k in s0 if "running_var" in k)  # the ranks' own
+        oracle = _bn_scales(_rank_mean([s0, s1]))
+        torch.testing.assert_close(got, oracle, rtol=5e-5, atol=0, msg=f"step {step}")  # seen: ≤ 1.1e-5
+        own = [_bn_scales(s) for s in (s0, s1)]
+        assert min(float(((o - oracle).abs() / oracle).max()) for o in own) > 2.5e-4, step  # seen: ≥ 5e-4
 
 
 def check_ddp_bn_local_parts(r):
-    """Without the all-reduce (each rank's own statistics) the replicas part."""
+    """Without the all-reduce (each rank's own statistics) the replicas part, and each rank's
+    scales are exactly the one-process scales of its own state (the oracle's construction
+    checked where it must be exact)."""
     b0, b1 = r
     assert any(not torch.equal(b0["params"][n], b1["params"][n]) for n in b0["params"])
+    for b in (b0, b1):
+        for got, state in zip(b["scales"], b["states"], strict=True):
+            torch.testing.assert_close(got, _bn_scales(state), rtol=1e-12, atol=0)
 
 
 def _check(mode, r, single, single_length):
