@@ -64,7 +64,7 @@ def test_the_floor_never_binds_above_the_init_norm_and_the_compiled_chain_agrees
     with torch.no_grad():
         net.body[3].weight.mul_(1e-4)  # one weight far below: the floor binds there only
     eager, compiled = _scales(net), _scales(net, compile=True)
-    torch.testing.assert_close(eager, compiled, rtol=1e-9, atol=0)
+    torch.testing.assert_close(eager, compiled, rtol=1e-6, atol=0)  # compiled CPU sums: float32 cascade
     assert not torch.equal(eager, _scales(net, "paper"))
 
 

@@ -223,8 +223,8 @@ def test_compiled_cached_step():
             b.load_state_dict(checkpoint)
         step_both(a, step, b, ob.step, x, y)
         assert_same(a, b, tol=1e-5)  # compiled against eager float32 arithmetic
-        for got, want in zip(step._sq, fresh_sq(step)):
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+        for got, want in zip(step._sq, fresh_sq(step)):  # CPU compiled sums: float32 cascade (norms.sumsq)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     assert counters["stats"].get("unique_graphs", 0) - before == 1
     assert reads == [len(step._kept), 1, len(step._kept)]
     # a diverged weight: its kept sum turns NaN, which must not recompile the step (0-d CPU
@@ -282,8 +282,8 @@ def test_a_compiled_step_of_many_parameters_keeps_every_sum():
                 b[3].weight.mul_(1.5)
         step_both(a, step, b, ob.step, x, y)
         assert_same(a, b, tol=1e-5)
-        for got, want in zip(step._sq, fresh_sq(step)):
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+        for got, want in zip(step._sq, fresh_sq(step)):  # CPU compiled sums: float32 cascade (norms.sumsq)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.slow

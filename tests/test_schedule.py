@@ -88,8 +88,8 @@ def compiled_update(n: int, options: dict, momentum: float | torch.Tensor = 0.9)
     sq, codes = run_and_get_code(fn, params, grads, bufs, scales, lrs, momenta)
     for got, want in zip(params + bufs, want_p + want_b):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    for got, want in zip(sq, want_sq):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    for got, want in zip(sq, want_sq):  # compiled on the CPU: float32 cascade sums (norms.sumsq)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     return sum(loops(c) for c in codes)
 
 

@@ -90,7 +90,7 @@ def test_each_steps_mask_sets_the_share_and_compiled_equals_eager():
         assert got[n] == pytest.approx(want, rel=1e-12), n
     compiled = dict(zip(plan.targets, plan.scale_tensor().tolist()))
     for n in plan.targets:
-        assert compiled[n] == pytest.approx(got[n], rel=1e-9), n
+        assert compiled[n] == pytest.approx(got[n], rel=1e-6), n  # CPU compiled sums: float32 cascade
     # rescale_grads_ applies it: the gradient ratio is the scale
     loss = sum(o.square().sum() for o in net(x, padded_mask(lengths())))
     loss.backward()

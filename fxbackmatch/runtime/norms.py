@@ -12,10 +12,18 @@ _CHUNK = 1 << 20
 
 
 def sumsq(t: torch.Tensor) -> torch.Tensor:
-    """``sum(t²)`` accumulated in float64, as a 0-d tensor on ``t``'s device. Fused into one
-    read when compiled; eagerly in chunks of 2**20 elements, so no float64 copy of a whole
-    weight is ever made."""
+    """``sum(t²)`` accumulated in float64, as a 0-d float64 tensor on ``t``'s device. Fused into
+    one read when compiled; eagerly in chunks of 2**20 elements, so no float64 copy of a whole
+    weight is ever made.
+
+    Compiled for a float32 CPU tensor it is summed in float32: inductor's CPU float32 sums are
+    cascade sums (chunks of 4096, error ``O(log n)·ε``, ~1e-7), and widening each element to
+    float64 inside the loop costs more than the rest of an update on AVX-512 (the vector
+    conversion round-trips through the stack: ResNet-50's fused SGD step 1.33× a compiled SGD
+    step, 1.07× with float32 sums; docs/benchmarks.md)."""
     if torch.compiler.is_compiling():
+        if t.dtype == torch.float32 and t.device.type == "cpu":
+            return t.square().sum().to(torch.float64)
         return t.to(torch.float64).square().sum()
     flat = t.detach().reshape(-1)
     if flat.numel() <= _CHUNK:
