@@ -250,6 +250,16 @@ def test_addcmul_affine_is_the_sum_and_product_written_out(gamma):
     # (mean(β²) + mean(α²)·E[x²]) and the written-out sum with a parameter does not (1)
     assert {k: v for k, v in got.items() if k != "2.weight"} == pytest.approx(
         {k: v for k, v in want.items() if k != "2.weight"}, rel=1e-12)
+    # that estimate by hand (a bias-free first layer: E[x²] = ΣW₁²/16 under a unit input moment;
+    # s = 5 positions; the head's m = 1): a rule squaring mean(α), dropping mean(β²) or
+    # ignoring gamma would miss it
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16, bias=False), Affine(16, True), nn.Linear(16, 4))
+    head = fxbackmatch.prepare(net, x, compile=False, strict=True, conventions=conv).scales()["2.weight"]
+    alpha, beta = net[1].alpha.detach().double(), net[1].beta.detach().double()
+    e_x2 = float(net[0].weight.detach().double().square().sum()) / 16
+    mean_a2 = float(alpha.square().mean()) if gamma == "exact" else 1.0
+    assert head == pytest.approx(1 / (5 * (float(beta.square().mean()) + mean_a2 * e_x2)), rel=1e-12)
 
 
 def test_addcmul_factors_equal_the_jacobians():

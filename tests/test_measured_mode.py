@@ -70,6 +70,35 @@ def test_refresh_runs_every_k_steps_on_the_last_batch_and_leaves_state_alone():
     assert any(abs(after[k] - before[k]) > 1e-6 * abs(before[k]) for k in before)
 
 
+def test_each_refresh_measures_the_batch_of_its_own_step():
+    """Oracle by hand: the head's measured ``m`` is 1 (Rademacher probes at the outputs) and its
+    ``s`` is 1, so its scale is ``1/E[a²]`` of its input on the refreshed batch. With
+    ``refresh=2`` and a different batch every step, steps 0 and 2 apply their own batch's value
+    and steps 1 and 3 keep the previous refresh's (a refresh on the prepare-time example, or on
+    the step before, would show)."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    xs = [torch.randn(32, 8) + k for k in range(4)]
+    y = torch.randint(0, 4, (32,))
+    plan = fxbackmatch.prepare(net, xs[0][:4], factors="measured", refresh=2, compile=False)
+    inputs: list[torch.Tensor] = []
+    training = [False]
+    net[3].register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().double()) if training[0] else None)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    plan.attach(opt)
+    applied = []
+    for x in xs:
+        opt.zero_grad()
+        training[0] = True
+        F.cross_entropy(net(x), y).backward()
+        training[0] = False
+        opt.step()
+        applied.append(plan.applied_scales()["3.weight"])
+    want = [1 / float(inputs[k - k % 2].square().mean()) for k in range(4)]
+    assert applied == pytest.approx(want, rel=1e-9)
+    assert applied[1] != pytest.approx(1 / float(inputs[1].square().mean()), rel=1e-4)  # the batches differ
+
+
 def test_an_export_graph_measures_the_first_samples_of_a_larger_batch():
     """torch.export specializes the graph to the example's shapes: a training batch of 32
     after an example of 8 is measured on its first 8 samples (the same numbers as measuring

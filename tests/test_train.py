@@ -129,6 +129,11 @@ def test_npz_loader_decodes_shapes_labels_and_pixels(tiny_npz):
     z = d.normalize(d.train_x)
     assert z.dtype == torch.float32
     torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+    # the statistics themselves, computed another way (float64, population std on [0, 1])
+    px = d.train_x.double() / 255
+    torch.testing.assert_close(d.std.double(), px.std(dim=(0, 2, 3), correction=0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(z.double().std(dim=(0, 2, 3), correction=0), torch.ones(3, dtype=torch.float64),
+                               rtol=1e-4, atol=0)
 
 
 def test_subset_is_class_balanced_and_deterministic(tiny_npz):
