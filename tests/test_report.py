@@ -235,7 +235,19 @@ def test_the_length_mode_column_is_labelled_as_the_ratio_it_holds():
     length = plan.attach(adam, mode="length")
     plan.attach(sgd)
     F.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    scales = plan.scales()
+    before = {n: (p.detach().double().clone(), p.grad.double().clone()) for n, p in net.named_parameters()}
     adam.step()
+    # oracle, AdamW's first step by hand: u = −lr·(wd·W + g/(|g|+eps)) and the target
+    # T = lr·scale·‖g‖ (the first moment over 1 − β₁ is g), so T/‖u‖ = scale·‖g‖/‖wd·W + g/(|g|+eps)‖
+    # and the weight moves by T
+    group = adam.param_groups[0]
+    for n, p in net.named_parameters():
+        w, g = before[n]
+        u = group["weight_decay"] * w + g / (g.abs() + group["eps"])
+        assert length.last_ratios[n] == pytest.approx(scales[n] * float(g.norm()) / float(u.norm()), rel=1e-5), n
+        moved = float((p.detach().double() - w).norm())
+        assert moved == pytest.approx(group["lr"] * scales[n] * float(g.norm()), rel=1e-4), n
     text = str(plan)  # the plain-text report
     assert "T/‖u‖ #0" in text and text.count("lr·sca") == 1  # the SGD handle's (cut to fit 100 columns)
     d = plan.to_dict()
