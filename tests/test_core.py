@@ -194,6 +194,18 @@ def test_scales_update_with_weights_and_stay_finite_for_zero_weights():
     s3 = plan.scales()
     assert all(math.isfinite(v) and v > 0 for v in s3.values())
     assert torch.isfinite(plan.scale_tensor()).all()
+    # oracle: the default floor reads a zero weight as one of ΣW² = out/3 — a twin whose conv and
+    # linear weights hold exactly that norm (constant entries, nothing floored) has the same scales
+    import copy
+
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.fill_(math.sqrt(m.weight.shape[0] / 3 / m.weight.numel()))
+    want = fxbackmatch.prepare(twin, torch.randn(2, 3, 32, 32), compile=False).scales()
+    assert s3 == pytest.approx(want, rel=1e-6)  # the constants' float32 rounding: ~1e-7
+    assert len(set(round(v, 6) for v in s3.values())) == len(s3)  # not one value for all
     with torch.no_grad():
         for p in net.parameters():
             p.fill_(1e-30)

@@ -65,7 +65,14 @@ def test_the_floor_never_binds_above_the_init_norm_and_the_compiled_chain_agrees
         net.body[3].weight.mul_(1e-4)  # one weight far below: the floor binds there only
     eager, compiled = _scales(net), _scales(net, compile=True)
     torch.testing.assert_close(eager, compiled, rtol=1e-6, atol=0)  # compiled CPU sums: float32 cascade
-    assert not torch.equal(eager, _scales(net, "paper"))
+    # by hand: the floor reads body.3's ΣW² as 8/3, which enters body.3's own scale (through the
+    # BN's row norm) and cancels everywhere below (the BN's row norm against the column norm it
+    # passes down): body.3's weight and bias scale by (8/3)/ΣW², every other target is the paper's
+    ratio = (8 / 3) / float(net.body[3].weight.detach().double().square().sum())
+    targets = fxbackmatch.prepare(net, torch.randn(2, 3, 6, 6), compile=False, conventions=FLOOR).targets
+    want = torch.tensor([ratio if n.startswith("body.3.") else 1.0 for n in targets], dtype=torch.float64)
+    assert sorted(targets) == sorted(n for n, _ in net.named_parameters())
+    torch.testing.assert_close(eager / _scales(net, "paper"), want, rtol=1e-9, atol=0)
 
 
 def test_the_floor_is_what_the_report_and_code_say():
