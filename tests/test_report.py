@@ -112,10 +112,26 @@ def test_cli_subprocess_report_and_error():
 def test_cli_in_process_json_errors_and_help(capsys):
     from fxbackmatch.cli import main
 
+    torch.manual_seed(0)  # the CLI builds LeNet-BN as its first draw, then a batch of 2
     assert main(["report", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert [row["s"] for row in d["layers"]] == [196, 25, 1, 1, 1]
     assert d["layers"][1]["c"] == pytest.approx(7.84)
+    # the default conventions' numbers by hand for the linear layers: the floored norms
+    # rown = max(ΣW², out/3)/out and coln = max(ΣW², out/3)/in, ReLU's ½ slope and its output
+    # variance ½ − 1/2π after each BN, and the span divisors n/B (B = 2) of 200, 60 and 42
+    torch.manual_seed(0)
+    net = lenet_bn()
+    w = {i: net[i].weight.detach().double() for i in (9, 12, 15)}
+    rown = {i: max(float(v.square().sum()), v.shape[0] / 3) / v.shape[0] for i, v in w.items()}
+    coln = {i: max(float(v.square().sum()), v.shape[0] / 3) / v.shape[1] for i, v in w.items()}
+    relu_var = 0.5 - 1 / (2 * math.pi)
+    rows = {row["name"]: row for row in d["layers"]}
+    assert rows["15"]["scale"] == pytest.approx(1 / (relu_var * 42), rel=1e-9) and rows["15"]["m"] == 1.0
+    assert rows["12"]["scale"] == pytest.approx(2 * rown[12] / coln[15] / 60, rel=1e-9)
+    assert rows["12"]["m"] == pytest.approx(coln[15] / (2 * rown[12] * relu_var), rel=1e-9)
+    assert rows["9"]["scale"] == pytest.approx(4 * relu_var * rown[9] * rown[12] / (coln[12] * coln[15]) / 200,
+                                               rel=1e-9)
     assert main([]) == 0 and "Conv2d" in capsys.readouterr().out
     for bad, msg in [
         (["report", "nosuch"], "unknown model"),
