@@ -285,19 +285,42 @@ def test_each_method_first_step_by_hand(tiny_npz, tmp_path):
 
 def test_adamw_methods_train_with_the_step_length_mode(tiny_npz, tmp_path):
     """``backmatch@adamw`` and ``lamb`` run AdamW with the rule setting each layer's step
-    length; ``sgd@adamw`` is plain AdamW: from the same init, three different results."""
+    length; ``sgd@adamw`` is plain AdamW. Oracle, the first step by hand (16 images, batch
+    16): AdamW's own step is ``u = −lr·(wd·W + g/(|g|+eps))``; ``sgd@adamw`` takes it,
+    ``backmatch@adamw`` takes its direction at length ``lr·scale·‖g‖`` (the first moment over
+    ``1 − β₁`` is ``g``), ``lamb`` at length ``lr·‖W‖`` (a zero weight keeps ``u``)."""
+    import torch.nn.functional as F
+
+    from fxbackmatch import prepare
+
     path, _ = tiny_npz
-    cfg = tiny_config(path, tmp_path, methods=("sgd@adamw", "backmatch@adamw", "lamb"), weight_decay=5e-4)
+    wd = 5e-4
+    cfg = tiny_config(path, tmp_path, methods=("sgd@adamw", "backmatch@adamw", "lamb"), weight_decay=wd,
+                      batch_size=16)
     res = train(cfg)
-    finals = {}
+    data = load_data(str(path), subset=16)
     for m in cfg.methods:
         row = next(r for r in res.rows if r["method"] == m)
         assert math.isfinite(row["train_loss"]) and row["lr"] == cfg.lr_for(m)
         ck = torch.load(Path(cfg.out) / f"{m}-seed0" / "checkpoint.pt", weights_only=True)
         assert any("exp_avg_sq" in st for st in ck["optimizer"]["state"].values())  # AdamW's state
-        finals[m] = ck["model"]["0.weight"]
-    assert not torch.equal(finals["sgd@adamw"], finals["backmatch@adamw"])
-    assert not torch.equal(finals["lamb"], finals["backmatch@adamw"])
+        first = torch.tensor(res.runs[f"{m}/0"]["first_batch"])
+        x, y = data.normalize(data.train_x[first]), data.train_y[first]
+        model = initial_model(cfg, 0, 10).train()
+        F.cross_entropy(model(x), y).backward()
+        scales = prepare(initial_model(cfg, 0, 10), torch.zeros(2, *x.shape[1:]), compile=False,
+                         conventions=cfg.conventions_name).scales()
+        lr, eps = cfg.lr_for(m), 1e-8
+        for n, p in model.named_parameters():
+            w, g = p.detach().double(), p.grad.double()
+            u = -lr * (wd * w + g / (g.abs() + eps))
+            length = {"sgd@adamw": float(u.norm()), "backmatch@adamw": lr * scales[n] * float(g.norm()),
+                      "lamb": lr * float(w.norm()) if float(w.norm()) > 0 else float(u.norm())}[m]
+            moved = ck["model"][n].double() - w
+            assert float(moved.norm()) == pytest.approx(length, rel=1e-4), (m, n)
+            if float(u.norm()) > 0:
+                cos = float((moved * u).sum() / (moved.norm() * u.norm()))
+                assert cos > 1 - 1e-6, (m, n, cos)
     with pytest.raises(CliError, match="@optimizer"):
         dataclasses.replace(cfg, methods=("backmatch@rmsprop",)).validate()
 
