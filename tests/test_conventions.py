@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxbackmatch
@@ -123,6 +124,31 @@ def test_legacy_keywords_merge_over_the_chosen_conventions():
 def test_new_fields_change_the_scales(key):
     assert not torch.equal(_prepare(conventions=Conventions(**{key: CHANGES[key]})).scale_tensor(),
                            _prepare(conventions="paper").scale_tensor())
+
+
+def test_meanfield_activations_by_gaussian_integrals():
+    """``activations="meanfield"`` after a normalization: the GELU's input is N(0, 1), so the
+    head divides by the GELU output's variance ``Var[gelu(z)]`` and the backward factor
+    through it is ``E[gelu'(z)²]``: ``scale(W₀) = (ΣW₀²/64) / ((ΣW₃²/64)·E[gelu'(z)²])``.
+    The expectations by the trapezoid rule on [−12, 12] (2·10⁵ points), autograd for gelu'."""
+    z = torch.linspace(-12, 12, 200_001, dtype=torch.float64, requires_grad=True)
+    gelu = F.gelu(z)
+    slope = torch.autograd.grad(gelu.sum(), z)[0]
+    z, gelu = z.detach(), gelu.detach()
+    density = torch.exp(-z**2 / 2) / math.sqrt(2 * math.pi)
+    expect = lambda f: float(torch.trapezoid(f * density, z))  # noqa: E731
+    var_gelu = expect(gelu**2) - expect(gelu) ** 2
+    slope_sq = expect(slope**2)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(48, 64, bias=False), nn.BatchNorm1d(64, affine=False), nn.GELU(),
+                        nn.Linear(64, 16, bias=False))
+    x = torch.randn(128, 48)  # B·s ≥ every fan-in: no span correction
+    got = fxbackmatch.prepare(net, x, compile=False, conventions=Conventions(activations="meanfield")).scales()
+    w0, w3 = (float(net[i].weight.detach().double().square().sum()) / 64 for i in (0, 3))
+    assert got["3.weight"] == pytest.approx(1 / var_gelu, rel=1e-6)
+    assert got["0.weight"] == pytest.approx(w0 / (w3 * slope_sq), rel=1e-6)
+    paper = fxbackmatch.prepare(net, x, compile=False, conventions="paper").scales()
+    assert paper["0.weight"] == pytest.approx(w0 / w3, rel=1e-9)  # the paper's identity activation
 
 
 def test_bad_values_raise_clear_errors():
