@@ -348,6 +348,18 @@ def test_per_layer_diagnostics_against_the_checkpoints(four_methods):
     assert lars and all(float(r["lr_scale"]) != pytest.approx(cfg.lr_for("lars"), rel=1e-3) for r in lars)
     bm = [r for r in rows if r["method"] == "backmatch" and r["param"] == "0.weight"]
     assert bm and float(bm[0]["s"]) == 196.0 and float(bm[0]["m"]) > 0
+    # m by hand: the supplementary material's chain (the paper's conventions, which the harness
+    # uses for LeNet-BN) at the weights the run ended with
+    from oracles import lenet_closed_form_m
+
+    final = initial_model(cfg, 0, 10)
+    final.load_state_dict(torch.load(Path(cfg.out) / "backmatch-seed0" / "checkpoint.pt", weights_only=True)["model"])
+    want_m = lenet_closed_form_m(final)
+    got_m = {r["layer"]: float(r["m"]) for r in rows if r["method"] == "backmatch" and r["param"].endswith("weight")
+             and r["layer"] in want_m}
+    assert set(got_m) == set(want_m)
+    for layer, m in want_m.items():
+        assert got_m[layer] == pytest.approx(m, rel=1e-6), layer
     assert (Path(cfg.out) / "layers.png").is_file() or not _has_matplotlib()
 
 
