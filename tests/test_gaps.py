@@ -508,9 +508,14 @@ def test_a_measured_zero_uses_the_derived_m_and_says_so():
     assert any("layer '0': measured m is 0" in n and "derived m is used" in n for n in plan.notes)
     with torch.no_grad():
         net[2].weight.normal_()
-    got = plan.refresh(x)
+    got = plan.refresh(x, probes=256)
     node = {r.name: r.node for r in plan.layers}["0"]
     assert float(plan._measured[key]) == pytest.approx(got[node]) and got[node] > 0
+    # by hand: J = W₂·diag(1[z > 0]) at z = net[0](x), so diag(JᵀJ) is Σ_o W₂[o, i]² where the
+    # ReLU passes, and m is its mean over the entries that carry gradient (seen: 0.1 % off)
+    z = net[0](x).detach()
+    column = net[2].weight.detach().double().square().sum(0).expand(z.shape)
+    assert got[node] == pytest.approx(float(column[z > 0].mean()), rel=0.02)
     assert not any("measured m is 0" in n for n in plan.notes)  # the note goes with the state
 
 
