@@ -86,7 +86,8 @@ def check_fsdp_after(r):
 def _bn_scales(state: dict) -> torch.Tensor:
     """One process, no process group: the scales of a BNNet holding ``state`` (parameters and
     BatchNorm running statistics)."""
-    net = dist_worker.BNNet()
+    with torch.random.fork_rng():  # BNNet seeds the global RNG
+        net = dist_worker.BNNet()
     net.load_state_dict(state)
     plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False,
                                conventions=fxbackmatch.Conventions(variance="measured"))

@@ -102,20 +102,20 @@ def test_prepare_fills_every_gap_by_default_and_covers_every_parameter(conventio
     w = net.head.weight.detach().double()
     tri = torch.tril(torch.ones(16, 16, dtype=torch.float64))
     closed = float(torch.trace(w.T @ w @ tri @ tri.T) / torch.trace(w.T @ w))
-    (measured,) = [v for k, v in plan._measured.items() if k.startswith("fxbackmatch.local:cumsum")]
-    assert float(measured) == pytest.approx(closed, rel=0.01)
-    # oracle: the same net with the default erf rule and a hand-written cumsum rule carrying the
-    # closed form gives the same scale to every parameter (the gaps change nothing else)
+    (measured,) = [float(v) for k, v in plan._measured.items() if k.startswith("fxbackmatch.local:cumsum")]
+    assert measured == pytest.approx(closed, rel=0.01)  # a probe estimate (seen: 2e-4)
+    # oracle: the same net with the default erf rule and a hand-written cumsum rule carrying
+    # that factor gives the same scale to every parameter (the gaps change nothing else)
     hand = _registry_without()
 
     @hand.register(function=torch.cumsum)
     def cumsum_rule(ctx):
-        ctx.pass_to(ctx.inputs[0], ctx.m_out * closed, ctx.frac_out)
+        ctx.pass_to(ctx.inputs[0], ctx.m_out * measured, ctx.frac_out)
 
     expected = fxbackmatch.prepare(net, x, compile=False, registry=hand, conventions=conventions).scales()
     assert expected["fc1.weight"] != pytest.approx(expected["head.weight"], rel=0.1)  # the chain is not flat
     for name, v in expected.items():
-        assert scales[name] == pytest.approx(v, rel=0.01), name
+        assert scales[name] == pytest.approx(v, rel=1e-9), name
     # a measured atom: refreshed on every batch the plan sees
     plan.refresh(torch.randn(4, 6, 8))
     assert all(math.isfinite(v) and v > 0 for v in plan.scales().values())

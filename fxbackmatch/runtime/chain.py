@@ -103,7 +103,7 @@ class Runtime:
             split = self.split()
             if self.compile and not split and self.gen.n_stages <= COMPILE_MAX_STAGES and (
                 len(self.weights) + len(self.grad_params) <= FUSED_MAX_TENSORS
-            ):  # few tensors: inductor fuses every float64 reduction into one read (0.1's path)
+            ):  # few tensors: inductor fuses every reduction into one read (0.1's path; norms.sumsq)
                 self._fn = torch.compile(self.gen.fn, fullgraph=True, dynamic=False)
             elif self.compile or split:
                 chain = self.gen.from_base

@@ -12,15 +12,17 @@ _CHUNK = 1 << 20
 
 
 def sumsq(t: torch.Tensor) -> torch.Tensor:
-    """``sum(t²)`` accumulated in float64, as a 0-d float64 tensor on ``t``'s device. Fused into
-    one read when compiled; eagerly in chunks of 2**20 elements, so no float64 copy of a whole
-    weight is ever made.
+    """``sum(t²)`` as a 0-d float64 tensor on ``t``'s device, accumulated in float64 — except
+    compiled for a float32 CPU tensor (below). Fused into one read when compiled; eagerly in
+    chunks of 2**20 elements, so no float64 copy of a whole weight is ever made.
 
-    Compiled for a float32 CPU tensor it is summed in float32: inductor's CPU float32 sums are
-    cascade sums (chunks of 4096, error ``O(log n)·ε``, ~1e-7), and widening each element to
-    float64 inside the loop costs more than the rest of an update on AVX-512 (the vector
-    conversion round-trips through the stack: ResNet-50's fused SGD step 1.33× a compiled SGD
-    step, 1.07× with float32 sums; docs/benchmarks.md)."""
+    Compiled for a float32 CPU tensor it is summed in float32 by inductor's cascade sum (each
+    vector lane adds 4096 values in a row, the chunks pairwise above: observed ≤ 6e-7 from
+    float64, ``tests/test_core.py`` allows 2e-6; 4096·ε ≈ 2.4e-4 at worst per chunk), because
+    inductor's float64 widening of each element round-trips through the stack on AVX-512: it
+    made ResNet-50's fused SGD step 1.31× a compiled SGD step (1.13× now) and the compiled
+    rescale 1.17× an SGD step (0.53×; docs/benchmarks.md). Values above ~1.8e19 overflow to
+    ``inf`` there where float64 stays finite (only a diverged tensor gets there)."""
     if torch.compiler.is_compiling():
         if t.dtype == torch.float32 and t.device.type == "cpu":
             return t.square().sum().to(torch.float64)
