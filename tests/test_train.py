@@ -263,6 +263,8 @@ def test_each_method_first_step_by_hand(tiny_npz, tmp_path):
     assert cfg.momentum > 0 and not cfg.nesterov
     res = train(cfg)
     data = load_data(str(path), subset=16)
+    with open(Path(cfg.out) / "layers.csv") as f:
+        logged = {(r["method"], r["param"]): r for r in csv.DictReader(f)}
     for m in methods:
         first = torch.tensor(res.runs[f"{m}/0"]["first_batch"])
         x, y = data.normalize(data.train_x[first]), data.train_y[first]
@@ -281,6 +283,9 @@ def test_each_method_first_step_by_hand(tiny_npz, tmp_path):
                      "backmatch": scales[n] if m == "backmatch" else None}[m]
             want = (p.detach().double() - lr * scale * g).float()
             torch.testing.assert_close(ck[n], want, rtol=1e-5, atol=1e-7, msg=f"{m}: {n}")
+            # layers.csv's effective rate is the rate of that step (for LARS and LSALR: of the raw
+            # gradient, not of the one already rescaled)
+            assert float(logged[(m, n)]["lr_scale"]) == pytest.approx(lr * scale, rel=1e-5), (m, n)
 
 
 def test_adamw_methods_train_with_the_step_length_mode(tiny_npz, tmp_path):
