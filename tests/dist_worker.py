@@ -123,6 +123,7 @@ def run_mode(mode: str, rank: int, world: int) -> dict:
     length = mode.endswith("+length")
     mode = mode.removesuffix("+length")
     log: list = []
+    states: list = []  # ddp-bn: each rank's parameters and statistics after each step
     if mode.startswith("ddp-bn"):  # per-rank BatchNorm statistics enter the scales
         # "-local": the known failure, each rank's own statistics
         patch = patched(rt, "_data_parallel_world", lambda: 1) if mode == "ddp-bn-local" else contextlib.nullcontext()
@@ -130,10 +131,8 @@ def run_mode(mode: str, rank: int, world: int) -> dict:
             ddp = nn.parallel.DistributedDataParallel(BNNet())
             plan = fxbackmatch.prepare(ddp, torch.randn(2, 3, 8, 8), compile=False, conventions=fxbackmatch.Conventions(variance="measured"))
             assert plan._analysis.atoms and plan._runtime.stat_refs
-            states: list = []
             train(ddp, plan, rank, world, log, states=states)
-        return {"params": full_params(ddp.module), "scales": log, "sharded": plan._runtime.sharded,
-                "states": states}
+        net = ddp
     elif mode == "ddp":
         net = nn.parallel.DistributedDataParallel(make_net())
         plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)
@@ -162,7 +161,7 @@ def run_mode(mode: str, rank: int, world: int) -> dict:
     else:
         raise ValueError(f"unknown mode {mode!r}")
     return {"params": full_params(net.module if hasattr(net, "module") else net), "scales": log,
-            "sharded": plan._runtime.sharded}
+            "sharded": plan._runtime.sharded, "states": states}
 
 
 def main(rank: int, world: int, modes: list[str], out: str, store: str) -> None:

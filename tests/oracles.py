@@ -5,16 +5,20 @@ import torch
 from torch import nn
 
 
-def rown(w: torch.Tensor) -> float:
-    """||W||²_{2,μ}: mean squared row norm (rows = output units)."""
+def rown(w: torch.Tensor, floor: bool = False) -> float:
+    """||W||²_{2,μ}: mean squared row norm (rows = output units); with ``floor``, ``sum(W²)``
+    counts at least ``out/3`` (the default conventions' ``floor="init"``)."""
     w = w.detach().double()
-    return float(w.pow(2).sum() / w.shape[0])
+    sq = float(w.pow(2).sum())
+    return (max(sq, w.shape[0] / 3) if floor else sq) / w.shape[0]
 
 
-def coln(w: torch.Tensor, groups: int = 1) -> float:
-    """||Wᵀ||²_{2,μ}: mean squared column norm (columns = input units / channels)."""
+def coln(w: torch.Tensor, groups: int = 1, floor: bool = False) -> float:
+    """||Wᵀ||²_{2,μ}: mean squared column norm (columns = input units / channels); ``floor`` as
+    in :func:`rown`."""
     w = w.detach().double()
-    return float(w.pow(2).sum() / (w.shape[1] * groups))
+    sq = float(w.pow(2).sum())
+    return (max(sq, w.shape[0] / 3) if floor else sq) / (w.shape[1] * groups)
 
 
 def lenet_closed_form(net: nn.Sequential) -> dict[str, float]:

@@ -15,6 +15,7 @@ from rich.console import Console
 import fxbackmatch
 from fxbackmatch.models import lenet_bn
 
+import oracles
 from oracles import lenet_closed_form, lenet_closed_form_m
 
 
@@ -122,9 +123,8 @@ def test_cli_in_process_json_errors_and_help(capsys):
     # variance ½ − 1/2π after each BN, and the span divisors n/B (B = 2) of 200, 60 and 42
     torch.manual_seed(0)
     net = lenet_bn()
-    w = {i: net[i].weight.detach().double() for i in (9, 12, 15)}
-    rown = {i: max(float(v.square().sum()), v.shape[0] / 3) / v.shape[0] for i, v in w.items()}
-    coln = {i: max(float(v.square().sum()), v.shape[0] / 3) / v.shape[1] for i, v in w.items()}
+    rown = {i: oracles.rown(net[i].weight, floor=True) for i in (9, 12, 15)}
+    coln = {i: oracles.coln(net[i].weight, floor=True) for i in (9, 12, 15)}
     relu_var = 0.5 - 1 / (2 * math.pi)
     rows = {row["name"]: row for row in d["layers"]}
     assert rows["15"]["scale"] == pytest.approx(1 / (relu_var * 42), rel=1e-9) and rows["15"]["m"] == 1.0

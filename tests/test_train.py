@@ -246,14 +246,22 @@ def test_every_method_trains_two_steps(four_methods):
     assert not torch.equal(finals["sgd"], finals["backmatch"])
 
 
+def first_step_model(cfg: TrainConfig, res, data, method: str) -> torch.nn.Module:
+    """The run's initial model with the gradients of ``method``'s first batch (train mode)."""
+    import torch.nn.functional as F
+
+    first = torch.tensor(res.runs[f"{method}/0"]["first_batch"])
+    model = initial_model(cfg, 0, 10).train()
+    F.cross_entropy(model(data.normalize(data.train_x[first])), data.train_y[first]).backward()
+    return model
+
+
 def test_each_method_first_step_by_hand(tiny_npz, tmp_path):
     """The harness's first update of each SGD method (one step: 16 images, batch 16) equals a
     plain eager step from the same init on the same batch: ``g' = g + wd·p`` (attach adds the
     decay first), times the method's scale — 1 for ``sgd``; the plain formulas for ``lars``
     (``τ‖W‖/‖g'‖``) and ``lsalr`` (``1 + log(1 + 1/‖g'‖)``); a separately prepared plan's
     for ``backmatch`` — then ``p − lr·g'`` (the momentum buffer starts at ``g'``)."""
-    import torch.nn.functional as F
-
     from fxbackmatch import prepare
 
     path, _ = tiny_npz
@@ -266,12 +274,9 @@ def test_each_method_first_step_by_hand(tiny_npz, tmp_path):
     with open(Path(cfg.out) / "layers.csv") as f:
         logged = {(r["method"], r["param"]): r for r in csv.DictReader(f)}
     for m in methods:
-        first = torch.tensor(res.runs[f"{m}/0"]["first_batch"])
-        x, y = data.normalize(data.train_x[first]), data.train_y[first]
-        model = initial_model(cfg, 0, 10).train()
-        F.cross_entropy(model(x), y).backward()
+        model = first_step_model(cfg, res, data, m)
         if m == "backmatch":  # LeNet-BN, the paper's model: the harness uses its conventions
-            plan = prepare(initial_model(cfg, 0, 10), torch.zeros(2, *x.shape[1:]), compile=False, conventions="paper")
+            plan = prepare(initial_model(cfg, 0, 10), torch.zeros(2, *data.image_shape), compile=False, conventions="paper")
             scales = plan.scales()
         lr = cfg.lr_for(m)
         ck = torch.load(Path(cfg.out) / f"{m}-seed0" / "checkpoint.pt", weights_only=True)["model"]
@@ -294,8 +299,6 @@ def test_adamw_methods_train_with_the_step_length_mode(tiny_npz, tmp_path):
     16): AdamW's own step is ``u = −lr·(wd·W + g/(|g|+eps))``; ``sgd@adamw`` takes it,
     ``backmatch@adamw`` takes its direction at length ``lr·scale·‖g‖`` (the first moment over
     ``1 − β₁`` is ``g``), ``lamb`` at length ``lr·‖W‖`` (a zero weight keeps ``u``)."""
-    import torch.nn.functional as F
-
     from fxbackmatch import prepare
 
     path, _ = tiny_npz
@@ -309,11 +312,8 @@ def test_adamw_methods_train_with_the_step_length_mode(tiny_npz, tmp_path):
         assert math.isfinite(row["train_loss"]) and row["lr"] == cfg.lr_for(m)
         ck = torch.load(Path(cfg.out) / f"{m}-seed0" / "checkpoint.pt", weights_only=True)
         assert any("exp_avg_sq" in st for st in ck["optimizer"]["state"].values())  # AdamW's state
-        first = torch.tensor(res.runs[f"{m}/0"]["first_batch"])
-        x, y = data.normalize(data.train_x[first]), data.train_y[first]
-        model = initial_model(cfg, 0, 10).train()
-        F.cross_entropy(model(x), y).backward()
-        scales = prepare(initial_model(cfg, 0, 10), torch.zeros(2, *x.shape[1:]), compile=False,
+        model = first_step_model(cfg, res, data, m)
+        scales = prepare(initial_model(cfg, 0, 10), torch.zeros(2, *data.image_shape), compile=False,
                          conventions=cfg.conventions_name).scales()
         lr, eps = cfg.lr_for(m), 1e-8
         for n, p in model.named_parameters():
