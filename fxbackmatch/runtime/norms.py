@@ -10,22 +10,28 @@ __all__ = ["sumsq", "sumsq_many", "rows_read"]
 
 _CHUNK = 1 << 20
 
+#: CPU dtypes whose compiled ``sumsq`` adds in float32 (see :func:`sumsq`)
+_FLOAT32_SUM = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def sumsq(t: torch.Tensor) -> torch.Tensor:
     """``sum(t²)`` as a 0-d float64 tensor on ``t``'s device, accumulated in float64 — except
-    compiled for a float32 CPU tensor (below). Fused into one read when compiled; eagerly in
-    chunks of 2**20 elements, so no float64 copy of a whole weight is ever made.
+    compiled for a float32, bfloat16 or float16 CPU tensor (below). Fused into one read when
+    compiled; eagerly in chunks of 2**20 elements, so no float64 copy of a whole weight is ever made.
 
-    Compiled for a float32 CPU tensor it is summed in float32 by inductor's cascade sum (each
+    Compiled for such a CPU tensor it is summed in float32 by inductor's cascade sum (each
     vector lane adds 4096 values in a row, the chunks pairwise above: observed ≤ 6e-7 from
     float64, ``tests/test_core.py`` allows 2e-6; 4096·ε ≈ 2.4e-4 at worst per chunk), because
     inductor's float64 widening of each element round-trips through the stack on AVX-512: it
     made ResNet-50's fused SGD step 1.31× a compiled SGD step (1.13× now) and the compiled
     rescale 1.17× an SGD step (0.53×; docs/benchmarks.md). Values above ~1.8e19 overflow to
-    ``inf`` there where float64 stays finite (only a diverged tensor gets there)."""
+    ``inf`` there where float64 stays finite (only a diverged tensor gets there). bfloat16 and
+    float16 are widened to float32 first: widening them to float64 made the read 6× slower than
+    the float32 sum (14 M bfloat16 values, 5.5 against 0.9 ms; docs/benchmarks.md), and their
+    sums land within ~2e-6 of float64, where the values themselves hold 3 digits."""
     if torch.compiler.is_compiling():
-        if t.dtype == torch.float32 and t.device.type == "cpu":
-            return t.square().sum().to(torch.float64)
+        if t.dtype in _FLOAT32_SUM and t.device.type == "cpu":
+            return t.float().square().sum().to(torch.float64)
         return t.to(torch.float64).square().sum()
     flat = t.detach().reshape(-1)
     if flat.numel() <= _CHUNK:
