@@ -75,6 +75,31 @@ def test_model_converted_with_to_is_followed_with_at_most_one_recompile():
     torch.testing.assert_close(net[0].weight.grad, g * plan.scales()["0.weight"])
 
 
+def test_a_bfloat16_model_gets_the_float64_reference_scales():
+    """A model in bfloat16 on the CPU: the compiled plan reads its norms in float32 (not
+    float64: ``norms.sumsq``), and its scales equal the eager float64 reference over the same
+    bfloat16 values to 1e-5 under the paper's conventions (every scale a product of norms);
+    the rescaled gradients are the bfloat16 gradients times those scales."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(32 * 12 * 12, 10)).to(torch.bfloat16)
+    x = torch.randn(8, 3, 16, 16, dtype=torch.bfloat16)
+    plan = fxbackmatch.prepare(net, x, conventions="paper")
+    before = plan.scale_tensor()
+    torch.testing.assert_close(before, _vec(plan), rtol=1e-5, atol=0)
+    with torch.no_grad():
+        net[2].weight.mul_(2)  # the norms are read: conv 2's and the layers below it move
+    after = plan.scale_tensor()
+    torch.testing.assert_close(after, _vec(plan), rtol=1e-5, atol=0)
+    assert ((after - before).abs() > 1e-3 * before).sum() >= 2
+    nn.functional.cross_entropy(net(x).float(), torch.randint(0, 10, (8,))).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    plan.rescale_grads_()
+    for n, p in net.named_parameters():
+        assert p.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(p.grad, grads[n] * plan.scales()[n], rtol=1e-2, atol=0)
+
+
 def test_wrapped_models_give_the_same_plan():
     import torch.distributed as dist
 
