@@ -353,7 +353,8 @@ def test_compiled_cpu_sumsq_is_a_float32_cascade_within_2e_6_of_float64():
 def test_compiled_cpu_sumsq_of_half_precision_adds_in_float32(dtype):
     """Compiled on the CPU, ``sumsq`` of a bfloat16/float16 tensor widens each element to
     float32, not float64 (6× slower), and lands within 1e-5 of the float64 sum of the same
-    values (seen up to 3.4e-6: quantized squares round with a bias a float32 weight's do not)."""
+    values (seen up to 3.4e-6: the squares of quantized values round with a bias that float32
+    weights' squares do not)."""
     import re
 
     from torch._inductor.utils import run_and_get_code
