@@ -76,10 +76,11 @@ def test_model_converted_with_to_is_followed_with_at_most_one_recompile():
 
 
 def test_a_bfloat16_model_gets_the_float64_reference_scales():
-    """A model in bfloat16 on the CPU: the compiled plan reads its norms in float32 (not
-    float64: ``norms.sumsq``), and its scales equal the eager float64 reference over the same
-    bfloat16 values to 1e-5 under the paper's conventions (every scale a product of norms);
-    the rescaled gradients are the bfloat16 gradients times those scales."""
+    """A model in bfloat16 on the CPU through a compiled plan (whose norms ``norms.sumsq``
+    adds in float32): its scales equal the eager float64 reference over the same bfloat16
+    values to 1e-5 under the paper's conventions (every scale a product of norms), before and
+    after a weight changes; the rescaled gradients are the bfloat16 gradients times those
+    scales (to one bfloat16 rounding)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(),
                         nn.Linear(32 * 12 * 12, 10)).to(torch.bfloat16)

@@ -20,15 +20,18 @@ def sumsq(t: torch.Tensor) -> torch.Tensor:
     compiled; eagerly in chunks of 2**20 elements, so no float64 copy of a whole weight is ever made.
 
     Compiled for such a CPU tensor it is summed in float32 by inductor's cascade sum (each
-    vector lane adds 4096 values in a row, the chunks pairwise above: observed ≤ 6e-7 from
-    float64, ``tests/test_core.py`` allows 2e-6; 4096·ε ≈ 2.4e-4 at worst per chunk), because
-    inductor's float64 widening of each element round-trips through the stack on AVX-512: it
-    made ResNet-50's fused SGD step 1.31× a compiled SGD step (1.13× now) and the compiled
-    rescale 1.17× an SGD step (0.53×; docs/benchmarks.md). Values above ~1.8e19 overflow to
-    ``inf`` there where float64 stays finite (only a diverged tensor gets there). bfloat16 and
-    float16 are widened to float32 first: widening them to float64 made the read 6× slower than
-    the float32 sum (14 M bfloat16 values, 5.5 against 0.9 ms; docs/benchmarks.md), and their
-    sums land within 3.4e-6 of float64 (seen), where the values themselves hold 3 digits."""
+    vector lane adds 4096 values in a row, the chunks pairwise above; 4096·ε ≈ 2.4e-4 at worst
+    per chunk), because inductor's float64 widening of each element round-trips through the
+    stack on AVX-512: it made ResNet-50's fused SGD step 1.31× a compiled SGD step (1.13× now)
+    and the compiled rescale 1.17× an SGD step (0.53×; docs/benchmarks.md). Observed from
+    float64: ≤ 6e-7 for float32 (``tests/test_core.py`` allows 2e-6); up to 3.4e-6 for
+    bfloat16/float16 (allowed 1e-5: their squares are exact in float32, but the low bits of
+    quantized values' squares are skewed, so the additions round with a bias), where the
+    values themselves hold 2–3 digits. Widening those to float64 was 4.4–4.7× a compiled
+    multiply of the same tensors, the float32 sum is 0.68–0.69 (``benchmarks/bench_sumsq.py``).
+    Limits of float32 that float64 does not have: a sum above ~1.8e19 overflows to ``inf``
+    (float32 and bfloat16 weights; only a diverged tensor gets there; float16 cannot), and
+    squares below ~1e-45 vanish."""
     if torch.compiler.is_compiling():
         if t.dtype in _FLOAT32_SUM and t.device.type == "cpu":
             return t.float().square().sum().to(torch.float64)
