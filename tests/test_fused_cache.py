@@ -366,11 +366,16 @@ def test_a_parameter_group_added_later_is_stepped():
 
 
 @pytest.mark.slow
-def test_a_compiled_step_under_one_cycle_compiles_twice():
-    """Compiled: the momentum compiled in for the first step, passed in from the scheduler's
-    first move on; two graphs in all, whatever the number of steps, and attach()'s training."""
+@pytest.mark.parametrize("kernel", [False, True])
+def test_a_compiled_step_under_one_cycle_compiles_twice(kernel, monkeypatch):
+    """Compiled: inductor's update has the momentum compiled in for the first step, passed in
+    from the scheduler's first move on; two graphs in all, whatever the number of steps, and
+    attach()'s training. The C++ update (``kernel``) reads the momentum every step: one graph."""
     from torch._dynamo.utils import counters
 
+    from fxbackmatch.apply import fused
+
+    monkeypatch.setattr(fused, "CPU_KERNEL", kernel)
     a, pa, b, pb = twins(compile=True)
     oa, ob = (torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9) for n in (a, b))
     step = pa.compile_step(oa, weight_decay=5e-4)
@@ -382,7 +387,9 @@ def test_a_compiled_step_under_one_cycle_compiles_twice():
         sa.step()
         sb.step()
         assert_same(a, b, tol=1e-5)
-    assert step._passed and counters["stats"].get("unique_graphs", 0) - before == 2
+    assert (step.cpu_code is not None) == kernel
+    assert counters["stats"].get("unique_graphs", 0) - before == (1 if kernel else 2)
+    assert step._passed != kernel
 
 
 def test_a_weight_decay_schedule_and_tensor_betas_are_followed():
@@ -470,6 +477,7 @@ def test_cuda_options_reach_only_a_step_on_cuda(monkeypatch):
     from fxbackmatch.apply import fused
 
     monkeypatch.setattr(fused, "CUDA_OPTIONS", {"combo_kernels": True})
+    monkeypatch.setattr(fused, "CPU_KERNEL", False)  # inductor's update, whose options these are
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
     torch.manual_seed(0)
@@ -513,3 +521,74 @@ def test_a_first_gradient_on_another_device_than_the_targets_builds_once(monkeyp
         F.cross_entropy(net(x), torch.arange(8)).backward()
         step()
     assert len(built) == 1
+
+
+def _kernel_trio(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True), wd=5e-4):
+    """Three equal nets: ``a`` with the fused step on the C++ update, ``c`` with the fused step
+    on inductor's update, ``b`` eager under attach()."""
+    a, pa, b, pb = twins(compile=True)
+    c = copy.deepcopy(b)
+    pc = fxbackmatch.prepare(c, torch.randn(SHAPE), compile=True, conventions=fxbackmatch.Conventions(variance="weights"))
+    oa, ob, oc = (optimizer(n.parameters()) for n in (a, b, c))
+    sa, sc = pa.compile_step(oa, weight_decay=wd), pc.compile_step(oc, weight_decay=wd)
+    sc._kernel_off = True
+    pb.attach(ob, weight_decay=wd)
+    return (a, sa, oa), (b, ob.step, ob), (c, sc, oc)
+
+
+def test_the_cpu_kernel_trains_like_inductors_update_and_attach():
+    """The generated C++ SGD update (Nesterov, weight decay, a weight halved by hand at step 4)
+    gives inductor's update's weights and momentum buffers to 1e-6 and attach()'s training to
+    1e-5; its kept sums equal float64 reads of the weights to 1e-6 (float32 per chunk of 4096,
+    float64 across); each step bumps every weight's and buffer's version once, as inductor's."""
+    from fxbackmatch.apply import cpu_update
+
+    if not cpu_update.available():  # pragma: no cover - a torch without the binding cache
+        pytest.skip("this inductor has no C++ binding cache")
+    (a, sa, oa), (b, sb, ob), (c, sc, oc) = _kernel_trio()
+    for i, (x, y) in enumerate(batches(8)):
+        if i == 4:
+            with torch.no_grad():
+                for n in (a, b, c):
+                    n.fc.weight.mul_(0.5)
+        before = [p._version for p in a.parameters()]
+        step_both(a, sa, b, sb, x, y)
+        c.zero_grad()
+        F.cross_entropy(c(x), y).backward()
+        sc()
+        assert [p._version for p in a.parameters()] == [v + 1 for v in before]
+        assert_same(a, c, tol=1e-6)
+        assert_same(a, b, tol=1e-5)
+        torch.testing.assert_close(sa._sq, torch.stack(fresh_sq(sa)), rtol=1e-6, atol=0)
+    assert sa.cpu_code is not None and "nesterov" not in sa.cpu_code and "(g + vm * nb)" in sa.cpu_code
+    assert "0.0005f" in sa.cpu_code and sc.cpu_code is None
+    for p, q in zip(a.parameters(), c.parameters()):
+        want = oc.state[q]["momentum_buffer"]
+        torch.testing.assert_close(oa.state[p]["momentum_buffer"], want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+def test_the_cpu_kernel_hands_layouts_it_cannot_take_to_inductor():
+    """New contiguous storage for a weight (``p.data = p.data.clone()``) keeps the C++ update;
+    a momentum buffer made strided goes to inductor's update from that step on; a
+    channels-last model never gets the C++ update. Each trains as attach() does."""
+    from fxbackmatch.apply import cpu_update
+
+    if not cpu_update.available():  # pragma: no cover
+        pytest.skip("this inductor has no C++ binding cache")
+    (a, sa, oa), (b, sb, ob), _ = _kernel_trio(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), 0.0)
+    for i, (x, y) in enumerate(batches(6)):
+        if i == 2:
+            a.fc.weight.data = a.fc.weight.data.clone()
+        if i == 4:  # the same values, strided: the kernel would walk it in the wrong order
+            buf = oa.state[a.cv1.weight]["momentum_buffer"]
+            oa.state[a.cv1.weight]["momentum_buffer"] = buf.transpose(0, 1).contiguous().transpose(0, 1)
+        step_both(a, sa, b, sb, x, y)
+        assert_same(a, b, tol=1e-5)
+        assert (sa.cpu_code is not None) == (i < 4)
+    torch.manual_seed(0)
+    net = Net().to(memory_format=torch.channels_last)
+    plan = fxbackmatch.prepare(net, torch.randn(SHAPE))
+    step = plan.compile_step(torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
+    F.cross_entropy(net(torch.randn(SHAPE)), torch.arange(8)).backward()
+    step()
+    assert step.cpu_code is None and step._kernel_off

@@ -46,13 +46,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ..runtime.norms import sumsq, sumsq_many
+from . import cpu_update
 from .schedule import compile_options
 
 if TYPE_CHECKING:
     from ..plan import Plan
     from ..runtime.chain import Runtime
 
-__all__ = ["CUDA_OPTIONS", "FusedStep", "KEEP_MAX_PARAMS", "compile_step"]
+__all__ = ["CPU_KERNEL", "CUDA_OPTIONS", "FusedStep", "KEEP_MAX_PARAMS", "compile_step"]
 
 #: without the scheduler pass (``apply.schedule``; an inductor without the pre-fusion hook),
 #: updates of at most this many parameters keep each weight's sum from its own write and larger
@@ -61,6 +62,11 @@ __all__ = ["CUDA_OPTIONS", "FusedStep", "KEEP_MAX_PARAMS", "compile_step"]
 #: costs more (ResNet-50: 1.5× a compiled SGD step) than reading the weights once (1.35×).
 #: With the pass every update keeps its sums (ResNet-50: ~1.05×, docs/benchmarks.md).
 KEEP_MAX_PARAMS = 16
+
+#: the compiled SGD update on the CPU as one generated C++ kernel (:mod:`~fxbackmatch.apply.cpu_update`)
+#: where every parameter is a contiguous float32 tensor: 0.92–0.98× a compiled SGD step on an
+#: AVX-512 Xeon, where inductor's update is 1.13–1.15× (docs/benchmarks.md). ``False``: inductor's
+CPU_KERNEL = True
 
 #: inductor options added for a fused step whose parameters live on CUDA (read when the update
 #: is compiled: at the first call, after the model moved, after a change that rebuilds it). Empty: measured on an H200, the compiled update is launch-bound (one kernel per
@@ -240,6 +246,8 @@ class FusedStep:
         self._loads = self.plan._state_loads
         self._fn: Callable | None = None
         self._grad_dev = None  # a new runtime: its device is read again at the next call
+        self._kernel_off = False  # the C++ update does not apply (a layout it cannot take)
+        self.cpu_code: str | None = None  # the generated C++ update, when it is the one used
 
     def _state(self):
         st = self.optimizer.state
@@ -335,6 +343,11 @@ class FusedStep:
             return out
 
         self._bumps = None  # a new graph: learn its version bumps again
+        self.cpu_code = None
+        if self.kind == "sgd" and self._compile and CPU_KERNEL and not self._kernel_off:
+            fn = self._build_kernel(factors)
+            if fn is not None:
+                return fn
         second = self._second()
         if any(isinstance(v, torch.Tensor) for row in second for v in row):
             self._passed = True
@@ -368,6 +381,31 @@ class FusedStep:
             return step
         extra = CUDA_OPTIONS if self._dev is not None and self._dev.type == "cuda" else {}
         return torch.compile(step, fullgraph=True, dynamic=False, options={**self._options, **extra})
+
+    def _build_kernel(self, factors: Callable) -> Callable | None:
+        """The SGD update as a generated C++ kernel behind the compiled factor function
+        (:func:`.cpu_update.sgd_step`), or ``None`` where it does not apply."""
+        if self._dev is None or self._dev.type != "cpu":
+            return None
+        rt = self.plan._runtime
+        read_at, kept_at, n_w = self._read_at, self._kept_at, len(rt.weights)
+
+        def scales_of(read, kept, stats, consts):
+            return factors(_weight_sq(read, read_at, kept.unbind(0), kept_at, n_w), [], stats, consts)
+
+        def inductors(*args):  # a layout the kernel cannot take: inductor's update from now on
+            self._kernel_off, self._fn = True, None
+            self._fn = self._build()
+            return self._fn(*args)
+
+        nesterov = [bool(g["nesterov"]) for g in self.optimizer.param_groups]
+        step = cpu_update.sgd_step(self.params, self.index, self.group_of, nesterov, self._slot,
+                                   self.weight_decay, scales_of, inductors)
+        if step is None:
+            self._kernel_off = True
+            return None
+        self._baked, self.cpu_code = None, step.code  # momentum is passed every step
+        return step
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -404,8 +442,9 @@ class FusedStep:
         stats = [rt.buffers[r] for r in rt.stat_refs]
         # the kept sums as one vector: one input for dynamo's guards, not one per weight (0-d CPU
         # tensors are even guarded as Python floats, ~1 µs each: ResNet-50's 161 cost ~0.2 ms a step)
-        kept = self._kept_sq()
-        kept = torch.stack(kept) if kept else torch.zeros(0, dtype=torch.float64, device=dev)
+        kept = self._kept_sq()  # a list of 0-d sums, or the vector the C++ update returned
+        if not isinstance(kept, torch.Tensor):
+            kept = torch.stack(kept) if kept else torch.zeros(0, dtype=torch.float64, device=dev)
         self._sq, self.plan._applied = self._fn(self._read, kept, stats, consts, self.params, grads, *hyper,
                                                 *self._state())  # the scales: plan.applied_scales()
         # the marks the next step expects: the step's own version bumps are the same every step,
