@@ -25,7 +25,10 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["CHUNK", "SGDKernelStep", "available", "build_sgd", "dense_float32", "sgd_source", "sgd_step"]
+from ..runtime.chain import HostChain, stat_means
+from ..runtime.norms import sumsq
+
+__all__ = ["CHUNK", "SGDKernelStep", "available", "build_sgd", "dense_float32", "host_scales", "sgd_source", "sgd_step"]
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +186,43 @@ class SGDKernelStep:
 
 def sgd_step(params: list[torch.Tensor], index: Sequence[int], group_of: Sequence[int], nesterov: Sequence[bool],
              slot: Sequence[int], weight_decay: float, scales_of: Callable, fallback: Callable) -> SGDKernelStep | None:
-    """An :class:`SGDKernelStep` for these parameters (``scales_of`` compiled here), or
-    ``None`` where the kernel does not apply: not every parameter a contiguous float32 CPU
-    tensor, or no kernel could be built."""
+    """An :class:`SGDKernelStep` for these parameters, with ``scales_of(read, kept, stats,
+    consts)`` giving the step's scales, or ``None`` where the kernel does not apply: not every
+    parameter a contiguous float32 CPU tensor, or no kernel could be built."""
     if not all(map(dense_float32, params)):
         return None
     numels = [p.numel() for p in params]
     built = build_sgd(numels, index, group_of, nesterov, slot, weight_decay)
     if built is None:
         return None
-    compiled = torch.compile(scales_of, fullgraph=True, dynamic=False)
-    return SGDKernelStep(built[0], built[1], numels, sum(s >= 0 for s in slot), compiled, fallback)
+    return SGDKernelStep(built[0], built[1], numels, sum(s >= 0 for s in slot), scales_of, fallback)
+
+
+def host_scales(gen, read_at: Sequence[int], kept_at: Sequence[int], per_step: bool,
+                cap: float | None) -> Callable | None:
+    """``scales_of(read, kept, stats, consts)`` for the kernel step: the generated chain on
+    Python floats (:class:`~fxbackmatch.runtime.chain.HostChain`, as the runtime evaluates
+    large CPU models) from the kept sums, the read weights' sums and the statistics' means,
+    then the step's multiplier and cap as the compiled update applies them; ``None`` for a
+    chain with other stages than sums. A compiled call's guards and dispatch cost more than
+    the chain itself (VGG-16: ~190 µs a step with a cold cache)."""
+    host = HostChain.of(gen)
+    if host is None:
+        return None
+    inverse, n_w = gen.stat_inverse, len(read_at) + len(kept_at)
+
+    def scales_of(read, kept, stats, consts):
+        base = [0.0] * n_w
+        for j, v in zip(kept_at, kept.tolist()):
+            base[j] = v
+        for j, w in zip(read_at, read):
+            base[j] = float(sumsq(w))
+        base += [float(m) for m in stat_means(stats, inverse)]
+        out = torch.tensor(host(base), dtype=torch.float64)
+        if per_step:  # the batch's span / token share
+            out = out * consts["mult"]
+            if cap is not None:
+                out = out.clamp(1.0 / cap, cap)
+        return out
+
+    return scales_of

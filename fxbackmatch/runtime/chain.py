@@ -38,7 +38,7 @@ from ..analysis.expr import EPS
 from .norms import rows_read, sumsq, sumsq_many
 from .sharding import group_of, is_dtensor, local_part
 
-__all__ = ["Runtime", "HostChain", "GraphedScales", "spread_mul_", "COMPILE_MAX_STAGES"]
+__all__ = ["Runtime", "HostChain", "GraphedScales", "spread_mul_", "stat_means", "COMPILE_MAX_STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class Runtime:
         partial = torch.stack(
             [(sumsq(l) if k < n_sq else rows_read(l)) / (1.0 if n > 1 else world) for k, (l, n) in enumerate(parts)]
         ) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
-        stat = _stat_means(stats, self.gen.stat_inverse)
+        stat = stat_means(stats, self.gen.stat_inverse)
         if stat:  # each rank's statistics, averaged in the same collective
             partial = torch.cat([partial, torch.stack([t.to(partial.device) for t in stat]) / world])
         if dist.is_initialized():
@@ -449,7 +449,7 @@ def _logsumexp(terms: list[float]) -> float:
     return m + math.log(sum(math.exp(t - m) for t in terms))
 
 
-def _stat_means(stats, inverse) -> list[torch.Tensor]:
+def stat_means(stats, inverse) -> list[torch.Tensor]:
     """float64 mean of each statistic, or ``mean(1/(x + eps))`` where ``inverse`` gives an eps."""
     from ..analysis.expr import EPS
 
@@ -466,7 +466,7 @@ def _base(weights, grads, stats, inverse, n_sq: int | None = None, device: torch
     grads = list(grads)
     n_sq = len(grads) if n_sq is None else n_sq
     parts = sumsq_many(list(weights)) + sumsq_many(grads[:n_sq]) + [rows_read(g) for g in grads[n_sq:]]
-    parts += _stat_means(stats, inverse)
+    parts += stat_means(stats, inverse)
     if not parts:
         return torch.zeros(0, dtype=torch.float64, device=device)
     dev = parts[0].device if device is None else device
