@@ -577,8 +577,9 @@ def test_the_cpu_kernel_trains_like_inductors_update_and_attach(variance):
 
 def test_the_cpu_kernel_hands_layouts_it_cannot_take_to_inductor():
     """New contiguous storage for a weight (``p.data = p.data.clone()``) keeps the C++ update;
-    a momentum buffer made strided goes to inductor's update from that step on; a
-    channels-last model never gets the C++ update. Each trains as attach() does."""
+    a momentum buffer made strided goes to inductor's update from that step on (training as
+    attach() does); a channels-last model never gets the C++ update; two buffers sharing memory
+    hand it over too."""
     from fxbackmatch.apply import cpu_update
 
     if not cpu_update.available():  # pragma: no cover
@@ -600,3 +601,15 @@ def test_the_cpu_kernel_hands_layouts_it_cannot_take_to_inductor():
     F.cross_entropy(net(torch.randn(SHAPE)), torch.arange(8)).backward()
     step()
     assert step.cpu_code is None and step._kernel_off
+    # two momentum buffers sharing memory: the kernel's threads would race, inductor takes it
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(4, 8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    step = fxbackmatch.prepare(net, x).compile_step(opt)
+    for i in range(2):
+        if i == 1:
+            opt.state[net[2].weight]["momentum_buffer"] = opt.state[net[0].weight]["momentum_buffer"][:4]
+        net.zero_grad()
+        F.cross_entropy(net(x), torch.arange(4)).backward()
+        step()
+        assert (step.cpu_code is not None) == (i == 0)

@@ -165,8 +165,13 @@ class SGDKernelStep:
         self._storage: list[int] = []  # data pointers of the parameters and buffers last checked
 
     def _fits(self, params: list[torch.Tensor], bufs: list[torch.Tensor]) -> bool:
-        return (all(map(dense_float32, params)) and all(map(dense_float32, bufs))
-                and [p.numel() for p in params] == self.numels == [b.numel() for b in bufs])
+        """Contiguous float32 of the sizes built for, no two of them sharing memory (the
+        threads would race on it)."""
+        if not (all(map(dense_float32, params)) and all(map(dense_float32, bufs))
+                and [p.numel() for p in params] == self.numels == [b.numel() for b in bufs]):
+            return False
+        spans = sorted((t.data_ptr(), t.data_ptr() + 4 * t.numel()) for t in (*params, *bufs) if t.numel())
+        return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
 
     def __call__(self, read, kept, stats, consts, params, grads, lrs, momenta, bufs):
         storage = [*map(_PTR, params), *map(_PTR, bufs)]
