@@ -18,6 +18,9 @@ in-place edit through ``p.data`` bumps no version: the next step uses the sum fr
 the edit, and returns the right one (it sums what it writes), so such an edit is one step
 late. Weights the optimizer does not update are read every step.
 
+On the CPU, SGD over contiguous float32 parameters is one generated C++ kernel instead
+(:mod:`~fxbackmatch.apply.cpu_update`, ``CPU_KERNEL``), with inductor's update for the rest.
+
 The update is compiled with :class:`~fxbackmatch.apply.schedule.ClusterUpdates`, an inductor
 pre-fusion pass that keeps each parameter's nodes together, so each parameter is one loop:
 weight, gradient and state read once, written once, the sum accumulated on the way. Adam's
@@ -63,9 +66,8 @@ __all__ = ["CPU_KERNEL", "CUDA_OPTIONS", "FusedStep", "KEEP_MAX_PARAMS", "compil
 #: With the pass every update keeps its sums (ResNet-50: ~1.05×, docs/benchmarks.md).
 KEEP_MAX_PARAMS = 16
 
-#: the compiled SGD update on the CPU as one generated C++ kernel (:mod:`~fxbackmatch.apply.cpu_update`)
-#: where every parameter is a contiguous float32 tensor: 0.92–0.98× a compiled SGD step on an
-#: AVX-512 Xeon, where inductor's update is 1.13–1.15× (docs/benchmarks.md). ``False``: inductor's
+#: the compiled SGD update on the CPU as one generated C++ kernel where it fits (:mod:`.cpu_update`;
+#: docs/benchmarks.md: 1.00–1.04× a compiled SGD step, inductor's 1.13–1.15×); ``False``: inductor's
 CPU_KERNEL = True
 
 #: inductor options added for a fused step whose parameters live on CUDA (read when the update
