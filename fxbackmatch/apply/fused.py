@@ -347,7 +347,7 @@ class FusedStep:
         self._bumps = None  # a new graph: learn its version bumps again
         self.cpu_code = None
         if self.kind == "sgd" and self._compile and CPU_KERNEL and not self._kernel_off:
-            fn = self._build_kernel(factors)
+            fn = self._build_kernel()
             if fn is not None:
                 return fn
         second = self._second()
@@ -384,21 +384,17 @@ class FusedStep:
         extra = CUDA_OPTIONS if self._dev is not None and self._dev.type == "cuda" else {}
         return torch.compile(step, fullgraph=True, dynamic=False, options={**self._options, **extra})
 
-    def _build_kernel(self, factors: Callable) -> Callable | None:
+    def _build_kernel(self) -> Callable | None:
         """The SGD update as a generated C++ kernel (:func:`.cpu_update.sgd_step`) behind the
-        factor chain on Python floats (:func:`.cpu_update.host_scales`; the compiled chain where
-        that does not apply), or ``None`` where the kernel does not apply."""
+        factor chain on Python floats (:func:`.cpu_update.host_scales`), or ``None`` where
+        either does not apply."""
         if self._dev is None or self._dev.type != "cpu":
             return None
         rt = self.plan._runtime
-        read_at, kept_at, n_w = self._read_at, self._kept_at, len(rt.weights)
-        scales_of = cpu_update.host_scales(rt.gen, read_at, kept_at, rt.multiplier is not None, rt.post_cap)
-        if scales_of is None:  # a chain with other stages than sums: the compiled generated chain
-
-            def scales_of(read, kept, stats, consts):
-                return factors(_weight_sq(read, read_at, kept.unbind(0), kept_at, n_w), [], stats, consts)
-
-            scales_of = torch.compile(scales_of, fullgraph=True, dynamic=False)
+        scales_of = cpu_update.host_scales(rt.gen, self._read_at, self._kept_at, rt.multiplier is not None,
+                                           rt.post_cap)
+        if scales_of is None:  # a chain with other stages than sums: inductor's update computes it
+            return None
 
         def inductors(*args):  # a layout the kernel cannot take: inductor's update from now on
             self._kernel_off, self._fn = True, None
