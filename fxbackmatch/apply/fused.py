@@ -67,7 +67,7 @@ __all__ = ["CPU_KERNEL", "CUDA_OPTIONS", "FusedStep", "KEEP_MAX_PARAMS", "compil
 KEEP_MAX_PARAMS = 16
 
 #: the compiled SGD update on the CPU as one generated C++ kernel where it fits (:mod:`.cpu_update`;
-#: docs/benchmarks.md: 1.00–1.04× a compiled SGD step, inductor's 1.13–1.15×); ``False``: inductor's
+#: docs/benchmarks.md: 1.00–1.05× a compiled SGD step, inductor's 1.13–1.15×); ``False``: inductor's
 CPU_KERNEL = True
 
 #: inductor options added for a fused step whose parameters live on CUDA (read when the update
