@@ -7,16 +7,18 @@ region, no barrier between them, each new weight's ``sum(W²)`` added in vector 
 4096-value chunk (float32) and across chunks in float64 — and builds it with inductor's own C++
 toolchain (``CppPythonBindingsCodeCache``: its compiler flags, vector ISA, OpenMP runtime and
 on-disk cache), so the kernel is what inductor would emit, with the loop structure the update
-needs: 0.92–0.98× a compiled SGD step (docs/benchmarks.md).
+needs: the kernel alone 0.92–0.95× a compiled SGD step, the whole fused step 1.00–1.05×
+(docs/benchmarks.md).
 
 The arithmetic is the inductor path's, operation for operation (float32, no contraction into
 FMA, as inductor compiles with ``-ffp-contract=off``): ``g ← (grad + wd·p)·scale``,
 ``buf ← buf·momentum + g``, ``p ← p − lr·(buf or g + momentum·buf)``.
 
 Used only where it is safe to write through raw pointers: every parameter, gradient and
-momentum buffer a dense contiguous float32 CPU tensor of a plain ``torch.Tensor`` type, on a
-torch whose inductor has the binding cache; ``FusedStep`` checks the layout it was built for
-every step and rebuilds (or falls back to inductor's update) when it changed.
+momentum buffer a contiguous float32 CPU tensor (weights and buffers of plain tensor types,
+not sharing memory), on a torch whose inductor has the binding cache; :class:`SGDKernelStep`
+checks that every step and hands anything else to inductor's update. The thread count is
+baked in when the kernel is built, as inductor's kernels do.
 """
 from __future__ import annotations
 
