@@ -615,7 +615,7 @@ def test_the_cpu_kernel_hands_layouts_it_cannot_take_to_inductor():
         assert (step.cpu_code is not None) == (i == 0)
 
 
-def test_the_generated_kernel_equals_the_update_it_replaces():
+def test_the_generated_kernel_equals_the_update_it_replaces(monkeypatch):
     """The kernel itself against the update function inductor compiles (``fused._sgd_update``,
     run eagerly): a 21,013-value weight (six chunks of 4096 split across the threads, a scalar
     tail), an empty one, one without a scale (index −1) and one whose sum is not kept (slot −1),
@@ -638,7 +638,9 @@ def test_the_generated_kernel_equals_the_update_it_replaces():
     p_ref, b_ref = [p.clone() for p in params], [b.clone() for b in bufs]
     sq_ref = [None] * 4
     fused._sgd_update(p_ref, grads, b_ref, scales, index, lrs, moms, group_of, wd, nesterov, slot, sq_ref)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two threads even on a 1-core runner
     kernel, code = cpu_update.build_sgd(numels, index, group_of, nesterov, slot, wd)
+    assert "num_threads(2)" in code  # six chunks of the first weight: 0–2 on one thread, 3–5 (tail) on the other
     sums = torch.empty(4, dtype=torch.float64)
     kernel(*[t for trio in zip(params, grads, bufs) for t in trio], scales, torch.stack(lrs), torch.stack(moms), sums)
     for got, want in zip(params + bufs, p_ref + b_ref):

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 CHUNK = 4096
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 def dense_float32(t: torch.Tensor) -> bool:
@@ -161,6 +161,7 @@ _NUMEL = torch.Tensor.numel
 _CONTIG = torch.Tensor.is_contiguous
 _DTYPE = attrgetter("dtype")
 _CPU = attrgetter("is_cpu")
+_LAYOUT = attrgetter("layout")
 
 
 class SGDKernelStep:
@@ -168,10 +169,10 @@ class SGDKernelStep:
     the generated kernel (``code``). Same call as the inductor update's ``(read, kept, stats,
     consts, params, grads, lrs, momenta, bufs) -> (sums, scales)``; the sums come back as one
     float64 vector. Every call first checks what the kernel's raw pointers assume — each
-    weight, gradient and buffer a contiguous float32 CPU tensor of the size built for (C-level
-    maps, ~1 µs per parameter), weights and buffers not sharing memory when their storage
-    moved — and hands anything else to ``fallback`` with the same arguments (a strided
-    gradient is made contiguous instead)."""
+    weight, gradient and buffer a strided float32 CPU tensor of the size built for, of a plain
+    tensor type, weights and buffers contiguous (C-level maps, ~1 µs per parameter), and when
+    their storage moved, none sharing memory — and hands anything else to ``fallback`` with
+    the same arguments (a strided gradient is made contiguous instead)."""
 
     def __init__(self, kernel: Callable[..., None], code: str, numels: list[int], n_kept: int,
                  scales_of: Callable, fallback: Callable) -> None:
@@ -180,19 +181,20 @@ class SGDKernelStep:
         self._storage: list[int] = []  # data pointers of the weights and buffers last checked for overlap
 
     def _fits(self, params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor]) -> bool:
+        """What the kernel's raw pointers assume, every call (C-level maps). Not checked: a
+        gradient aliasing another parameter's weight or buffer (autograd never makes one)."""
         try:
             for ts in (params, grads, bufs):
-                if not (list(map(_NUMEL, ts)) == self.numels and all(map(is_, map(_DTYPE, ts), repeat(torch.float32)))
-                        and all(map(_CPU, ts))):
+                if not (all(map(is_, map(_LAYOUT, ts), repeat(torch.strided))) and list(map(_NUMEL, ts)) == self.numels
+                        and all(map(is_, map(_DTYPE, ts), repeat(torch.float32))) and all(map(_CPU, ts))):
                     return False
-            if not (all(map(_CONTIG, params)) and all(map(_CONTIG, bufs))):
-                return False
-        except (RuntimeError, AttributeError):  # a sparse gradient, a stranger object
+            if not (set(map(type, grads)) <= _PLAIN and set(map(type, bufs)) <= _PLAIN
+                    and all(map(_CONTIG, params)) and all(map(_CONTIG, bufs))):
+                return False  # (a parameter is a fixed object: its type was checked when built)
+            storage = [*map(_PTR, params), *map(_PTR, bufs)]
+        except (RuntimeError, AttributeError, TypeError):  # no storage, a stranger object
             return False
-        storage = [*map(_PTR, params), *map(_PTR, bufs)]
-        if storage != self._storage:  # new storage: plain tensors, no two sharing memory (threads would race)
-            if not all(type(t) in _PLAIN for t in (*params, *bufs)):
-                return False
+        if storage != self._storage:  # new storage: no two of them may share memory (threads would race)
             spans = sorted((t.data_ptr(), t.data_ptr() + 4 * t.numel()) for t in (*params, *bufs) if t.numel())
             if not all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])):
                 return False
