@@ -3,7 +3,8 @@ C++ SGD-momentum update that also sums each new weight's squares (float32 per 40
 float64 across chunks; one OpenMP region, no barrier between parameters), against
 ``torch.compile(SGD.step)`` and the fused step, ratios from one process, interleaved rounds.
 
-Not shipped: an experiment behind docs/benchmarks.md. It builds a C++ extension with
+The experiment behind the shipped form (``fxbackmatch/apply/cpu_update.py``, generated per
+layout and built with inductor's toolchain) and docs/benchmarks.md. It builds a C++ extension with
 ``torch.utils.cpp_extension.load_inline`` (needs a C++ compiler and ninja; ~30 s the first time).
 The scales are fixed numbers here (the fused step computes them from the sums: add its factor
 function's cost to compare like with like).
