@@ -119,19 +119,22 @@ def test_with_a_token_mask_only_the_real_tokens_are_rows():
     assert unpadded.scales()["inp.weight"] == pytest.approx(full * (batch * 2 / 256), rel=1e-9)  # it did reduce
 
 
-def test_compile_step_applies_what_reads_the_batch_as_attach_does():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_compile_step_applies_what_reads_the_batch_as_attach_does(compiled):
     """The fused step multiplies by the step's span (the batch size changes between steps) and
     refreshes measured moments every ``refresh`` steps: the same weights as ``attach`` after
-    every step (the default conventions read the batch both ways)."""
+    every step (the default conventions read the batch both ways). Compiled, on the CPU, that
+    is the generated C++ update behind the chain on Python floats."""
     def run(fused: bool):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                             nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
-        plan = fxbackmatch.prepare(net, torch.randn(2, 3, 6, 6), compile=False, refresh=2)
+        plan = fxbackmatch.prepare(net, torch.randn(2, 3, 6, 6), compile=fused and compiled, refresh=2)
         assert plan.span == "batch" and plan.moments == "batch"
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         step = plan.compile_step(opt) if fused else plan.attach(opt)
         out = []
+        kernel = []
         for k, b in enumerate((2, 5, 3, 8, 4)):
             g = torch.Generator().manual_seed(k)
             x, y = torch.randn(b, 3, 6, 6, generator=g), torch.randint(0, 4, (b,), generator=g)
@@ -139,6 +142,8 @@ def test_compile_step_applies_what_reads_the_batch_as_attach_does():
             nn.functional.cross_entropy(net(x), y).backward()
             step() if fused else opt.step()
             out.append([p.detach().clone() for p in net.parameters()])
+            kernel.append(fused and step.cpu_code is not None)
+        assert all(kernel) == (fused and compiled)
         return out
 
     for a, b in zip(run(False), run(True)):

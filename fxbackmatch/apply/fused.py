@@ -336,20 +336,24 @@ class FusedStep:
         per_step, cap = rt.multiplier is not None, rt.post_cap
         plain = factors
 
-        def factors(weight_sq, grads, stats, consts):  # noqa: F811 - the plan's per-step multiplier, if any
-            out = plain(weight_sq, grads, stats, consts)
-            if per_step:  # the batch's span / token share, as Runtime.scales applies it
+        def finish(out, consts):  # the plan's per-step multiplier, if any, as Runtime.scales applies it
+            if per_step:  # the batch's span / token share
                 out = out * consts["mult"]
                 if cap is not None:
                     out = out.clamp(1.0 / cap, cap)
             return out
 
+        def factors(weight_sq, grads, stats, consts):  # noqa: F811
+            return finish(plain(weight_sq, grads, stats, consts), consts)
+
         self._bumps = None  # a new graph: learn its version bumps again
         self.cpu_code = None
-        if self.kind == "sgd" and self._compile and CPU_KERNEL and not self._kernel_off:
-            fn = self._build_kernel()
+        on_cpu = self._dev is not None and self._dev.type == "cpu"
+        if self.kind == "sgd" and self._compile and CPU_KERNEL and on_cpu and not self._kernel_off:
+            fn = self._build_kernel(finish)
             if fn is not None:
                 return fn
+            self._kernel_off = True  # this layout does not fit: tried again after _bind (new runtime or groups)
         second = self._second()
         if any(isinstance(v, torch.Tensor) for row in second for v in row):
             self._passed = True
@@ -384,17 +388,17 @@ class FusedStep:
         extra = CUDA_OPTIONS if self._dev is not None and self._dev.type == "cuda" else {}
         return torch.compile(step, fullgraph=True, dynamic=False, options={**self._options, **extra})
 
-    def _build_kernel(self) -> Callable | None:
+    def _build_kernel(self, finish: Callable) -> Callable | None:
         """The SGD update as a generated C++ kernel (:func:`.cpu_update.sgd_step`) behind the
-        factor chain on Python floats (:func:`.cpu_update.host_scales`), or ``None`` where
-        either does not apply."""
-        if self._dev is None or self._dev.type != "cpu":
-            return None
+        factor chain on Python floats (:func:`.cpu_update.host_chain`) and ``finish`` (the
+        per-step multiplier), or ``None`` where either does not apply."""
         rt = self.plan._runtime
-        scales_of = cpu_update.host_scales(rt.gen, self._read_at, self._kept_at, rt.multiplier is not None,
-                                           rt.post_cap)
-        if scales_of is None:  # a chain with other stages than sums: inductor's update computes it
+        chain = cpu_update.host_chain(rt.gen, self._read_at, self._kept_at)
+        if chain is None:
             return None
+
+        def scales_of(read, kept, stats, consts):
+            return finish(chain(read, kept, stats), consts)
 
         def inductors(*args):  # a layout the kernel cannot take: inductor's update from now on
             self._kernel_off, self._fn = True, None
@@ -404,10 +408,8 @@ class FusedStep:
         nesterov = [bool(g["nesterov"]) for g in self.optimizer.param_groups]
         step = cpu_update.sgd_step(self.params, self.index, self.group_of, nesterov, self._slot,
                                    self.weight_decay, scales_of, inductors)
-        if step is None:
-            self._kernel_off = True
-            return None
-        self._baked, self.cpu_code = None, step.code  # momentum is passed every step
+        if step is not None:
+            self._baked, self.cpu_code = None, step.code  # momentum is passed every step
         return step
 
     @torch.no_grad()
