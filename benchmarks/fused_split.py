@@ -2,9 +2,11 @@
 in the same process, interleaved rounds, gradients restored before every call: the generated
 C++ kernel alone (``apply/cpu_update.py``), the kernel step (its scales from the chain on
 Python floats and its layout checks), the whole fused step (plus the identity and staleness
-checks of ``FusedStep``), and the chain alone.
+checks of ``FusedStep``), the chain alone, and the fused step as CUDA runs it (``--foreach``:
+``cuda_update.SGDForeachStep``, the runtime's rescale then torch's fused SGD kernel, here on
+the CPU).
 
-    python benchmarks/fused_split.py [--models vgg16,resnet50] [--rounds 5]
+    python benchmarks/fused_split.py [--models vgg16,resnet50] [--rounds 5] [--foreach]
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from _common import machine, timeit  # noqa: E402
 from bench_rescale import model_setup  # noqa: E402
 
 
-def split(name: str, rounds: int, reps: int) -> None:
+def split(name: str, rounds: int, reps: int, foreach: bool) -> None:
     net, plan, x, y, params, restore = model_setup(name, "cpu", 128, False)
     compiled_sgd = torch.compile(torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=True).step)
     compiled_sgd()
@@ -55,6 +57,18 @@ def split(name: str, rounds: int, reps: int) -> None:
 
     parts = {"compiled SGD step": compiled_sgd, "fused step": fused, "kernel step": kernel_step,
              "kernel alone": kernel, "scales (chain on floats)": chain}
+    if foreach:
+        from fxbackmatch.apply import fused as fused_mod
+
+        fused_mod.FOREACH_DEVICES.add("cpu")
+        try:
+            parts["foreach step (CUDA's)"] = plan.compile_step(torch.optim.SGD(params, lr=1e-6, momentum=0.9))
+            parts["foreach step (CUDA's)"]()
+        finally:
+            fused_mod.FOREACH_DEVICES.discard("cpu")
+        opt_k = torch.optim.SGD(params, lr=1e-6, momentum=0.9, fused=True)
+        opt_k.step()
+        parts["torch fused SGD step"] = opt_k.step
     times: dict[str, list[float]] = {k: [] for k in parts}
     for _ in range(rounds):
         for k, f in parts.items():
@@ -70,10 +84,11 @@ def main() -> None:
     ap.add_argument("--models", default="vgg16,resnet50")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--foreach", action="store_true", help="also the fused step as CUDA runs it, and torch's fused SGD")
     args = ap.parse_args()
     print(f"# {machine()}")
     for name in args.models.split(","):
-        split(name, args.rounds, args.reps)
+        split(name, args.rounds, args.reps, args.foreach)
 
 
 if __name__ == "__main__":

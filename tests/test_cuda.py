@@ -311,3 +311,39 @@ def test_length_mode_inside_a_compiled_step_under_a_wrapped_compile(monkeypatch)
     one_step(twin, False)
     for a, b in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_the_fused_sgd_step_on_cuda_is_the_foreach_step_and_trains_like_attach():
+    """On CUDA ``compile_step`` over SGD is ``cuda_update.SGDForeachStep``: the graphed scales,
+    the spread multiply and torch's fused SGD kernel. Nesterov, weight decay and a weight
+    halved by hand at step 3: weights and momentum buffers equal attach() +
+    ``optimizer.step()`` on a twin to 1e-5 and scales to 1e-6, with the scales' CUDA graph in use."""
+    import copy
+
+    from fxbackmatch.apply.cuda_update import SGDForeachStep
+
+    torch.manual_seed(0)
+    a = lenet_bn().cuda()
+    b = copy.deepcopy(a)
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    pa, pb = (fxbackmatch.prepare(n, x[:2], compile=True) for n in (a, b))
+    oa, ob = (torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9, nesterov=True) for n in (a, b))
+    step = pa.compile_step(oa, weight_decay=5e-4)
+    pb.attach(ob, weight_decay=5e-4)
+    for i in range(6):
+        if i == 3:
+            with torch.no_grad():
+                for n in (a, b):
+                    next(n.parameters()).mul_(0.5)
+        for net, st in ((a, step), (b, ob.step)):
+            net.zero_grad()
+            F.cross_entropy(net(x * (1 + i)), y).backward()
+            st()
+        assert isinstance(step._fn, SGDForeachStep) and pa._runtime._graphed is not None
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5 * float(q.abs().max()))
+            u, v = oa.state[p]["momentum_buffer"], ob.state[q]["momentum_buffer"]
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5 * float(v.abs().max()))
+        torch.testing.assert_close(pa.applied_scales(), pb.applied_scales(), rtol=1e-6, atol=0)

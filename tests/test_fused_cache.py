@@ -415,12 +415,12 @@ def test_a_weight_decay_schedule_and_tensor_betas_are_followed():
 def test_passed_hyperparameters_keep_float32_for_bfloat16_weights():
     """A passed β₂ = 0.999 must not round to bfloat16's 1.0 (the second moment would never
     decay); a compiled-in float is left as it is."""
-    from fxbackmatch.apply.fused import _as
+    from fxbackmatch.apply.updates import passed_as
 
     b2 = torch.tensor(0.999, dtype=torch.float64)
     assert torch.tensor(0.999).to(torch.bfloat16).item() == 1.0  # the hazard
-    assert _as(b2, torch.bfloat16).dtype == torch.float32 and _as(b2, torch.bfloat16).item() == pytest.approx(0.999)
-    assert _as(b2, torch.float64).dtype == torch.float64 and _as(0.9, torch.bfloat16) == 0.9
+    assert passed_as(b2, torch.bfloat16).dtype == torch.float32 and passed_as(b2, torch.bfloat16).item() == pytest.approx(0.999)
+    assert passed_as(b2, torch.float64).dtype == torch.float64 and passed_as(0.9, torch.bfloat16) == 0.9
 
 
 def test_a_plan_waiting_for_its_first_forward_says_so_when_stepped():
@@ -481,6 +481,7 @@ def test_cuda_options_reach_only_a_step_on_cuda(monkeypatch):
 
     monkeypatch.setattr(fused, "CUDA_OPTIONS", {"combo_kernels": True})
     monkeypatch.setattr(fused, "CPU_KERNEL", False)  # inductor's update, whose options these are
+    monkeypatch.setattr(fused, "FOREACH_DEVICES", set())  # (on CUDA, SGD is otherwise the foreach step)
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
     torch.manual_seed(0)
@@ -616,12 +617,12 @@ def test_the_cpu_kernel_hands_layouts_it_cannot_take_to_inductor():
 
 
 def test_the_generated_kernel_equals_the_update_it_replaces(monkeypatch):
-    """The kernel itself against the update function inductor compiles (``fused._sgd_update``,
+    """The kernel itself against the update function inductor compiles (``updates.sgd_update``,
     run eagerly): a 21,013-value weight (six chunks of 4096 split across the threads, a scalar
     tail), an empty one, one without a scale (index −1) and one whose sum is not kept (slot −1),
     two groups (plain and Nesterov), weight decay. Weights and buffers bit for bit; the kept
     sums within 1e-6 of float64."""
-    from fxbackmatch.apply import cpu_update, fused
+    from fxbackmatch.apply import cpu_update, fused, updates
 
     if not cpu_update.available():  # pragma: no cover
         pytest.skip("this inductor has no C++ binding cache")
@@ -637,7 +638,7 @@ def test_the_generated_kernel_equals_the_update_it_replaces(monkeypatch):
     moms = [torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64)]
     p_ref, b_ref = [p.clone() for p in params], [b.clone() for b in bufs]
     sq_ref = [None] * 4
-    fused._sgd_update(p_ref, grads, b_ref, scales, index, lrs, moms, group_of, wd, nesterov, slot, sq_ref)
+    updates.sgd_update(p_ref, grads, b_ref, scales, index, lrs, moms, group_of, wd, nesterov, slot, sq_ref)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two threads even on a 1-core runner
     kernel, code = cpu_update.build_sgd(numels, index, group_of, nesterov, slot, wd)
     assert "num_threads(2)" in code  # six chunks of the first weight: 0–2 on one thread, 3–5 (tail) on the other
@@ -648,3 +649,87 @@ def test_the_generated_kernel_equals_the_update_it_replaces(monkeypatch):
     want = torch.stack([p_ref[i].double().square().sum() for i in (0, 1, 2, 4)])
     torch.testing.assert_close(sums, want, rtol=1e-6, atol=0)
     assert sums[1] == 0 and "(g + vm * nb)" in code  # the empty weight; the Nesterov group
+
+
+@pytest.mark.parametrize("variance", ["weights", "measured"])
+def test_the_foreach_step_trains_like_attach_and_inductors_update(variance, monkeypatch):
+    """The fused SGD step as launched on CUDA (``cuda_update.SGDForeachStep``: the runtime's
+    scales and rescale, then torch's fused SGD kernel), run here on the CPU: two groups (plain,
+    and Nesterov at another rate), weight decay, a learning rate moved by a scheduler at step
+    3 and a weight halved by hand at step 5. Its weights, momentum buffers and scales equal
+    attach() + ``optimizer.step()``'s to 1e-6 and the compiled update's (``compile=False``: the
+    same function eagerly) to 1e-5; the gradients it leaves are attach()'s (scaled, decay
+    added); no weight is read through the kept-sums path."""
+    from fxbackmatch.apply import cuda_update, fused
+
+    monkeypatch.setattr(fused, "FOREACH_DEVICES", {"cpu"})
+
+    def groups(net):
+        return [{"params": [net.cv1.weight, net.bn1.weight, net.bn1.bias, net.fc.weight, net.fc.bias]},
+                {"params": [net.cv2.weight, net.bn2.weight, net.bn2.bias], "nesterov": True, "lr": 0.02}]
+
+    a, pa, b, pb = twins(variance)
+    c = copy.deepcopy(b)
+    pc = fxbackmatch.prepare(c, torch.randn(SHAPE), compile=False, conventions=fxbackmatch.Conventions(variance=variance))
+    oa, ob, oc = (torch.optim.SGD(groups(n), lr=0.05, momentum=0.9) for n in (a, b, c))
+    sa, sc = pa.compile_step(oa, weight_decay=5e-4), pc.compile_step(oc, weight_decay=5e-4)
+    pb.attach(ob, weight_decay=5e-4)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5) for o in (oa, ob, oc)]
+    reads = count_reads(sa)
+    for i, (x, y) in enumerate(batches(8)):
+        if i == 5:
+            with torch.no_grad():
+                for n in (a, b, c):
+                    n.fc.weight.mul_(0.5)
+        monkeypatch.setattr(fused, "FOREACH_DEVICES", {"cpu"})
+        step_both(a, sa, b, ob.step, x, y)
+        assert isinstance(sa._fn, cuda_update.SGDForeachStep)
+        monkeypatch.setattr(fused, "FOREACH_DEVICES", set())
+        c.zero_grad()
+        F.cross_entropy(c(x), y).backward()
+        sc()
+        assert not isinstance(sc._fn, cuda_update.SGDForeachStep)
+        for s in scheds:
+            s.step()
+        assert_same(a, b, tol=1e-6)
+        assert_same(a, c, tol=1e-5)
+        torch.testing.assert_close(pa.applied_scales(), pb.applied_scales(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(pa.applied_scales(), pc.applied_scales(), rtol=1e-6, atol=0)
+        for p, q in zip(a.parameters(), b.parameters()):
+            for u, v in ((p.grad, q.grad), (oa.state[p]["momentum_buffer"], ob.state[q]["momentum_buffer"])):
+                torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6 * float(v.abs().max()))
+    assert oa.param_groups[1]["lr"] == 0.02 * 0.25 and reads == []
+
+
+def test_foreach_steps_of_two_optimizers_scale_each_its_own_gradients(monkeypatch):
+    """Two SGD optimizers over two parts of one model, each with its own fused step, one after
+    the other: on the foreach path each multiplies only its own parameters' gradients, so the
+    training is the compiled update's (``compile=False``: the same function eagerly) on the
+    same two optimizers, to 1e-6, and each step leaves the other part's gradients as they were."""
+    from fxbackmatch.apply import fused
+
+    a, pa, c, pc = twins()
+
+    def parts(net):
+        head = [net.fc.weight, net.fc.bias]
+        body = [p for p in net.parameters() if all(p is not q for q in head)]
+        return torch.optim.SGD(body, lr=0.05, momentum=0.9), torch.optim.SGD(head, lr=0.1, momentum=0.5)
+
+    (oa1, oa2), (oc1, oc2) = parts(a), parts(c)
+    sa, sc = [pa.compile_step(o) for o in (oa1, oa2)], [pc.compile_step(o) for o in (oc1, oc2)]
+
+    def steps(kind, pair):
+        def run():
+            monkeypatch.setattr(fused, "FOREACH_DEVICES", kind)
+            first, second = pair
+            head = [p.grad.clone() for p in second.params]
+            first()
+            for p, g in zip(second.params, head):
+                assert torch.equal(p.grad, g)  # the first step left the second part's gradients alone
+            second()
+        return run
+
+    for x, y in batches(4):
+        step_both(a, steps({"cpu"}, sa), c, steps(set(), sc), x, y)
+        assert_same(a, c, tol=1e-6)
+    assert [s._fn.only is None for s in sa] == [False, False]

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from fxbackmatch.apply.fused import _sgd_update
+from fxbackmatch.apply.updates import sgd_update
 from fxbackmatch.apply.schedule import ClusterUpdates, cluster_order, compile_options
 
 
@@ -62,7 +62,7 @@ def test_an_order_that_would_run_a_node_early_is_refused():
 def sgd_with_sums(n: int):
     def step(params, grads, bufs, scales, lrs, momenta):
         new_sq = [None] * n
-        _sgd_update(params, grads, bufs, scales, list(range(n)), lrs, momenta, [0] * n, 1e-4, [False],
+        sgd_update(params, grads, bufs, scales, list(range(n)), lrs, momenta, [0] * n, 1e-4, [False],
                     list(range(n)), new_sq)
         return new_sq
     return step

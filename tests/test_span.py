@@ -119,17 +119,22 @@ def test_with_a_token_mask_only_the_real_tokens_are_rows():
     assert unpadded.scales()["inp.weight"] == pytest.approx(full * (batch * 2 / 256), rel=1e-9)  # it did reduce
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_compile_step_applies_what_reads_the_batch_as_attach_does(compiled):
+@pytest.mark.parametrize("compiled", [False, True, "foreach"])
+def test_compile_step_applies_what_reads_the_batch_as_attach_does(compiled, monkeypatch):
     """The fused step multiplies by the step's span (the batch size changes between steps) and
     refreshes measured moments every ``refresh`` steps: the same weights as ``attach`` after
     every step (the default conventions read the batch both ways). Compiled, on the CPU, that
-    is the generated C++ update behind the chain on Python floats."""
+    is the generated C++ update behind the chain on Python floats; ``foreach``: the fused step
+    as launched on CUDA (the runtime's rescale, then torch's fused SGD kernel), on the CPU."""
+    from fxbackmatch.apply import fused as fused_mod
+
+    monkeypatch.setattr(fused_mod, "FOREACH_DEVICES", {"cpu"} if compiled == "foreach" else set())
+
     def run(fused: bool):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                             nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
-        plan = fxbackmatch.prepare(net, torch.randn(2, 3, 6, 6), compile=fused and compiled, refresh=2)
+        plan = fxbackmatch.prepare(net, torch.randn(2, 3, 6, 6), compile=fused and compiled is True, refresh=2)
         assert plan.span == "batch" and plan.moments == "batch"
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         step = plan.compile_step(opt) if fused else plan.attach(opt)
@@ -143,7 +148,7 @@ def test_compile_step_applies_what_reads_the_batch_as_attach_does(compiled):
             step() if fused else opt.step()
             out.append([p.detach().clone() for p in net.parameters()])
             kernel.append(fused and step.cpu_code is not None)
-        assert all(kernel) == (fused and compiled)
+        assert all(kernel) == (fused and compiled is True)
         return out
 
     for a, b in zip(run(False), run(True)):
@@ -151,14 +156,18 @@ def test_compile_step_applies_what_reads_the_batch_as_attach_does(compiled):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # float32 update order
 
 
-@pytest.mark.parametrize("path", ["attach", "compile_step", "compiled attach"])
-def test_cap_holds_once_after_the_batch_multiplier(path):
+@pytest.mark.parametrize("path", ["attach", "compile_step", "compiled attach", "foreach compile_step"])
+def test_cap_holds_once_after_the_batch_multiplier(path, monkeypatch):
     """``cap=C`` keeps each scale in [1/C, C] after the batch's span multiplier, once: the step
     applies ``clamp(s·k)``, with ``s·k`` the uncapped plan's scale at this batch of 8, which is
     what ``plan.scales()`` shows. The runtime used to clamp ``s`` before the multiplier as well
     (``clamp(s)·k``: 2.5 applied where 12.2 was shown). Checked on one SGD step (the momentum
     buffer starts at the gradient), from the weights' change, against the uncapped plan's
-    scales clamped by hand."""
+    scales clamped by hand. ``foreach compile_step``: the fused step as launched on CUDA
+    (the runtime's rescale, then torch's fused SGD kernel), run on the CPU."""
+    from fxbackmatch.apply import cuda_update, fused
+
+    monkeypatch.setattr(fused, "FOREACH_DEVICES", {"cpu"} if path == "foreach compile_step" else set())
     cap, lr = 20.0, 0.1
 
     def net():
@@ -182,11 +191,12 @@ def test_cap_holds_once_after_the_batch_multiplier(path):
                                conventions=fxbackmatch.Conventions.named("default").replace(cap=cap))
     assert plan.span == "batch"
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)  # step 1: the buffer is the gradient
-    step = plan.compile_step(opt) if path == "compile_step" else (plan.attach(opt) and opt.step)
+    step = plan.compile_step(opt) if path.endswith("compile_step") else (plan.attach(opt) and opt.step)
     F.cross_entropy(model(x), y).backward()
     shown = plan.scales()
     before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
     step()
+    assert isinstance(getattr(step, "_fn", None), cuda_update.SGDForeachStep) == (path == "foreach compile_step")
     for n, p in model.named_parameters():
         w, grad = before[n]
         if grad.abs().max() < 1e-12:  # the bias before BatchNorm: no gradient (round-off), nothing to read

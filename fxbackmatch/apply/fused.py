@@ -20,11 +20,14 @@ late. Weights the optimizer does not update are read every step.
 
 On the CPU, SGD over contiguous float32 parameters is one generated C++ kernel instead
 (:mod:`~fxbackmatch.apply.cpu_update`, ``CPU_KERNEL``), with inductor's update for the rest.
+On CUDA, SGD is the runtime's graphed scales and few-launch multiply, then torch's fused SGD
+kernel (:mod:`~fxbackmatch.apply.cuda_update`, ``FOREACH_DEVICES``): there the compiled update
+is bound by launches and guards, not bytes.
 
 The update is compiled with :class:`~fxbackmatch.apply.schedule.ClusterUpdates`, an inductor
 pre-fusion pass that keeps each parameter's nodes together, so each parameter is one loop:
 weight, gradient and state read once, written once, the sum accumulated on the way. Adam's
-bias corrections are computed for all parameters before the call (``_adam_bias``) and passed
+bias corrections are computed for all parameters before the call (``adam_bias``) and passed
 in, so the loops load them instead of evaluating ``pow`` per vector.
 
 The optimizer's state (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``) is the
@@ -50,13 +53,15 @@ import torch
 
 from ..runtime.norms import sumsq, sumsq_many
 from . import cpu_update
+from .cuda_update import SGDForeachStep
+from .updates import adam_bias, adam_update, sgd_update, weight_sq
 from .schedule import compile_options
 
 if TYPE_CHECKING:
     from ..plan import Plan
     from ..runtime.chain import Runtime
 
-__all__ = ["CPU_KERNEL", "CUDA_OPTIONS", "FusedStep", "KEEP_MAX_PARAMS", "compile_step"]
+__all__ = ["CPU_KERNEL", "CUDA_OPTIONS", "FOREACH_DEVICES", "FusedStep", "KEEP_MAX_PARAMS", "compile_step"]
 
 #: without the scheduler pass (``apply.schedule``; an inductor without the pre-fusion hook),
 #: updates of at most this many parameters keep each weight's sum from its own write and larger
@@ -70,83 +75,17 @@ KEEP_MAX_PARAMS = 16
 #: docs/benchmarks.md: 1.00–1.05× a compiled SGD step, inductor's 1.13–1.15×); ``False``: inductor's
 CPU_KERNEL = True
 
+#: device types on which the fused SGD step is :class:`~.cuda_update.SGDForeachStep` (the
+#: runtime's rescale, then torch's fused SGD kernel) instead of a compiled update: where the
+#: compiled update is launch- and guard-bound (an H200: 1.66× a compiled SGD step, 11× torch's
+#: fused SGD step; docs/benchmarks.md). Read when the update is built; empty: inductor's update
+FOREACH_DEVICES: set[str] = {"cuda"}
+
 #: inductor options added for a fused step whose parameters live on CUDA (read when the update
 #: is compiled: at the first call, after the model moved, after a change that rebuilds it). Empty: measured on an H200, the compiled update is launch-bound (one kernel per
 #: parameter, 1.66× a compiled SGD step; docs/benchmarks.md); ``{"combo_kernels": True}``
 #: (several parameters' loops per launch) is what ``bench_rescale.py --combo`` measures against it
 CUDA_OPTIONS: dict[str, Any] = {}
-
-
-def _weight_sq(
-    read: list[torch.Tensor], read_at: list[int], kept: list[torch.Tensor], kept_at: list[int], n: int
-) -> list[torch.Tensor]:
-    """The ``n`` weights' ``sum(W²)`` in the generated order: ``read`` summed here, ``kept`` given."""
-    out: list = [None] * n  # every slot is filled: read_at and kept_at split range(n)
-    for j, w in zip(read_at, read):
-        out[j] = sumsq(w)
-    for j, s in zip(kept_at, kept):
-        out[j] = s
-    return out
-
-
-def _as(v, dtype: torch.dtype):
-    """A passed float64 tensor in ``dtype``, at least float32 (bfloat16 would round β₂ = 0.999
-    to 1); a compiled-in Python float as it is."""
-    return v.to(torch.promote_types(dtype, torch.float32)) if isinstance(v, torch.Tensor) else v
-
-
-def _sgd_update(params, grads, bufs, scales, index, lrs, momenta, group_of, wd, nesterov, slot, new_sq):
-    for i, p in enumerate(params):
-        gi = group_of[i]
-        g = grads[i]
-        if wd:
-            g = g + wd * p
-        k = index[i]
-        if k >= 0:
-            g = g * scales[k].to(g.dtype)  # as attach() rounds it
-        buf = bufs[i]
-        momentum = _as(momenta[gi], buf.dtype)
-        buf.mul_(momentum).add_(g)
-        step = g + momentum * buf if nesterov[gi] else buf
-        p.sub_(lrs[gi].to(p.dtype) * step)
-        if slot[i] >= 0:  # a weight the scales read: sum what was just written
-            new_sq[slot[i]] = sumsq(p)
-
-
-def _adam_bias(steps: list[torch.Tensor], lr: torch.Tensor, b1: torch.Tensor,
-               b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every parameter's ``lr / (1 − β₁ᵗ)`` and ``√(1 − β₂ᵗ)`` for the coming step ``t``, in
-    float64 as torch.optim.Adam's (``lr``, ``b1``, ``b2``: one entry per parameter). Computed
-    before the compiled update and passed in: inside it inductor inlines such scalars into each
-    parameter's loop (two ``pow`` per vector)."""
-    t = torch.stack(steps).to(b1.device, torch.float64) + 1
-    return lr / (1 - b1 ** t), (1 - b2 ** t).sqrt()
-
-
-def _adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, wds, group_of, wd, eps, decoupled,
-                 slot, new_sq, step_size, bc2_sqrt):
-    for s in steps:
-        s.add_(1)
-    for i, p in enumerate(params):
-        gi = group_of[i]
-        g = grads[i]
-        if wd:  # compile_step's own weight decay, added to the gradient as attach() does
-            g = g + wd * p
-        k = index[i]
-        if k >= 0:
-            g = g * scales[k].to(g.dtype)  # as attach() rounds it
-        if decoupled:  # AdamW: the group's weight decay
-            p.mul_(1 - lrs[gi] * wds[gi])
-        m1[i].lerp_(g, _as(1 - b1s[gi], g.dtype))
-        w2 = _as(1 - b2s[gi], g.dtype)
-        if isinstance(w2, float):  # compiled in: torch.optim.Adam's own ops
-            m2[i].mul_(b2s[gi]).addcmul_(g, g, value=w2)
-        else:  # passed in: addcmul_ takes no tensor value
-            m2[i].mul_(_as(b2s[gi], g.dtype)).add_(w2 * g * g)
-        denom = (m2[i].sqrt() / bc2_sqrt[i]).add_(eps[gi])
-        p.sub_(step_size[i] * m1[i] / denom)
-        if slot[i] >= 0:
-            new_sq[slot[i]] = sumsq(p)
 
 
 #: the group entries a schedule may move, passed to the compiled update as float64 tensors
@@ -277,7 +216,7 @@ class FusedStep:
             m1.append(s["exp_avg"])
             m2.append(s["exp_avg_sq"])
             steps.append(s["step"])
-        return (m1, m2, steps, *_adam_bias(steps, *self._bias_in))
+        return (m1, m2, steps, *adam_bias(steps, *self._bias_in))
 
     def _second(self) -> list[tuple]:
         """Per group, the ``_PASSED`` entries after ``lr`` (betas unpacked): compiled in until
@@ -288,7 +227,7 @@ class FusedStep:
     def _hyper(self, dev: torch.device) -> tuple:
         """The groups' ``_PASSED`` entries as float64 tensors, one list per entry (betas
         unpacked), made again only when one changed; for Adam also learning rate and betas per
-        parameter, :func:`_adam_bias`'s inputs (``_bias_in``). A change of an entry compiled
+        parameter, :func:`adam_bias`'s inputs (``_bias_in``). A change of an entry compiled
         into the update (``_baked``) drops the update, to be built with it passed."""
         second = self._second()
         vals = [(g["lr"], *sec) for g, sec in zip(self.optimizer.param_groups, second)]
@@ -343,12 +282,14 @@ class FusedStep:
                     out = out.clamp(1.0 / cap, cap)
             return out
 
-        def factors(weight_sq, grads, stats, consts):  # noqa: F811
-            return finish(plain(weight_sq, grads, stats, consts), consts)
+        def factors(sq, grads, stats, consts):  # noqa: F811
+            return finish(plain(sq, grads, stats, consts), consts)
 
         self._bumps = None  # a new graph: learn its version bumps again
         self.cpu_code = None
         on_cpu = self._dev is not None and self._dev.type == "cpu"
+        if self.kind == "sgd" and self._dev is not None and self._dev.type in FOREACH_DEVICES:
+            return SGDForeachStep(self.plan, self.optimizer, self.params, self.weight_decay, finish)
         if self.kind == "sgd" and self._compile and CPU_KERNEL and on_cpu and not self._kernel_off:
             fn = self._build_kernel(finish)
             if fn is not None:
@@ -364,9 +305,9 @@ class FusedStep:
             baked_m = baked[0] if baked else None
 
             def step(read, kept, stats, consts, params, grads, lrs, momenta, bufs):
-                scales = factors(_weight_sq(read, read_at, kept.unbind(0), kept_at, n_w), [], stats, consts)
+                scales = factors(weight_sq(read, read_at, kept.unbind(0), kept_at, n_w), [], stats, consts)
                 new_sq = [None] * n_kept
-                _sgd_update(params, grads, bufs, scales, index, lrs, baked_m or momenta, group_of, wd, nesterov,
+                sgd_update(params, grads, bufs, scales, index, lrs, baked_m or momenta, group_of, wd, nesterov,
                             slot, new_sq)
                 return new_sq, scales
         else:
@@ -376,10 +317,10 @@ class FusedStep:
                 baked.append([0.0] * len(groups))
 
             def step(read, kept, stats, consts, params, grads, lrs, b1s, b2s, wds, m1, m2, steps, step_size, bc2_sqrt):
-                scales = factors(_weight_sq(read, read_at, kept.unbind(0), kept_at, n_w), [], stats, consts)
+                scales = factors(weight_sq(read, read_at, kept.unbind(0), kept_at, n_w), [], stats, consts)
                 new_sq = [None] * n_kept
                 b1s, b2s, wds = baked or (b1s, b2s, wds)
-                _adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, wds, group_of, wd, eps,
+                adam_update(params, grads, m1, m2, steps, scales, index, lrs, b1s, b2s, wds, group_of, wd, eps,
                              decoupled, slot, new_sq, step_size, bc2_sqrt)
                 return new_sq, scales
 
@@ -441,6 +382,10 @@ class FusedStep:
             n = len(rt.targets)
             mult = torch.ones(n, dtype=torch.float64, device=dev) if mult is None else mult.to(dev, torch.float64)
             consts = {**consts, "mult": mult}
+        if isinstance(self._fn, SGDForeachStep):  # reads the weights and the groups itself
+            self.plan._applied = self._fn(consts, grads, *self._state())
+            self.optimizer._opt_called = True
+            return
         hyper = self._hyper(dev)
         if self._fn is None:  # _hyper saw a compiled-in setting move
             self._fn = self._build()

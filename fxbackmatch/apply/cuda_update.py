@@ -1,0 +1,64 @@
+"""The fused SGD step where launches, not bytes, bound it (CUDA).
+
+Measured on an H200 (docs/benchmarks.md), inductor's fused update is bound by host work: a
+kernel per parameter and dynamo's guards over every weight, gradient and buffer (ResNet-50,
+batch 256: 4.5 ms, 1.66× a compiled SGD step and 11× torch's fused SGD step). This step has
+the same contract with a few launches whatever the number of parameters:
+
+1. the runtime's scales (:meth:`~fxbackmatch.runtime.chain.Runtime._scales`: one CUDA-graph
+   replay that reads every weight, its BatchNorm statistics and the chain), then the plan's
+   per-step multiplier and cap (``finish``);
+2. compile_step's weight decay added to the gradients (one multi-tensor add), and the
+   gradients multiplied by their scales (:meth:`~fxbackmatch.runtime.chain.Runtime.rescale_`:
+   :func:`~fxbackmatch.runtime.chain.spread_mul_`, three launches);
+3. torch's own fused SGD kernel per parameter group (``torch.optim.sgd.sgd(..., fused=True)``:
+   multi-tensor launches per device and dtype), with the groups' learning rate, momentum and
+   Nesterov read every step (schedulers need no rebuild).
+
+So it is ``attach()`` followed by ``SGD(fused=True).step()`` without the optimizer's Python.
+It reads each weight for its norm (inside the graph; bytes a GPU reads in microseconds)
+instead of summing it as the update writes it, and, like ``attach()``, it leaves the scaled
+gradients (weight decay included) in ``p.grad``. It runs on any device torch's fused SGD
+takes (the tests run it on the CPU); :data:`~fxbackmatch.apply.fused.FOREACH_DEVICES` says
+where the fused step uses it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch.optim.sgd import sgd
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+
+__all__ = ["SGDForeachStep"]
+
+
+class SGDForeachStep:
+    """``step(consts, grads, bufs) -> scales`` for an SGD optimizer's parameters (``params``,
+    in group order); ``finish(scales, consts)`` applies the plan's per-step multiplier."""
+
+    def __init__(self, plan: "Plan", optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                 weight_decay: float, finish: Callable) -> None:
+        self.plan, self.optimizer, self.params = plan, optimizer, params
+        self.weight_decay, self.finish = weight_decay, finish
+        rt = plan._runtime
+        mine = {id(p) for p in params}
+        #: the ids of the targets this optimizer updates, or None: it updates all of them
+        self.only = None if all(id(t) in mine for t in rt.targets) else mine
+        self.sizes = [len(g["params"]) for g in optimizer.param_groups]
+
+    def __call__(self, consts: dict, grads: list[torch.Tensor], bufs: list[torch.Tensor]) -> torch.Tensor:
+        rt = self.plan._runtime
+        scales = self.finish(rt._scales(), consts)
+        if self.weight_decay:  # before the scale, as attach() and the compiled update add it
+            torch._foreach_add_(grads, self.params, alpha=self.weight_decay)
+        rt.rescale_(self.only, scales)
+        k = 0
+        for group, n in zip(self.optimizer.param_groups, self.sizes):
+            sgd(self.params[k:k + n], grads[k:k + n], bufs[k:k + n], fused=True, weight_decay=0.0,
+                momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=group["nesterov"],
+                maximize=False)
+            k += n
+        return scales
