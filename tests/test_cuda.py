@@ -316,22 +316,35 @@ def test_length_mode_inside_a_compiled_step_under_a_wrapped_compile(monkeypatch)
 @pytest.mark.cuda
 def test_the_fused_sgd_step_on_cuda_is_the_foreach_step_and_trains_like_attach():
     """On CUDA ``compile_step`` over SGD is ``cuda_update.SGDForeachStep``: the graphed scales,
-    the spread multiply and torch's fused SGD kernel. Nesterov, weight decay and a weight
-    halved by hand at step 3: weights and momentum buffers equal attach() +
-    ``optimizer.step()`` on a twin to 1e-5 and scales to 1e-6, with the scales' CUDA graph in use."""
+    the spread multiply and torch's fused SGD kernel. In float64 (no TF32 convolutions, so the
+    twins' one-ulp differences between torch's fused and foreach kernels do not compound),
+    with Nesterov, weight decay and a weight halved by hand at step 3: weights, momentum
+    buffers and scales equal attach() + ``optimizer.step()`` on a twin to 1e-9, with the
+    scales' CUDA graph in use. Then float32 channels-last twins (bench_rescale's layout),
+    one step from the same state: to 1e-5, on torch's fused kernel."""
     import copy
 
     from fxbackmatch.apply.cuda_update import SGDForeachStep
 
-    torch.manual_seed(0)
-    a = lenet_bn().cuda()
-    b = copy.deepcopy(a)
-    x = torch.randn(16, 3, 32, 32, device="cuda")
+    def twins(dtype, fmt):
+        torch.manual_seed(0)
+        a = lenet_bn().cuda().to(dtype=dtype, memory_format=fmt)
+        b = copy.deepcopy(a)
+        x = torch.randn(16, 3, 32, 32, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+        pa, pb = (fxbackmatch.prepare(n, x[:2], compile=True) for n in (a, b))
+        oa, ob = (torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9, nesterov=True) for n in (a, b))
+        step = pa.compile_step(oa, weight_decay=5e-4)
+        pb.attach(ob, weight_decay=5e-4)
+        return (a, pa, oa, step), (b, pb, ob), x
+
+    def check(a, oa, b, ob, tol):
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=tol, atol=tol * float(q.abs().max()))
+            u, v = oa.state[p]["momentum_buffer"], ob.state[q]["momentum_buffer"]
+            torch.testing.assert_close(u, v, rtol=tol, atol=tol * float(v.abs().max()))
+
     y = torch.randint(0, 10, (16,), device="cuda")
-    pa, pb = (fxbackmatch.prepare(n, x[:2], compile=True) for n in (a, b))
-    oa, ob = (torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9, nesterov=True) for n in (a, b))
-    step = pa.compile_step(oa, weight_decay=5e-4)
-    pb.attach(ob, weight_decay=5e-4)
+    (a, pa, oa, step), (b, pb, ob), x = twins(torch.float64, torch.contiguous_format)
     for i in range(6):
         if i == 3:
             with torch.no_grad():
@@ -342,8 +355,11 @@ def test_the_fused_sgd_step_on_cuda_is_the_foreach_step_and_trains_like_attach()
             F.cross_entropy(net(x * (1 + i)), y).backward()
             st()
         assert isinstance(step._fn, SGDForeachStep) and pa._runtime._graphed is not None
-        for p, q in zip(a.parameters(), b.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5 * float(q.abs().max()))
-            u, v = oa.state[p]["momentum_buffer"], ob.state[q]["momentum_buffer"]
-            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5 * float(v.abs().max()))
-        torch.testing.assert_close(pa.applied_scales(), pb.applied_scales(), rtol=1e-6, atol=0)
+        check(a, oa, b, ob, 1e-9)
+        torch.testing.assert_close(pa.applied_scales(), pb.applied_scales(), rtol=1e-9, atol=0)
+    (a, pa, oa, step), (b, pb, ob), x = twins(torch.float32, torch.channels_last)
+    for net, st in ((a, step), (b, ob.step)):
+        F.cross_entropy(net(x), y).backward()
+        st()
+    assert step._fn.fused == [True]  # the channels-last weights, gradients and buffers agree in strides
+    check(a, oa, b, ob, 1e-5)

@@ -718,18 +718,59 @@ def test_foreach_steps_of_two_optimizers_scale_each_its_own_gradients(monkeypatc
     (oa1, oa2), (oc1, oc2) = parts(a), parts(c)
     sa, sc = [pa.compile_step(o) for o in (oa1, oa2)], [pc.compile_step(o) for o in (oc1, oc2)]
 
-    def steps(kind, pair):
+    def steps(kind, pair, plan, want):
         def run():
             monkeypatch.setattr(fused, "FOREACH_DEVICES", kind)
             first, second = pair
             head = [p.grad.clone() for p in second.params]
+            before = plan.scales()  # the reference evaluation, before each part moves
             first()
             for p, g in zip(second.params, head):
                 assert torch.equal(p.grad, g)  # the first step left the second part's gradients alone
+            between = plan.scales()
             second()
+            want.update({n: (between if n.startswith("fc.") else before)[n] for n in before})
         return run
 
     for x, y in batches(4):
-        step_both(a, steps({"cpu"}, sa), c, steps(set(), sc), x, y)
+        want_a, want_c = {}, {}
+        step_both(a, steps({"cpu"}, sa, pa, want_a), c, steps(set(), sc, pc, want_c), x, y)
         assert_same(a, c, tol=1e-6)
+        for plan, want in ((pa, want_a), (pc, want_c)):  # each target's scale from its own optimizer's step
+            got = plan.applied_scales()
+            assert got.keys() == want.keys() and all(got[n] == pytest.approx(want[n], rel=1e-6) for n in want)
     assert [s._fn.only is None for s in sa] == [False, False]
+
+
+def test_a_group_the_fused_sgd_kernel_refuses_takes_torchs_foreach_update(monkeypatch, caplog):
+    """On CUDA torch's fused SGD kernel refuses tensors of unequal strides (a momentum buffer
+    loaded in another memory format) before launching anything; the foreach step then updates
+    that group with torch's foreach SGD, says so once, and trains as attach() does."""
+    from fxbackmatch.apply import cuda_update, fused
+
+    monkeypatch.setattr(fused, "FOREACH_DEVICES", {"cpu"})
+    real, calls = cuda_update.sgd, []
+
+    def picky(params, grads, bufs, **kw):  # the second group's tensors, as CUDA's layout check would
+        calls.append(bool(kw.get("fused")))
+        if kw.get("fused") and len(params) == 2:
+            raise RuntimeError("params, grads, momentum_buffer_list must have the same strides")
+        return real(params, grads, bufs, **kw)
+
+    monkeypatch.setattr(cuda_update, "sgd", picky)
+    a, pa, b, pb = twins()
+
+    def groups(net):
+        head = [net.fc.weight, net.fc.bias]
+        return [{"params": [p for p in net.parameters() if all(p is not q for q in head)]},
+                {"params": head, "lr": 0.02}]
+
+    oa, ob = (torch.optim.SGD(groups(n), lr=0.05, momentum=0.9) for n in (a, b))
+    step = pa.compile_step(oa, weight_decay=5e-4)
+    pb.attach(ob, weight_decay=5e-4)
+    with caplog.at_level("WARNING", logger="fxbackmatch.apply.cuda_update"):
+        for x, y in batches(3):
+            step_both(a, step, b, ob.step, x, y)
+            assert_same(a, b, tol=1e-6)
+    assert step._fn.fused == [True, False] and calls == [True, True, False] + [True, False] * 2
+    assert len([r for r in caplog.records if "parameter group 1" in r.getMessage()]) == 1

@@ -24,6 +24,7 @@ where the fused step uses it.
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from ..plan import Plan
 
 __all__ = ["SGDForeachStep"]
+
+log = logging.getLogger(__name__)
 
 
 class SGDForeachStep:
@@ -48,6 +51,11 @@ class SGDForeachStep:
         #: the ids of the targets this optimizer updates, or None: it updates all of them
         self.only = None if all(id(t) in mine for t in rt.targets) else mine
         self.sizes = [len(g["params"]) for g in optimizer.param_groups]
+        #: per group, whether torch's fused kernel takes its tensors: on CUDA it requires every
+        #: weight, gradient and buffer dense with equal strides and raises before launching
+        #: anything otherwise (a buffer loaded in another memory format); such a group takes
+        #: torch's foreach update from then on, the same arithmetic in more launches
+        self.fused = [True] * len(self.sizes)
 
     def __call__(self, consts: dict, grads: list[torch.Tensor], bufs: list[torch.Tensor]) -> torch.Tensor:
         rt = self.plan._runtime
@@ -56,9 +64,21 @@ class SGDForeachStep:
             torch._foreach_add_(grads, self.params, alpha=self.weight_decay)
         rt.rescale_(self.only, scales)
         k = 0
-        for group, n in zip(self.optimizer.param_groups, self.sizes):
-            sgd(self.params[k:k + n], grads[k:k + n], bufs[k:k + n], fused=True, weight_decay=0.0,
-                momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=group["nesterov"],
-                maximize=False)
+        for gi, (group, n) in enumerate(zip(self.optimizer.param_groups, self.sizes)):
+            ps, gs, bs = self.params[k:k + n], grads[k:k + n], bufs[k:k + n]
             k += n
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):  # the fused kernel reads a device lr as float32 there
+                lr = lr.item() if lr.device.type == "cpu" else lr.to(ps[0].device, torch.float32)
+            kw = dict(weight_decay=0.0, momentum=float(group["momentum"]), lr=lr, dampening=0.0,
+                      nesterov=bool(group["nesterov"]), maximize=False)
+            if self.fused[gi]:
+                try:
+                    sgd(ps, gs, bs, fused=True, **kw)
+                    continue
+                except RuntimeError as e:  # its layout check runs before any launch: nothing was written
+                    self.fused[gi] = False
+                    log.warning("fxbackmatch: torch's fused SGD kernel does not take parameter group %d "
+                                "(%s); using torch's foreach update for it", gi, str(e).splitlines()[0])
+            sgd(ps, gs, bs, foreach=True, **kw)
         return scales

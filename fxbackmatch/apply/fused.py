@@ -168,6 +168,12 @@ class FusedStep:
         self._rt = rt
         pos = {id(p): k for k, p in enumerate(rt.targets)}
         self.index = [pos.get(id(p), -1) for p in self.params]
+        covered = [False] * len(rt.targets)
+        for k in self.index:
+            if k >= 0:
+                covered[k] = True
+        #: which targets this optimizer steps, or None: all (see :meth:`_merged`)
+        self._mine, self._mine_mask = (None if all(covered) else covered), None
         # weights the update writes keep their sums: compiled with the scheduler pass that puts
         # each parameter's update in one loop, or small enough to fuse without it (KEEP_MAX_PARAMS)
         self._options = compile_options() if self._compile else {}
@@ -383,7 +389,7 @@ class FusedStep:
             mult = torch.ones(n, dtype=torch.float64, device=dev) if mult is None else mult.to(dev, torch.float64)
             consts = {**consts, "mult": mult}
         if isinstance(self._fn, SGDForeachStep):  # reads the weights and the groups itself
-            self.plan._applied = self._fn(consts, grads, *self._state())
+            self.plan._applied = self._merged(self._fn(consts, grads, *self._state()))
             self.optimizer._opt_called = True
             return
         hyper = self._hyper(dev)
@@ -395,8 +401,8 @@ class FusedStep:
         kept = self._kept_sq()  # a list of 0-d sums, or the vector the C++ update returned
         if not isinstance(kept, torch.Tensor):
             kept = torch.stack(kept) if kept else torch.zeros(0, dtype=torch.float64, device=dev)
-        self._sq, self.plan._applied = self._fn(self._read, kept, stats, consts, self.params, grads, *hyper,
-                                                *self._state())  # the scales: plan.applied_scales()
+        self._sq, scales = self._fn(self._read, kept, stats, consts, self.params, grads, *hyper, *self._state())
+        self.plan._applied = self._merged(scales)  # plan.applied_scales()
         # the marks the next step expects: the step's own version bumps are the same every step,
         # so they are read once (on a step that re-read a sum) and added after that; a wrong
         # guess only makes the next step re-read those sums
@@ -407,6 +413,20 @@ class FusedStep:
             self._marks = list(map(_bumped, self._now, self._bumps))
         self._loads = self.plan._state_loads
         self.optimizer._opt_called = True  # tell LR schedulers the optimizer stepped
+
+
+    def _merged(self, scales: torch.Tensor) -> torch.Tensor:
+        """What ``plan.applied_scales()`` shows after this step: this optimizer's targets from
+        ``scales``, the others as another optimizer's last step left them (as attach() keeps
+        them). Each fused step computes its scales when it runs, so a second optimizer's see
+        the weights the first one just wrote, where attach() gives every part the round's first
+        scales."""
+        prev = self.plan._applied
+        if self._mine is None or prev is None or prev.shape != scales.shape:
+            return scales
+        if self._mine_mask is None or self._mine_mask.device != scales.device:
+            self._mine_mask = torch.tensor(self._mine, device=scales.device)
+        return torch.where(self._mine_mask, scales, prev.to(scales.device))
 
 
 def _one_device(params: list[torch.Tensor]) -> None:
@@ -438,5 +458,8 @@ def compile_step(plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: f
     """A :class:`FusedStep` for ``optimizer``. Plans whose scales read each step's batch
     (``span="batch"``, a token mask) multiply them by the step's multiplier inside the fused
     update; measured moments and factors are refreshed every ``refresh`` steps, as ``attach``
-    does. Every parameter must live on one device (a model split across devices: ``attach``)."""
+    does. Every parameter must live on one device (a model split across devices: ``attach``).
+    With several optimizers over parts of one model, each step computes its scales when it
+    runs (after the earlier parts moved), where ``attach`` gives every part the round's first
+    scales; ``plan.applied_scales()`` keeps each target's from its own optimizer's step."""
     return FusedStep(plan, optimizer, weight_decay, compile=plan.compile)
