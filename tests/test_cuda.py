@@ -321,18 +321,20 @@ def test_the_fused_sgd_step_on_cuda_is_the_foreach_step_and_trains_like_attach()
     with Nesterov, weight decay and a weight halved by hand at step 3: weights, momentum
     buffers and scales equal attach() + ``optimizer.step()`` on a twin to 1e-9, with the
     scales' CUDA graph in use. Then float32 channels-last twins (bench_rescale's layout),
-    one step from the same state: to 1e-5, on torch's fused kernel."""
+    one step from the same state, the fused step's learning rate a float64 CUDA tensor (the
+    kernel reads float32): to 1e-5, on torch's fused kernel."""
     import copy
 
     from fxbackmatch.apply.cuda_update import SGDForeachStep
 
-    def twins(dtype, fmt):
+    def twins(dtype, fmt, lr=0.05):
         torch.manual_seed(0)
         a = lenet_bn().cuda().to(dtype=dtype, memory_format=fmt)
         b = copy.deepcopy(a)
         x = torch.randn(16, 3, 32, 32, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
         pa, pb = (fxbackmatch.prepare(n, x[:2], compile=True) for n in (a, b))
-        oa, ob = (torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9, nesterov=True) for n in (a, b))
+        oa = torch.optim.SGD(a.parameters(), lr=lr, momentum=0.9, nesterov=True)
+        ob = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, nesterov=True)
         step = pa.compile_step(oa, weight_decay=5e-4)
         pb.attach(ob, weight_decay=5e-4)
         return (a, pa, oa, step), (b, pb, ob), x
@@ -357,7 +359,8 @@ def test_the_fused_sgd_step_on_cuda_is_the_foreach_step_and_trains_like_attach()
         assert isinstance(step._fn, SGDForeachStep) and pa._runtime._graphed is not None
         check(a, oa, b, ob, 1e-9)
         torch.testing.assert_close(pa.applied_scales(), pb.applied_scales(), rtol=1e-9, atol=0)
-    (a, pa, oa, step), (b, pb, ob), x = twins(torch.float32, torch.channels_last)
+    (a, pa, oa, step), (b, pb, ob), x = twins(torch.float32, torch.channels_last,
+                                              torch.tensor(0.05, dtype=torch.float64, device="cuda"))
     for net, st in ((a, step), (b, ob.step)):
         F.cross_entropy(net(x), y).backward()
         st()

@@ -774,3 +774,20 @@ def test_a_group_the_fused_sgd_kernel_refuses_takes_torchs_foreach_update(monkey
             assert_same(a, b, tol=1e-6)
     assert step._fn.fused == [True, False] and calls == [True, True, False] + [True, False] * 2
     assert len([r for r in caplog.records if "parameter group 1" in r.getMessage()]) == 1
+
+
+def test_the_foreach_step_takes_a_tensor_learning_rate(monkeypatch):
+    """A group whose ``lr`` is a float64 tensor (as schedulers may set it) steps as with the
+    same float (a float64 tensor on CUDA: tests/test_cuda.py)."""
+    from fxbackmatch.apply import fused
+
+    monkeypatch.setattr(fused, "FOREACH_DEVICES", {"cpu"})
+    a, pa, b, pb = twins()
+    oa = torch.optim.SGD(a.parameters(), lr=torch.tensor(0.05, dtype=torch.float64), momentum=0.9)
+    ob = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    step = pa.compile_step(oa)
+    pb.attach(ob)
+    for x, y in batches(3):
+        step_both(a, step, b, ob.step, x, y)
+        assert_same(a, b, tol=1e-6)
+    assert isinstance(oa.param_groups[0]["lr"], torch.Tensor)
