@@ -3,8 +3,10 @@ batches, augmentation statistics against the rotation loader, the decoded cache,
 cosine schedule and the device script's CPU dry run."""
 from __future__ import annotations
 
+import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +205,6 @@ def test_device_script_dry_run(tmp_path):
     rows = [line for line in (out / "table2.md").read_text().splitlines() if line.startswith("| vgg11 | 0 |")]
     assert [row.split("|")[3].strip() for row in rows] == ["SGD", "back-matching"]
     assert all(row.split("|")[5].strip() == "2" for row in rows)
+    for d in json.loads((out / "table2.json").read_text())["results"][0]["methods"].values():
+        secs = [c["epoch_seconds"] for c in d["curve"]]  # the median, not a mean the first epoch's warm-up pulls
+        assert d["s_per_epoch"] == statistics.median(secs) and d["first_epoch_s"] == secs[0]
