@@ -23,7 +23,7 @@ import fxbackmatch  # noqa: E402
 STEPS = 3
 BATCH = 16
 #: every distributed mode: the fast test runs them all in one process group
-MODES = ("ddp", "ddp-bn", "ddp-bn-local", "fsdp", "fsdp-local", "fsdp+length", "fsdp-after")
+MODES = ("ddp", "ddp-bn", "ddp-bn-local", "fsdp", "fsdp-local", "fsdp+length", "fsdp-after", "ddp+fused", "fsdp+fused")
 
 
 def make_net() -> nn.Module:
@@ -57,12 +57,22 @@ def data():
     return [(torch.randn(BATCH, 3, 8, 8, generator=g), torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def train(net, plan, rank: int, world: int, scales_log: list, length: bool = False, states: list | None = None) -> None:
+def train(net, plan, rank: int, world: int, scales_log: list, length: bool = False, states: list | None = None,
+          fused: bool = False) -> None:
     """A few steps on this rank's share of each batch; after each step, the plan's scales (and,
-    with ``states``, this rank's parameters and buffers they were computed from)."""
+    with ``states``, this rank's parameters and buffers they were computed from). ``fused``:
+    ``plan.compile_step`` as it runs on CUDA (the foreach step: rescale, then torch's fused
+    SGD kernel) instead of attach()."""
+    step = None
     if length:  # the step-length mode on AdamW
         opt = torch.optim.AdamW(net.parameters(), lr=0.02, weight_decay=0.01)
         handle = plan.attach(opt, mode="length")
+    elif fused:
+        from fxbackmatch.apply import fused as fused_mod
+
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        handle, step = None, plan.compile_step(opt)
+        fused_mod.FOREACH_DEVICES.add("cpu")
     else:
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         handle = plan.attach(opt)
@@ -71,12 +81,20 @@ def train(net, plan, rank: int, world: int, scales_log: list, length: bool = Fal
         xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
         opt.zero_grad()
         F.cross_entropy(net(xs), ys).backward()
-        opt.step()
+        step() if step is not None else opt.step()
+        if step is not None:
+            from fxbackmatch.apply.cuda_update import SGDForeachStep
+
+            # torch's fused SGD kernel where it applies; FSDP2's DTensors take its foreach update
+            assert isinstance(step._fn, SGDForeachStep) and step._fn.fused == [not plan._runtime.sharded]
         scales_log.append(plan.scale_tensor().cpu())
         if states is not None:
             module = net.module if hasattr(net, "module") else net
             states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
-    handle.remove()
+    if handle is not None:
+        handle.remove()
+    if fused:
+        fused_mod.FOREACH_DEVICES.discard("cpu")
 
 
 def full_params(net) -> dict[str, torch.Tensor]:
@@ -120,8 +138,8 @@ def _shard(net: nn.Module) -> None:
 def run_mode(mode: str, rank: int, world: int) -> dict:
     import fxbackmatch.runtime.chain as rt
 
-    length = mode.endswith("+length")
-    mode = mode.removesuffix("+length")
+    length, fused = mode.endswith("+length"), mode.endswith("+fused")
+    mode = mode.removesuffix("+length").removesuffix("+fused")
     log: list = []
     states: list = []  # ddp-bn: each rank's parameters and statistics after each step
     if mode.startswith("ddp-bn"):  # per-rank BatchNorm statistics enter the scales
@@ -136,7 +154,7 @@ def run_mode(mode: str, rank: int, world: int) -> dict:
     elif mode == "ddp":
         net = nn.parallel.DistributedDataParallel(make_net())
         plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)
-        train(net, plan, rank, world, log, length)
+        train(net, plan, rank, world, log, length, fused=fused)
     elif mode == "fsdp-after":  # prepare on the already sharded model
         net = make_net()
         _shard(net)
@@ -157,7 +175,7 @@ def run_mode(mode: str, rank: int, world: int) -> dict:
             net = make_net()
             plan = fxbackmatch.prepare(net, torch.randn(2, 3, 8, 8), compile=False)  # before sharding
             _shard(net)
-            train(net, plan, rank, world, log, length)
+            train(net, plan, rank, world, log, length, fused=fused)
     else:
         raise ValueError(f"unknown mode {mode!r}")
     return {"params": full_params(net.module if hasattr(net, "module") else net), "scales": log,

@@ -141,12 +141,16 @@ def _check(mode, r, single, single_length):
         "fsdp-local": lambda: check_fsdp_local_is_wrong(r, single),
         "fsdp+length": lambda: check_fsdp_length(r, single_length),
         "fsdp-after": lambda: check_fsdp_after(r),
+        "ddp+fused": lambda: check_ddp(r, single),
+        "fsdp+fused": lambda: check_fsdp(r, single),
     }[mode]()
 
 
 def test_every_mode_in_one_process_group(single, single_length, tmp_path):
     """DDP, DDP with BatchNorm statistics, FSDP2 (gradient rescale and step-length mode),
-    prepare-after-sharding, and the two known failures that show the checks have teeth."""
+    prepare-after-sharding, the two known failures that show the checks have teeth, and DDP and
+    FSDP2 under ``compile_step`` as it runs on CUDA (the foreach step) against attach() in one
+    process."""
     results = _spawn(dist_worker.MODES, tmp_path)
     for mode in dist_worker.MODES:
         _check(mode, results[mode], single, single_length)

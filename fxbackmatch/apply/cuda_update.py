@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch.optim.sgd import sgd
 
+from ..runtime.sharding import is_dtensor
+
 if TYPE_CHECKING:
     from ..plan import Plan
 
@@ -51,11 +53,12 @@ class SGDForeachStep:
         #: the ids of the targets this optimizer updates, or None: it updates all of them
         self.only = None if all(id(t) in mine for t in rt.targets) else mine
         self.sizes = [len(g["params"]) for g in optimizer.param_groups]
-        #: per group, whether torch's fused kernel takes its tensors: on CUDA it requires every
-        #: weight, gradient and buffer dense with equal strides and raises before launching
-        #: anything otherwise (a buffer loaded in another memory format); such a group takes
-        #: torch's foreach update from then on, the same arithmetic in more launches
-        self.fused = [True] * len(self.sizes)
+        #: per group, whether torch's fused kernel takes its tensors: not DTensors (FSDP2: it has
+        #: no sharding strategy); on CUDA it requires every weight, gradient and buffer dense with
+        #: equal strides and raises before launching anything otherwise (a buffer loaded in
+        #: another memory format): such a group takes torch's foreach update from then on, the
+        #: same arithmetic in more launches
+        self.fused = [not any(map(is_dtensor, g["params"])) for g in optimizer.param_groups]
 
     def __call__(self, consts: dict, grads: list[torch.Tensor], bufs: list[torch.Tensor]) -> torch.Tensor:
         rt = self.plan._runtime
