@@ -250,9 +250,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128, help="training-step batch (default 128)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast and channels-last in the training step")
     ap.add_argument("--profile", metavar="FILE", help="append a host-time profile of the rescale (cProfile, torch.profiler)")
+    ap.add_argument("--compiled-update", action="store_true",
+                    help="then the fused step on the compiled update (on CUDA the fused step is the foreach one) "
+                         "against a compiled SGD step")
     ap.add_argument("--combo", action="store_true",
-                    help="then the fused step on the compiled update, plain and with inductor's combo kernels (on "
-                         "CUDA), against a compiled SGD step")
+                    help="--compiled-update, then the same with inductor's combo kernels (on CUDA)")
     args = ap.parse_args()
     print(f"# machine: {machine()}, device {args.device}, batch {args.batch}{', bf16 autocast' if args.amp else ''}")
     for name in args.models.split(","):
@@ -284,18 +286,19 @@ def main() -> None:
             print(f"full step with / without rescale     : {r['train_step_with'] / r['train_step_without']:.4f}  (target ≤ 1.02)")
             print(f"rescale share of the step            : {100 * r['compiled_rescale'] / r['train_step_with']:.2f} %  "
                   f"(compiled rescale alone / full step; target ≤ 1 %)")
-    if args.combo:  # the compiled update (on CUDA the fused step is the foreach one), then with combo kernels
-        for name in args.models.split(","):  # (CUDA_OPTIONS apply on CUDA only: on the CPU both are the same)
-            for label, options in (("the compiled update", {}), ("the compiled update with combo_kernels",
-                                                                  {"combo_kernels": True})):
-                try:
-                    q = sorted(bench_fused_options(name, args.device, args.reps, args.batch, args.amp, args.rounds,
-                                                   options))
-                    print(f"\n{name}: fused step with {label} / compiled SGD step: median "
-                          f"{statistics.median(q):.3f}, range {q[0]:.3f}–{q[-1]:.3f} ({len(q)} interleaved rounds)")
-                except Exception as e:  # report it: the main results are already printed
-                    print(f"\n{name}: fused step with {label} failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}")
+    variants = [("the compiled update", {})] if args.compiled_update or args.combo else []
+    if args.combo:  # CUDA_OPTIONS apply on CUDA only: on the CPU both are the same
+        variants.append(("the compiled update with combo_kernels", {"combo_kernels": True}))
+    for name in args.models.split(",") if variants else []:
+        for label, options in variants:
+            try:
+                q = sorted(bench_fused_options(name, args.device, args.reps, args.batch, args.amp, args.rounds,
+                                               options))
+                print(f"\n{name}: fused step with {label} / compiled SGD step: median "
+                      f"{statistics.median(q):.3f}, range {q[0]:.3f}–{q[-1]:.3f} ({len(q)} interleaved rounds)")
+            except Exception as e:  # report it: the main results are already printed
+                print(f"\n{name}: fused step with {label} failed: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 # One script for a session that has a GPU (device tool), sized to 9 minutes of device time:
 #   1. the CUDA tests;
 #   2. bench_rescale on the GPU: ResNet-50, batch 256, bf16 autocast (the rescale as a share of
-#      the step; the fused step against the compiled and the torch-fused SGD steps; last, the
-#      fused step with inductor's combo kernels, which a timeout may cut without losing the rest);
+#      the step; the fused step — on CUDA the foreach step — against the compiled and the
+#      torch-fused SGD steps; last, the fused step on the compiled update it replaced, which a
+#      timeout may cut without losing the rest);
 #   3. step_profile: the Table 2 harness's VGG-11 step, wall time against the device's kernel
-#      time (is the device kept busy?), appended to profile.txt;
+#      time (is the device kept busy?), then back-matching's step with the model compiled
+#      (would Table 2 fit more epochs so?), appended to profile.txt;
 #   4. the paper's Table 2 protocol (benchmarks/table2.py) in the time that is left: VGG-16
 #      SGD vs back-matching, then VGG-11's second seed (its first ran), if time is left.
 # Results under $OUT: gpu.txt, gpu_tests.txt, bench_rescale.txt, profile.txt (where the rescale's
@@ -33,13 +35,13 @@ say() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/log.txt"; }
 if [ "${DRY:-0}" = 1 ]; then
   DEVICE=cpu
   TESTS=(-m cuda tests/test_optim.py)
-  BENCH=(--models resnet18 --device cpu --batch 8 --reps 2 --train-reps 1 --amp --combo --rounds 2)
+  BENCH=(--models resnet18 --device cpu --batch 8 --reps 2 --train-reps 1 --amp --compiled-update --rounds 2)
   STEP=(--device cpu --width 0.0625 --batch-size 16 --steps 3)
   TABLE=(--device cpu --epochs 2 --subset 64 --width 0.0625 --jobs vgg11:0)
 else
   DEVICE=cuda
   TESTS=(-m cuda tests/test_optim.py tests/test_pipeline.py tests/test_cuda.py)
-  BENCH=(--models resnet50 --device cuda --batch 256 --reps 20 --train-reps 10 --amp --combo)
+  BENCH=(--models resnet50 --device cuda --batch 256 --reps 20 --train-reps 10 --amp --compiled-update)
   STEP=(--device cuda --steps 50)
   # VGG-11 seed 0 ran 46 epochs on 2026-12-04 (docs/results.md): next, VGG-16 long, then a second seed
   TABLE=(--device cuda --jobs "${JOBS:-vgg16:0,vgg11:1,vgg11:0}" --min-epochs 15 --max-epochs 60 ${EPOCHS:+--epochs $EPOCHS})
@@ -65,6 +67,9 @@ say "bench_rescale: rc $?"
 # is the device kept busy? the harness's VGG-11 step: wall vs kernel time, busiest ops
 timeout -k 5 90 $PY benchmarks/step_profile.py --data "$DATA" "${STEP[@]}" >> "$OUT/profile.txt" 2>&1
 say "step_profile: rc $?"
+timeout -k 5 90 $PY benchmarks/step_profile.py --data "$DATA" "${STEP[@]}" --methods backmatch --compile \
+  >> "$OUT/profile.txt" 2>&1
+say "step_profile, compiled model: rc $?"
 
 T=$(( $(left) - 15 ))
 say "table2 with ${T} s"

@@ -57,7 +57,8 @@ def profile_method(args: argparse.Namespace, data: ImageData, method: str, out: 
     if run.handle is not None:
         run.handle.remove()
     events = prof.key_averages()
-    lines = [f"## {args.model} {method}, {args.device}, batch {args.batch_size}: {steps} steps per epoch"]
+    model = f"{args.model} (torch.compile)" if args.compile else args.model
+    lines = [f"## {model} {method}, {args.device}, batch {args.batch_size}: {steps} steps per epoch"]
     lines.append(f"wall per step (unprofiled)    : {wall * 1e3:.3f} ms  ({args.batch_size / wall:,.0f} img/s)")
     if device.type == "cuda":
         busy = sum(_device_us(e) for e in events) / 1e6 / steps  # the evaluation batch included
