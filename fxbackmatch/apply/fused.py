@@ -81,10 +81,11 @@ CPU_KERNEL = True
 #: fused SGD step; docs/benchmarks.md). Read when the update is built; empty: inductor's update
 FOREACH_DEVICES: set[str] = {"cuda"}
 
-#: inductor options added for a fused step whose parameters live on CUDA (read when the update
-#: is compiled: at the first call, after the model moved, after a change that rebuilds it). Empty: measured on an H200, the compiled update is launch-bound (one kernel per
-#: parameter, 1.66× a compiled SGD step; docs/benchmarks.md); ``{"combo_kernels": True}``
-#: (several parameters' loops per launch) is what ``bench_rescale.py --combo`` measures against it
+#: inductor options added for a compiled update whose parameters live on CUDA (Adam, or SGD
+#: where ``FOREACH_DEVICES`` leaves CUDA to it; read when the update is compiled: at the first
+#: call, after the model moved, after a change that rebuilds it). Empty: measured on an H200,
+#: the compiled update is launch-bound (one kernel per parameter, 1.66× a compiled SGD step;
+#: docs/benchmarks.md); ``{"combo_kernels": True}`` is what ``bench_rescale.py --combo`` tries
 CUDA_OPTIONS: dict[str, Any] = {}
 
 
