@@ -791,3 +791,38 @@ def test_the_foreach_step_takes_a_tensor_learning_rate(monkeypatch):
         step_both(a, step, b, ob.step, x, y)
         assert_same(a, b, tol=1e-6)
     assert isinstance(oa.param_groups[0]["lr"], torch.Tensor)
+
+
+@pytest.mark.parametrize("path", ["compiled", "foreach"])
+def test_a_grad_scaler_steps_the_fused_step_as_it_steps_attach(path, monkeypatch):
+    """``scaler.step(step)`` with a loss scale of 2¹⁰: the scaler unscales the gradients (it
+    reads ``step.param_groups``), skips the step whose gradient holds an inf (step 2: the weights
+    stay exactly as they were, the scale halves) and otherwise calls the fused step. Weights,
+    buffers and the scaler's scale equal attach() + ``scaler.step(optimizer)``'s, to 1e-6;
+    ``path``: the update function eagerly, or the step as launched on CUDA, here on the CPU."""
+    from fxbackmatch.apply import fused
+
+    monkeypatch.setattr(fused, "FOREACH_DEVICES", {"cpu"} if path == "foreach" else set())
+    a, pa, b, pb = twins()
+    oa, ob = (torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9, nesterov=True) for n in (a, b))
+    step = pa.compile_step(oa, weight_decay=5e-4)
+    pb.attach(ob, weight_decay=5e-4)
+    sa, sb = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2))
+    for i, (x, y) in enumerate(batches(5)):
+        before = [p.detach().clone() for p in a.parameters()]
+        for net, scaler, stepper in ((a, sa, step), (b, sb, ob)):
+            net.zero_grad()
+            scaler.scale(F.cross_entropy(net(x), y)).backward()
+            if i == 2:
+                net.fc.weight.grad[0, 0] = float("inf")
+            scaler.step(stepper)
+            scaler.update()
+        assert_same(a, b)
+        assert sa.get_scale() == sb.get_scale() == 2.0 ** (10 - (i >= 2))
+        if i == 2:
+            assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+        else:
+            assert not torch.equal(a.fc.weight, before[-2])
+    for p, q in zip(a.parameters(), b.parameters()):
+        want = ob.state[q]["momentum_buffer"]
+        torch.testing.assert_close(oa.state[p]["momentum_buffer"], want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))

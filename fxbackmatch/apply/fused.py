@@ -360,6 +360,18 @@ class FusedStep:
             self._baked, self.cpu_code = None, step.code  # momentum is passed every step
         return step
 
+    @property
+    def param_groups(self) -> list[dict]:
+        """The optimizer's groups: what ``GradScaler.unscale_`` reads, so that
+        ``scaler.step(step)`` unscales the gradients, skips a step with inf/NaN gradients and
+        otherwise calls :meth:`step` (``scaler.step(optimizer)`` would run the optimizer's own
+        step, without the plan)."""
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        """The same as calling the fused step (the name ``GradScaler.step`` calls)."""
+        self()
+
     @torch.no_grad()
     def __call__(self) -> None:
         self.plan._check()
@@ -462,5 +474,8 @@ def compile_step(plan: "Plan", optimizer: torch.optim.Optimizer, weight_decay: f
     does. Every parameter must live on one device (a model split across devices: ``attach``).
     With several optimizers over parts of one model, each step computes its scales when it
     runs (after the earlier parts moved), where ``attach`` gives every part the round's first
-    scales; ``plan.applied_scales()`` keeps each target's from its own optimizer's step."""
+    scales; ``plan.applied_scales()`` keeps each target's from its own optimizer's step. With a
+    ``GradScaler`` (float16 autocast), step through the scaler: ``scaler.step(step)`` — it
+    unscales the gradients and skips steps with inf/NaN — then ``scaler.update()``; calling
+    ``step()`` directly would apply the loss-scaled gradients."""
     return FusedStep(plan, optimizer, weight_decay, compile=plan.compile)
