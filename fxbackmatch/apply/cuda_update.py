@@ -42,16 +42,14 @@ log = logging.getLogger(__name__)
 
 class SGDForeachStep:
     """``step(consts, grads, bufs) -> scales`` for an SGD optimizer's parameters (``params``,
-    in group order); ``finish(scales, consts)`` applies the plan's per-step multiplier."""
+    in group order); ``finish(scales, consts)`` applies the plan's per-step multiplier; ``only``
+    as ``Runtime.rescale_`` takes it (an optimizer of part of the model)."""
 
     def __init__(self, plan: "Plan", optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                 weight_decay: float, finish: Callable) -> None:
+                 weight_decay: float, finish: Callable, only: set[int] | None) -> None:
         self.plan, self.optimizer, self.params = plan, optimizer, params
-        self.weight_decay, self.finish = weight_decay, finish
-        rt = plan._runtime
-        mine = {id(p) for p in params}
-        #: the ids of the targets this optimizer updates, or None: it updates all of them
-        self.only = None if all(id(t) in mine for t in rt.targets) else mine
+        #: the ids of the parameters whose gradients it scales, or None: every target's
+        self.weight_decay, self.finish, self.only = weight_decay, finish, only
         self.sizes = [len(g["params"]) for g in optimizer.param_groups]
         #: per group, whether torch's fused kernel takes its tensors: not DTensors (FSDP2: it has
         #: no sharding strategy); on CUDA it requires every weight, gradient and buffer dense with

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ..runtime.build import applied_after
 from ..runtime.norms import sumsq, sumsq_many
 from . import cpu_update
 from .cuda_update import SGDForeachStep
@@ -169,12 +170,9 @@ class FusedStep:
         self._rt = rt
         pos = {id(p): k for k, p in enumerate(rt.targets)}
         self.index = [pos.get(id(p), -1) for p in self.params]
-        covered = [False] * len(rt.targets)
-        for k in self.index:
-            if k >= 0:
-                covered[k] = True
-        #: which targets this optimizer steps, or None: all (see :meth:`_merged`)
-        self._mine, self._mine_mask = (None if all(covered) else covered), None
+        mine = {id(p) for p in self.params}
+        #: the ids of this optimizer's parameters where it steps only some targets, or None: all
+        self._only = None if all(id(t) in mine for t in rt.targets) else mine
         # weights the update writes keep their sums: compiled with the scheduler pass that puts
         # each parameter's update in one loop, or small enough to fuse without it (KEEP_MAX_PARAMS)
         self._options = compile_options() if self._compile else {}
@@ -296,7 +294,7 @@ class FusedStep:
         self.cpu_code = None
         on_cpu = self._dev is not None and self._dev.type == "cpu"
         if self.kind == "sgd" and self._dev is not None and self._dev.type in FOREACH_DEVICES:
-            return SGDForeachStep(self.plan, self.optimizer, self.params, self.weight_decay, finish)
+            return SGDForeachStep(self.plan, self.optimizer, self.params, self.weight_decay, finish, self._only)
         if self.kind == "sgd" and self._compile and CPU_KERNEL and on_cpu and not self._kernel_off:
             fn = self._build_kernel(finish)
             if fn is not None:
@@ -402,7 +400,7 @@ class FusedStep:
             mult = torch.ones(n, dtype=torch.float64, device=dev) if mult is None else mult.to(dev, torch.float64)
             consts = {**consts, "mult": mult}
         if isinstance(self._fn, SGDForeachStep):  # reads the weights and the groups itself
-            self.plan._applied = self._merged(self._fn(consts, grads, *self._state()))
+            self.plan._applied = applied_after(self.plan, self._fn(consts, grads, *self._state()), self._only)
             self.optimizer._opt_called = True
             return
         hyper = self._hyper(dev)
@@ -415,7 +413,7 @@ class FusedStep:
         if not isinstance(kept, torch.Tensor):
             kept = torch.stack(kept) if kept else torch.zeros(0, dtype=torch.float64, device=dev)
         self._sq, scales = self._fn(self._read, kept, stats, consts, self.params, grads, *hyper, *self._state())
-        self.plan._applied = self._merged(scales)  # plan.applied_scales()
+        self.plan._applied = applied_after(self.plan, scales, self._only)  # plan.applied_scales()
         # the marks the next step expects: the step's own version bumps are the same every step,
         # so they are read once (on a step that re-read a sum) and added after that; a wrong
         # guess only makes the next step re-read those sums
@@ -426,20 +424,6 @@ class FusedStep:
             self._marks = list(map(_bumped, self._now, self._bumps))
         self._loads = self.plan._state_loads
         self.optimizer._opt_called = True  # tell LR schedulers the optimizer stepped
-
-
-    def _merged(self, scales: torch.Tensor) -> torch.Tensor:
-        """What ``plan.applied_scales()`` shows after this step: this optimizer's targets from
-        ``scales``, the others as another optimizer's last step left them (as attach() keeps
-        them). Each fused step computes its scales when it runs, so a second optimizer's see
-        the weights the first one just wrote, where attach() gives every part the round's first
-        scales."""
-        prev = self.plan._applied
-        if self._mine is None or prev is None or prev.shape != scales.shape:
-            return scales
-        if self._mine_mask is None or self._mine_mask.device != scales.device:
-            self._mine_mask = torch.tensor(self._mine, device=scales.device)
-        return torch.where(self._mine_mask, scales, prev.to(scales.device))
 
 
 def _one_device(params: list[torch.Tensor]) -> None:

@@ -281,12 +281,20 @@ def rescale(plan: "Plan", only: set[int] | None = None) -> None:
         if r is None or not same_grads(plan, r[0], only):
             r = plan._round = (grad_marks(plan), rt.scales())
         scales = rt.rescale_(only, r[1])
-    if only is not None and plan._applied is not None:
-        mine = torch.tensor([id(p) in only for p in plan._runtime.targets], device=scales.device)
-        scales = torch.where(mine, scales, plan._applied.to(scales.device))
-    plan._applied = scales
+    plan._applied = applied_after(plan, scales, only)
     if plan._runtime.gen.grad_refs:
         plan._applied_grads = grad_marks(plan)
+
+
+def applied_after(plan: "Plan", scales: torch.Tensor, only: set[int] | None) -> torch.Tensor:
+    """What ``plan.applied_scales()`` holds after a step that scaled the targets whose ``id`` is
+    in ``only`` (``None``: all) by ``scales``: theirs from ``scales``, the others' as another
+    optimizer's last step left them."""
+    prev = plan._applied
+    if only is None or prev is None or prev.shape != scales.shape:
+        return scales
+    mine = torch.tensor([id(p) in only for p in plan._runtime.targets], device=scales.device)
+    return torch.where(mine, scales, prev.to(scales.device))
 
 
 def batch_corrected(plan: "Plan") -> bool:
