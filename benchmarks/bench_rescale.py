@@ -4,7 +4,9 @@ Prints, per model, milliseconds per call and ratios measured in this one process
 eager per-layer loop, compiled rescale, SGD(momentum=0.9, foreach) step, timm Lars step
 (if timm is installed), the fused ``compile_step`` against a compiled SGD step, the rescale's
 effective bandwidth against a plain ``copy_`` of the same bytes, and a full training step
-(forward, backward, rescale, SGD) against the same step without the rescale.
+(forward, backward, rescale, SGD) against the same step without the rescale. On CUDA also
+the rescale without the scales' CUDA graph, and with scales and multiply as one graph
+(``Runtime.graph_rescale``: alone, and in the full step with gradients freed every step).
 
     python benchmarks/bench_rescale.py                 # VGG-16 (paper) and ResNet-50, CIFAR shapes
     python benchmarks/bench_rescale.py --models vgg16 --train-reps 3
@@ -109,9 +111,19 @@ def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, 
             f.write(f"# {name}, {device}: profile of 20 calls of plan.rescale_grads_()\n")
             f.write(host_profile(plan.rescale_grads_, restore, 20))
     if torch.device(device).type == "cuda":  # the same without the CUDA graph of the scales
-        plan._runtime.cuda_graph = False
+        rt = plan._runtime
+        rt.cuda_graph = False
         out["ungraphed_rescale"] = timeit(plan.rescale_grads_, restore, reps)
-        plan._runtime.cuda_graph = True
+        rt.cuda_graph = True
+        # scales and multiply as one graph (Runtime.graph_rescale): restore() copies into the
+        # same gradients, so every call after the capture replays it; a failure loses nothing else
+        try:
+            rt.graph_rescale = True
+            out["graphed_rescale"] = timeit(plan.rescale_grads_, restore, reps)
+        except Exception as e:
+            print(f"# graphed rescale failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        finally:
+            rt.graph_rescale = False
 
     named = dict(net.named_parameters())
 
@@ -177,29 +189,39 @@ def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, 
     if train_reps:
         opt_t = torch.optim.SGD(net.parameters(), lr=1e-6, momentum=0.9, foreach=True)
 
-        def step(rescale: bool):
-            opt_t.zero_grad()
+        def step(rescale: bool, graphed: bool = False):
+            opt_t.zero_grad()  # set_to_none: gradients freed, so a graph replays only where addresses recur
             with autocast():
                 loss = F.cross_entropy(net(x).float(), y)
             loss.backward()
             if rescale:
-                plan.rescale_grads_()
+                plan._runtime.graph_rescale = graphed
+                try:
+                    plan.rescale_grads_()
+                finally:
+                    plan._runtime.graph_rescale = False
             opt_t.step()
 
         import time
 
-        step(True)
-        step(False)
-        with_r, without = [], []
+        variants = [(True, False, []), (False, False, [])]
+        if torch.device(device).type == "cuda":  # the one-graph rescale in a real loop
+            variants.append((True, True, []))
+        for flag, graphed, _ in variants:
+            step(flag, graphed)
         for _ in range(train_reps):
-            for flag, acc in ((True, with_r), (False, without)):
+            for flag, graphed, acc in variants:
                 sync()
                 t = time.perf_counter()
-                step(flag)
+                step(flag, graphed)
                 sync()
                 acc.append(time.perf_counter() - t)
-        out["train_step_with"] = statistics.median(with_r)
-        out["train_step_without"] = statistics.median(without)
+        out["train_step_with"] = statistics.median(variants[0][2])
+        out["train_step_without"] = statistics.median(variants[1][2])
+        if len(variants) > 2:
+            out["train_step_graphed"] = statistics.median(variants[2][2])
+            c = plan._runtime._rescale_graphs
+            out["graph_use"] = f"{c.hits} replays, {c.captures} captures in {c.calls} steps, on: {c.enabled}"
     return out
 
 
@@ -262,8 +284,8 @@ def main() -> None:
                   args.profile)
         ms = lambda k: f"{r[k] * 1e3:8.3f} ms" if r.get(k) is not None else "     n/a"  # noqa: E731
         print(f"\n## {name} ({r['params_M']:.1f} M parameters)")
-        for k in ("eager_loop", "compiled_rescale", "ungraphed_rescale", "sgd_momentum_step", "timm_lars_step", "copy",
-                  "compiled_sgd_step", "fused_step", "torch_fused_sgd_step", "train_step_with", "train_step_without"):
+        for k in ("eager_loop", "compiled_rescale", "ungraphed_rescale", "graphed_rescale", "sgd_momentum_step", "timm_lars_step", "copy",
+                  "compiled_sgd_step", "fused_step", "torch_fused_sgd_step", "train_step_with", "train_step_without", "train_step_graphed"):
             if k in r:
                 print(f"{k:22s} {ms(k)}")
         print(f"compiled rescale / SGD-momentum step : {r['compiled_rescale'] / r['sgd_momentum_step']:.3f}  (target ≤ 0.6)")
@@ -286,6 +308,12 @@ def main() -> None:
             print(f"full step with / without rescale     : {r['train_step_with'] / r['train_step_without']:.4f}  (target ≤ 1.02)")
             print(f"rescale share of the step            : {100 * r['compiled_rescale'] / r['train_step_with']:.2f} %  "
                   f"(compiled rescale alone / full step; target ≤ 1 %)")
+        if r.get("graphed_rescale") and "train_step_with" in r:
+            print(f"graphed rescale share of the step    : {100 * r['graphed_rescale'] / r['train_step_with']:.2f} %  "
+                  f"(scales and multiply as one CUDA graph, same gradients every call)")
+        if "train_step_graphed" in r:
+            print(f"full step, graphed rescale / without : {r['train_step_graphed'] / r['train_step_without']:.4f}  "
+                  f"(gradients freed each step; {r['graph_use']})")
     variants = [("the compiled update", {})] if args.compiled_update or args.combo else []
     if args.combo:  # CUDA_OPTIONS apply on CUDA only: on the CPU both are the same
         variants.append(("the compiled update with combo_kernels", {"combo_kernels": True}))

@@ -367,3 +367,196 @@ def test_the_fused_sgd_step_on_cuda_is_the_foreach_step_and_trains_like_attach()
         st()
     assert step._fn.fused == [True]  # the channels-last weights, gradients and buffers agree in strides
     check(a, oa, b, ob, 1e-5)
+
+
+class _Fake:
+    """A stand-in for a captured graph: which key it was built for."""
+
+    def __init__(self, key):
+        self.key = key
+
+
+def _run(cache, keys) -> list[str]:
+    """What the cache does for each key in turn: replay (``r``), capture (``c``), plain (``-``)."""
+    out = []
+    for k in keys:
+        before = cache.captures
+        g = cache.lookup(k, lambda k=k: _Fake(k))
+        assert g is None or g.key == k  # never another layout's graph
+        out.append("-" if g is None else "c" if cache.captures > before else "r")
+    return "".join(out)
+
+
+def test_capture_cache_captures_recurring_layouts_and_stops_where_none_recur(caplog):
+    """CaptureCache's policy, against the sequences worked out by hand: a layout is captured at
+    its second sighting and replayed after; two alternating layouts (two optimizers) both
+    get a graph; the least recently used graph is dropped past ``keep``; addresses that never
+    repeat stop it after ``patience`` calls; captures that are not replayed enough stop it;
+    a failing capture stops it with a warning."""
+    from fxbackmatch.runtime.graphs import CaptureCache
+
+    assert _run(CaptureCache(), "aaaaa") == "-crrr"
+    assert _run(CaptureCache(), "ababab") == "--ccrr"
+    c = CaptureCache(keep=2)
+    assert _run(c, "aabbccaa") == "-c-c-c-c"  # c's graph pushed a's out: a is seen again, then captured
+    assert list(c.graphs) == ["c", "a"]
+    c = CaptureCache(patience=5)
+    assert _run(c, "abcdefaa") == "-----" + "---" and not c.enabled
+    c = CaptureCache(max_captures=2, min_replays=3, keep=1)
+    # a and b captured and replayed once each (b's graph pushed a's out); a's new capture is
+    # refused: 2 captures replayed 2 times, under 3 each
+    assert _run(c, "aaabbbaa") == "-cr-cr--" and not c.enabled
+    c = CaptureCache()
+
+    def fail():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with caplog.at_level("WARNING", logger="fxbackmatch.runtime.graphs"):
+        assert c.lookup("a", fail) is None and c.lookup("a", fail) is None
+    assert not c.enabled and "capture of the rescale failed" in caplog.text
+    assert c.lookup("a", lambda: _Fake("a")) is None  # off for good
+
+
+def test_rescale_key_sees_every_change_a_graph_cannot_follow():
+    """rescale_key differs whenever a replay would read or write the wrong memory: a weight or
+    gradient at another address, a gradient with other strides, dtype or shape at the same
+    address, a target losing its gradient; and is equal for the same tensors again."""
+    from fxbackmatch.runtime.graphs import rescale_key
+
+    w = [torch.randn(4, 3), torch.randn(4)]
+    base = torch.randn(24)
+    grads = [base[:12].view(4, 3), base[12:16]]
+    k = rescale_key(w, [], grads)
+    assert rescale_key(w, [], list(grads)) == k
+    assert rescale_key([w[0].clone(), w[1]], [], grads) != k
+    assert rescale_key(w, [], [grads[0].clone(), grads[1]]) != k
+    assert rescale_key(w, [], [base[:12].view(3, 4).t(), grads[1]]) != k  # same address, other strides
+    assert rescale_key(w, [], [base[:12].view(2, 6), grads[1]]) != k  # same address, other shape
+    assert rescale_key(w, [], [grads[0], base[12:14].view(torch.float64)]) != k  # same address, other dtype
+    assert rescale_key(w, [], [grads[0], None]) != k
+    assert rescale_key(w, [], [None, grads[0]]) != rescale_key(w, [], [grads[0], None])
+
+
+def test_graph_rescale_off_cuda_is_the_plain_rescale():
+    """``graph_rescale`` asks for a graph only on CUDA: on the CPU the rescale is the plain one
+    (the product of each gradient and its scale) and the capture cache is never consulted."""
+    torch.manual_seed(0)
+    net = lenet_bn()
+    x = torch.randn(8, 3, 32, 32)
+    plan = fxbackmatch.prepare(net, x[:2])
+    plan._runtime.graph_rescale = True
+    F.cross_entropy(net(x), torch.arange(8)).backward()
+    saved = {n: p.grad.clone() for n, p in net.named_parameters()}
+    s = plan.scales()
+    plan.rescale_grads_()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, saved[n] * s[n], rtol=1e-6, atol=0)
+    assert plan._runtime._rescale_graphs.calls == 0
+
+
+@pytest.mark.cuda
+def test_graphed_rescale_multiplies_as_the_plain_product_and_follows_moved_gradients():
+    """With ``graph_rescale``, six steps of zeroed-not-freed gradients: step 0 plain, step 1
+    captures, steps 2–3 replay; at step 4 one gradient gets new storage (plain again), step 5
+    captures that layout. Every step the gradients equal their saved values times
+    ``plan.scales()`` (the plain path) — weights moved in place by SGD between steps, BatchNorm
+    statistics moved by each forward."""
+    torch.manual_seed(0)
+    net = lenet_bn().cuda()
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    plan = fxbackmatch.prepare(net, x[:2])
+    rt = plan._runtime
+    rt.graph_rescale = True
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for step in range(6):
+        net.zero_grad(set_to_none=False)
+        F.cross_entropy(net(x * (1 + 0.1 * step)), y).backward()
+        if step == 4:
+            w = next(net.parameters())
+            w.grad = w.grad.clone()
+        saved = {n: p.grad.clone() for n, p in net.named_parameters()}
+        s = plan.scales()
+        got = plan.rescale_grads_()
+        for n, p in net.named_parameters():
+            torch.testing.assert_close(p.grad, saved[n] * s[n], rtol=1e-6, atol=0, msg=f"step {step}, {n}")
+        torch.testing.assert_close(plan.applied_scales(), s)
+        opt.step()
+    cache = rt._rescale_graphs
+    assert (cache.captures, cache.hits, cache.enabled) == (2, 2, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("set_to_none", [False, True], ids=["zeroed", "freed"])
+def test_graphed_rescale_trains_as_the_plain_rescale(set_to_none, monkeypatch):
+    """Ten attached SGD steps with and without ``graph_rescale`` from the same weights, the
+    gradients zeroed or freed between steps (freed: whether their addresses recur is the
+    allocator's; either way the weights must agree)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    first = lenet_bn().cuda()
+    nets = [first, lenet_bn().cuda()]
+    nets[1].load_state_dict(first.state_dict())
+    opts = []
+    for net, graphed in zip(nets, (False, True)):
+        plan = fxbackmatch.prepare(net, x[:2])
+        plan._runtime.graph_rescale = graphed
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        plan.attach(opt, weight_decay=1e-4)
+        opts.append(opt)
+    for step in range(10):
+        for net, opt in zip(nets, opts):
+            opt.zero_grad(set_to_none=set_to_none)
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_captures_survive_a_thread_pinning_host_memory():
+    """A DataLoader's pin-memory thread allocates pinned host memory at any time; a capture in
+    "global" mode would break it (or be invalidated by it). Both captures — the scales' graph
+    and the whole rescale's — happen while another thread pins fresh host memory in a loop:
+    neither the thread nor the captures fail, and the rescale is the plain product."""
+    import threading
+
+    torch.manual_seed(0)
+    net = lenet_bn().cuda()
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    plan = fxbackmatch.prepare(net, x[:2])
+    rt = plan._runtime
+    stop, errors, pinned = threading.Event(), [], [0]
+
+    def pin() -> None:
+        try:
+            while not stop.is_set():
+                if hasattr(torch._C, "_host_emptyCache"):
+                    torch._C._host_emptyCache()  # so each pin_memory() allocates anew
+                torch.empty(1 << 16).pin_memory()
+                pinned[0] += 1
+        except Exception as e:  # noqa: BLE001 — what the test is about
+            errors.append(e)
+
+    t = threading.Thread(target=pin, daemon=True)
+    t.start()
+    try:
+        plan.scale_tensor()  # the scales' graph
+        rt.graph_rescale = True
+        for _ in range(3):  # seen, captured, replayed
+            net.zero_grad(set_to_none=False)
+            F.cross_entropy(net(x), torch.zeros(16, dtype=torch.long, device="cuda")).backward()
+            saved = {n: p.grad.clone() for n, p in net.named_parameters()}
+            s = plan.scales()
+            plan.rescale_grads_()
+            for n, p in net.named_parameters():
+                torch.testing.assert_close(p.grad, saved[n] * s[n], rtol=1e-6, atol=0)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not errors, errors
+    assert pinned[0] > 0
+    assert rt.cuda_graph and rt._graphed is not None
+    assert rt._rescale_graphs.enabled and rt._rescale_graphs.captures == 1

@@ -18,7 +18,8 @@ graph (:class:`GraphedScales`): its inputs — the weights, BatchNorm statistics
 — keep their addresses from step to step (the optimizer updates weights in place), so the
 norms and the chain cost one launch instead of a hundred. The graph is captured again when
 any input's address changes (``p.data = …``, ``.to()``), and never used for sharded or
-data-parallel-synchronized statistics.
+data-parallel-synchronized statistics. With :attr:`Runtime.graph_rescale`, the multiply joins
+the graph wherever the gradients' addresses recur (:mod:`.graphs`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from torch import nn
 import torch.distributed as dist
 
 from .codegen import GeneratedFactors
+from .graphs import CaptureCache, GraphedRescale, GraphedScales, may_capture, rescale_key
 from ..analysis.expr import EPS
 from .norms import rows_read, sumsq, sumsq_many
 from .sharding import group_of, is_dtensor, local_part
@@ -87,6 +89,11 @@ class Runtime:
         self._graphed: GraphedScales | None = None
         #: multiply through :func:`spread_mul_` (None: on CUDA, where launches cost more than bytes)
         self.flat_multiply: bool | None = None
+        #: replay the whole rescale — scales and multiply — as one CUDA graph per recurring set of
+        #: gradient addresses (:class:`~.graphs.GraphedRescale`, :class:`~.graphs.CaptureCache`);
+        #: off until a GPU measures it (``bench_rescale.py``'s "graphed rescale" rows)
+        self.graph_rescale = False
+        self._rescale_graphs = CaptureCache()
         self._spread_cache: dict = {}
         self._group_cache: dict = {}
 
@@ -157,14 +164,12 @@ class Runtime:
             g = p.grad
             grads.append(g if g is not None else torch.zeros_like(p))
         stats = [self.buffers[r] for r in self.stat_refs]
-        consts = self._consts.get(dev)
-        if consts is None:
-            consts = self._consts[dev] = self.gen.constants_on(dev)
+        consts = self._consts_on(dev)
         if self._sharded:
             return self._sharded_scales(grads, stats, consts, dev)
         if stats and _data_parallel_world() > 1:
             return self._synced_stat_scales(grads, stats, consts, dev)
-        if self.cuda_graph and dev.type == "cuda" and not grads and not self.split() and _may_capture():
+        if self.cuda_graph and dev.type == "cuda" and not grads and not self.split() and may_capture():
             g = self._graphed
             if g is None or not g.matches(self.weights, stats):
                 try:
@@ -176,6 +181,31 @@ class Runtime:
                     return self.fn(self.weights, grads, stats, consts)
             return g()
         return self.fn(self.weights, grads, stats, consts)
+
+    def _consts_on(self, dev: torch.device) -> dict[str, torch.Tensor]:
+        consts = self._consts.get(dev)
+        if consts is None:
+            consts = self._consts[dev] = self.gen.constants_on(dev)
+        return consts
+
+    def _graphed_rescale(self) -> torch.Tensor | None:
+        """The rescale as one replay where a graph for these gradients is kept or due: the
+        scales, or ``None`` (not on CUDA, a per-step multiplier, sharded or synchronized
+        inputs, a rule reading gradients, no graph this step): take the plain path."""
+        if (self.multiplier is not None or self._sharded or self.grad_params or not self._rescale_graphs.enabled
+                or not may_capture()):
+            return None
+        dev = self.device()
+        if dev.type != "cuda" or self.split():
+            return None
+        stats = [self.buffers[r] for r in self.stat_refs]
+        if stats and _data_parallel_world() > 1:
+            return None
+        grads = list(map(_GRAD, self.targets))
+        g = self._rescale_graphs.lookup(
+            rescale_key(self.weights, stats, grads),
+            lambda: GraphedRescale(self.fn, self.weights, grads, stats, self._consts_on(dev), self._groups(grads)))
+        return None if g is None else g()
 
     def _synced_stat_scales(self, grads, stats, consts, dev) -> torch.Tensor:
         """DDP: weights are replicated, but each rank's BatchNorm running statistics are its
@@ -216,6 +246,10 @@ class Runtime:
     def rescale_(self, only: set[int] | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
         """Multiply the targets' gradients by their scales (only those whose ``id`` is in
         ``only``, when given: the parameters of one optimizer); ``scales``: computed before."""
+        if scales is None and only is None and self.graph_rescale:
+            out = self._graphed_rescale()
+            if out is not None:
+                return out
         scales = self.scales() if scales is None else scales
         compiling = torch.compiler.is_compiling()  # dynamo traces loops, not C-level maps
         grads = [p.grad for p in self.targets] if compiling else list(map(_GRAD, self.targets))
@@ -225,7 +259,7 @@ class Runtime:
             grads = [None if g is None else local_part(g)[0] for g in grads]
         # the spread multiply keeps a buffer across steps: never inside a graph capture or a
         # compiled region (where it would outlive the graph's memory pool, or not be traced)
-        flat, may = self.flat_multiply, _may_capture()
+        flat, may = self.flat_multiply, may_capture()
         for (dev, dtype), idx in (_grouped(grads) if compiling else self._groups(grads)):
             gs = grads if len(idx) == len(grads) else [grads[i] for i in idx]
             if may and (flat if flat is not None else dev.type == "cuda"):
@@ -349,16 +383,6 @@ _GRAD, _DEVICE, _DTYPE = attrgetter("grad"), attrgetter("device"), attrgetter("d
 _STRIDE = torch.Tensor.stride
 
 
-def _may_capture() -> bool:
-    """Whether eager CUDA-side tricks are safe here: not while torch.compile traces the step
-    (a graph capture is not traceable) and not inside the caller's own CUDA graph capture
-    (a nested capture, or a first-call host copy, would break it; the caller's graph already
-    removes the launches these tricks save)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
 def _dense(t: torch.Tensor) -> bool:
     """Whether ``t``'s elements fill ``numel`` consecutive storage slots (any dim order)."""
     expected = 1
@@ -368,39 +392,6 @@ def _dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
-
-
-class GraphedScales:
-    """The gradient-independent factor function captured once as a CUDA graph: ``fn`` runs
-    twice on a side stream (compiling, if it is compiled), then once under capture; each
-    call replays it and returns a copy of the static output."""
-
-    def __init__(self, fn: Callable, weights: list[torch.Tensor], stats: list[torch.Tensor],
-                 consts: dict[str, torch.Tensor]) -> None:
-        self.key = self._key(weights, stats)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn(weights, [], stats, consts)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn(weights, [], stats, consts)
-
-    @staticmethod
-    def _key(weights: list[torch.Tensor], stats: list[torch.Tensor]) -> tuple:
-        """Every input's address, dtype and shape (C-level maps: ~0.2 µs a tensor, not 1 µs)."""
-        ts = [*weights, *stats]
-        return tuple(map(torch.Tensor.data_ptr, ts)), tuple(map(_DTYPE, ts)), tuple(map(_SHAPE, ts))
-
-    def matches(self, weights: list[torch.Tensor], stats: list[torch.Tensor]) -> bool:
-        """Whether every input still lives where the graph reads it."""
-        return self._key(weights, stats) == self.key
-
-    def __call__(self) -> torch.Tensor:
-        self.graph.replay()
-        return self.out.clone()  # the next replay overwrites the static output
 
 
 class HostChain:

@@ -1,0 +1,185 @@
+"""CUDA graphs of the per-step runtime: where launches, not bytes, cost the time.
+
+:class:`GraphedScales` replays the gradient-independent factor function (the norms of every
+weight and the chain) as one graph; its inputs keep their addresses from step to step (the
+optimizer updates weights in place) and a moved input captures it again.
+
+:class:`GraphedRescale` (``Runtime.graph_rescale``) replays the whole rescale — the scales and
+every gradient multiplied by its scale — as one graph, for one set of gradient addresses.
+Gradients keep their addresses where they are zeroed rather than freed
+(``zero_grad(set_to_none=False)``, DDP's bucket views) and often where the caching allocator
+hands the same blocks back each step; :class:`CaptureCache` captures a layout the second time
+it sees it, replays it while it recurs and stops trying where addresses never repeat. A replay
+happens only when every input and gradient lies where the graph reads and writes it (address,
+dtype, shape and strides), so a moved or reallocated gradient is multiplied by the plain path,
+never by a stale graph.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from itertools import repeat
+from operator import attrgetter, is_
+from typing import Callable, Hashable
+
+import torch
+
+__all__ = ["CAPTURE_MODE", "CaptureCache", "GraphedRescale", "GraphedScales", "may_capture", "rescale_key"]
+
+log = logging.getLogger(__name__)
+
+_SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
+_PTR, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.stride
+
+
+#: ``torch.cuda.graph``'s ``capture_error_mode``: only this thread's unsafe calls break a
+#: capture. Under the default ("global") a DataLoader's pin-memory thread allocating pinned
+#: memory while the rescale is captured would fail there (its ``cuMemHostAlloc``) or invalidate
+#: the capture; inductor's own captures and vLLM's use "thread_local" for the same reason
+CAPTURE_MODE = "thread_local"
+
+
+def may_capture() -> bool:
+    """Whether eager CUDA-side tricks are safe here: not while torch.compile traces the step
+    (a graph capture is not traceable) and not inside the caller's own CUDA graph capture
+    (a nested capture, or a first-call host copy, would break it; the caller's graph already
+    removes the launches these tricks save)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _inputs_key(ts: list[torch.Tensor]) -> tuple:
+    """Every tensor's address, dtype and shape (C-level maps: ~0.1 µs a tensor each)."""
+    return tuple(map(_PTR, ts)), tuple(map(_DTYPE, ts)), tuple(map(_SHAPE, ts))
+
+
+def rescale_key(weights: list[torch.Tensor], stats: list[torch.Tensor],
+                grads: list[torch.Tensor | None]) -> tuple:
+    """What a :class:`GraphedRescale` reads and writes: the inputs' addresses, dtypes and
+    shapes, and the gradients' (``None`` where a target has none) with their strides too."""
+    if any(map(is_, grads, repeat(None))):
+        where = tuple(i for i, g in enumerate(grads) if g is not None)
+        grads = [grads[i] for i in where]
+    else:
+        where = None
+    return _inputs_key([*weights, *stats]), where, _inputs_key(grads), tuple(map(_STRIDE, grads))
+
+
+def _warm(fn: Callable, weights, stats, consts) -> None:
+    """Run ``fn`` twice on a side stream (compiling it, if it is compiled): what a capture needs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(weights, [], stats, consts)
+    torch.cuda.current_stream().wait_stream(side)
+
+
+class GraphedScales:
+    """The gradient-independent factor function captured once as a CUDA graph: ``fn`` runs
+    twice on a side stream (compiling, if it is compiled), then once under capture; each
+    call replays it and returns a copy of the static output."""
+
+    def __init__(self, fn: Callable, weights: list[torch.Tensor], stats: list[torch.Tensor],
+                 consts: dict[str, torch.Tensor]) -> None:
+        self.key = self._key(weights, stats)
+        _warm(fn, weights, stats, consts)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
+            self.out = fn(weights, [], stats, consts)
+
+    @staticmethod
+    def _key(weights: list[torch.Tensor], stats: list[torch.Tensor]) -> tuple:
+        """Every input's address, dtype and shape."""
+        return _inputs_key([*weights, *stats])
+
+    def matches(self, weights: list[torch.Tensor], stats: list[torch.Tensor]) -> bool:
+        """Whether every input still lives where the graph reads it."""
+        return self._key(weights, stats) == self.key
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites the static output
+
+
+class GraphedRescale:
+    """The scales and the multiply, ``grads[i] *= scales[i]``, captured as one CUDA graph for
+    these gradients (``None``: a target without one); ``groups`` are the gradients' positions
+    per (device, dtype), all on one device. Capturing runs nothing: the first call's replay
+    computes the scales and multiplies."""
+
+    def __init__(self, fn: Callable, weights: list[torch.Tensor], grads: list[torch.Tensor | None],
+                 stats: list[torch.Tensor], consts: dict[str, torch.Tensor], groups: list) -> None:
+        if len({dev for (dev, _), _ in groups}) > 1:
+            raise ValueError("gradients on several devices: one graph runs on one")
+        _warm(fn, weights, stats, consts)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
+            self.out = fn(weights, [], stats, consts)
+            for (_, dtype), idx in groups:
+                sc = self.out.to(dtype).unbind(0)
+                torch._foreach_mul_([grads[i] for i in idx], [sc[i] for i in idx])
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out.clone()
+
+
+class CaptureCache:
+    """Which layouts get a graph: a layout (a hashable key) is captured the second time it is
+    seen, then replayed while it recurs; at most ``keep`` graphs are kept (least recently used
+    dropped: one per optimizer's ``only`` pattern, or an allocator's few recurring layouts).
+    It stops trying — :attr:`enabled` false, said once in the log — where it does not pay: no
+    layout recurred in ``patience`` calls (gradients freed and reallocated elsewhere every
+    step), more than ``max_captures`` captures averaging fewer than ``min_replays`` replays
+    each (a capture costs milliseconds, a replay saves ~0.1), or a capture failed."""
+
+    def __init__(self, keep: int = 4, patience: int = 32, max_captures: int = 8, min_replays: int = 20) -> None:
+        self.keep, self.patience, self.max_captures, self.min_replays = keep, patience, max_captures, min_replays
+        self.graphs: OrderedDict[Hashable, object] = OrderedDict()
+        self.seen: OrderedDict[Hashable, None] = OrderedDict()
+        self.enabled = True
+        #: lookups, replays of a kept graph and captures so far
+        self.calls = self.hits = self.captures = 0
+
+    def lookup(self, key: Hashable, build: Callable[[], object]) -> object | None:
+        """The graph for ``key`` (built by ``build()`` if this is the layout's second sighting),
+        or ``None``: use the plain path this time."""
+        if not self.enabled:
+            return None
+        self.calls += 1
+        g = self.graphs.get(key)
+        if g is not None:
+            self.hits += 1
+            self.graphs.move_to_end(key)
+            return g
+        if key in self.seen:
+            del self.seen[key]
+            if self.captures >= self.max_captures and self.hits < self.min_replays * self.captures:
+                return self._stop(f"{self.captures} captures replayed {self.hits} times in all")
+            try:
+                g = build()
+            except Exception as e:  # a graph is an optimization: say why once, go on without
+                log.warning("fxbackmatch: CUDA graph capture of the rescale failed (%s: %s); "
+                            "rescaling without it", type(e).__name__, e)
+                return self._stop(None)
+            self.captures += 1
+            self.graphs[key] = g
+            while len(self.graphs) > self.keep:
+                self.graphs.popitem(last=False)
+            return g
+        self.seen[key] = None
+        while len(self.seen) > 2 * self.keep:
+            self.seen.popitem(last=False)
+        if self.calls >= self.patience and not self.captures:
+            return self._stop(f"no gradient layout recurred in {self.calls} steps")
+        return None
+
+    def _stop(self, why: str | None) -> None:
+        self.enabled = False
+        self.graphs.clear()
+        self.seen.clear()
+        if why:
+            log.info("fxbackmatch: the rescale's CUDA graph is off from here: %s", why)
+        return None
