@@ -465,7 +465,7 @@ def test_graphed_rescale_multiplies_as_the_plain_product_and_follows_moved_gradi
     net = lenet_bn().cuda()
     x = torch.randn(16, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (16,), device="cuda")
-    plan = fxbackmatch.prepare(net, x[:2])
+    plan = fxbackmatch.prepare(net, x[:2], compile=False)  # no compile: device_run.sh gives all CUDA tests 90 s
     rt = plan._runtime
     rt.graph_rescale = True
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
@@ -501,7 +501,7 @@ def test_graphed_rescale_trains_as_the_plain_rescale(set_to_none, monkeypatch):
     nets[1].load_state_dict(first.state_dict())
     opts = []
     for net, graphed in zip(nets, (False, True)):
-        plan = fxbackmatch.prepare(net, x[:2])
+        plan = fxbackmatch.prepare(net, x[:2], compile=False)  # no compile: device_run.sh gives all CUDA tests 90 s
         plan._runtime.graph_rescale = graphed
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
         plan.attach(opt, weight_decay=1e-4)
@@ -526,7 +526,7 @@ def test_captures_survive_a_thread_pinning_host_memory():
     torch.manual_seed(0)
     net = lenet_bn().cuda()
     x = torch.randn(16, 3, 32, 32, device="cuda")
-    plan = fxbackmatch.prepare(net, x[:2])
+    plan = fxbackmatch.prepare(net, x[:2], compile=False)  # no compile: device_run.sh gives all CUDA tests 90 s
     rt = plan._runtime
     stop, errors, pinned = threading.Event(), [], [0]
 
