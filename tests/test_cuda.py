@@ -402,6 +402,8 @@ def test_capture_cache_captures_recurring_layouts_and_stops_where_none_recur(cap
     assert list(c.graphs) == ["c", "a"]
     c = CaptureCache(patience=5)
     assert _run(c, "abcdefaa") == "-----" + "---" and not c.enabled
+    c = CaptureCache(patience=4)  # patience counts from the last replay or capture
+    assert _run(c, "aabcaaadefgha") == "-c--rrr" + "----" + "--" and not c.enabled
     c = CaptureCache(max_captures=2, min_replays=3, keep=1)
     # a and b captured and replayed once each (b's graph pushed a's out); a's new capture is
     # refused: 2 captures replayed 2 times, under 3 each
@@ -455,23 +457,27 @@ def test_graph_rescale_off_cuda_is_the_plain_rescale():
 
 
 @pytest.mark.cuda
-def test_graphed_rescale_multiplies_as_the_plain_product_and_follows_moved_gradients():
+@pytest.mark.parametrize("conventions", ["default", "paper"])
+def test_graphed_rescale_multiplies_as_the_plain_product_and_follows_moved_gradients(conventions):
     """With ``graph_rescale``, six steps of zeroed-not-freed gradients: step 0 plain, step 1
     captures, steps 2–3 replay; at step 4 one gradient gets new storage (plain again), step 5
     captures that layout. Every step the gradients equal their saved values times
     ``plan.scales()`` (the plain path) — weights moved in place by SGD between steps, BatchNorm
-    statistics moved by each forward."""
+    statistics moved by each forward; under the default conventions the batch-span multiplier
+    and the cap after it are inside the graph (the batch size changes at step 3)."""
     torch.manual_seed(0)
     net = lenet_bn().cuda()
     x = torch.randn(16, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (16,), device="cuda")
-    plan = fxbackmatch.prepare(net, x[:2], compile=False)  # no compile: device_run.sh gives all CUDA tests 90 s
+    plan = fxbackmatch.prepare(net, x[:2], compile=False, conventions=conventions)  # no compile: the device run's 90 s
     rt = plan._runtime
+    assert (rt.multiplier is not None) == (conventions == "default")
     rt.graph_rescale = True
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     for step in range(6):
         net.zero_grad(set_to_none=False)
-        F.cross_entropy(net(x * (1 + 0.1 * step)), y).backward()
+        n = 16 if step < 3 else 4  # a smaller batch: another span multiplier, same graph
+        F.cross_entropy(net(x[:n] * (1 + 0.1 * step)), y[:n]).backward()
         if step == 4:
             w = next(net.parameters())
             w.grad = w.grad.clone()
@@ -499,10 +505,11 @@ def test_graphed_rescale_trains_as_the_plain_rescale(set_to_none, monkeypatch):
     first = lenet_bn().cuda()
     nets = [first, lenet_bn().cuda()]
     nets[1].load_state_dict(first.state_dict())
-    opts = []
+    opts, plans = [], []
     for net, graphed in zip(nets, (False, True)):
         plan = fxbackmatch.prepare(net, x[:2], compile=False)  # no compile: device_run.sh gives all CUDA tests 90 s
         plan._runtime.graph_rescale = graphed
+        plans.append(plan)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
         plan.attach(opt, weight_decay=1e-4)
         opts.append(opt)
@@ -513,12 +520,15 @@ def test_graphed_rescale_trains_as_the_plain_rescale(set_to_none, monkeypatch):
             opt.step()
     for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    cache = plans[1]._runtime._rescale_graphs
+    if not set_to_none:  # the same gradients every step: captured once, replayed from then on
+        assert (cache.captures, cache.hits) == (1, 8)
 
 
 @pytest.mark.cuda
 def test_captures_survive_a_thread_pinning_host_memory():
     """A DataLoader's pin-memory thread allocates pinned host memory at any time; a capture in
-    "global" mode would break it (or be invalidated by it). Both captures — the scales' graph
+    "global" mode would make that allocation fail (or be invalidated by it). Both captures — the scales' graph
     and the whole rescale's — happen while another thread pins fresh host memory in a loop:
     neither the thread nor the captures fail, and the rescale is the plain product."""
     import threading
@@ -528,15 +538,12 @@ def test_captures_survive_a_thread_pinning_host_memory():
     x = torch.randn(16, 3, 32, 32, device="cuda")
     plan = fxbackmatch.prepare(net, x[:2], compile=False)  # no compile: device_run.sh gives all CUDA tests 90 s
     rt = plan._runtime
-    stop, errors, pinned = threading.Event(), [], [0]
+    stop, errors, kept = threading.Event(), [], []
 
-    def pin() -> None:
+    def pin() -> None:  # as a pin-memory thread does: new pinned blocks, none freed
         try:
-            while not stop.is_set():
-                if hasattr(torch._C, "_host_emptyCache"):
-                    torch._C._host_emptyCache()  # so each pin_memory() allocates anew
-                torch.empty(1 << 16).pin_memory()
-                pinned[0] += 1
+            while not stop.is_set() and len(kept) < 4096:
+                kept.append(torch.empty(1024 + len(kept)).pin_memory())
         except Exception as e:  # noqa: BLE001 — what the test is about
             errors.append(e)
 
@@ -557,6 +564,16 @@ def test_captures_survive_a_thread_pinning_host_memory():
         stop.set()
         t.join(10)
     assert not errors, errors
-    assert pinned[0] > 0
+    assert kept
     assert rt.cuda_graph and rt._graphed is not None
     assert rt._rescale_graphs.enabled and rt._rescale_graphs.captures == 1
+
+
+def test_graphs_are_captured_only_on_the_current_cuda_device(monkeypatch):
+    """Work on a CUDA device other than the current one is not on the capture stream (it would
+    run once and the graph replay nothing): such a device, like the CPU, gets no graph."""
+    from fxbackmatch.runtime.graphs import capturable
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert capturable(torch.device("cuda", 1)) and capturable(torch.device("cuda"))
+    assert not capturable(torch.device("cuda", 0)) and not capturable(torch.device("cpu"))

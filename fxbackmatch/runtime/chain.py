@@ -35,7 +35,7 @@ from torch import nn
 import torch.distributed as dist
 
 from .codegen import GeneratedFactors
-from .graphs import CaptureCache, GraphedRescale, GraphedScales, may_capture, rescale_key
+from .graphs import CaptureCache, GraphedRescale, GraphedScales, capturable, may_capture, rescale_key
 from ..analysis.expr import EPS
 from .norms import rows_read, sumsq, sumsq_many
 from .sharding import group_of, is_dtensor, local_part
@@ -169,7 +169,7 @@ class Runtime:
             return self._sharded_scales(grads, stats, consts, dev)
         if stats and _data_parallel_world() > 1:
             return self._synced_stat_scales(grads, stats, consts, dev)
-        if self.cuda_graph and dev.type == "cuda" and not grads and not self.split() and may_capture():
+        if self.cuda_graph and not grads and capturable(dev) and not self.split() and may_capture():
             g = self._graphed
             if g is None or not g.matches(self.weights, stats):
                 try:
@@ -190,22 +190,28 @@ class Runtime:
 
     def _graphed_rescale(self) -> torch.Tensor | None:
         """The rescale as one replay where a graph for these gradients is kept or due: the
-        scales, or ``None`` (not on CUDA, a per-step multiplier, sharded or synchronized
-        inputs, a rule reading gradients, no graph this step): take the plain path."""
-        if (self.multiplier is not None or self._sharded or self.grad_params or not self._rescale_graphs.enabled
+        scales, or ``None`` (not on the current CUDA device, sharded or synchronized inputs, a
+        rule reading gradients, a sparse gradient, no graph this step): take the plain path."""
+        if (self._sharded or self.grad_params or not self.cuda_graph or not self._rescale_graphs.enabled
                 or not may_capture()):
             return None
         dev = self.device()
-        if dev.type != "cuda" or self.split():
+        if not capturable(dev) or self.split():
             return None
         stats = [self.buffers[r] for r in self.stat_refs]
         if stats and _data_parallel_world() > 1:
             return None
         grads = list(map(_GRAD, self.targets))
+        if any(g is not None and g.layout != torch.strided for g in grads):
+            return None
+        n_mult, cap = (len(self.targets), self.post_cap) if self.multiplier is not None else (0, None)
         g = self._rescale_graphs.lookup(
-            rescale_key(self.weights, stats, grads),
-            lambda: GraphedRescale(self.fn, self.weights, grads, stats, self._consts_on(dev), self._groups(grads)))
-        return None if g is None else g()
+            (rescale_key(self.weights, stats, grads), n_mult, cap),
+            lambda: GraphedRescale(self.fn, self.weights, grads, stats, self._consts_on(dev), self._groups(grads),
+                                   n_mult, cap))
+        if g is None:
+            return None
+        return g(self.multiplier() if n_mult else None)  # the multiplier first refills per-step atoms
 
     def _synced_stat_scales(self, grads, stats, consts, dev) -> torch.Tensor:
         """DDP: weights are replicated, but each rank's BatchNorm running statistics are its

@@ -10,9 +10,10 @@ Gradients keep their addresses where they are zeroed rather than freed
 (``zero_grad(set_to_none=False)``, DDP's bucket views) and often where the caching allocator
 hands the same blocks back each step; :class:`CaptureCache` captures a layout the second time
 it sees it, replays it while it recurs and stops trying where addresses never repeat. A replay
-happens only when every input and gradient lies where the graph reads and writes it (address,
-dtype, shape and strides), so a moved or reallocated gradient is multiplied by the plain path,
-never by a stale graph.
+happens only when every input lies where the graph reads it (address, dtype, shape) and every
+gradient where it writes it (address, dtype, shape, strides), so a moved or reallocated
+gradient is multiplied by the plain path, never by a stale graph. Graphs are captured only on
+the current CUDA device (:func:`capturable`) and in ``thread_local`` mode (:data:`CAPTURE_MODE`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Callable, Hashable
 
 import torch
 
-__all__ = ["CAPTURE_MODE", "CaptureCache", "GraphedRescale", "GraphedScales", "may_capture", "rescale_key"]
+__all__ = ["CAPTURE_MODE", "CaptureCache", "GraphedRescale", "GraphedScales", "capturable", "may_capture", "rescale_key"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,13 @@ _PTR, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.stride
 #: memory while the rescale is captured would fail there (its ``cuMemHostAlloc``) or invalidate
 #: the capture; inductor's own captures and vLLM's use "thread_local" for the same reason
 CAPTURE_MODE = "thread_local"
+
+
+def capturable(dev: torch.device) -> bool:
+    """Whether a graph of work on ``dev`` can be captured here: a CUDA device that is the
+    current one (work on another device would not be on the capture stream: it would run once,
+    eagerly, and the graph replay nothing)."""
+    return dev.type == "cuda" and (dev.index is None or dev.index == torch.cuda.current_device())
 
 
 def may_capture() -> bool:
@@ -106,24 +114,60 @@ class GraphedScales:
 class GraphedRescale:
     """The scales and the multiply, ``grads[i] *= scales[i]``, captured as one CUDA graph for
     these gradients (``None``: a target without one); ``groups`` are the gradients' positions
-    per (device, dtype), all on one device. Capturing runs nothing: the first call's replay
+    per (device, dtype), all on one device. ``n_mult``: the length of a per-step multiplier
+    the scales take (a static input, copied in before each replay; 0: none), ``cap``: the
+    clamp after it (``Runtime.post_cap``). Capturing runs nothing: the first call's replay
     computes the scales and multiplies."""
 
     def __init__(self, fn: Callable, weights: list[torch.Tensor], grads: list[torch.Tensor | None],
-                 stats: list[torch.Tensor], consts: dict[str, torch.Tensor], groups: list) -> None:
-        if len({dev for (dev, _), _ in groups}) > 1:
+                 stats: list[torch.Tensor], consts: dict[str, torch.Tensor], groups: list,
+                 n_mult: int = 0, cap: float | None = None) -> None:
+        devices = {dev for (dev, _), _ in groups}
+        if len(devices) > 1:
             raise ValueError("gradients on several devices: one graph runs on one")
         _warm(fn, weights, stats, consts)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
-            self.out = fn(weights, [], stats, consts)
-            for (_, dtype), idx in groups:
-                sc = self.out.to(dtype).unbind(0)
-                torch._foreach_mul_([grads[i] for i in idx], [sc[i] for i in idx])
+        dev = torch.device("cuda", torch.cuda.current_device())  # where it captures (capturable)
+        self.mult = torch.ones(n_mult, dtype=torch.float64, device=dev) if n_mult else None
 
-    def __call__(self) -> torch.Tensor:
+        def body() -> torch.Tensor:
+            out = fn(weights, [], stats, consts)
+            if self.mult is not None:
+                out = out * self.mult
+            if cap is not None:
+                out = out.clamp(1.0 / cap, cap)
+            for (_, dtype), idx in groups:
+                sc = out.to(dtype).unbind(0)
+                torch._foreach_mul_([grads[i] for i in idx], [sc[i] for i in idx])
+            return out
+
+        self.graph, self.out = _capture(body)
+
+    def __call__(self, mult: torch.Tensor | None = None) -> torch.Tensor:
+        if self.mult is not None:
+            if mult is None:
+                self.mult.fill_(1.0)
+            else:
+                self.mult.copy_(mult)
         self.graph.replay()
         return self.out.clone()
+
+
+def _capture(body: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``body`` captured on a side stream of the current device: the graph and its output.
+    Not ``torch.cuda.graph``, which empties the caching allocator first: that would move the
+    blocks the next step's gradients are allocated from, the addresses this graph is for."""
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph.capture_begin(capture_error_mode=CAPTURE_MODE)
+        try:
+            out = body()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph, out
 
 
 class CaptureCache:
@@ -131,8 +175,8 @@ class CaptureCache:
     seen, then replayed while it recurs; at most ``keep`` graphs are kept (least recently used
     dropped: one per optimizer's ``only`` pattern, or an allocator's few recurring layouts).
     It stops trying — :attr:`enabled` false, said once in the log — where it does not pay: no
-    layout recurred in ``patience`` calls (gradients freed and reallocated elsewhere every
-    step), more than ``max_captures`` captures averaging fewer than ``min_replays`` replays
+    layout replayed or captured in ``patience`` calls in a row (gradients freed and reallocated
+    elsewhere every step), more than ``max_captures`` captures averaging fewer than ``min_replays`` replays
     each (a capture costs milliseconds, a replay saves ~0.1), or a capture failed."""
 
     def __init__(self, keep: int = 4, patience: int = 32, max_captures: int = 8, min_replays: int = 20) -> None:
@@ -140,8 +184,8 @@ class CaptureCache:
         self.graphs: OrderedDict[Hashable, object] = OrderedDict()
         self.seen: OrderedDict[Hashable, None] = OrderedDict()
         self.enabled = True
-        #: lookups, replays of a kept graph and captures so far
-        self.calls = self.hits = self.captures = 0
+        #: lookups, replays of a kept graph and captures so far; lookups since the last of either
+        self.calls = self.hits = self.captures = self.idle = 0
 
     def lookup(self, key: Hashable, build: Callable[[], object]) -> object | None:
         """The graph for ``key`` (built by ``build()`` if this is the layout's second sighting),
@@ -152,6 +196,7 @@ class CaptureCache:
         g = self.graphs.get(key)
         if g is not None:
             self.hits += 1
+            self.idle = 0
             self.graphs.move_to_end(key)
             return g
         if key in self.seen:
@@ -165,6 +210,7 @@ class CaptureCache:
                             "rescaling without it", type(e).__name__, e)
                 return self._stop(None)
             self.captures += 1
+            self.idle = 0
             self.graphs[key] = g
             while len(self.graphs) > self.keep:
                 self.graphs.popitem(last=False)
@@ -172,8 +218,9 @@ class CaptureCache:
         self.seen[key] = None
         while len(self.seen) > 2 * self.keep:
             self.seen.popitem(last=False)
-        if self.calls >= self.patience and not self.captures:
-            return self._stop(f"no gradient layout recurred in {self.calls} steps")
+        self.idle += 1
+        if self.idle >= self.patience:
+            return self._stop(f"no gradient layout recurred in {self.idle} steps")
         return None
 
     def _stop(self, why: str | None) -> None:
