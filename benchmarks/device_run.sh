@@ -58,7 +58,7 @@ timeout 60 $PY -c "from fxbackmatch.train.pipeline import load_cached; print(loa
   >> "$OUT/log.txt" 2>&1
 say "data decoded"
 
-timeout -k 5 90 $PY -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$OUT/gpu_tests.txt" 2>&1
+timeout -k 5 120 $PY -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$OUT/gpu_tests.txt" 2>&1
 say "cuda tests: rc $? — $(tail -1 "$OUT/gpu_tests.txt")"
 
 timeout -k 5 180 $PY benchmarks/bench_rescale.py "${BENCH[@]}" --profile "$OUT/profile.txt" > "$OUT/bench_rescale.txt" 2>&1

@@ -469,7 +469,7 @@ def test_graphed_rescale_multiplies_as_the_plain_product_and_follows_moved_gradi
     net = lenet_bn().cuda()
     x = torch.randn(16, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (16,), device="cuda")
-    plan = fxbackmatch.prepare(net, x[:2], compile=False, conventions=conventions)  # no compile: the device run's 90 s
+    plan = fxbackmatch.prepare(net, x[:2], compile=False, conventions=conventions)
     rt = plan._runtime
     assert (rt.multiplier is not None) == (conventions == "default")
     rt.graph_rescale = True
@@ -507,7 +507,7 @@ def test_graphed_rescale_trains_as_the_plain_rescale(set_to_none, monkeypatch):
     nets[1].load_state_dict(first.state_dict())
     opts, plans = [], []
     for net, graphed in zip(nets, (False, True)):
-        plan = fxbackmatch.prepare(net, x[:2], compile=False)  # no compile: device_run.sh gives all CUDA tests 90 s
+        plan = fxbackmatch.prepare(net, x[:2], compile=False)  # no compile: device_run.sh gives all CUDA tests 120 s
         plan._runtime.graph_rescale = graphed
         plans.append(plan)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
@@ -536,7 +536,7 @@ def test_captures_survive_a_thread_pinning_host_memory():
     torch.manual_seed(0)
     net = lenet_bn().cuda()
     x = torch.randn(16, 3, 32, 32, device="cuda")
-    plan = fxbackmatch.prepare(net, x[:2], compile=False)  # no compile: device_run.sh gives all CUDA tests 90 s
+    plan = fxbackmatch.prepare(net, x[:2], compile=False)  # no compile: device_run.sh gives all CUDA tests 120 s
     rt = plan._runtime
     stop, errors, kept = threading.Event(), [], []
 
@@ -577,3 +577,74 @@ def test_graphs_are_captured_only_on_the_current_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert capturable(torch.device("cuda", 1)) and capturable(torch.device("cuda"))
     assert not capturable(torch.device("cuda", 0)) and not capturable(torch.device("cpu"))
+
+
+@pytest.mark.cuda
+def test_host_values_reach_the_device_without_a_sync():
+    """Under ``set_sync_debug_mode("error")`` a plain host-to-device copy raises (the control:
+    the mode sees it), while ``to_device`` / ``tensor_on`` copy the same values without one."""
+    from fxbackmatch.runtime.transfer import tensor_on, to_device
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):
+            torch.tensor([1.5, 2.5]).to("cuda")
+        a = to_device(torch.tensor([1.5, 2.5], dtype=torch.float64), "cuda")
+        b = tensor_on([3, 1, 2], torch.long, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert a.tolist() == [1.5, 2.5] and b.tolist() == [3, 1, 2] and b.dtype == torch.long
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("how", ["attach", "two-optimizers", "length", "compile_step", "graph_rescale"])
+def test_a_training_step_never_waits_for_the_device(how):
+    """After three warm-up steps (compiles, captures, one-time copies), three more steps under
+    ``torch.cuda.set_sync_debug_mode("error")``: nothing in a default plan's step (the batch-span
+    multiplier, the graphed scales, applied_scales' merge for two optimizers, Adam's step-length
+    mode, the fused SGD step, the one-graph rescale) makes the host wait for the device."""
+    torch.manual_seed(0)
+    net = lenet_bn().cuda()
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    plan = fxbackmatch.prepare(net, x[:2], compile=False)  # default conventions: span="batch"
+    assert plan._runtime.multiplier is not None
+    params = list(net.parameters())
+    if how == "two-optimizers":
+        opts = [torch.optim.SGD(params[:4], lr=0.01, momentum=0.9), torch.optim.SGD(params[4:], lr=0.01, momentum=0.9)]
+        for o in opts:
+            plan.attach(o)
+        steps = [o.step for o in opts]
+    elif how == "length":
+        opts = [torch.optim.AdamW(params, lr=1e-3)]
+        plan.attach(opts[0], mode="length")
+        steps = [opts[0].step]
+    elif how == "compile_step":
+        opts = [torch.optim.SGD(params, lr=0.01, momentum=0.9)]
+        steps = [plan.compile_step(opts[0])]
+    else:
+        opts = [torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True)]
+        plan.attach(opts[0], weight_decay=1e-4)
+        plan._runtime.graph_rescale = how == "graph_rescale"
+        steps = [opts[0].step]
+
+    def step() -> None:
+        for o in opts:
+            o.zero_grad(set_to_none=False)
+        F.cross_entropy(net(x), y).backward()
+        for s in steps:
+            s()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(p).all() for p in params)
+    if how == "graph_rescale":
+        assert plan._runtime._rescale_graphs.hits >= 3

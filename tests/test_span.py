@@ -74,6 +74,23 @@ def test_fan_in_by_layout_and_the_multiplier():
     assert m.tolist() == [16 / 512, 1.0, 1.0]
 
 
+def test_the_batch_multiplier_is_kept_per_batch_size():
+    """The span multiplier depends on the batch size alone: made once per size (on the
+    runtime's device, with no per-step copy to it) and equal to ``min(1, B/n)`` per weight
+    (n = fan-in 512; the bias has none) for each size seen, whichever came first."""
+    from fxbackmatch.measure.batch import multiplier
+
+    net = nn.Sequential(nn.Linear(512, 8))
+    plan = fxbackmatch.prepare(net, torch.randn(2, 512), compile=False, conventions=fxbackmatch.Conventions(span="batch"))
+    seen = {}
+    for b in (64, 16, 64, 600, 16):
+        net(torch.randn(b, 512))
+        m = multiplier(plan)
+        assert dict(zip(plan.targets, m.tolist())) == {"0.weight": min(1.0, b / 512), "0.bias": 1.0}
+        assert seen.setdefault(b, m) is m  # the same tensor for the same size
+    assert len({id(m) for m in seen.values()}) == 3
+
+
 def test_data_parallel_ranks_count_their_rows(monkeypatch):
     """Ranks average their gradients, so the normal matrix spans every rank's rows."""
     import fxbackmatch.measure.batch as plan_mod

@@ -53,6 +53,7 @@ import torch
 
 from ..runtime.build import applied_after
 from ..runtime.norms import sumsq, sumsq_many
+from ..runtime.transfer import tensor_on, to_device
 from . import cpu_update
 from .cuda_update import SGDForeachStep
 from .updates import adam_bias, adam_update, sgd_update, weight_sq
@@ -240,10 +241,11 @@ class FusedStep:
             self._hyper_key = (dev, vals)
             if self._baked is not None and second != self._baked:  # a schedule moved momentum, betas, decay
                 self._passed, self._fn = True, None  # passed from now on: built again
-            cols = [[torch.as_tensor(v, dtype=torch.float64, device=dev).detach() for v in col] for col in zip(*vals)]
+            cols = [[to_device(v.detach().to(torch.float64), dev) if isinstance(v, torch.Tensor)
+                     else tensor_on(v, torch.float64, dev) for v in col] for col in zip(*vals)]  # no host sync
             if self.kind == "adam":
                 if self._group_idx is None or self._group_idx.device != dev:  # made once per layout
-                    self._group_idx = torch.tensor(self.group_of, device=dev)
+                    self._group_idx = tensor_on(self.group_of, torch.long, dev)
                 group = self._group_idx
                 self._bias_in = tuple(torch.stack(col)[group] for col in cols[:3])
                 if self._flavour == "adam":  # Adam's weight decay is compile_step's (the groups' is 0)

@@ -30,6 +30,7 @@ import torch
 from ..runtime.norms import sumsq_many
 from .handles import HANDLES
 from ..runtime.sharding import local_part
+from ..runtime.transfer import tensor_on
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -197,7 +198,7 @@ class LengthHandle:
         before = [self._before[id(p)] for p in params]
         coefs, refs = self._coefs_and_refs(params, before)
         dev = coefs.device
-        coefs = coefs * scales.to(dev).index_select(0, torch.tensor([i for i, _, _ in live], device=dev))
+        coefs = coefs * scales.to(dev).index_select(0, tensor_on([i for i, _, _ in live], torch.long, dev))
         if self.plan._runtime.sharded:
             ratios = self._sharded(params, before, refs, coefs)
         elif self.plan.compile:
@@ -252,7 +253,7 @@ class LengthHandle:
         if group is None:
             world = dist.get_world_size() if dist.is_initialized() else 1
         dev = coefs.device
-        share = torch.tensor([1.0 if n > 1 else 1.0 / world for n in shares], dtype=torch.float64, device=dev)
+        share = tensor_on([1.0 if n > 1 else 1.0 / world for n in shares], torch.float64, dev)
         ref_sq = torch.stack([t.to(dev) for t in sumsq_many([local_part(r.detach())[0] for r in refs])])
         upd_sq = torch.stack([t.to(dev) for t in sumsq_many(torch._foreach_sub(local, list(before)))])
         both = torch.cat([ref_sq, upd_sq]) * share.repeat(2)
@@ -281,7 +282,7 @@ class LengthHandle:
             else:
                 refs.append(p.grad)
                 coefs.append(lr)
-        return torch.tensor(coefs, dtype=torch.float64, device=local_part(params[0])[0].device), refs
+        return tensor_on(coefs, torch.float64, local_part(params[0])[0].device), refs
 
     @property
     def last_ratios(self) -> dict[str, float]:

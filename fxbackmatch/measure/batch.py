@@ -20,6 +20,7 @@ from ..capture.shapes import shape_of
 from ..errors import FxBackmatchError, PlanMismatchError
 from ..runtime.build import MEASURED_PREFIX, atom_values, layer_records, measures, need
 from ..runtime.reference import eval_mono
+from ..runtime.transfer import to_device
 from .factors import measure_factors, measure_values
 
 if TYPE_CHECKING:
@@ -186,22 +187,43 @@ def fit_batch(plan: "Plan", flat: list[Any]) -> list[Any]:
 
 
 def multiplier(plan: "Plan") -> torch.Tensor | None:
-    """The per-target multipliers of this step: the token share and the batch span."""
+    """The per-target multipliers of this step: the token share and the batch span, on the
+    runtime's device (the token share: the mask's) and made there without a host sync — the
+    span's alone, which depends on the batch size only, kept per size and device. Callers
+    must not write into it."""
     mask = current_mask(plan) if plan._token_bt is not None else None
     out = None
     if isinstance(mask, torch.Tensor):
         fill_token_stats(plan._measured, mask)  # before the scales read them
-        out = token_multiplier(mask, plan._token_flags)
+        out = token_multiplier(mask, _table(plan, "flags", plan._token_flags, mask.device))
     if plan.span == "batch":
         batch = batch_of(*plan._last_call) if plan._last_call is not None else None
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         # data-parallel ranks average their gradients: the normal matrix spans all their rows
-        rows = plan._span_rows
-        if out is not None:  # token-wise layers share their weight over the real tokens only
-            rows = rows.to(out.device) / out  # out = 1/f on those, 1 elsewhere
-        mult = span_multiplier((batch or plan._example_batch) * world, plan._span_fan.to(rows.device), rows)
-        out = mult if out is None else out * mult
+        rows_of = (batch or plan._example_batch) * world
+        if out is None:
+            dev = plan._runtime.device()
+            key = ("span", rows_of, dev)
+            mult = plan._device_tables.get(key)
+            if mult is None:
+                if len(plan._device_tables) > 32:  # batch sizes that keep changing
+                    plan._device_tables.clear()
+                mult = plan._device_tables[key] = to_device(
+                    span_multiplier(rows_of, plan._span_fan, plan._span_rows), dev)
+            return mult
+        # token-wise layers share their weight over the real tokens only: out = 1/f on those
+        rows = _table(plan, "rows", plan._span_rows, out.device) / out
+        out = out * span_multiplier(rows_of, _table(plan, "fan", plan._span_fan, out.device), rows)
     return out
+
+
+def _table(plan: "Plan", name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A constant host table of the plan on ``device``, copied there once."""
+    key = (name, device)
+    got = plan._device_tables.get(key)
+    if got is None:
+        got = plan._device_tables[key] = to_device(t, device)
+    return got
 
 
 def current_mask(plan: "Plan") -> torch.Tensor | None:

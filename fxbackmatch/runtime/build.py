@@ -26,6 +26,7 @@ from ..capture.graph import CAPTURES, capture
 from ..capture.hooks import CallRecorder, LazyBuild
 from ..errors import FxBackmatchError, PlanMismatchError, PlanNotReadyError, ScaleRangeWarning
 from .chain import Runtime
+from .transfer import to_device
 from .sharding import is_dtensor
 from .codegen import GeneratedFactors, generate
 from .explain import describe_uses
@@ -191,6 +192,8 @@ def finish(plan: "Plan") -> None:
     buffers = dict(plan.model.named_buffers())
     buffers.update(plan._measured)
     plan._runtime = Runtime(plan._generated, params, buffers, targets, plan.compile)
+    #: host tables on a device (measure.batch.multiplier), and applied_after's masks
+    plan._device_tables = {}
     if plan._token_bt is not None:
         plan._token_flags = torch.tensor(token_targets(targets, a.uses, a.layers, plan._token_bt), dtype=torch.float64)
     if plan.span == "batch":
@@ -293,7 +296,13 @@ def applied_after(plan: "Plan", scales: torch.Tensor, only: set[int] | None) -> 
     prev = plan._applied
     if only is None or prev is None or prev.shape != scales.shape:
         return scales
-    mine = torch.tensor([id(p) in only for p in plan._runtime.targets], device=scales.device)
+    flags = tuple(id(p) in only for p in plan._runtime.targets)
+    key = ("mine", flags, scales.device)
+    mine = plan._device_tables.get(key)
+    if mine is None:  # made on the device once per pattern: no host sync per step
+        if len(plan._device_tables) > 32:
+            plan._device_tables.clear()
+        mine = plan._device_tables[key] = to_device(torch.tensor(flags), scales.device)
     return torch.where(mine, scales, prev.to(scales.device))
 
 

@@ -25,7 +25,9 @@ from typing import Callable, Hashable
 
 import torch
 
-__all__ = ["CAPTURE_MODE", "CaptureCache", "GraphedRescale", "GraphedScales", "capturable", "may_capture", "rescale_key"]
+__all__ = [
+    "CAPTURE_MODE", "CaptureCache", "GraphedRescale", "GraphedScales", "capturable", "may_capture", "rescale_key",
+]
 
 log = logging.getLogger(__name__)
 

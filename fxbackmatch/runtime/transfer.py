@@ -1,0 +1,31 @@
+"""Host values onto a device without waiting for the device.
+
+A blocking copy from pageable host memory to CUDA — ``t.to("cuda")`` of a CPU tensor,
+``torch.tensor(values, device="cuda")`` — ends with a stream synchronization (PyTorch's
+``memcpy_and_sync``): the host waits for every kernel queued before it, so a step that makes one
+loses the host's lead over the device (the next step's launches start only after this step's
+work has run). Per-step values from the host (learning rates, index lists, multipliers) go
+through pinned memory with a non-blocking copy instead: the caching host allocator keeps the
+pinned block until the copy has run. Values that do not change are made on the device once and
+kept by their callers.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["tensor_on", "to_device"]
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``; from the CPU to CUDA without a synchronization (a pinned copy)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def tensor_on(values: Sequence | float, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without a synchronization."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
