@@ -598,12 +598,13 @@ def test_host_values_reach_the_device_without_a_sync():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("how", ["attach", "two-optimizers", "length", "compile_step", "graph_rescale"])
+@pytest.mark.parametrize("how", ["attach", "two-optimizers", "length", "compile_step", "fused-adamw", "graph_rescale"])
 def test_a_training_step_never_waits_for_the_device(how):
     """After three warm-up steps (compiles, captures, one-time copies), three more steps under
     ``torch.cuda.set_sync_debug_mode("error")``: nothing in a default plan's step (the batch-span
     multiplier, the graphed scales, applied_scales' merge for two optimizers, Adam's step-length
-    mode, the fused SGD step, the one-graph rescale) makes the host wait for the device."""
+    mode, the fused SGD step, the fused AdamW update with a scheduled lr and CPU step counters,
+    the one-graph rescale) makes the host wait for the device."""
     torch.manual_seed(0)
     net = lenet_bn().cuda()
     x = torch.randn(16, 3, 32, 32, device="cuda")
@@ -623,6 +624,17 @@ def test_a_training_step_never_waits_for_the_device(how):
     elif how == "compile_step":
         opts = [torch.optim.SGD(params, lr=0.01, momentum=0.9)]
         steps = [plan.compile_step(opts[0])]
+    elif how == "fused-adamw":  # its update eager (no inductor compile in the device's test time)
+        import warnings
+
+        from fxbackmatch.apply.fused import FusedStep
+
+        opts = [torch.optim.AdamW(params, lr=1e-3)]
+        sched = torch.optim.lr_scheduler.StepLR(opts[0], 1, gamma=0.9)  # a new lr every step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Adam cancels a rescale: not what this test is about
+            fused = FusedStep(plan, opts[0], compile=False)
+        steps = [fused, sched.step]
     else:
         opts = [torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True)]
         plan.attach(opts[0], weight_decay=1e-4)

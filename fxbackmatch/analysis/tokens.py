@@ -196,4 +196,6 @@ def fill_token_stats(stats: dict[str, torch.Tensor], mask: torch.Tensor) -> None
     """Refill, in place, the token statistics among ``stats`` (ref -> 0-d tensor) from this
     step's ``mask``."""
     for ref, v in _values(list(stats), mask).items():
-        stats[ref].copy_(v.to(stats[ref].device, non_blocking=True))
+        dst = stats[ref]
+        # to the host blocking (a non-blocking copy would be read before it lands); else not
+        dst.copy_(v, non_blocking=dst.device.type != "cpu")

@@ -18,7 +18,7 @@ OPTIONS = {"rule": None, "adapt": None, "variance": None, "trust_coefficient": N
            "relu": "paper", "unnormalized": "exact", "factors": "derived", "taps": "all", "token_mask": None,
            "moments": "derived", "span": "full"}
 #: fields a copy does not share: the runtime is regenerated for the copied tensors
-NOT_COPIED = ("_runtime", "_attached", "_generated", "_last_call", "_applied_grads", "_round")
+NOT_COPIED = ("_runtime", "_attached", "_generated", "_last_call", "_applied_grads", "_round", "_device_tables")
 NO_PICKLE = (
     "a fxbackmatch Plan does not pickle (it holds the graph, the rule registry and "
     "compiled code).\n  What to do: save plan.state_dict() beside the model's and, after "
@@ -68,6 +68,7 @@ def deepcopy_plan(plan: "Plan", memo: dict) -> "Plan":
     new._attached = []
     new._last_call = None
     new._applied_grads = new._round = None  # they name the original's gradients
+    new._device_tables = {}
     if new._analysis is not None:
         if "_parameters" in new.model.__dict__:
             finish(new)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..runtime.norms import sumsq
+from ..runtime.transfer import to_device
 
 __all__ = ["adam_bias", "adam_update", "passed_as", "sgd_update", "weight_sq"]
 
@@ -54,7 +55,7 @@ def adam_bias(steps: list[torch.Tensor], lr: torch.Tensor, b1: torch.Tensor,
     float64 as torch.optim.Adam's (``lr``, ``b1``, ``b2``: one entry per parameter). Computed
     before the compiled update and passed in: inside it inductor inlines such scalars into each
     parameter's loop (two ``pow`` per vector)."""
-    t = torch.stack(steps).to(b1.device, torch.float64) + 1
+    t = to_device(torch.stack(steps).to(torch.float64), b1.device) + 1  # CPU step counters: no sync
     return lr / (1 - b1 ** t), (1 - b2 ** t).sqrt()
 
 

@@ -39,6 +39,7 @@ from .graphs import CaptureCache, GraphedRescale, GraphedScales, capturable, may
 from ..analysis.expr import EPS
 from .norms import rows_read, sumsq, sumsq_many
 from .sharding import group_of, is_dtensor, local_part
+from .transfer import to_device
 
 __all__ = ["Runtime", "HostChain", "GraphedScales", "spread_mul_", "stat_means", "COMPILE_MAX_STAGES"]
 
@@ -153,7 +154,7 @@ class Runtime:
         mult = self.multiplier() if self.multiplier is not None else None  # first: it refills per-step atoms
         out = self._scales()
         if mult is not None:
-            out = out * mult.to(out.device)
+            out = out * to_device(mult, out.device)  # a token share from a host mask: no sync
         cap = self.post_cap  # once, after the batch's multiplier (the generated code has no cap then)
         return out if cap is None else out.clamp(1.0 / cap, cap)
 

@@ -19,13 +19,21 @@ __all__ = ["tensor_on", "to_device"]
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """``t`` on ``device``; from the CPU to CUDA without a synchronization (a pinned copy)."""
+    """``t`` on ``device``; from the CPU to CUDA without a synchronization (a copy from pinned
+    memory, made here, so a later write to ``t`` cannot reach the copy). Traced by torch.compile
+    or inside a CUDA graph capture: a plain ``.to()`` (what a trace and a graph can hold; a
+    capture refuses a copy from pageable memory loudly)."""
     device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    if device.type != "cuda" or t.device.type != "cpu" or torch.compiler.is_compiling() \
+            or torch.cuda.is_current_stream_capturing():
+        return t.to(device)
+    src = t.clone().pin_memory() if t.is_pinned() else t.pin_memory()  # pin_memory() of a pinned t is t
+    return src.to(device, non_blocking=True)
 
 
 def tensor_on(values: Sequence | float, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """``torch.tensor(values, dtype=dtype, device=device)`` without a synchronization."""
+    """``torch.tensor(values, dtype=dtype, device=device)`` without a synchronization (a
+    number: filled on the device, no copy at all)."""
+    if isinstance(values, (int, float, bool)):
+        return torch.full((), values, dtype=dtype, device=device)
     return to_device(torch.tensor(values, dtype=dtype), device)
