@@ -660,3 +660,21 @@ def test_a_training_step_never_waits_for_the_device(how):
     assert all(torch.isfinite(p).all() for p in params)
     if how == "graph_rescale":
         assert plan._runtime._rescale_graphs.hits >= 3
+
+
+def test_kept_tables_make_each_entry_once_and_stay_bounded():
+    """``kept`` calls ``make`` once per key (the second ask returns the same tensor) and holds
+    at most ``KEPT_MAX`` entries: past that it starts again, and a dropped key is made anew."""
+    from fxbackmatch.runtime.transfer import KEPT_MAX, kept
+
+    made, table = [], {}
+
+    def ask(k):
+        return kept(table, k, lambda: made.append(k) or torch.tensor(float(k)))
+
+    first = ask(1)
+    assert ask(2).item() == 2.0 and ask(1) is first and made == [1, 2]
+    for k in range(3, KEPT_MAX + 5):
+        ask(k)
+        assert len(table) <= KEPT_MAX
+    assert ask(1).item() == 1.0 and made.count(1) == 2  # dropped when the table started again

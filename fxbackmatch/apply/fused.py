@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..runtime.build import applied_after
+from ..runtime.build import applied_after, only_of
 from ..runtime.norms import sumsq, sumsq_many
 from ..runtime.transfer import tensor_on, to_device
 from . import cpu_update
@@ -171,9 +171,8 @@ class FusedStep:
         self._rt = rt
         pos = {id(p): k for k, p in enumerate(rt.targets)}
         self.index = [pos.get(id(p), -1) for p in self.params]
-        mine = {id(p) for p in self.params}
         #: the ids of this optimizer's parameters where it steps only some targets, or None: all
-        self._only = None if all(id(t) in mine for t in rt.targets) else mine
+        self._only = only_of(rt.targets, self.params)
         # weights the update writes keep their sums: compiled with the scheduler pass that puts
         # each parameter's update in one loop, or small enough to fuse without it (KEEP_MAX_PARAMS)
         self._options = compile_options() if self._compile else {}
@@ -394,7 +393,7 @@ class FusedStep:
         if self._fn is None:
             self._fn = self._build()
         dev = self._dev
-        consts = rt._consts.get(dev) or rt._consts.setdefault(dev, rt.gen.constants_on(dev))
+        consts = rt._consts_on(dev)
         self.plan._step_hook()  # measured moments / factors: refreshed in place every `refresh` steps
         if rt.multiplier is not None:
             mult = rt.multiplier()

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import AdaptiveOptimizerWarning, AlreadyAttachedError
 from .handles import HANDLES
+from ..runtime.build import only_of
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -83,9 +84,8 @@ class AttachHandle:
         # only; the id set is rebuilt only when the groups change (add_param_group)
         key = (id(self.plan._params), tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
         if self._owned is None or self._owned[0] != key:
-            mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            covers_all = all(id(self.plan._params[n]) in mine for n in self.plan.targets)
-            self._owned = (key, None if covers_all else mine)
+            params = (p for g in optimizer.param_groups for p in g["params"])
+            self._owned = (key, only_of([self.plan._params[n] for n in self.plan.targets], params))
         self.plan.rescale_grads_(self._owned[1])
 
     def effective_lrs(self) -> list[dict[str, float]]:

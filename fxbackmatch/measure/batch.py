@@ -20,7 +20,7 @@ from ..capture.shapes import shape_of
 from ..errors import FxBackmatchError, PlanMismatchError
 from ..runtime.build import MEASURED_PREFIX, atom_values, layer_records, measures, need
 from ..runtime.reference import eval_mono
-from ..runtime.transfer import to_device
+from ..runtime.transfer import kept, to_device
 from .factors import measure_factors, measure_values
 
 if TYPE_CHECKING:
@@ -203,14 +203,8 @@ def multiplier(plan: "Plan") -> torch.Tensor | None:
         rows_of = (batch or plan._example_batch) * world
         if out is None:
             dev = plan._runtime.device()
-            key = ("span", rows_of, dev)
-            mult = plan._device_tables.get(key)
-            if mult is None:
-                if len(plan._device_tables) > 32:  # batch sizes that keep changing
-                    plan._device_tables.clear()
-                mult = plan._device_tables[key] = to_device(
-                    span_multiplier(rows_of, plan._span_fan, plan._span_rows), dev)
-            return mult
+            return kept(plan._device_tables, ("span", rows_of, dev),
+                        lambda: to_device(span_multiplier(rows_of, plan._span_fan, plan._span_rows), dev))
         # token-wise layers share their weight over the real tokens only: out = 1/f on those
         rows = _table(plan, "rows", plan._span_rows, out.device) / out
         out = out * span_multiplier(rows_of, _table(plan, "fan", plan._span_fan, out.device), rows)
@@ -219,11 +213,7 @@ def multiplier(plan: "Plan") -> torch.Tensor | None:
 
 def _table(plan: "Plan", name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A constant host table of the plan on ``device``, copied there once."""
-    key = (name, device)
-    got = plan._device_tables.get(key)
-    if got is None:
-        got = plan._device_tables[key] = to_device(t, device)
-    return got
+    return kept(plan._device_tables, (name, device), lambda: to_device(t, device))
 
 
 def current_mask(plan: "Plan") -> torch.Tensor | None:

@@ -26,7 +26,7 @@ from ..capture.graph import CAPTURES, capture
 from ..capture.hooks import CallRecorder, LazyBuild
 from ..errors import FxBackmatchError, PlanMismatchError, PlanNotReadyError, ScaleRangeWarning
 from .chain import Runtime
-from .transfer import to_device
+from .transfer import kept, to_device
 from .sharding import is_dtensor
 from .codegen import GeneratedFactors, generate
 from .explain import describe_uses
@@ -297,13 +297,16 @@ def applied_after(plan: "Plan", scales: torch.Tensor, only: set[int] | None) -> 
     if only is None or prev is None or prev.shape != scales.shape:
         return scales
     flags = tuple(id(p) in only for p in plan._runtime.targets)
-    key = ("mine", flags, scales.device)
-    mine = plan._device_tables.get(key)
-    if mine is None:  # made on the device once per pattern: no host sync per step
-        if len(plan._device_tables) > 32:
-            plan._device_tables.clear()
-        mine = plan._device_tables[key] = to_device(torch.tensor(flags), scales.device)
-    return torch.where(mine, scales, prev.to(scales.device))
+    dev = scales.device  # the mask made on the device once per pattern: no host sync per step
+    mine = kept(plan._device_tables, ("mine", flags, dev), lambda: to_device(torch.tensor(flags), dev))
+    return torch.where(mine, scales, prev.to(dev))
+
+
+def only_of(targets: list[torch.Tensor], params) -> set[int] | None:
+    """The ids of ``params`` (one optimizer's), or ``None`` where they hold every target: what
+    ``rescale_`` and :func:`applied_after` take as ``only``."""
+    mine = {id(p) for p in params}
+    return None if all(id(t) in mine for t in targets) else mine
 
 
 def batch_corrected(plan: "Plan") -> bool:

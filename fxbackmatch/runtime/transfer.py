@@ -11,11 +11,14 @@ kept by their callers.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
-__all__ = ["tensor_on", "to_device"]
+__all__ = ["kept", "tensor_on", "to_device"]
+
+#: entries a table of :func:`kept` holds before it is emptied (batch sizes that keep changing)
+KEPT_MAX = 32
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -37,3 +40,14 @@ def tensor_on(values: Sequence | float, dtype: torch.dtype, device: torch.device
     if isinstance(values, (int, float, bool)):
         return torch.full((), values, dtype=dtype, device=device)
     return to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def kept(tables: dict, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``tables[key]``, made by ``make()`` the first time it is asked for (a device tensor made
+    once instead of copied every step); past :data:`KEPT_MAX` entries the table starts again."""
+    got = tables.get(key)
+    if got is None:
+        if len(tables) >= KEPT_MAX:
+            tables.clear()
+        got = tables[key] = make()
+    return got
