@@ -439,6 +439,124 @@ def test_rescale_key_sees_every_change_a_graph_cannot_follow():
     assert rescale_key(w, [], [None, grads[0]]) != rescale_key(w, [], [grads[0], None])
 
 
+@pytest.mark.parametrize("impl", ["tensor_guards", "python"])
+def test_input_guard_refuses_whatever_the_key_refuses(impl, monkeypatch):
+    """InputGuard (the check a step makes before building rescale_key) against rescale_key as
+    the oracle: it accepts the same tensors again and refuses every change the key sees — a
+    copy elsewhere, another shape, strides or dtype at the same address, a missing or sparse
+    gradient, a tensor re-strided in place — with dynamo's C++ check or the Python fallback;
+    and it is stricter where the key is blind (``requires_grad``), never looser."""
+    from fxbackmatch.runtime import graphs
+
+    if impl == "python":
+        monkeypatch.setattr(graphs, "_TensorGuards", None)
+    w = [torch.randn(4, 3), torch.randn(4)]
+    base = torch.randn(24)
+    grads = [base[:12].view(4, 3), base[12:16]]
+    guard = graphs.InputGuard([*w, *grads])
+    assert (guard._check.__name__ == "<lambda>") == (impl == "python")
+
+    def key(ts):
+        return graphs.rescale_key(ts[:2], [], ts[2:])
+
+    other = torch.randn(12)
+    variants = {
+        "same": [*w, *grads],
+        "clone": [*w, grads[0].clone(), grads[1]],
+        "weight moved": [w[0].clone(), w[1], *grads],
+        "strides": [*w, base[:12].view(3, 4).t(), grads[1]],
+        "shape": [*w, base[:12].view(2, 6), grads[1]],
+        "dtype": [*w, grads[0], base[12:14].view(torch.float64)],
+    }
+    for name, ts in variants.items():
+        assert guard(ts) == (key(ts) == key(variants["same"])), name
+    assert guard([*w, *grads]) and not guard([*w, grads[0], None]) and not guard([*w, grads[0]])
+    assert not guard([*w, grads[0], grads[1].to_sparse()])
+    g = other.view(4, 3)
+    guard2 = graphs.InputGuard([g])
+    assert guard2([g])
+    g.as_strided_((3, 4), (4, 1))  # the same tensor object, re-strided in place
+    assert not guard2([g]) and graphs.rescale_key([], [], [g]) != graphs.rescale_key([], [], [other.view(4, 3)])
+    frozen = [w[0].detach().requires_grad_(True), w[1], *grads]  # same address and metadata
+    assert key(frozen) == key(variants["same"]) and guard(frozen) == (impl == "python")
+
+
+def test_graph_rescale_replays_the_last_graph_without_building_the_key(monkeypatch):
+    """The runtime's path with ``graph_rescale``, on the CPU with the capture replaced by an
+    eager replay of the same body: a step checks the last replayed graph (InputGuard) and
+    builds rescale_key only where that fails. Nine steps of zeroed gradients, worked by hand:
+    0 seen, 1 captured, 2–3 replayed without the key (a smaller batch at 3: another span
+    multiplier, same graph), 4 a gradient with new storage (plain), 5 its layout captured, 6
+    replayed, 7 a weight's ``requires_grad`` off (the guard refuses, the key finds the graph:
+    guarded anew), 8 it is back on (the same again). Every step the gradients equal their saved
+    values times ``plan.scales()``."""
+    from fxbackmatch.runtime import chain, graphs
+
+    torch.manual_seed(0)
+    net = lenet_bn()
+    x = torch.randn(16, 3, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    plan = fxbackmatch.prepare(net, x[:2], compile=False)
+    rt = plan._runtime
+    assert rt.multiplier is not None  # the default conventions: the span multiplier inside the graph
+    rt.graph_rescale = True
+    n = len(rt.targets)
+
+    def eager_capture(body):
+        out = torch.empty(n, dtype=torch.float64)
+
+        class Eager:
+            def replay(self):
+                out.copy_(body())
+        return Eager(), out
+
+    keys = []
+
+    def counted_key(*args):
+        keys.append(1)
+        return graphs.rescale_key(*args)
+
+    class EagerScales:  # the scales' own graph (capturable now says yes to it too), run eagerly
+        def __init__(self, fn, weights, stats, consts):
+            self.run = lambda: fn(weights, [], stats, consts)
+
+        def matches(self, weights, stats):
+            return True
+
+        def __call__(self):
+            return self.run()
+
+    monkeypatch.setattr(chain, "capturable", lambda dev: True)
+    monkeypatch.setattr(chain, "GraphedScales", EagerScales)
+    monkeypatch.setattr(graphs, "_warm", lambda *args: None)
+    monkeypatch.setattr(graphs, "_capture", eager_capture)
+    monkeypatch.setattr(chain, "rescale_key", counted_key)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    w = next(net.parameters())
+    seen = []
+    for step in range(9):
+        net.zero_grad(set_to_none=False)
+        b = 4 if step == 3 else 16
+        F.cross_entropy(net(x[:b] * (1 + 0.1 * step)), y[:b]).backward()
+        if step == 4:
+            w.grad = w.grad.clone()
+        if step == 7:
+            w.requires_grad_(False)
+        saved = {k: p.grad.clone() for k, p in net.named_parameters()}
+        s = plan.scales()
+        before = rt._rescale_graphs.captures, rt._rescale_graphs.hits, len(keys)
+        plan.rescale_grads_()
+        c, h, k = (a - b for a, b in zip((rt._rescale_graphs.captures, rt._rescale_graphs.hits, len(keys)), before))
+        seen.append("c" if c else ("r" if k == 0 else "R") if h else "-")
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(p.grad, saved[name] * s[name], rtol=1e-6, atol=0, msg=f"step {step}, {name}")
+        w.requires_grad_(True)
+        opt.step()
+    # r: replayed on the guard alone; R: replayed after the key found it
+    assert "".join(seen) == "-crr-crRR"
+    assert (rt._rescale_graphs.captures, rt._rescale_graphs.hits, len(keys)) == (2, 5, 6)
+
+
 def test_graph_rescale_off_cuda_is_the_plain_rescale():
     """``graph_rescale`` asks for a graph only on CUDA: on the CPU the rescale is the plain one
     (the product of each gradient and its scale) and the capture cache is never consulted."""

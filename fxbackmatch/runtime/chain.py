@@ -203,15 +203,23 @@ class Runtime:
         if stats and _data_parallel_world() > 1:
             return None
         grads = list(map(_GRAD, self.targets))
-        if any(g is not None and g.layout != torch.strided for g in grads):
-            return None
         n_mult, cap = (len(self.targets), self.post_cap) if self.multiplier is not None else (0, None)
-        g = self._rescale_graphs.lookup(
-            (rescale_key(self.weights, stats, grads), n_mult, cap),
-            lambda: GraphedRescale(self.fn, self.weights, grads, stats, self._consts_on(dev), self._groups(grads),
-                                   n_mult, cap))
+        cache = self._rescale_graphs
+        # the graph the last step replayed, checked first (InputGuard: ~30 µs for ResNet-50's
+        # 216 tensors on a 2-core Xeon); then the full key (~70 µs), which finds any kept graph
+        # or counts this layout
+        g = cache.recent(lambda g: g.fits(self.weights, stats, grads, n_mult, cap))
         if g is None:
-            return None
+            if any(t is not None and t.layout != torch.strided for t in grads):
+                return None
+            g = cache.lookup(
+                (rescale_key(self.weights, stats, grads), n_mult, cap),
+                lambda: GraphedRescale(self.fn, self.weights, grads, stats, self._consts_on(dev), self._groups(grads),
+                                       n_mult, cap))
+            if g is None:
+                return None
+            if not g.fits(self.weights, stats, grads, n_mult, cap):  # stricter than the key: guard these
+                g.reguard(self.weights, stats, grads)
         return g(self.multiplier() if n_mult else None)  # the multiplier first refills per-step atoms
 
     def _synced_stat_scales(self, grads, stats, consts, dev) -> torch.Tensor:

@@ -12,7 +12,9 @@ hands the same blocks back each step; :class:`CaptureCache` captures a layout th
 it sees it, replays it while it recurs and stops trying where addresses never repeat. A replay
 happens only when every input lies where the graph reads it (address, dtype, shape) and every
 gradient where it writes it (address, dtype, shape, strides), so a moved or reallocated
-gradient is multiplied by the plain path, never by a stale graph. Graphs are captured only on
+gradient is multiplied by the plain path, never by a stale graph. A step checks the graph it
+replayed last with :class:`InputGuard` (the addresses, and the metadata in dynamo's C++
+``TensorGuards``) and builds :func:`rescale_key` only where that fails. Graphs are captured only on
 the current CUDA device (:func:`capturable`) and in ``thread_local`` mode (:data:`CAPTURE_MODE`).
 """
 from __future__ import annotations
@@ -26,13 +28,19 @@ from typing import Callable, Hashable
 import torch
 
 __all__ = [
-    "CAPTURE_MODE", "CaptureCache", "GraphedRescale", "GraphedScales", "capturable", "may_capture", "rescale_key",
+    "CAPTURE_MODE", "CaptureCache", "GraphedRescale", "GraphedScales", "InputGuard", "capturable", "may_capture",
+    "rescale_key",
 ]
 
 log = logging.getLogger(__name__)
 
 _SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
 _PTR, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.stride
+
+try:  # dynamo's C++ check of tensors' metadata (private: the Python key where it is missing)
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - every torch this project supports has it
+    _TensorGuards = None
 
 
 #: ``torch.cuda.graph``'s ``capture_error_mode``: only this thread's unsafe calls break a
@@ -74,6 +82,39 @@ def rescale_key(weights: list[torch.Tensor], stats: list[torch.Tensor],
     else:
         where = None
     return _inputs_key([*weights, *stats]), where, _inputs_key(grads), tuple(map(_STRIDE, grads))
+
+
+class InputGuard:
+    """Whether tensors are still the ones a graph was captured for, as far as a replay can
+    tell: every address, dtype, device, shape and stride the same (what :func:`rescale_key`
+    compares). The metadata are checked in C++ by dynamo's ``TensorGuards`` (~10 µs for
+    ResNet-50's 161 gradients on a 2-core Xeon, where building and comparing the key's tuples
+    takes ~80), which also compares ``requires_grad`` and the dispatch keys (autocast on or
+    off): stricter than the key, never looser. Where torch has no ``TensorGuards`` or it
+    refuses the tensors, the key's own tuples are compared."""
+
+    def __init__(self, ts: list[torch.Tensor]) -> None:
+        self.n = len(ts)
+        self.ptrs = tuple(map(_PTR, ts))
+        self._check: Callable[..., bool]
+        try:
+            self._check = _TensorGuards(*ts, dynamic_dims_sizes=[list(t.shape) for t in ts],
+                                        dynamic_dims_strides=[list(t.stride()) for t in ts]).check
+        except Exception:  # None (no TensorGuards), or a signature this torch does not take
+            meta = _meta(ts)
+            self._check = lambda *now: _meta(now) == meta
+
+    def __call__(self, ts: list[torch.Tensor | None]) -> bool:
+        if len(ts) != self.n:
+            return False
+        try:
+            return tuple(map(_PTR, ts)) == self.ptrs and self._check(*ts)
+        except (RuntimeError, TypeError):  # None where a gradient was, a sparse gradient (no data_ptr)
+            return False
+
+
+def _meta(ts) -> tuple:
+    return tuple(map(_DTYPE, ts)), tuple(map(_SHAPE, ts)), tuple(map(_STRIDE, ts)), tuple(t.device for t in ts)
 
 
 def _warm(fn: Callable, weights, stats, consts) -> None:
@@ -127,8 +168,13 @@ class GraphedRescale:
         devices = {dev for (dev, _), _ in groups}
         if len(devices) > 1:
             raise ValueError("gradients on several devices: one graph runs on one")
+        self.n_mult, self.cap = n_mult, cap
+        #: the targets that have a gradient (None: all), and the guard over the inputs and those
+        self.where = None if not any(map(is_, grads, repeat(None))) else [i for i, g in enumerate(grads) if g is not None]
+        self.guard = InputGuard(self._guarded(weights, stats, grads))
         _warm(fn, weights, stats, consts)
-        dev = torch.device("cuda", torch.cuda.current_device())  # where it captures (capturable)
+        # where it captures (the gradients' device, the current one: capturable)
+        dev = next(iter(devices)) if devices else torch.device("cuda", torch.cuda.current_device())
         self.mult = torch.ones(n_mult, dtype=torch.float64, device=dev) if n_mult else None
 
         def body() -> torch.Tensor:
@@ -143,6 +189,29 @@ class GraphedRescale:
             return out
 
         self.graph, self.out = _capture(body)
+
+    def _guarded(self, weights: list[torch.Tensor], stats: list[torch.Tensor], grads: list) -> list | None:
+        """What the guard checks: the inputs and the gradients the graph writes; ``None`` where
+        more or fewer targets have a gradient than at capture (one moved: a ``None`` in the list)."""
+        if self.where is None:
+            return [*weights, *stats, *grads]
+        if sum(map(is_, grads, repeat(None))) != len(grads) - len(self.where):
+            return None
+        return [*weights, *stats, *[grads[i] for i in self.where]]
+
+    def fits(self, weights: list[torch.Tensor], stats: list[torch.Tensor], grads: list,
+             n_mult: int, cap: float | None) -> bool:
+        """Whether a replay reads and writes exactly these tensors (:class:`InputGuard`): the
+        fast check before :func:`rescale_key`'s lookup."""
+        if n_mult != self.n_mult or cap != self.cap:
+            return False
+        ts = self._guarded(weights, stats, grads)
+        return ts is not None and self.guard(ts)
+
+    def reguard(self, weights: list[torch.Tensor], stats: list[torch.Tensor], grads: list) -> None:
+        """After :func:`rescale_key` found this graph where :meth:`fits` did not (a weight's
+        ``requires_grad``, autocast on around the step): guard these tensors from now on."""
+        self.guard = InputGuard(self._guarded(weights, stats, grads))
 
     def __call__(self, mult: torch.Tensor | None = None) -> torch.Tensor:
         if self.mult is not None:
@@ -224,6 +293,20 @@ class CaptureCache:
         if self.idle >= self.patience:
             return self._stop(f"no gradient layout recurred in {self.idle} steps")
         return None
+
+    def recent(self, fits: Callable[[object], bool]) -> object | None:
+        """The most recently used graph where ``fits(graph)`` (counted as :meth:`lookup`
+        counts a replay), else ``None``: then :meth:`lookup` with the full key. A step checks
+        the graph it most likely replays before building the key (``fits`` is cheaper)."""
+        if not self.enabled or not self.graphs:
+            return None
+        g = next(reversed(self.graphs.values()))
+        if not fits(g):
+            return None
+        self.calls += 1
+        self.hits += 1
+        self.idle = 0
+        return g
 
     def _stop(self, why: str | None) -> None:
         self.enabled = False
