@@ -479,19 +479,30 @@ def test_input_guard_refuses_whatever_the_key_refuses(impl, monkeypatch):
     assert not guard2([g]) and graphs.rescale_key([], [], [g]) != graphs.rescale_key([], [], [other.view(4, 3)])
     frozen = [w[0].detach().requires_grad_(True), w[1], *grads]  # same address and metadata
     assert key(frozen) == key(variants["same"]) and guard(frozen) == (impl == "python")
+    # a tensor listed twice (a weight two atoms read): accepted again; a repeat that is another
+    # tensor at the same address with other metadata is refused, as by the key
+    twice = graphs.InputGuard([w[0], w[1], w[0], *grads])
+    assert twice([w[0], w[1], w[0], *grads]) and twice.unique == [0, 1, 3, 4]
+    assert not twice([w[0], w[1], w[0].view(3, 4), *grads])
+    assert twice([w[0], w[1], w[0], *grads]) is True  # and the same again: no state kept
 
 
-def test_graph_rescale_replays_the_last_graph_without_building_the_key(monkeypatch):
+@pytest.mark.parametrize("impl", ["tensor_guards", "python"])
+def test_graph_rescale_replays_the_last_graph_without_building_the_key(impl, monkeypatch):
     """The runtime's path with ``graph_rescale``, on the CPU with the capture replaced by an
     eager replay of the same body: a step checks the last replayed graph (InputGuard) and
     builds rescale_key only where that fails. Nine steps of zeroed gradients, worked by hand:
     0 seen, 1 captured, 2–3 replayed without the key (a smaller batch at 3: another span
     multiplier, same graph), 4 a gradient with new storage (plain), 5 its layout captured, 6
-    replayed, 7 a weight's ``requires_grad`` off (the guard refuses, the key finds the graph:
-    guarded anew), 8 it is back on (the same again). Every step the gradients equal their saved
-    values times ``plan.scales()``."""
+    replayed, 7 a weight's ``requires_grad`` off (dynamo's check refuses, the key finds the
+    graph: guarded anew), 8 it is back on (the same again); 9 the last target has no gradient (plain),
+    10 that layout captured, 11 replayed, 12 the gradient is back (the key finds the graph of
+    steps 5–8), 13 replayed. Every step the gradients equal their saved values times
+    ``plan.scales()``; with dynamo's C++ check and with the Python fallback."""
     from fxbackmatch.runtime import chain, graphs
 
+    if impl == "python":
+        monkeypatch.setattr(graphs, "_TensorGuards", None)
     torch.manual_seed(0)
     net = lenet_bn()
     x = torch.randn(16, 3, 32, 32)
@@ -532,9 +543,9 @@ def test_graph_rescale_replays_the_last_graph_without_building_the_key(monkeypat
     monkeypatch.setattr(graphs, "_capture", eager_capture)
     monkeypatch.setattr(chain, "rescale_key", counted_key)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    w = next(net.parameters())
+    w, last = next(net.parameters()), rt.targets[-1]
     seen = []
-    for step in range(9):
+    for step in range(14):
         net.zero_grad(set_to_none=False)
         b = 4 if step == 3 else 16
         F.cross_entropy(net(x[:b] * (1 + 0.1 * step)), y[:b]).backward()
@@ -542,19 +553,27 @@ def test_graph_rescale_replays_the_last_graph_without_building_the_key(monkeypat
             w.grad = w.grad.clone()
         if step == 7:
             w.requires_grad_(False)
-        saved = {k: p.grad.clone() for k, p in net.named_parameters()}
+        if step in (9, 10, 11):
+            kept, last.grad = last.grad, None
+        saved = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
         s = plan.scales()
         before = rt._rescale_graphs.captures, rt._rescale_graphs.hits, len(keys)
         plan.rescale_grads_()
         c, h, k = (a - b for a, b in zip((rt._rescale_graphs.captures, rt._rescale_graphs.hits, len(keys)), before))
         seen.append("c" if c else ("r" if k == 0 else "R") if h else "-")
+        assert len(saved) == (len(rt.targets) - 1 if step in (9, 10, 11) else len(rt.targets))
         for name, p in net.named_parameters():
-            torch.testing.assert_close(p.grad, saved[name] * s[name], rtol=1e-6, atol=0, msg=f"step {step}, {name}")
+            if name in saved:
+                torch.testing.assert_close(p.grad, saved[name] * s[name], rtol=1e-6, atol=0, msg=f"step {step}, {name}")
         w.requires_grad_(True)
+        if step in (9, 10, 11):
+            last.grad = kept  # the same tensor back: at step 12 the key finds the graph of steps 5–8
         opt.step()
-    # r: replayed on the guard alone; R: replayed after the key found it
-    assert "".join(seen) == "-crr-crRR"
-    assert (rt._rescale_graphs.captures, rt._rescale_graphs.hits, len(keys)) == (2, 5, 6)
+    # r: replayed on the guard alone; R: replayed after the key found it. The Python fallback
+    # does not compare requires_grad (nor does the key): steps 7 and 8 replay on it alone
+    rg = "RR" if impl == "tensor_guards" else "rr"
+    assert "".join(seen) == "-crr-cr" + rg + "-cr" + "Rr"
+    assert (rt._rescale_graphs.captures, rt._rescale_graphs.hits, len(keys)) == (3, 8, 9 if rg == "RR" else 7)
 
 
 def test_graph_rescale_off_cuda_is_the_plain_rescale():

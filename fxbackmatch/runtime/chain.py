@@ -208,6 +208,7 @@ class Runtime:
         # the graph the last step replayed, checked first (InputGuard: ~30 µs for ResNet-50's
         # 216 tensors on a 2-core Xeon); then the full key (~70 µs), which finds any kept graph
         # or counts this layout
+        last = cache.last
         g = cache.recent(lambda g: g.fits(self.weights, stats, grads, n_mult, cap))
         if g is None:
             if any(t is not None and t.layout != torch.strided for t in grads):
@@ -218,7 +219,7 @@ class Runtime:
                                        n_mult, cap))
             if g is None:
                 return None
-            if not g.fits(self.weights, stats, grads, n_mult, cap):  # stricter than the key: guard these
+            if g is last:  # its guard refused what the key accepts (requires_grad, autocast): guard these
                 g.reguard(self.weights, stats, grads)
         return g(self.multiplier() if n_mult else None)  # the multiplier first refills per-step atoms
 
