@@ -100,11 +100,14 @@ def interleaved(base, fn, restore, reps: int, rounds: int) -> list[float]:
 
 
 def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, amp: bool = False,
-          rounds: int = 5, adam: bool = False, profile: str | None = None) -> dict:
+          rounds: int = 5, adam: bool = False, profile: str | None = None, out: dict | None = None) -> dict:
+    """The figures of one model, filled into ``out`` as they are measured (an error part-way
+    leaves the ones before it there: the device run prints what it has)."""
     net, plan, x, y, params, restore = model_setup(name, device, batch, amp)
     saved = [p.grad.clone() for p in params]  # the copy_ baseline's bytes
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-    out = {"model": name, "params_M": sum(p.numel() for p in params) / 1e6}
+    out = {} if out is None else out
+    out.update(model=name, params_M=sum(p.numel() for p in params) / 1e6)
     plan.rescale_grads_()  # compile once
     out["compiled_rescale"] = timeit(plan.rescale_grads_, restore, reps)
     if profile:  # where the host time of a rescale goes: Python functions, then torch ops
@@ -214,15 +217,28 @@ def bench(name: str, device: str, reps: int, train_reps: int, batch: int = 128, 
         variants = [(True, False, []), (False, False, [])]
         if torch.device(device).type == "cuda":  # the one-graph rescale in a real loop
             variants.append((True, True, []))
-        for flag, graphed, _ in variants:
-            step(flag, graphed)
-        for _ in range(train_reps):
-            for flag, graphed, acc in variants:
-                sync()
-                t = time.perf_counter()
+        def timed(flag: bool, graphed: bool) -> float | None:
+            sync()
+            t = time.perf_counter()
+            try:
                 step(flag, graphed)
                 sync()
-                acc.append(time.perf_counter() - t)
+            except Exception as e:  # the one-graph rescale's first run on a GPU: keep the other two
+                if not graphed:
+                    raise
+                print(f"# full step with the graphed rescale failed: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}")
+                variants.pop()
+                return None
+            return time.perf_counter() - t
+
+        for flag, graphed, _ in list(variants):  # warm-up
+            timed(flag, graphed)
+        for _ in range(train_reps):
+            for flag, graphed, acc in list(variants):
+                t = timed(flag, graphed)
+                if t is not None:
+                    acc.append(t)
         out["train_step_with"] = statistics.median(variants[0][2])
         out["train_step_without"] = statistics.median(variants[1][2])
         if len(variants) > 2:
@@ -268,6 +284,44 @@ def bench_fused_options(name: str, device: str, reps: int, batch: int, amp: bool
     return interleaved(compiled_sgd, fused, restore, reps, rounds)
 
 
+def report(name: str, r: dict) -> None:
+    """Print one model's figures (those measured: a run stopped by an error has fewer)."""
+    ms = lambda k: f"{r[k] * 1e3:8.3f} ms" if r.get(k) is not None else "     n/a"  # noqa: E731
+    print(f"\n## {name} ({r['params_M']:.1f} M parameters)")
+    for k in ("eager_loop", "compiled_rescale", "ungraphed_rescale", "graphed_rescale", "sgd_momentum_step", "timm_lars_step", "copy",
+              "compiled_sgd_step", "fused_step", "torch_fused_sgd_step", "train_step_with", "train_step_without", "train_step_graphed"):
+        if k in r:
+            print(f"{k:22s} {ms(k)}")
+    if "sgd_momentum_step" in r:
+        print(f"compiled rescale / SGD-momentum step : {r['compiled_rescale'] / r['sgd_momentum_step']:.3f}  (target ≤ 0.6)")
+        print(f"eager loop / compiled rescale        : {r['eager_loop'] / r['compiled_rescale']:.2f}×")
+    if r.get("fused_step"):
+        print(f"fused step / compiled SGD step       : {r['fused_step'] / r['compiled_sgd_step']:.3f}  (target ≤ 1.05)")
+        if r.get("fused_ratios"):
+            q = sorted(r["fused_ratios"])
+            print(f"  in {len(q)} interleaved rounds        : median {statistics.median(q):.3f}, "
+                  f"range {q[0]:.3f}–{q[-1]:.3f}")
+    if r.get("adam_ratios") and "compiled_adamw_step" in r:
+        q = sorted(r["adam_ratios"])
+        print(f"fused AdamW / compiled AdamW step    : median {statistics.median(q):.3f}, range {q[0]:.3f}–{q[-1]:.3f} "
+              f"({len(q)} interleaved rounds; compiled AdamW {r['compiled_adamw_step'] * 1e3:.2f} ms)")
+    if "copy_GBps" in r:
+        print(f"rescale bandwidth {r['rescale_GBps']:.1f} GB/s vs copy_ {r['copy_GBps']:.1f} GB/s "
+              f"({r['rescale_GBps'] / r['copy_GBps']:.2f})")
+    if r.get("torch_fused_sgd_step") and r.get("fused_step"):
+        print(f"fused step / torch fused SGD step    : {r['fused_step'] / r['torch_fused_sgd_step']:.3f}")
+    if "train_step_without" in r:
+        print(f"full step with / without rescale     : {r['train_step_with'] / r['train_step_without']:.4f}  (target ≤ 1.02)")
+        print(f"rescale share of the step            : {100 * r['compiled_rescale'] / r['train_step_with']:.2f} %  "
+              f"(compiled rescale alone / full step; target ≤ 1 %)")
+    if r.get("graphed_rescale") and "train_step_with" in r:
+        print(f"graphed rescale share of the step    : {100 * r['graphed_rescale'] / r['train_step_with']:.2f} %  "
+              f"(scales and multiply as one CUDA graph, same gradients every call)")
+    if "train_step_graphed" in r:
+        print(f"full step, graphed rescale / without : {r['train_step_graphed'] / r['train_step_without']:.4f}  "
+              f"(gradients freed each step; {r['graph_use']})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="vgg16,resnet50")
@@ -287,40 +341,17 @@ def main() -> None:
     args = ap.parse_args()
     print(f"# machine: {machine()}, device {args.device}, batch {args.batch}{', bf16 autocast' if args.amp else ''}")
     for name in args.models.split(","):
-        r = bench(name, args.device, args.reps, args.train_reps, args.batch, args.amp, args.rounds, args.adam,
-                  args.profile)
-        ms = lambda k: f"{r[k] * 1e3:8.3f} ms" if r.get(k) is not None else "     n/a"  # noqa: E731
-        print(f"\n## {name} ({r['params_M']:.1f} M parameters)")
-        for k in ("eager_loop", "compiled_rescale", "ungraphed_rescale", "graphed_rescale", "sgd_momentum_step", "timm_lars_step", "copy",
-                  "compiled_sgd_step", "fused_step", "torch_fused_sgd_step", "train_step_with", "train_step_without", "train_step_graphed"):
-            if k in r:
-                print(f"{k:22s} {ms(k)}")
-        print(f"compiled rescale / SGD-momentum step : {r['compiled_rescale'] / r['sgd_momentum_step']:.3f}  (target ≤ 0.6)")
-        print(f"eager loop / compiled rescale        : {r['eager_loop'] / r['compiled_rescale']:.2f}×")
-        if r.get("fused_step"):
-            print(f"fused step / compiled SGD step       : {r['fused_step'] / r['compiled_sgd_step']:.3f}  (target ≤ 1.05)")
-            if r.get("fused_ratios"):
-                q = sorted(r["fused_ratios"])
-                print(f"  in {len(q)} interleaved rounds        : median {statistics.median(q):.3f}, "
-                      f"range {q[0]:.3f}–{q[-1]:.3f}")
-        if r.get("adam_ratios"):
-            q = sorted(r["adam_ratios"])
-            print(f"fused AdamW / compiled AdamW step    : median {statistics.median(q):.3f}, range {q[0]:.3f}–{q[-1]:.3f} "
-                  f"({len(q)} interleaved rounds; compiled AdamW {r['compiled_adamw_step'] * 1e3:.2f} ms)")
-        print(f"rescale bandwidth {r['rescale_GBps']:.1f} GB/s vs copy_ {r['copy_GBps']:.1f} GB/s "
-              f"({r['rescale_GBps'] / r['copy_GBps']:.2f})")
-        if r.get("torch_fused_sgd_step") and r.get("fused_step"):
-            print(f"fused step / torch fused SGD step    : {r['fused_step'] / r['torch_fused_sgd_step']:.3f}")
-        if "train_step_with" in r:
-            print(f"full step with / without rescale     : {r['train_step_with'] / r['train_step_without']:.4f}  (target ≤ 1.02)")
-            print(f"rescale share of the step            : {100 * r['compiled_rescale'] / r['train_step_with']:.2f} %  "
-                  f"(compiled rescale alone / full step; target ≤ 1 %)")
-        if r.get("graphed_rescale") and "train_step_with" in r:
-            print(f"graphed rescale share of the step    : {100 * r['graphed_rescale'] / r['train_step_with']:.2f} %  "
-                  f"(scales and multiply as one CUDA graph, same gradients every call)")
-        if "train_step_graphed" in r:
-            print(f"full step, graphed rescale / without : {r['train_step_graphed'] / r['train_step_without']:.4f}  "
-                  f"(gradients freed each step; {r['graph_use']})")
+        r: dict = {}
+        try:
+            bench(name, args.device, args.reps, args.train_reps, args.batch, args.amp, args.rounds, args.adam,
+                  args.profile, out=r)
+        except Exception as e:  # print what was measured before it
+            print(f"\n# {name}: stopped by {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                  f"the figures measured before it follow")
+        if "compiled_rescale" not in r:
+            continue
+        report(name, r)
+    variants = [("the compiled update", {})] if args.compiled_update or args.combo else []
     variants = [("the compiled update", {})] if args.compiled_update or args.combo else []
     if args.combo:  # CUDA_OPTIONS apply on CUDA only: on the CPU both are the same
         variants.append(("the compiled update with combo_kernels", {"combo_kernels": True}))
