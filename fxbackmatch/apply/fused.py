@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ..runtime.build import applied_after, only_of
+from ..runtime.codegen import multiplied
 from ..runtime.norms import sumsq, sumsq_many
 from ..runtime.transfer import tensor_on, to_device
 from . import cpu_update
@@ -281,12 +282,8 @@ class FusedStep:
         per_step, cap = rt.multiplier is not None, rt.post_cap
         plain = factors
 
-        def finish(out, consts):  # the plan's per-step multiplier, if any, as Runtime.scales applies it
-            if per_step:  # the batch's span / token share
-                out = out * consts["mult"]
-                if cap is not None:
-                    out = out.clamp(1.0 / cap, cap)
-            return out
+        def finish(out, consts):  # the plan's per-step multiplier (span, token share), if any, and the cap after it
+            return multiplied(out, consts["mult"], cap) if per_step else out
 
         def factors(sq, grads, stats, consts):  # noqa: F811
             return finish(plain(sq, grads, stats, consts), consts)
@@ -398,7 +395,7 @@ class FusedStep:
         if rt.multiplier is not None:
             mult = rt.multiplier()
             n = len(rt.targets)
-            mult = torch.ones(n, dtype=torch.float64, device=dev) if mult is None else mult.to(dev, torch.float64)
+            mult = torch.ones(n, dtype=torch.float64, device=dev) if mult is None else to_device(mult.double(), dev)
             consts = {**consts, "mult": mult}
         if isinstance(self._fn, SGDForeachStep):  # reads the weights and the groups itself
             self.plan._applied = applied_after(self.plan, self._fn(consts, grads, *self._state()), self._only)

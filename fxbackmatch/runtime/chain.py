@@ -34,7 +34,7 @@ from torch import nn
 
 import torch.distributed as dist
 
-from .codegen import GeneratedFactors
+from .codegen import GeneratedFactors, multiplied
 from .graphs import CaptureCache, GraphedRescale, GraphedScales, capturable, may_capture, rescale_key
 from ..analysis.expr import EPS
 from .norms import rows_read, sumsq, sumsq_many
@@ -154,9 +154,8 @@ class Runtime:
         mult = self.multiplier() if self.multiplier is not None else None  # first: it refills per-step atoms
         out = self._scales()
         if mult is not None:
-            out = out * to_device(mult, out.device)  # a token share from a host mask: no sync
-        cap = self.post_cap  # once, after the batch's multiplier (the generated code has no cap then)
-        return out if cap is None else out.clamp(1.0 / cap, cap)
+            mult = to_device(mult, out.device)  # a token share from a host mask: no sync
+        return multiplied(out, mult, self.post_cap)
 
     def _scales(self) -> torch.Tensor:
         dev = self.device()

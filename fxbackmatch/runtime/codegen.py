@@ -19,7 +19,7 @@ import torch
 
 from ..analysis.expr import EPS, Atom, Mono
 
-__all__ = ["GeneratedFactors", "generate", "STAT_KINDS"]
+__all__ = ["GeneratedFactors", "generate", "multiplied", "STAT_KINDS"]
 
 #: atoms read from buffers (a mean, or the mean of the reciprocal)
 STAT_KINDS = ("stat_mean", "stat_inv_mean")
@@ -218,3 +218,13 @@ def generate(
         n_stages=sum(1 for a in atoms if a.kind in ("sum", "lars", "lsalr")),
         cap=cap,
     )
+
+
+def multiplied(out: torch.Tensor, mult: torch.Tensor | None, cap: float | None) -> torch.Tensor:
+    """Scales times the step's multiplier (the batch's span, the token share; ``None``: none),
+    then clamped to ``[1/cap, cap]``: the cap the generated code leaves out where a multiplier
+    follows it (``Runtime.post_cap``), applied once, after it (``clamp(s)·k ≠ clamp(s·k)``).
+    The eager scales, the graphed rescale and the fused step all finish with it."""
+    if mult is not None:
+        out = out * mult
+    return out if cap is None else out.clamp(1.0 / cap, cap)

@@ -27,6 +27,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from .codegen import multiplied
+
 __all__ = [
     "CAPTURE_MODE", "CaptureCache", "GraphedRescale", "GraphedScales", "InputGuard", "capturable", "may_capture",
     "rescale_key",
@@ -193,11 +195,7 @@ class GraphedRescale:
         self.mult = torch.ones(n_mult, dtype=torch.float64, device=dev) if n_mult else None
 
         def body() -> torch.Tensor:
-            out = fn(weights, [], stats, consts)
-            if self.mult is not None:
-                out = out * self.mult
-            if cap is not None:
-                out = out.clamp(1.0 / cap, cap)
+            out = multiplied(fn(weights, [], stats, consts), self.mult, cap)
             for (_, dtype), idx in groups:
                 sc = out.to(dtype).unbind(0)
                 torch._foreach_mul_([grads[i] for i in idx], [sc[i] for i in idx])
