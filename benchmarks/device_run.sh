@@ -6,17 +6,19 @@
 #      torch-fused SGD steps; last, the fused step on the compiled update it replaced, which a
 #      timeout may cut without losing the rest);
 #   3. step_profile: the Table 2 harness's VGG-11 step, wall time against the device's kernel
-#      time (is the device kept busy?), then back-matching's step with the model compiled
-#      (would Table 2 fit more epochs so?), appended to profile.txt;
+#      time (is the device kept busy?), appended to profile.txt;
 #   4. the paper's Table 2 protocol (benchmarks/table2.py) in the time that is left: VGG-16
-#      SGD vs back-matching, then VGG-11's second seed (its first ran), if time is left.
+#      SGD vs back-matching, then VGG-11's second seed (its first ran), if time is left; with
+#      --compile auto, each model's probe times an epoch eagerly and compiled (would Table 2 fit
+#      more epochs so?) and its runs take the faster (table2_log.txt says which).
 # Results under $OUT: gpu.txt, gpu_tests.txt, bench_rescale.txt, profile.txt (where the rescale's
 # host time goes, then where a training step's time goes), table2_log.txt, table2.md, table2.json,
 # log.txt (8: the most that come back).
 #
 # On the device (from the repo root, after `mkdir -p data && cp ../shared/datasets/cifar10-jpeg.npz data/`):
 #   run(command="bash benchmarks/device_run.sh", carry=["data"], timeout_s=590)
-# Shorter runs: BUDGET=SECONDS, JOBS=vgg16:0 (the table's jobs), EPOCHS=N (fixed, no probe).
+# Shorter runs: BUDGET=SECONDS, JOBS=vgg16:0 (the table's jobs), EPOCHS=N (fixed, no probe),
+# COMPILE=off|on|auto (the model's torch.compile in Table 2; default auto).
 # A CPU dry run of every step (tiny models, 2 epochs; tests/test_pipeline.py):
 #   DRY=1 DATA=path/to/pack.npz OUT=/tmp/out bash benchmarks/device_run.sh
 set -u
@@ -37,14 +39,15 @@ if [ "${DRY:-0}" = 1 ]; then
   TESTS=(-m cuda tests/test_optim.py)
   BENCH=(--models resnet18 --device cpu --batch 8 --reps 2 --train-reps 1 --amp --compiled-update --rounds 2)
   STEP=(--device cpu --width 0.0625 --batch-size 16 --steps 3)
-  TABLE=(--device cpu --epochs 2 --subset 64 --width 0.0625 --jobs vgg11:0)
+  TABLE=(--device cpu --epochs 2 --subset 64 --batch-size 16 --width 0.0625 --jobs vgg11:0 --compile auto)
 else
   DEVICE=cuda
   TESTS=(-m cuda tests/test_optim.py tests/test_pipeline.py tests/test_cuda.py)
   BENCH=(--models resnet50 --device cuda --batch 256 --reps 20 --train-reps 10 --amp --compiled-update)
   STEP=(--device cuda --steps 50)
   # VGG-11 seed 0 ran 46 epochs on 2026-12-04 (docs/results.md): next, VGG-16 long, then a second seed
-  TABLE=(--device cuda --jobs "${JOBS:-vgg16:0,vgg11:1,vgg11:0}" --min-epochs 15 --max-epochs 60 ${EPOCHS:+--epochs $EPOCHS})
+  TABLE=(--device cuda --jobs "${JOBS:-vgg16:0,vgg11:1,vgg11:0}" --min-epochs 15 --max-epochs 60 ${EPOCHS:+--epochs $EPOCHS}
+         --compile "${COMPILE:-auto}")
 fi
 
 say "start: budget ${BUDGET} s, device ${DEVICE}"
@@ -67,14 +70,6 @@ say "bench_rescale: rc $?"
 # is the device kept busy? the harness's VGG-11 step: wall vs kernel time, busiest ops
 timeout -k 5 90 $PY benchmarks/step_profile.py --data "$DATA" "${STEP[@]}" >> "$OUT/profile.txt" 2>&1
 say "step_profile: rc $?"
-# only where Table 2 keeps ≥ 4 minutes after it (VGG-16: ~30 epochs of both methods on an H200)
-if [ "$(left)" -ge 345 ]; then
-  timeout -k 5 90 $PY benchmarks/step_profile.py --data "$DATA" "${STEP[@]}" --methods backmatch --compile \
-    >> "$OUT/profile.txt" 2>&1
-  say "step_profile, compiled model: rc $?"
-else
-  say "step_profile, compiled model: skipped, $(left) s left"
-fi
 
 T=$(( $(left) - 15 ))
 say "table2 with ${T} s"

@@ -40,7 +40,7 @@ def profile_method(args: argparse.Namespace, data: ImageData, method: str, out: 
     """The report of one method: its wall time, device time and busiest ops per step."""
     ns = argparse.Namespace(data=args.data, width=args.width, batch_size=args.batch_size,
                             weight_decay=1e-4, augment="crop", device=args.device, compile=args.compile)
-    cfg = table2.config(ns, args.model, method, 0, 3, out / method)
+    cfg = table2.config(ns, args.model, method, 0, 3, out / method, args.compile)
     cfg.validate()
     device = torch.device(args.device)
     run = Run(cfg, method, 0, initial_model(cfg, 0, data.num_classes), data, device, out / method)

@@ -6,16 +6,29 @@ Protocol: batch 128, Nesterov momentum 0.9, weight decay 1e-4, augmentation (def
 epochs that fit (the paper's ×0.2 every 60 epochs is for 300-epoch runs), SGD at 0.1 (§4.1)
 and back-matching at 2e-3 (§4.2). On CUDA: bf16 autocast and channels-last.
 
-For each job (model, seed) the script first trains every method for two epochs and takes
-the second epoch's time (the first holds compilation), then gives the job as many epochs
-as fit in what is left of ``--budget-s`` (at most ``--max-epochs``, at least
-``--min-epochs`` or the job is skipped) and trains every method that long. It writes:
+For each job (model, seed) the script first trains every method for two epochs (the
+probe; a later job of the same model reuses its model's probe), then gives the job as many
+epochs as fit in what is left of ``--budget-s`` (at most ``--max-epochs``, at least
+``--min-epochs`` or the job is skipped) and trains every method that long. The estimate
+(:func:`epochs_that_fit`) takes from each method's probe the second epoch's whole wall time
+(training, evaluation, checkpoint), the first epoch's excess over it (a new plan's compile,
+which every final run pays again; once-per-process costs such as the model's compile and
+cuDNN's autotuning only the first method's probe pays, so its run is counted at the others'
+smallest excess), and the call's cost outside its epochs (building the run, the report, the
+plots).
+
+``--compile auto`` (the device script's choice on CUDA) decides per model whether to
+``torch.compile`` it: the first method's probe runs eagerly, then compiled, and the faster
+second epoch wins (compiled must be ≥ 5 % faster: its compile is already paid, but a
+slower graph is not worth the risk); a compile that fails falls back to eager. The
+harness compiles the full training batches only, so a process compiles one graph per
+architecture and the final runs reuse it. It writes:
 
     OUT/table2.md      the table in docs/results.md's format, with the GPU and torch version
     OUT/table2.json    the same figures
     OUT/<job>/<method>/...   the harness's outputs (metrics.csv, summary.json)
 
-    python benchmarks/table2.py --device cuda --budget-s 330 --out $OUT/table2
+    python benchmarks/table2.py --device cuda --budget-s 330 --compile auto --out $OUT/table2
     python benchmarks/table2.py --device cpu --epochs 2 --subset 256 --width 0.125   # a dry run
 """
 from __future__ import annotations
@@ -47,12 +60,17 @@ LRS = {"sgd": 0.1, "backmatch": 2e-3}
 NAMES = {"sgd": "SGD", "backmatch": "back-matching"}
 
 
-def config(args: argparse.Namespace, model: str, method: str, seed: int, epochs: int, out: Path) -> TrainConfig:
+#: the clock of the budget (a test replaces it)
+now = time.monotonic
+
+
+def config(args: argparse.Namespace, model: str, method: str, seed: int, epochs: int, out: Path,
+           compile: bool | None = None) -> TrainConfig:
     return TrainConfig(
         data=args.data, model=model, width=args.width, methods=(method,), lr={method: LRS[method]},
         epochs=epochs, seeds=(seed,), batch_size=args.batch_size, nesterov=True, weight_decay=args.weight_decay,
-        augment=args.augment, schedule="cosine", subset=None, device=args.device, compile=args.compile,
-        out=str(out), progress=False,
+        augment=args.augment, schedule="cosine", subset=None, device=args.device,
+        compile=(args.compile == "on") if compile is None else compile, out=str(out), progress=False,
     )
 
 
@@ -62,30 +80,74 @@ def device_facts(device: str) -> str:
     return f"{name}, torch {torch.__version__}"
 
 
-def run_job(args, data, model: str, seed: int, epochs: int | None, deadline: float, out: Path,
-            console: Console) -> dict | None:
-    """Probe (unless ``epochs`` is given), then train every method; ``None`` if skipped."""
+def probe(args, data, model: str, seed: int, method: str, compile: bool, out: Path, console: Console) -> dict:
+    """Two epochs of one method: ``epoch`` (the second epoch's whole wall time),
+    ``first_extra`` (the first epoch's excess over it) and ``fixed`` (the call's time
+    outside its epochs), in seconds."""
+    t = now()
+    res = train(config(args, model, method, seed, 2, out, compile), console=console, data=data)
+    wall = now() - t
+    walls = res.runs[f"{method}/{seed}"]["epoch_wall_seconds"]
+    p = {"epoch": walls[-1], "first_extra": max(0.0, walls[0] - walls[-1]), "fixed": max(0.0, wall - sum(walls)),
+         "compile": compile}
+    console.log(f"probe {model} {method}{' (torch.compile)' if compile else ''}: {p['epoch']:.2f} s per epoch "
+                f"(training {res.rows[-1]['epoch_seconds']:.2f} s), first epoch +{p['first_extra']:.1f} s, "
+                f"{p['fixed']:.1f} s outside the epochs")
+    return p
+
+
+def epochs_that_fit(probes: dict[str, dict], left: float, max_epochs: int, margin: float = 0.95) -> int:
+    """How many epochs of every method fit in ``left`` seconds (at most ``max_epochs``):
+    each final run pays its call's fixed cost and its first epoch's excess once, then its
+    epochs. The first probe (the first key) alone paid the once-per-process costs in its
+    first epoch, so its run is counted at the smallest excess of the others (its own
+    where it is alone)."""
+    first, *rest = probes.values()
+    extra = [p["first_extra"] for p in rest]
+    once = sum(p["fixed"] for p in probes.values()) + sum(extra) + min(extra or [first["first_extra"]])
+    per_epoch = sum(p["epoch"] for p in probes.values())
+    return max(0, min(max_epochs, int((margin * left - once) / max(per_epoch, 1e-9))))
+
+
+def probe_job(args, data, model: str, seed: int, out: Path, console: Console) -> dict[str, dict]:
+    """Every method's probe; with ``--compile auto``, the first method's decides the mode."""
     methods = args.methods.split(",")
+    probes: dict[str, dict] = {}
+    compile = args.compile == "on"
+    if args.compile == "auto":
+        eager = probe(args, data, model, seed, methods[0], False, out / "probe" / f"{methods[0]}-eager", console)
+        try:
+            compiled = probe(args, data, model, seed, methods[0], True, out / "probe" / f"{methods[0]}-compiled", console)
+        except Exception as e:  # an inductor failure must not cost the table
+            console.log(f"torch.compile failed on {model} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "training eagerly")
+            compiled = None
+        compile = compiled is not None and compiled["epoch"] < 0.95 * eager["epoch"]
+        console.log(f"{model}: {'torch.compile' if compile else 'eager'} for its runs")
+        probes[methods[0]] = compiled if compile else eager
+    for m in methods:
+        if m not in probes:
+            probes[m] = probe(args, data, model, seed, m, compile, out / "probe" / m, console)
+    return probes
+
+
+def run_job(args, data, model: str, seed: int, epochs: int | None, deadline: float, out: Path,
+            console: Console, probes: dict[str, dict] | None = None) -> dict | None:
+    """Train every method for ``epochs`` (else as many as fit before ``deadline`` by the
+    model's ``probes``, which also say whether to compile); ``None`` if skipped."""
+    methods = args.methods.split(",")
+    compile = probes[methods[0]]["compile"] if probes else args.compile == "on"
     if epochs is None:
-        per_epoch = 0.0
-        for m in methods:
-            t = time.perf_counter()
-            res = train(config(args, model, m, seed, 2, out / "probe" / m), console=console, data=data)
-            wall = time.perf_counter() - t
-            second = res.rows[-1]["epoch_seconds"]
-            # the second epoch's training pass, plus its share of evaluation and bookkeeping
-            per_epoch += second + max(0.0, wall - sum(r["epoch_seconds"] for r in res.rows)) / 2
-            console.log(f"probe {model} {m}: {second:.2f} s/epoch training, {wall:.1f} s for 2 epochs")
-        left = deadline - time.monotonic()
-        epochs = min(args.max_epochs, int(0.92 * left / max(per_epoch, 1e-9)))
-        console.log(f"{model} seed {seed}: {left:.0f} s left, {per_epoch:.2f} s per epoch of all methods "
-                    f"-> {epochs} epochs")
+        left = deadline - now()
+        epochs = epochs_that_fit(probes, left, args.max_epochs)
+        console.log(f"{model} seed {seed}: {left:.0f} s left, "
+                    f"{sum(p['epoch'] for p in probes.values()):.2f} s per epoch of all methods -> {epochs} epochs")
         if epochs < args.min_epochs:
             console.log(f"skipping {model} seed {seed}: fewer than {args.min_epochs} epochs fit")
             return None
     rows = {}
     for m in methods:
-        res = train(config(args, model, m, seed, epochs, out / m), console=console, data=data)
+        res = train(config(args, model, m, seed, epochs, out / m, compile), console=console, data=data)
         s = res.summary["methods"][m]
         rs = res.rows
         rows[m] = {
@@ -98,16 +160,18 @@ def run_job(args, data, model: str, seed: int, epochs: int | None, deadline: flo
             "curve": [{k: r[k] for k in ("epoch", "lr", "train_loss", "train_acc", "test_acc", "epoch_seconds")}
                       for r in rs],
         }
-    return {"model": model, "seed": seed, "epochs": epochs, "methods": rows}
+    return {"model": model, "seed": seed, "epochs": epochs, "compile": compile, "methods": rows}
 
 
 def table(results: list[dict], facts: str, args: argparse.Namespace, wall: float) -> str:
+    compiled = sorted({r["model"] for r in results if r.get("compile")})
     lines = [
         f"**Machine:** {facts}. **Protocol:** batch {args.batch_size}, Nesterov 0.9, weight decay "
         f"{args.weight_decay:g}, augmentation `{args.augment}`, cosine schedule, SGD lr 0.1, back-matching "
         f"lr 2e-3{', bf16 autocast, channels-last' if args.device.startswith('cuda') else ''}"
         f"{f', width {args.width:g}' if args.width != 1 else ''}{f', subset {args.subset}' if args.subset else ''}; "
-        f"same initial weights and batches per seed. Script wall time {wall:.0f} s.",
+        f"same initial weights and batches per seed"
+        f"{'; torch.compile: ' + ', '.join(compiled) if compiled else ''}. Script wall time {wall:.0f} s.",
         "",
         "| model | seed | method | lr | epochs | s / epoch (median) | best test acc. (%) | final test acc. (%) "
         "| train loss (last) | paper (Table 2) |",
@@ -140,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--augment", default="crop", choices=("none", "crop", "rotate"))
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--subset", type=int, default=None)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--compile", default="off", choices=("off", "on", "auto"),
+                    help="torch.compile the model; auto: where the first method's probe is faster so")
     ap.add_argument("--out", default="runs/table2")
     args = ap.parse_args(argv)
-    t0 = time.monotonic()
+    t0 = now()
     deadline = t0 + args.budget_s
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,21 +216,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("fxbackmatch").setLevel(logging.WARNING)
     torch.backends.cudnn.benchmark = True
     data = load_cached(args.data, args.subset).to(args.device)
-    console.log(f"{data.describe()} on {args.device} after {time.monotonic() - t0:.1f} s")
+    console.log(f"{data.describe()} on {args.device} after {now() - t0:.1f} s")
     facts = device_facts(args.device)
     results: list[dict] = []
+    probed: dict[str, dict[str, dict]] = {}  # per model: its methods' probes
     for job in args.jobs.split(","):
         model, _, seed = job.partition(":")
-        if args.epochs is None and deadline - time.monotonic() < 30:
+        job_out = out / f"{model}-seed{seed or 0}"
+        if args.epochs is None and deadline - now() < 30:
             console.log(f"no time left for {job}")
             break
-        r = run_job(args, data, model, int(seed or 0), args.epochs, deadline, out / f"{model}-seed{seed or 0}", console)
+        if model not in probed and (args.epochs is None or args.compile == "auto"):
+            probed[model] = probe_job(args, data, model, int(seed or 0), job_out, console)
+        r = run_job(args, data, model, int(seed or 0), args.epochs, deadline, job_out, console, probed.get(model))
         if r is None:
             break
         results.append(r)
         # after every job, so that a run cut short keeps what finished
         (out / "table2.json").write_text(json.dumps({"facts": facts, "results": results}, indent=1) + "\n")
-        (out / "table2.md").write_text(table(results, facts, args, time.monotonic() - t0))
+        (out / "table2.md").write_text(table(results, facts, args, now() - t0))
     console.print((out / "table2.md").read_text() if results else "no job finished")
     return 0 if results else 1
 

@@ -415,6 +415,10 @@ def test_outputs_written(four_methods):
     secs = [float(r["epoch_seconds"]) for r in rows if r["method"] == "backmatch"]
     assert s["mean_epoch_seconds"] == pytest.approx(sum(secs) / len(secs), rel=1e-6)  # from metrics.csv
     assert load_config(out).methods == cfg.methods
+    for m in cfg.methods:  # an epoch's whole wall time holds its training pass, and more
+        walls = res.runs[f"{m}/0"]["epoch_wall_seconds"]
+        secs = [r["epoch_seconds"] for r in res.rows if r["method"] == m]
+        assert len(walls) == len(secs) == cfg.epochs and all(w > t for w, t in zip(walls, secs))
     with pytest.raises(CliError, match="already holds a run"):
         train(cfg)
 
@@ -439,6 +443,7 @@ def test_resume_is_bitwise_identical(tiny_npz, tmp_path):
         assert torch.equal(a["shuffle_rng"], b["shuffle_rng"]) and torch.equal(a["augment_rng"], b["augment_rng"])
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_s")} for r in rows]  # noqa: E731
     assert strip(straight.rows) == strip(resumed.rows)
+    assert [len(resumed.runs[f"{m}/0"]["epoch_wall_seconds"]) for m in kw["methods"]] == [1, 1]  # this call's
     assert [r["lr"] for r in resumed.rows if r["method"] == "lars"] == [2.0, 1.0]
 
 

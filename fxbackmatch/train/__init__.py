@@ -162,7 +162,9 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     a("--conventions", choices=("default", "paper"),
       help="the plans' conventions (default: paper for the paper's models lenet-bn and vgg*, default otherwise)")
     a("--device", help="cpu (default), cuda, cuda:1 ...")
-    a("--compile", action="store_true", default=None, help="wrap the model with torch.compile")
+    a("--compile", action="store_true", default=None,
+      help="torch.compile the model for the full training batches (one graph per architecture; "
+           "the last, smaller batch and the evaluation run eagerly)")
     a("--plan-compile", action=argparse.BooleanOptionalAction, default=None,
       help="compile the factor function (default: on for cuda, off for cpu)")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,

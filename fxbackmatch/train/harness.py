@@ -18,7 +18,10 @@ Output directory layout::
     OUT/curves.png                       train loss and test error (needs matplotlib)
 
 ``epoch_seconds`` is the wall time of the training pass of an epoch (evaluation
-excluded); ``images_per_s`` is training images over that time.
+excluded); ``images_per_s`` is training images over that time. Each run's facts
+(``TrainResult.runs``) add ``epoch_wall_seconds``, the whole wall time of every epoch this
+call trained (training, evaluation, checkpoint, logs): what a time budget needs
+(``benchmarks/table2.py``).
 """
 from __future__ import annotations
 
@@ -162,15 +165,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
                     else:  # plain text, 100 columns, not squeezed into the console's width
                         pcon.print(str(run.plan), markup=False, highlight=False, soft_wrap=True)
                     reported = True
+                walls = []
                 while run.epoch < cfg.epochs:
+                    t_epoch = time.perf_counter()
                     row = run.train_epoch(progress)
                     if log_epochs:
                         pcon.log(row_text(row), highlight=False)
                     all_rows[(method, seed)] = run.rows
                     run.save()
                     write_metrics(out, rows_flat())
+                    walls.append(time.perf_counter() - t_epoch)
                 runs[f"{method}/{seed}"] = {**run.info, "checkpoint": str(ckpt), "epochs": run.epoch,
-                                            "conventions": cfg.conventions_name}
+                                            "conventions": cfg.conventions_name, "epoch_wall_seconds": walls}
                 if run.handle is not None:
                     run.handle.remove()
                 del run

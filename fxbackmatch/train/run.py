@@ -79,6 +79,9 @@ class Run:
             self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr_for(method), momentum=cfg.momentum,
                                        nesterov=cfg.nesterov, weight_decay=0.0)
             self.handle = self.plan.attach(self.opt, weight_decay=cfg.weight_decay)
+        # compiled for the full training batches only: the epoch's last, smaller batch and the
+        # evaluation run eagerly, so a process compiles one graph per architecture (a new
+        # instance of it reuses the graph), and the first epoch is its only one to pay
         self.net = torch.compile(self.model) if cfg.compile else self.model
         self.shuffle = make_generator(seed, 0)
         self.aug = make_generator(seed, 1)
@@ -190,7 +193,7 @@ class Run:
             for step, (xb, y) in enumerate(self.loader.iterate(ep)):
                 x = self.loader.augment_float(data.normalize(xb), self.aug)
                 with self._autocast():
-                    out = self.net(x)
+                    out = (self.net if y.shape[0] == cfg.batch_size else self.model)(x)
                     loss = F.cross_entropy(out.float(), y)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -209,7 +212,7 @@ class Run:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         secs = time.perf_counter() - t0
-        test_loss, test_acc = evaluate(self.net, data, cfg.eval_batch_size, self._autocast,
+        test_loss, test_acc = evaluate(self.model, data, cfg.eval_batch_size, self._autocast,
                                         torch.channels_last if self.channels_last else torch.contiguous_format)
         train_loss = float(loss_sum) / max(seen, 1)
         if not math.isfinite(train_loss):
