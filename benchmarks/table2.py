@@ -20,7 +20,8 @@ plots).
 ``--compile auto`` (the device script's choice on CUDA) decides per model whether to
 ``torch.compile`` it: the first method's probe runs eagerly, then compiled, and the faster
 second epoch wins (compiled must be ≥ 5 % faster: its compile is already paid, but a
-slower graph is not worth the risk); a compile that fails falls back to eager. The
+slower graph is not worth the risk); a compile that fails, or whose probe runs past 40 % of
+the time left, falls back to eager. The
 harness compiles the full training batches only, so a process compiles one graph per
 architecture and the final runs reuse it. It writes:
 
@@ -34,11 +35,14 @@ architecture and the final runs reuse it. It writes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
+import signal
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,18 +113,43 @@ def epochs_that_fit(probes: dict[str, dict], left: float, max_epochs: int, margi
     return max(0, min(max_epochs, int((margin * left - once) / max(per_epoch, 1e-9))))
 
 
-def probe_job(args, data, model: str, seed: int, out: Path, console: Console) -> dict[str, dict]:
-    """Every method's probe; with ``--compile auto``, the first method's decides the mode."""
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise :class:`TimeoutError` in the main thread once ``seconds`` have passed (SIGALRM;
+    without it, or off the main thread, no limit)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(signum, frame):
+        raise TimeoutError(f"still running after {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def probe_job(args, data, model: str, seed: int, out: Path, console: Console,
+              compile_limit: float = float("inf")) -> dict[str, dict]:
+    """Every method's probe; with ``--compile auto``, the first method's decides the mode (its
+    compiled probe given at most ``compile_limit`` seconds)."""
     methods = args.methods.split(",")
     probes: dict[str, dict] = {}
     compile = args.compile == "on"
     if args.compile == "auto":
         eager = probe(args, data, model, seed, methods[0], False, out / "probe" / f"{methods[0]}-eager", console)
         try:
-            compiled = probe(args, data, model, seed, methods[0], True, out / "probe" / f"{methods[0]}-compiled", console)
-        except Exception as e:  # an inductor failure must not cost the table
+            with time_limit(compile_limit):
+                compiled = probe(args, data, model, seed, methods[0], True, out / "probe" / f"{methods[0]}-compiled",
+                                 console)
+        except Exception as e:  # an inductor failure or a compile that never ends must not cost the table
             console.log(f"torch.compile failed on {model} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         "training eagerly")
+            torch._dynamo.reset()  # nothing half-built stays for the plans' own compiles
             compiled = None
         compile = compiled is not None and compiled["epoch"] < 0.95 * eager["epoch"]
         console.log(f"{model}: {'torch.compile' if compile else 'eager'} for its runs")
@@ -227,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             console.log(f"no time left for {job}")
             break
         if model not in probed and (args.epochs is None or args.compile == "auto"):
-            probed[model] = probe_job(args, data, model, int(seed or 0), job_out, console)
+            # a compile may take at most 40 % of what is left (and not under a minute)
+            probed[model] = probe_job(args, data, model, int(seed or 0), job_out, console,
+                                      max(60.0, 0.4 * (deadline - now())) if args.epochs is None else float("inf"))
         r = run_job(args, data, model, int(seed or 0), args.epochs, deadline, job_out, console, probed.get(model))
         if r is None:
             break

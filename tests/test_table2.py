@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,9 +35,9 @@ class FakeWorld:
     per epoch ``epoch[compile]`` seconds, the first epoch of a process for a model and mode
     also ``once[compile]`` (compile, autotuning), the first epoch of every run ``extra``."""
 
-    def __init__(self, epoch, once, fixed=1.5, extra=0.5, fail_compile=False):
+    def __init__(self, epoch, once, fixed=1.5, extra=0.5, fail_compile=False, hang_compile=False):
         self.t, self.epoch, self.once, self.fixed, self.extra = 0.0, epoch, once, fixed, extra
-        self.fail_compile, self.paid, self.calls = fail_compile, set(), []
+        self.fail_compile, self.hang_compile, self.paid, self.calls = fail_compile, hang_compile, set(), []
 
     def now(self) -> float:
         return self.t
@@ -47,6 +48,8 @@ class FakeWorld:
         if c and self.fail_compile:
             self.t += 7.0
             raise RuntimeError("inductor: a simulated lowering failure")
+        if c and self.hang_compile:
+            time.sleep(30)  # a compile that does not end (in real time: the limit is a real alarm)
         self.t += self.fixed
         walls = []
         for e in range(cfg.epochs):
@@ -129,3 +132,25 @@ def test_a_later_job_of_the_same_model_reuses_its_probe(world, tmp_path):
     assert rc == 0 and [r["epochs"] for r in out["results"]] == [20, 20]
     assert [c[2] for c in w.calls] == [2, 2, 20, 20, 20, 20]  # one probe for both seeds
     assert w.t <= 600.0
+
+
+def test_a_compile_past_its_time_limit_falls_back_to_eager(world, tmp_path):
+    from argparse import Namespace
+
+    w = world(epoch={False: 3.0, True: 1.0}, once={False: 4.0, True: 30.0}, hang_compile=True)
+    args = Namespace(methods="sgd,backmatch", compile="auto", data=None, width=1.0, batch_size=128,
+                     weight_decay=1e-4, augment="crop", device="cpu")
+    t = time.monotonic()
+    probes = table2.probe_job(args, None, "vgg16", 0, tmp_path, table2.Console(quiet=True), compile_limit=0.3)
+    assert time.monotonic() - t < 10
+    assert [p["compile"] for p in probes.values()] == [False, False]
+    assert [c[3] for c in w.calls] == [False, True, False]
+
+
+def test_time_limit_leaves_no_alarm_behind():
+    with table2.time_limit(0.2):
+        pass
+    time.sleep(0.4)  # an alarm left armed would raise here
+    with pytest.raises(TimeoutError, match="still running after"):
+        with table2.time_limit(0.1):
+            time.sleep(5)
