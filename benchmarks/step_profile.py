@@ -39,8 +39,9 @@ def _device_us(evt) -> float:
 def profile_method(args: argparse.Namespace, data: ImageData, method: str, out: Path) -> str:
     """The report of one method: its wall time, device time and busiest ops per step."""
     ns = argparse.Namespace(data=args.data, width=args.width, batch_size=args.batch_size,
-                            weight_decay=1e-4, augment="crop", device=args.device, compile=args.compile)
-    cfg = table2.config(ns, args.model, method, 0, 3, out / method, args.compile)
+                            weight_decay=1e-4, augment="crop", device=args.device,
+                            compile="on" if args.compile else "off")
+    cfg = table2.config(ns, args.model, method, 0, 3, out / method)
     cfg.validate()
     device = torch.device(args.device)
     run = Run(cfg, method, 0, initial_model(cfg, 0, data.num_classes), data, device, out / method)

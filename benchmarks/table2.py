@@ -14,14 +14,15 @@ epochs as fit in what is left of ``--budget-s`` (at most ``--max-epochs``, at le
 (training, evaluation, checkpoint), the first epoch's excess over it (a new plan's compile,
 which every final run pays again; once-per-process costs such as the model's compile and
 cuDNN's autotuning only the first method's probe pays, so its run is counted at the others'
-smallest excess), and the call's cost outside its epochs (building the run, the report, the
+largest excess), and the call's cost outside its epochs (building the run, the report, the
 plots).
 
 ``--compile auto`` (the device script's choice on CUDA) decides per model whether to
 ``torch.compile`` it: the first method's probe runs eagerly, then compiled, and the faster
 second epoch wins (compiled must be ≥ 5 % faster: its compile is already paid, but a
-slower graph is not worth the risk); a compile that fails, or whose probe runs past 40 % of
-the time left, falls back to eager. The
+slower graph is not worth the risk); a compile that fails, or a compiled probe that runs
+past 40 % of the time left (at least a minute; no limit with ``--epochs``), falls back to
+eager. A job that fails is logged and the next one runs. The
 harness compiles the full training batches only, so a process compiles one graph per
 architecture and the final runs reuse it. It writes:
 
@@ -38,6 +39,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import platform
 import signal
 import statistics
@@ -104,60 +106,86 @@ def epochs_that_fit(probes: dict[str, dict], left: float, max_epochs: int, margi
     """How many epochs of every method fit in ``left`` seconds (at most ``max_epochs``):
     each final run pays its call's fixed cost and its first epoch's excess once, then its
     epochs. The first probe (the first key) alone paid the once-per-process costs in its
-    first epoch, so its run is counted at the smallest excess of the others (its own
-    where it is alone)."""
+    first epoch, so its run is counted at the largest excess of the others (its own where
+    it is alone)."""
     first, *rest = probes.values()
     extra = [p["first_extra"] for p in rest]
-    once = sum(p["fixed"] for p in probes.values()) + sum(extra) + min(extra or [first["first_extra"]])
+    once = sum(p["fixed"] for p in probes.values()) + sum(extra) + max(extra or [first["first_extra"]])
     per_epoch = sum(p["epoch"] for p in probes.values())
     return max(0, min(max_epochs, int((margin * left - once) / max(per_epoch, 1e-9))))
 
 
+class ProbeTimeout(BaseException):
+    """A probe past its time limit (a ``BaseException``: no ``except Exception`` on the way
+    out of torch or the library swallows it)."""
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float):
-    """Raise :class:`TimeoutError` in the main thread once ``seconds`` have passed (SIGALRM;
-    without it, or off the main thread, no limit)."""
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+    """Raise :class:`ProbeTimeout` in the main thread once ``seconds`` have passed (SIGALRM;
+    no limit where ``seconds`` is not finite, without SIGALRM, or off the main thread). A
+    timer armed outside is restored after."""
+    if (not math.isfinite(seconds) or not hasattr(signal, "setitimer")
+            or threading.current_thread() is not threading.main_thread()):
         yield
         return
 
     def fire(signum, frame):
-        raise TimeoutError(f"still running after {seconds:.0f} s")
+        raise ProbeTimeout(f"still running after {seconds:.0f} s")
 
     previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
+        outer = signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, *outer)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def _drop_compiled(console: Console, model: str, e: BaseException) -> None:
+    console.log(f"torch.compile failed on {model} ({_first_line(e)}); training eagerly")
+    torch._dynamo.reset()  # nothing half-built stays for the plans' own compiles
+    try:  # a compile cut short may leave inductor's workers compiling beside the eager runs
+        from torch._inductor.async_compile import shutdown_compile_workers
+        shutdown_compile_workers()
+    except Exception:  # an older or newer torch without it: the workers only cost CPU
+        pass
 
 
 def probe_job(args, data, model: str, seed: int, out: Path, console: Console,
               compile_limit: float = float("inf")) -> dict[str, dict]:
-    """Every method's probe; with ``--compile auto``, the first method's decides the mode (its
-    compiled probe given at most ``compile_limit`` seconds)."""
+    """Every method's probe. With ``--compile auto`` the first method's decides the mode:
+    it is probed eagerly, then compiled within ``compile_limit`` seconds; where any compiled
+    probe fails or runs out of time, every method is probed eagerly instead."""
     methods = args.methods.split(",")
-    probes: dict[str, dict] = {}
     compile = args.compile == "on"
-    if args.compile == "auto":
-        eager = probe(args, data, model, seed, methods[0], False, out / "probe" / f"{methods[0]}-eager", console)
-        try:
-            with time_limit(compile_limit):
-                compiled = probe(args, data, model, seed, methods[0], True, out / "probe" / f"{methods[0]}-compiled",
-                                 console)
-        except Exception as e:  # an inductor failure or a compile that never ends must not cost the table
-            console.log(f"torch.compile failed on {model} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "training eagerly")
-            torch._dynamo.reset()  # nothing half-built stays for the plans' own compiles
-            compiled = None
-        compile = compiled is not None and compiled["epoch"] < 0.95 * eager["epoch"]
-        console.log(f"{model}: {'torch.compile' if compile else 'eager'} for its runs")
-        probes[methods[0]] = compiled if compile else eager
-    for m in methods:
-        if m not in probes:
-            probes[m] = probe(args, data, model, seed, m, compile, out / "probe" / m, console)
-    return probes
+    if args.compile != "auto":
+        return {m: probe(args, data, model, seed, m, compile, out / "probe" / m, console) for m in methods}
+    eager = {methods[0]: probe(args, data, model, seed, methods[0], False, out / "probe" / f"{methods[0]}-eager",
+                               console)}
+    try:
+        with time_limit(compile_limit):
+            first = probe(args, data, model, seed, methods[0], True, out / "probe" / f"{methods[0]}-compiled",
+                          console)
+        if first["epoch"] < 0.95 * eager[methods[0]]["epoch"]:
+            probes = {methods[0]: first}
+            for m in methods[1:]:  # the graph is built: each probe costs its two epochs
+                with time_limit(compile_limit):
+                    probes[m] = probe(args, data, model, seed, m, True, out / "probe" / f"{m}-compiled", console)
+            console.log(f"{model}: torch.compile for its runs")
+            return probes
+    except (Exception, ProbeTimeout) as e:  # an inductor failure or an endless compile must not cost the table
+        _drop_compiled(console, model, e)
+    console.log(f"{model}: eager for its runs")
+    for m in methods[1:]:
+        eager[m] = probe(args, data, model, seed, m, False, out / "probe" / m, console)
+    return eager
 
 
 def run_job(args, data, model: str, seed: int, epochs: int | None, deadline: float, out: Path,
@@ -252,14 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     for job in args.jobs.split(","):
         model, _, seed = job.partition(":")
         job_out = out / f"{model}-seed{seed or 0}"
-        if args.epochs is None and deadline - now() < 30:
+        if args.epochs is None and deadline - now() < 60:  # a new model's probe alone may take that
             console.log(f"no time left for {job}")
             break
         if model not in probed and (args.epochs is None or args.compile == "auto"):
             # a compile may take at most 40 % of what is left (and not under a minute)
             probed[model] = probe_job(args, data, model, int(seed or 0), job_out, console,
                                       max(60.0, 0.4 * (deadline - now())) if args.epochs is None else float("inf"))
-        r = run_job(args, data, model, int(seed or 0), args.epochs, deadline, job_out, console, probed.get(model))
+        try:
+            r = run_job(args, data, model, int(seed or 0), args.epochs, deadline, job_out, console, probed.get(model))
+        except Exception as e:  # one job's failure keeps the others' rows (and the next job's chance)
+            console.log(f"job {job} failed: {_first_line(e)}")
+            console.print_exception(max_frames=8)
+            continue
         if r is None:
             break
         results.append(r)
