@@ -561,3 +561,20 @@ def test_a_diverging_cell_is_marked_not_fatal(tiny_npz, tmp_path):
     assert [r["diverged"] for r in rows] == [True, False]
     with open(tmp_path / "dv" / "sweep" / "backmatch-lrinf" / "metrics.csv") as f:
         assert [r["train_loss"] for r in csv.DictReader(f)][-1] == ""
+
+
+@pytest.mark.parametrize("every, saved", [(2, [2, 3]), (0, [3]), (1, [1, 2, 3])])
+def test_checkpoint_every_writes_every_nth_epoch_and_the_last(tiny_npz, tmp_path, monkeypatch, every, saved):
+    from fxbackmatch.train.run import Run
+
+    path, _ = tiny_npz
+    epochs_saved = []
+    save = Run.save
+    monkeypatch.setattr(Run, "save", lambda self: (epochs_saved.append(self.epoch), save(self))[1])
+    cfg = tiny_config(path, tmp_path / "run", methods=("backmatch",), epochs=3, checkpoint_every=every)
+    res = train(cfg)
+    assert epochs_saved == saved
+    ck = torch.load(tmp_path / "run" / "backmatch-seed0" / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 3 and len(ck["metrics"]) == 3 and [r["epoch"] for r in res.rows] == [1, 2, 3]
+    with pytest.raises(CliError, match="checkpoint-every"):
+        tiny_config(path, tmp_path / "bad", checkpoint_every=-1).validate()

@@ -172,6 +172,9 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
       help="channels-last images and weights (default: on for cuda, off for cpu)")
     a("--out", help="output directory (default runs/<timestamp>)")
+    a("--checkpoint-every", type=int, metavar="N",
+      help="write each run's checkpoint after every N-th epoch and after its last (default 1; 0: the last "
+           "only); --resume continues from the last one written")
     a("--resume", metavar="DIR", help="continue the run in DIR from its checkpoints (its saved options apply)")
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
     t.set_defaults(func=_cmd_train)
@@ -181,7 +184,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
 _OPTION_FIELDS = ("data", "subset", "model", "width", "methods", "lr", "epochs", "seeds", "batch_size",
                   "eval_batch_size", "momentum", "nesterov", "weight_decay", "augment", "max_rotation",
                   "schedule", "lr_decay_every", "lr_decay", "amp", "channels_last", "trust_coefficient", "measure_every", "conventions", "device", "compile", "plan_compile",
-                  "out", "progress")
+                  "out", "progress", "checkpoint_every")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:

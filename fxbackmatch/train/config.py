@@ -120,10 +120,12 @@ class TrainConfig:
     channels_last: bool | None = None
     out: str | None = None
     progress: bool = True
+    #: write each run's checkpoint after every N-th epoch and after its last (0: the last only)
+    checkpoint_every: int = 1
 
     #: options that may differ when a run is resumed
     RESUMABLE = ("epochs", "device", "compile", "plan_compile", "eval_batch_size", "progress", "out", "amp",
-                 "channels_last")
+                 "channels_last", "checkpoint_every")
 
     @property
     def augmentation(self) -> str:
@@ -202,6 +204,8 @@ class TrainConfig:
             raise CliError("--epochs, --batch-size and --eval-batch-size must be positive")
         if self.width <= 0:
             raise CliError(f"--width must be positive, got {self.width}")
+        if self.checkpoint_every < 0:
+            raise CliError(f"--checkpoint-every must be ≥ 0 (0: after the last epoch only), got {self.checkpoint_every}")
         if self.lr_decay_every < 0:
             raise CliError("--lr-decay-every must be ≥ 0 (0: fixed learning rate)")
         if self.schedule not in ("step", "cosine"):

@@ -11,8 +11,9 @@ then the layer-wise scale multiplies it, then the momentum SGD step runs.
 Output directory layout::
 
     OUT/config.json                      the TrainConfig (read back by --resume)
-    OUT/<method>-seed<seed>/checkpoint.pt  after every epoch: model, optimizer, plan state,
-                                           generator/RNG states, metrics so far
+    OUT/<method>-seed<seed>/checkpoint.pt  after every epoch (``checkpoint_every``): model,
+                                           optimizer, plan state, generator/RNG states,
+                                           metrics so far
     OUT/metrics.csv, OUT/metrics.jsonl   one row per (method, seed, epoch)
     OUT/summary.json                     best/final test accuracy mean±std over seeds
     OUT/curves.png                       train loss and test error (needs matplotlib)
@@ -172,7 +173,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
                     if log_epochs:
                         pcon.log(row_text(row), highlight=False)
                     all_rows[(method, seed)] = run.rows
-                    run.save()
+                    every = cfg.checkpoint_every
+                    if run.epoch == cfg.epochs or (every and run.epoch % every == 0):
+                        run.save()
                     write_metrics(out, rows_flat())
                     walls.append(time.perf_counter() - t_epoch)
                 runs[f"{method}/{seed}"] = {**run.info, "checkpoint": str(ckpt), "epochs": run.epoch,
