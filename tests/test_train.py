@@ -578,3 +578,36 @@ def test_checkpoint_every_writes_every_nth_epoch_and_the_last(tiny_npz, tmp_path
     assert ck["epoch"] == 3 and len(ck["metrics"]) == 3 and [r["epoch"] for r in res.rows] == [1, 2, 3]
     with pytest.raises(CliError, match="checkpoint-every"):
         tiny_config(path, tmp_path / "bad", checkpoint_every=-1).validate()
+
+
+def test_resume_after_an_unsaved_epoch_retrains_it_bitwise(tiny_npz, tmp_path, monkeypatch):
+    """With ``checkpoint_every=2`` a run stopped during epoch 4 resumes from epoch 2's
+    checkpoint and retrains epoch 3: the same weights and rows as a run never stopped."""
+    from fxbackmatch.train.run import Run
+
+    path, _ = tiny_npz
+    kw = dict(methods=("backmatch",), batch_size=6, augment=True, nesterov=True, weight_decay=5e-4, epochs=4,
+              checkpoint_every=2)
+    straight = train(tiny_config(path, tmp_path / "a", **kw))
+    real = Run.train_epoch
+
+    def stop_in_epoch_4(self, progress):
+        if self.epoch == 3:
+            raise KeyboardInterrupt
+        return real(self, progress)
+
+    monkeypatch.setattr(Run, "train_epoch", stop_in_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(path, tmp_path / "b", **kw))
+    assert torch.load(tmp_path / "b" / "backmatch-seed0" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(Run, "train_epoch", real)
+    resumed = train(load_config(tmp_path / "b"), resume=True)
+    assert len(resumed.runs["backmatch/0"]["epoch_wall_seconds"]) == 2  # epochs 3 and 4
+    a = torch.load(tmp_path / "a" / "backmatch-seed0" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "backmatch-seed0" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_s")} for r in rows]  # noqa: E731
+    assert strip(straight.rows) == strip(resumed.rows)
+    rows_of = lambda run: list(csv.DictReader((tmp_path / run / "layers.csv").read_text().splitlines()))  # noqa: E731
+    assert sorted({int(r["epoch"]) for r in rows_of("b")}) == [1, 2, 3, 4]
+    assert len(rows_of("b")) == len(rows_of("a"))  # the retrained epoch 3 once
