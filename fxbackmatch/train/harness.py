@@ -11,9 +11,9 @@ then the layer-wise scale multiplies it, then the momentum SGD step runs.
 Output directory layout::
 
     OUT/config.json                      the TrainConfig (read back by --resume)
-    OUT/<method>-seed<seed>/checkpoint.pt  after every epoch (``checkpoint_every``): model,
-                                           optimizer, plan state, generator/RNG states,
-                                           metrics so far
+    OUT/<method>-seed<seed>/checkpoint.pt  after every ``checkpoint_every``-th epoch (default:
+                                           every one) and the last: model, optimizer, plan
+                                           state, generator/RNG states, metrics so far
     OUT/metrics.csv, OUT/metrics.jsonl   one row per (method, seed, epoch)
     OUT/summary.json                     best/final test accuracy mean±std over seeds
     OUT/curves.png                       train loss and test error (needs matplotlib)

@@ -80,8 +80,8 @@ class Run:
                                        nesterov=cfg.nesterov, weight_decay=0.0)
             self.handle = self.plan.attach(self.opt, weight_decay=cfg.weight_decay)
         # compiled for the full training batches only: the epoch's last, smaller batch and the
-        # evaluation run eagerly, so a process compiles one graph per architecture (a new
-        # instance of it reuses the graph), and the first epoch is its only one to pay
+        # evaluation run eagerly, so a process compiles one graph per architecture, once (a new
+        # instance of the model, the next run's, reuses it)
         self.net = torch.compile(self.model) if cfg.compile else self.model
         self.shuffle = make_generator(seed, 0)
         self.aug = make_generator(seed, 1)
