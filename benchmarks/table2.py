@@ -165,9 +165,8 @@ def probe_job(args, data, model: str, seed: int, out: Path, console: Console,
     it is probed eagerly, then compiled within ``compile_limit`` seconds; where any compiled
     probe fails or runs out of time, every method is probed eagerly instead."""
     methods = args.methods.split(",")
-    compile = args.compile == "on"
     if args.compile != "auto":
-        return {m: probe(args, data, model, seed, m, compile, out / "probe" / m, console) for m in methods}
+        return {m: probe(args, data, model, seed, m, args.compile == "on", out / "probe" / m, console) for m in methods}
     eager = {methods[0]: probe(args, data, model, seed, methods[0], False, out / "probe" / f"{methods[0]}-eager",
                                console)}
     try:
