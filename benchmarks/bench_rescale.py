@@ -7,6 +7,8 @@ effective bandwidth against a plain ``copy_`` of the same bytes, and a full trai
 (forward, backward, rescale, SGD) against the same step without the rescale. On CUDA also
 the rescale without the scales' CUDA graph, and with scales and multiply as one graph
 (``Runtime.graph_rescale``: alone, and in the full step with gradients freed every step).
+With ``--length``, then Adam's step-length mode (scales and length rescale) against AdamW's
+own step, with the few-launch foreach core and with the compiled per-tensor kernel.
 
     python benchmarks/bench_rescale.py                 # VGG-16 (paper) and ResNet-50, CIFAR shapes
     python benchmarks/bench_rescale.py --models vgg16 --train-reps 3
@@ -284,6 +286,25 @@ def bench_fused_options(name: str, device: str, reps: int, batch: int, amp: bool
     return interleaved(compiled_sgd, fused, restore, reps, rounds)
 
 
+def bench_length(name: str, device: str, reps: int, batch: int, amp: bool, rounds: int) -> dict:
+    """Adam's step-length mode (``attach(mode="length")``) against AdamW's own step: the
+    step with the few-launch foreach core (``flat``, CUDA's default), then with the compiled
+    per-tensor kernel for large tensors (the CPU's default under a compiled plan), each in
+    interleaved rounds against a plain AdamW step (torch's default implementation on the
+    device). Measured after the main results are printed (the compile may be cut by a timeout)."""
+    _, plan, _, _, params, restore = model_setup(name, device, batch, amp)
+    base = torch.optim.AdamW(params, lr=1e-6)
+    base.step()
+    out = {"adamw_step": timeit(base.step, restore, reps)}
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    h = plan.attach(opt, mode="length")
+    for label, flat in (("flat", True), ("compiled", False)):
+        h.flat = flat
+        opt.step()  # builds (compiles) the variant
+        out[label] = interleaved(base.step, opt.step, restore, reps, rounds)
+    return out
+
+
 def report(name: str, r: dict) -> None:
     """Print one model's figures (those measured: a run stopped by an error has fewer)."""
     ms = lambda k: f"{r[k] * 1e3:8.3f} ms" if r.get(k) is not None else "     n/a"  # noqa: E731
@@ -336,6 +357,9 @@ def main() -> None:
     ap.add_argument("--compiled-update", action="store_true",
                     help="then the fused step on the compiled update (on CUDA the fused step is the foreach one) "
                          "against a compiled SGD step")
+    ap.add_argument("--length", action="store_true",
+                    help="then AdamW with attach(mode='length') against AdamW's own step: the few-launch "
+                         "foreach core and the compiled per-tensor kernel")
     ap.add_argument("--combo", action="store_true",
                     help="--compiled-update, then the same with inductor's combo kernels (on CUDA)")
     args = ap.parse_args()
@@ -351,7 +375,16 @@ def main() -> None:
         if "compiled_rescale" not in r:
             continue
         report(name, r)
-    variants = [("the compiled update", {})] if args.compiled_update or args.combo else []
+    for name in args.models.split(",") if args.length else []:
+        try:
+            r = bench_length(name, args.device, args.reps, args.batch, args.amp, args.rounds)
+            print(f"\n{name}: AdamW step {r['adamw_step'] * 1e3:.3f} ms; with the step-length mode / without:")
+            for label in ("flat", "compiled"):
+                q = sorted(r[label])
+                print(f"  {label:9s}: median {statistics.median(q):.3f}, range {q[0]:.3f}–{q[-1]:.3f} "
+                      f"({len(q)} interleaved rounds)")
+        except Exception as e:  # report it: the main results are already printed
+            print(f"\n{name}: step-length mode failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     variants = [("the compiled update", {})] if args.compiled_update or args.combo else []
     if args.combo:  # CUDA_OPTIONS apply on CUDA only: on the CPU both are the same
         variants.append(("the compiled update with combo_kernels", {"combo_kernels": True}))

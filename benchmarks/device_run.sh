@@ -3,8 +3,10 @@
 #   1. the CUDA tests;
 #   2. bench_rescale on the GPU: ResNet-50, batch 256, bf16 autocast (the rescale as a share of
 #      the step; the fused step — on CUDA the foreach step — against the compiled and the
-#      torch-fused SGD steps; last, the fused step on the compiled update it replaced, which a
-#      timeout may cut without losing the rest);
+#      torch-fused SGD steps; then Adam's step-length mode against AdamW's step, with the
+#      few-launch foreach core (CUDA's default) and with the compiled per-tensor kernel; last,
+#      the fused step on the compiled update it replaced; a timeout may cut these two without
+#      losing the rest);
 #   3. step_profile: the Table 2 harness's VGG-11 step, wall time against the device's kernel
 #      time (is the device kept busy?), appended to profile.txt;
 #   4. the paper's Table 2 protocol (benchmarks/table2.py) in the time that is left: VGG-16
@@ -37,13 +39,13 @@ say() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/log.txt"; }
 if [ "${DRY:-0}" = 1 ]; then
   DEVICE=cpu
   TESTS=(-m cuda tests/test_optim.py)
-  BENCH=(--models resnet18 --device cpu --batch 8 --reps 2 --train-reps 1 --amp --compiled-update --rounds 2)
+  BENCH=(--models resnet18 --device cpu --batch 8 --reps 2 --train-reps 1 --amp --length --compiled-update --rounds 2)
   STEP=(--device cpu --width 0.0625 --batch-size 16 --steps 3)
   TABLE=(--device cpu --epochs 2 --subset 64 --batch-size 16 --width 0.0625 --jobs vgg11:0 --compile auto)
 else
   DEVICE=cuda
   TESTS=(-m cuda tests/test_optim.py tests/test_pipeline.py tests/test_cuda.py)
-  BENCH=(--models resnet50 --device cuda --batch 256 --reps 20 --train-reps 10 --amp --compiled-update)
+  BENCH=(--models resnet50 --device cuda --batch 256 --reps 20 --train-reps 10 --amp --length --compiled-update)
   STEP=(--device cuda --steps 50)
   # VGG-11 seed 0 ran 46 epochs on 2026-12-04 (docs/results.md): next, VGG-16 long, then a second seed
   TABLE=(--device cuda --jobs "${JOBS:-vgg16:0,vgg11:1,vgg11:0}" --min-epochs 15 --max-epochs 60 ${EPOCHS:+--epochs $EPOCHS}

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxbackmatch
 from fxbackmatch.apply.length import rescale_updates_
@@ -204,6 +205,96 @@ def test_rescale_updates_core_against_reference():
     assert float(params[0].sub(before[0]).norm()) == pytest.approx(0.5, rel=1e-6)
     assert ratios[1].item() == 1.0 and ratios[2].item() == 1.0
     assert math.isclose(ratios[0].item(), 0.5 / float(u0.double().norm()), rel_tol=1e-6)
+
+
+class _Ops(TorchDispatchMode):
+    """Every aten op dispatched inside that is not a view, and the operands of each
+    ``_foreach_lerp_``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.lerps = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:  # views and detach launch nothing
+            self.ops.append(func)
+        if func.overloadpacket is torch.ops.aten._foreach_lerp_:
+            self.lerps.append(args)
+        return func(*args, **(kwargs or {}))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: ``empty_like`` keeps exactly such a tensor's strides."""
+    return torch.empty_like(t).stride() == t.stride()
+
+
+def _fast_route(lists) -> list[bool]:
+    """Per tensor of a foreach call: whether CUDA's multi-tensor kernel takes it — the test of
+    ATen's ``check_fast_path_restrictions`` (ForeachUtils.h): every list's tensor i with the
+    same sizes, strides, dtype and device as the first list's, all non-overlapping and dense.
+    A list of 0-d weights fails it for every tensor that is not 0-d (a kernel per tensor)."""
+    if not all(isinstance(x, (list, tuple)) for x in lists):
+        return [False] * len(lists[0])
+    return [all(t.shape == ts[0].shape and t.stride() == ts[0].stride() and t.dtype == ts[0].dtype
+                and t.device == ts[0].device and _dense(t) for t in ts)
+            for ts in zip(*lists)]
+
+
+def test_spread_length_step_equals_the_per_tensor_lerp_on_foreachs_fast_path():
+    """The length step as it runs on CUDA (``flat``: spread lerp weights, forced here on the
+    CPU) against the per-tensor lerp: bitwise the same weights over four AdamW steps, on a
+    channels-last conv weight and a non-dense linear weight; every dense weight is lerped by a
+    call on foreach's fast path (the non-dense one alone, as it must be), none before."""
+    net, plan, ref, ref_plan, x, y = _setup(7)
+    for m in (net, ref):
+        with torch.no_grad():
+            m[0].weight.data = m[0].weight.data.contiguous(memory_format=torch.channels_last)
+            w = m[12].weight.data
+            m[12].weight.data = torch.cat([w, w], 1)[:, ::2]  # strides (240, 2): not dense
+    assert not _dense(net[12].weight) and _dense(net[0].weight)
+    runs = []
+    for model, p, flat in ((net, plan, True), (ref, ref_plan, False)):
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+        h = p.attach(opt, mode="length")
+        h.flat = flat
+        with _Ops() as ops:
+            _run(model, opt, x, y)
+        fast = [ok for call in ops.lerps for ok in _fast_route(call)]
+        runs.append((fast, len(ops.lerps)))
+    assert sorted(runs[0][0]) == [False] * 4 + [True] * 16  # 4 steps: 4 dense weights, 1 not
+    assert runs[1] == ([False] * 20, 4)
+    for (n, a), b in zip(net.named_parameters(), ref.parameters()):
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+def test_rescale_updates_dispatches_as_many_ops_for_any_number_of_tensors():
+    """Off the CPU's BLAS path (bfloat16 here; every dtype on CUDA) the core is a fixed number
+    of dispatched ops — foreach norms, one stacked square, spread weights, one lerp on the fast
+    path — for 3 or 30 tensors (the per-tensor conversion before it dispatched 2 more per
+    tensor); the result is bitwise the per-tensor lerp's, and each ratio the target over the
+    float64 norm of the bfloat16 update (foreach_norm accumulates it in float32)."""
+    counts = []
+    for n in (3, 30):
+        g = torch.Generator().manual_seed(n)
+        before = [torch.randn(3 + k % 4, 5, generator=g).bfloat16() for k in range(n)]
+        after = [b + 0.1 * torch.randn(b.shape, generator=g).bfloat16() for b in before]
+        targets = torch.rand(n, generator=g, dtype=torch.float64)
+        plain = [a.clone() for a in after]
+        want = rescale_updates_(plain, before, targets)
+        spread = [a.clone() for a in after]
+        with _Ops() as ops:
+            got = rescale_updates_(spread, before, targets, cache={})
+        counts.append(len(ops.ops))
+        assert len(ops.lerps) == 1 and all(_fast_route(ops.lerps[0]))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for a, b in zip(spread, plain):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        length = torch.stack([(a - b).double().norm() for a, b in zip(after, before)])  # u in bfloat16
+        ok = length > 0
+        assert ok.sum() > n // 2
+        torch.testing.assert_close(got[ok], (targets / length)[ok], rtol=1e-5, atol=0)
+    assert counts[0] == counts[1] < 40, counts
 
 
 def test_length_mode_refuses_gradient_weight_decay_and_attaching_twice():

@@ -65,7 +65,7 @@ def test_spread_multiply_equals_one_multiply_per_tensor(device, budget, monkeypa
     have, twice through one cache (the second step reuses the cached layout) — with every
     dense gradient in the buffer, and with a 40-element buffer (the smallest gradients; the
     others multiplied one by one)."""
-    from fxbackmatch.runtime import chain as runtime
+    from fxbackmatch.runtime import spread as runtime
 
     monkeypatch.setattr(runtime, "SPREAD_MAX", budget)
     grads = _grads_of_every_layout(device)
@@ -117,7 +117,7 @@ def test_runtime_spread_multiply_equals_the_per_tensor_path():
 def test_spread_multiply_follows_a_changed_gradient_layout():
     """A cached layout is reused while every gradient keeps its shape and strides, and built
     again (still exact) when one gradient comes back with other strides (channels-last)."""
-    from fxbackmatch.runtime import chain as runtime
+    from fxbackmatch.runtime import spread as runtime
 
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(4, 6, 2, 2, generator=g), torch.randn(5, generator=g)]
@@ -173,7 +173,7 @@ def test_spread_cache_keeps_a_bounded_number_of_layouts(monkeypatch):
     Five subsets in turn fit the cache (each kept, the buffers reused, with new scales every
     step); with room for four, the least recently used is dropped and each step builds its
     layout again — exact every step either way."""
-    from fxbackmatch.runtime import chain as runtime
+    from fxbackmatch.runtime import spread as runtime
 
     g = torch.Generator().manual_seed(3)
     full = [torch.randn(5, 3, generator=g) for _ in range(6)]
@@ -367,6 +367,39 @@ def test_the_fused_sgd_step_on_cuda_is_the_foreach_step_and_trains_like_attach()
         st()
     assert step._fn.fused == [True]  # the channels-last weights, gradients and buffers agree in strides
     check(a, oa, b, ob, 1e-5)
+
+
+@pytest.mark.cuda
+def test_length_mode_on_cuda_spreads_its_lerp_weights_and_steps_as_the_per_tensor_lerp(monkeypatch):
+    """On CUDA ``attach(mode="length")`` takes the few-launch foreach core by default (spread
+    lerp weights; never the compiled per-tensor kernel, even under a compiled plan): four
+    float64 AdamW steps equal a twin's per-tensor lerp (``flat=False``) bitwise, on a
+    channels-last conv weight."""
+    import copy
+
+    from fxbackmatch.apply import length
+
+    monkeypatch.setattr(length, "_compiled_step_one", lambda: pytest.fail("the compiled kernel ran"))
+    torch.manual_seed(0)
+    a = lenet_bn().cuda().double()
+    a[0].weight.data = a[0].weight.data.contiguous(memory_format=torch.channels_last)
+    b = copy.deepcopy(a)
+    x = torch.randn(16, 3, 32, 32, device="cuda", dtype=torch.float64)
+    y = torch.randint(0, 10, (16,), device="cuda")
+    pa = fxbackmatch.prepare(a, x[:2], compile=False)
+    pa.compile = True  # the choice reads the plan's flag; the scales stay eager (no inductor here)
+    pb = fxbackmatch.prepare(b, x[:2], compile=False)
+    oa, ob = (torch.optim.AdamW(n.parameters(), lr=2e-3, weight_decay=0.01) for n in (a, b))
+    ha, hb = pa.attach(oa, mode="length"), pb.attach(ob, mode="length")
+    hb.flat = False
+    for _ in range(4):
+        for net, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            o.step()
+    assert ha._spread and not hb._spread
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 class _Fake:

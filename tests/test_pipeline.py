@@ -196,6 +196,7 @@ def test_device_script_dry_run(tmp_path):
     bench = (out / "bench_rescale.txt").read_text()
     assert "fused step / compiled SGD step" in bench
     assert "fused step with the compiled update / compiled SGD step: median" in bench, bench  # measured, not failed
+    assert "resnet18: AdamW step" in bench and "compiled : median" in bench, bench  # the length mode's pair
     profile = (out / "profile.txt").read_text()
     assert "rescale_grads_" in profile and "Self CPU" in profile  # cProfile's functions, then torch's ops
     assert "step_profile: rc 0" in log and "## vgg11 backmatch, cpu, batch 16: 3 steps per epoch" in profile

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from ..runtime.spread import spread_
+from ..runtime.graphs import may_capture
 from ..runtime.norms import sumsq_many
 from .handles import HANDLES
 from ..runtime.sharding import local_part
@@ -60,12 +62,17 @@ def rescale_updates_(
     before: Sequence[torch.Tensor],
     targets: torch.Tensor,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """Rescale each update ``params[i] − before[i]`` in place to length ``targets[i]``.
 
     ``targets`` is a float64 vector; an update of length 0, or a target that is not positive
     and finite, keeps the optimizer's own update (ratio 1). ``reduce`` turns the local
-    squared lengths into global ones (sharded tensors: one all-reduce). Returns the ratios.
+    squared lengths into global ones (sharded tensors: one all-reduce). With ``cache`` (a
+    dict kept across steps) each tensor's lerp weight is spread to its shape
+    (:func:`~fxbackmatch.runtime.spread.spread_`), which keeps the lerp on foreach's fast
+    path: a few launches for any number of tensors, where a list of 0-d weights launches a
+    kernel per tensor (CUDA); the same arithmetic. Returns the ratios.
     """
     if not params:
         return torch.zeros(0, dtype=torch.float64)
@@ -74,9 +81,20 @@ def rescale_updates_(
     lengths = (reduce(sq) if reduce is not None else sq).sqrt()
     ratio = _ratio(lengths, targets.to(lengths.device, torch.float64))
     # W ← before + ratio·u  ==  lerp(W, before, 1 − ratio)
+    spread = cache is not None and may_capture()  # never inside a compiled region or a graph capture
     for dev_dtype, idx in _groups(params).items():
-        w = (1.0 - ratio).to(*dev_dtype).unbind(0)
-        torch._foreach_lerp_([params[i].detach() for i in idx], [before[i] for i in idx], [w[i] for i in idx])
+        w = (1.0 - ratio).to(*dev_dtype)
+        ps, bs = [params[i].detach() for i in idx], [before[i] for i in idx]
+        if not spread:
+            w = w.unbind(0)
+            torch._foreach_lerp_(ps, bs, [w[i] for i in idx])
+            continue
+        lay = spread_(ps, w, idx, cache)
+        if lay.members:
+            torch._foreach_lerp_([ps[k] for k in lay.members], [bs[k] for k in lay.members], lay.views)
+        if lay.rest:
+            torch._foreach_lerp_([ps[k] for k in lay.rest], [bs[k] for k in lay.rest],
+                                 lay.rest_values(w).unbind(0))
     return ratio
 
 
@@ -143,6 +161,10 @@ class LengthHandle:
         self._pre = optimizer.register_step_pre_hook(self._pre_step)
         self._post = optimizer.register_step_post_hook(self._post_step)
         self._last: tuple[list[str], torch.Tensor] = ([], torch.zeros(0))
+        #: the step as the few-launch foreach core (spread lerp weights), never the compiled
+        #: per-tensor kernel; None: on CUDA, where launches and guards, not bytes, cost most
+        self.flat: bool | None = None
+        self._spread: dict = {}  # the spread lerp weights' layouts (runtime.spread.spread_)
         plan._attached.append(self)
 
     # ---------------------------------------------------------------- hooks
@@ -199,18 +221,20 @@ class LengthHandle:
         coefs, refs = self._coefs_and_refs(params, before)
         dev = coefs.device
         coefs = coefs * scales.to(dev).index_select(0, tensor_on([i for i, _, _ in live], torch.long, dev))
+        flat = self.flat if self.flat is not None else dev.type == "cuda"
+        cache = self._spread if flat else None
         if self.plan._runtime.sharded:
-            ratios = self._sharded(params, before, refs, coefs)
-        elif self.plan.compile:
+            ratios = self._sharded(params, before, refs, coefs, cache)
+        elif self.plan.compile and not flat:
             ratios = self._compiled(params, before, refs, coefs)
         else:
-            ratios = self._eager(params, before, refs, coefs)
+            ratios = self._eager(params, before, refs, coefs, cache)
         self._last = ([n for _, n, _ in live], ratios)  # kept as a tensor: no host sync
 
-    def _eager(self, params, before, refs, coefs) -> torch.Tensor:
+    def _eager(self, params, before, refs, coefs, cache: dict | None = None) -> torch.Tensor:
         dev = coefs.device
         ref_sq = torch.stack([t.to(dev) for t in sumsq_many([r.detach() for r in refs])])
-        return rescale_updates_(params, before, coefs * self._target_of(ref_sq))
+        return rescale_updates_(params, before, coefs * self._target_of(ref_sq), cache=cache)
 
     def _compiled(self, params, before, refs, coefs) -> torch.Tensor:
         """Large contiguous tensors: the compiled per-tensor kernel (two reads of ``p`` and
@@ -236,7 +260,7 @@ class LengthHandle:
             return (ref_sumsq > 0).to(torch.float64)
         return ref_sumsq.sqrt()
 
-    def _sharded(self, params, before, refs, coefs) -> torch.Tensor:
+    def _sharded(self, params, before, refs, coefs, cache: dict | None = None) -> torch.Tensor:
         """FSDP2 / DTensor: local shards; one all-reduce adds every partial sum of squares
         (references and updates together). Replicated tensors count ``1/world`` per rank."""
         import torch.distributed as dist
@@ -260,7 +284,8 @@ class LengthHandle:
         if dist.is_initialized():
             dist.all_reduce(both, group=group)  # the one collective of the mode
         k = len(params)
-        return rescale_updates_(local, before, coefs * self._target_of(both[:k]), reduce=lambda _: both[k:])
+        return rescale_updates_(local, before, coefs * self._target_of(both[:k]), reduce=lambda _: both[k:],
+                                cache=cache)
 
     def _coefs_and_refs(self, params, before) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Per parameter: ``lr`` (over ``1 − β₁`` where the reference is the first moment) and
@@ -309,6 +334,7 @@ class LengthHandle:
         if live is not None and self in live:
             live.remove(self)
         self._before.clear()
+        self._spread.clear()
 
 
 def _beta1(group: dict) -> float:

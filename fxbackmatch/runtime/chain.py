@@ -27,7 +27,7 @@ import logging
 import math
 from itertools import repeat
 from operator import attrgetter, is_
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from .graphs import CaptureCache, GraphedRescale, GraphedScales, capturable, may
 from ..analysis.expr import EPS
 from .norms import rows_read, sumsq, sumsq_many
 from .sharding import group_of, is_dtensor, local_part
+from .spread import spread_mul_
 from .transfer import to_device
 
 __all__ = ["Runtime", "HostChain", "GraphedScales", "spread_mul_", "stat_means", "COMPILE_MAX_STAGES"]
@@ -308,105 +309,7 @@ def _grouped(grads: list[torch.Tensor | None]) -> list[tuple[tuple[torch.device,
     return list(by.items())
 
 
-#: :func:`spread_mul_` keeps a spread buffer of at most this many elements per gradient layout
-#: (64 MiB in float32), filled with the smallest gradients first: those are the launch-bound
-#: ones; a gradient that does not fit is multiplied on its own (one launch for ≥ its bytes)
-SPREAD_MAX = 1 << 24
-#: layouts a :func:`spread_mul_` cache keeps (one per optimizer's parameters and dtype in
-#: practice), and the elements their buffers may hold together; past either, the least
-#: recently used layouts are dropped
-SPREAD_LAYOUTS = 8
-SPREAD_CACHED = 4 * SPREAD_MAX
-
-
-@torch.no_grad()
-def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequence[int] | None = None,
-                cache: dict | None = None) -> None:
-    """``grads[i] *= scales[positions[i]]`` in a few launches instead of one per tensor.
-
-    ``torch._foreach_mul_`` with a list of 0-d scale tensors is off foreach's fast path (the
-    operands' shapes differ) and launches a kernel per gradient. Here the scales are spread
-    over one flat buffer (an ``index_select`` by a ``repeat_interleave`` index), and each
-    gradient is multiplied by a view of that buffer with its own shape and strides — a
-    tensor-list multiply on the fast path: three launches for any number of tensors, for one
-    extra write and read of their bytes, cheap where launches, not bytes, are the cost (CUDA).
-    The buffer holds the smallest dense gradients, up to :data:`SPREAD_MAX` elements; the
-    others (large ones, and any that is not dense) are multiplied one by one. ``cache`` keeps,
-    per positions, device and dtype, a :class:`_Spread`: the buffer, the views over it (built
-    once: ~1 µs of host time each) and the index and count tensors on the device (a copy from
-    the host would wait for the device); pass the same dict every step. A gradient's shape
-    or strides changing builds it again; past :data:`SPREAD_LAYOUTS` layouts or
-    :data:`SPREAD_CACHED` elements, the least recently used are dropped.
-    """
-    positions = range(len(grads)) if positions is None else positions
-    cache = {} if cache is None else cache
-    key = (scales.device, scales.dtype, tuple(positions))
-    shapes, strides = tuple(map(_SHAPE, grads)), tuple(map(_STRIDE, grads))
-    spread = cache.get(key)
-    if spread is None or spread.shapes != shapes or spread.strides != strides:
-        cache.pop(key, None)
-        spread = _Spread(grads, positions, scales.device, scales.dtype, shapes, strides)
-        while cache and (len(cache) >= SPREAD_LAYOUTS or  # gradients that come and go (MoE experts)
-                         sum(s.total for s in cache.values()) + spread.total > SPREAD_CACHED):
-            del cache[next(iter(cache))]  # the least recently used
-        cache[key] = spread
-    elif next(reversed(cache)) != key:
-        cache[key] = cache.pop(key)  # the most recently used last
-    spread(grads, scales)
-
-
-class _Spread:
-    """One gradient layout's spread buffer, the views :func:`spread_mul_` multiplies by, and
-    the gradients it multiplies one by one."""
-
-    def __init__(self, grads: list[torch.Tensor], positions: Sequence[int], device: torch.device,
-                 dtype: torch.dtype, shapes: tuple, strides: tuple) -> None:
-        self.shapes, self.strides = shapes, strides
-        members, total = [], 0
-        for k in sorted((k for k, g in enumerate(grads) if _dense(g)), key=lambda k: grads[k].numel()):
-            if total + grads[k].numel() > SPREAD_MAX:
-                break
-            members.append(k)
-            total += grads[k].numel()
-        members.sort()
-        taken = set(members)
-        #: the buffer's gradients, their scale positions and element counts (device), its size
-        self.members, self.total = members, total
-        self.everything = len(members) == len(grads)
-        self.pos = torch.tensor([positions[k] for k in members], dtype=torch.long, device=device)
-        self.counts = torch.tensor([grads[k].numel() for k in members], dtype=torch.long, device=device)
-        self.flat = torch.empty(total, dtype=dtype, device=device)
-        self.views, offset = [], 0
-        for k in members:  # dense strides are never negative
-            self.views.append(self.flat.as_strided(grads[k].shape, grads[k].stride(), offset))
-            offset += grads[k].numel()
-        #: the gradients multiplied one by one, and their scale positions (device)
-        self.rest = [k for k in range(len(grads)) if k not in taken]
-        self.rest_pos = torch.tensor([positions[k] for k in self.rest], dtype=torch.long, device=device)
-
-    def __call__(self, grads: list[torch.Tensor], scales: torch.Tensor) -> None:
-        if self.members:
-            rep = torch.repeat_interleave(self.counts, output_size=self.total)
-            torch.index_select(scales.index_select(0, self.pos), 0, rep, out=self.flat)
-            torch._foreach_mul_(grads if self.everything else [grads[k] for k in self.members], self.views)
-        if self.rest:
-            torch._foreach_mul_([grads[k] for k in self.rest], scales.index_select(0, self.rest_pos).unbind(0))
-
-
-_SHAPE = attrgetter("shape")
 _GRAD, _DEVICE, _DTYPE = attrgetter("grad"), attrgetter("device"), attrgetter("dtype")
-_STRIDE = torch.Tensor.stride
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Whether ``t``'s elements fill ``numel`` consecutive storage slots (any dim order)."""
-    expected = 1
-    dims = sorted(((st, n) for n, st in zip(t.shape, t.stride()) if n != 1))
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 class HostChain:
