@@ -11,7 +11,8 @@ where ``X`` is the conv's input on that batch and ``P`` the output positions tim
 larger where the step lines up with the inputs' top directions — a gradient ``δXᵀ`` always does
 some, most where one gradient is replicated over many positions (a global average pool). Then the
 losses of three steps, with the scales of the weights of every conv/linear (``--at-one weights``)
-or of every other parameter (``--at-one others``) set to 1.
+or of every other parameter (``--at-one others``) set to 1, or each conv's divided by its ρ over
+the median ρ (``--at-one rho``, measured on the plain gradient at init).
 
     python benchmarks/step_coherence.py --model inception_v3 --side 299
     python benchmarks/step_coherence.py --model inception_v3 --side 299 --at-one weights
@@ -69,11 +70,39 @@ def coherence(model: nn.Module, plan, x: torch.Tensor, y: torch.Tensor) -> list[
     return sorted(rows, reverse=True)
 
 
+def gradient_rho(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """ρ of each conv weight's plain gradient on ``(x, y)`` (the direction of its first step)."""
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, a[0].detach()))
+             for n, m in convs.items()]
+    model.zero_grad()
+    F.cross_entropy(logits(model(x)), y).backward()
+    for h in hooks:
+        h.remove()
+    out = {}
+    with torch.no_grad():
+        for n, m in convs.items():
+            g = m.weight.grad
+            if g is None or not float(g.norm()) > 0:
+                continue
+            dy = F.conv2d(inputs[n], g, None, m.stride, m.padding, m.dilation)
+            rho = float(dy.square().sum() / (g.square().sum() * inputs[n].square().mean()
+                                             * dy.shape[0] * dy.shape[2] * dy.shape[3]))
+            if math.isfinite(rho) and rho > 0:
+                out[f"{n}.weight"] = rho
+    model.zero_grad()
+    return out
+
+
 def losses(model: nn.Module, plan, batches, at_one: str) -> list[float]:
-    """Three SGD-momentum steps with the plan's scales, those of ``at_one`` set to 1."""
+    """Three SGD-momentum steps with the plan's scales, those of ``at_one`` set to 1 (``rho``:
+    each conv weight's scale divided by its ρ at init over the median ρ)."""
     opt = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9)
     weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
     params = dict(model.named_parameters())
+    rho = gradient_rho(model, *batches[0]) if at_one == "rho" else {}
+    median = sorted(rho.values())[len(rho) // 2] if rho else 1.0
     out = []
     for x, y in batches[:3]:
         opt.zero_grad()
@@ -86,7 +115,7 @@ def losses(model: nn.Module, plan, batches, at_one: str) -> list[float]:
                 if p is None or p.grad is None:
                     continue
                 one = (n in weights) if at_one == "weights" else (n not in weights) if at_one == "others" else False
-                p.grad.mul_(1.0 if one else s)
+                p.grad.mul_(1.0 if one else s * median / rho.get(n, median))
         opt.step()
         out.append(float(loss))
     return out
@@ -96,7 +125,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="inception_v3")
     ap.add_argument("--side", type=int, default=299)
-    ap.add_argument("--at-one", choices=("none", "weights", "others"), default="none")
+    ap.add_argument("--at-one", choices=("none", "weights", "others", "rho"), default="none",
+                    help="whose scales are 1 in the three steps (rho: each conv's divided by its ρ over the median)")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-jpeg.npz"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -110,7 +140,8 @@ def main() -> None:
         print(f"  rel {rel:6.3f}  ρ {rho:7.1f}  {n}  map {hw[0]}×{hw[1]}")
     model = build(args.model).train()  # the same initial weights
     plan = fxbackmatch.prepare(model, batches[0][0][:2])
-    print(f"losses, scales of '{args.at_one}' at 1:", " → ".join(f"{v:.3f}" for v in losses(model, plan, batches, args.at_one)))
+    what = "scales over ρ/median ρ" if args.at_one == "rho" else f"scales of '{args.at_one}' at 1"
+    print(f"losses, {what}:", " → ".join(f"{v:.3f}" for v in losses(model, plan, batches, args.at_one)))
 
 
 if __name__ == "__main__":
