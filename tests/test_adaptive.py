@@ -213,13 +213,15 @@ class _Ops(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops, self.lerps = [], []
+        self.ops, self.lerps, self.subs = [], [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not func.is_view:  # views and detach launch nothing
             self.ops.append(func)
         if func.overloadpacket is torch.ops.aten._foreach_lerp_:
             self.lerps.append(args)
+        if func.overloadpacket is torch.ops.aten._foreach_sub:  # the updates formed for their norms
+            self.subs.append([t.numel() for t in args[0]])
         return func(*args, **(kwargs or {}))
 
 
@@ -240,11 +242,16 @@ def _fast_route(lists) -> list[bool]:
             for ts in zip(*lists)]
 
 
-def test_spread_length_step_equals_the_per_tensor_lerp_on_foreachs_fast_path():
+def test_spread_length_step_equals_the_per_tensor_lerp_on_foreachs_fast_path(monkeypatch):
     """The length step as it runs on CUDA (``flat``: spread lerp weights, forced here on the
     CPU) against the per-tensor lerp: bitwise the same weights over four AdamW steps, on a
     channels-last conv weight and a non-dense linear weight; every dense weight is lerped by a
-    call on foreach's fast path (the non-dense one alone, as it must be), none before."""
+    call on foreach's fast path (the non-dense one alone, as it must be), none before. The
+    updates' norms are formed a chunk at a time (``UPDATE_CHUNK`` at 3000 elements: LeNet's
+    weights, in order, as 450 + 2400, then 48000, 10080 and 840 alone), which changes no bit."""
+    from fxbackmatch.apply import length
+
+    monkeypatch.setattr(length, "UPDATE_CHUNK", 3000)
     net, plan, ref, ref_plan, x, y = _setup(7)
     for m in (net, ref):
         with torch.no_grad():
@@ -259,10 +266,12 @@ def test_spread_length_step_equals_the_per_tensor_lerp_on_foreachs_fast_path():
         h.flat = flat
         with _Ops() as ops:
             _run(model, opt, x, y)
-        fast = [ok for call in ops.lerps for ok in _fast_route(call)]
-        runs.append((fast, len(ops.lerps)))
-    assert sorted(runs[0][0]) == [False] * 4 + [True] * 16  # 4 steps: 4 dense weights, 1 not
-    assert runs[1] == ([False] * 20, 4)
+        # ATen takes a whole call to the fast path or none of it: (fast?, tensors) per call
+        runs.append(sorted((all(_fast_route(call)), len(call[0])) for call in ops.lerps))
+        chunks = ops.subs[:len(ops.subs) // 4]  # one step's
+        assert list(map(sum, chunks)) == [450 + 2400, 48000, 10080, 840]  # ≤ 3000, or one tensor alone
+    assert runs[0] == [(False, 1)] * 4 + [(True, 4)] * 4  # per step: 4 dense weights, then 1 not
+    assert runs[1] == [(False, 5)] * 4
     for (n, a), b in zip(net.named_parameters(), ref.parameters()):
         assert a.stride() == b.stride()
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

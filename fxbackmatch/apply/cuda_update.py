@@ -10,7 +10,7 @@ the same contract with a few launches whatever the number of parameters:
    per-step multiplier and cap (``finish``);
 2. compile_step's weight decay added to the gradients (one multi-tensor add), and the
    gradients multiplied by their scales (:meth:`~fxbackmatch.runtime.chain.Runtime.rescale_`:
-   :func:`~fxbackmatch.runtime.spread.spread_mul_`, three launches);
+   :func:`~fxbackmatch.runtime.spread.spread_mul_`, four launches);
 3. torch's own fused SGD kernel per parameter group (``torch.optim.sgd.sgd(..., fused=True)``:
    multi-tensor launches per device and dtype), with the groups' learning rate, momentum and
    Nesterov read every step (schedulers need no rebuild).

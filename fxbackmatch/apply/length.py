@@ -37,12 +37,15 @@ from ..runtime.transfer import tensor_on
 if TYPE_CHECKING:
     from ..plan import Plan
 
-__all__ = ["LengthHandle", "rescale_updates_", "TARGETS", "is_adaptive"]
+__all__ = ["LengthHandle", "rescale_updates_", "update_sumsq", "TARGETS", "is_adaptive"]
 
 TARGETS = ("momentum", "grad")
 
 #: tensors below this many elements take the eager foreach path even when compiled
 SMALL = 1 << 16
+#: the eager path forms the updates whose norms it needs this many elements at a time (64 MiB
+#: in float32), not all at once (a transient copy the size of the model)
+UPDATE_CHUNK = 1 << 24
 
 #: Optimizers whose update a gradient rescale does not change (or barely): their
 #: per-coordinate normalization absorbs a per-layer constant.
@@ -76,8 +79,7 @@ def rescale_updates_(
     """
     if not params:
         return torch.zeros(0, dtype=torch.float64)
-    updates = torch._foreach_sub([p.detach() for p in params], list(before))
-    sq = torch.stack(sumsq_many(updates))
+    sq = torch.stack(update_sumsq(params, before))
     lengths = (reduce(sq) if reduce is not None else sq).sqrt()
     ratio = _ratio(lengths, targets.to(lengths.device, torch.float64))
     # W ← before + ratio·u  ==  lerp(W, before, 1 − ratio)
@@ -96,6 +98,22 @@ def rescale_updates_(
             torch._foreach_lerp_([ps[k] for k in lay.rest], [bs[k] for k in lay.rest],
                                  lay.rest_values(w).unbind(0))
     return ratio
+
+
+def update_sumsq(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``sum((params[i] − before[i])²)`` of each pair as float64, the differences formed
+    :data:`UPDATE_CHUNK` elements at a time (a multi-tensor subtract, then norms, per chunk):
+    the step's transient memory stays bounded whatever the model's size."""
+    out: list[torch.Tensor] = []
+    start, n = 0, len(params)
+    while start < n:
+        stop, size = start + 1, params[start].numel()
+        while stop < n and size + params[stop].numel() <= UPDATE_CHUNK:
+            size += params[stop].numel()
+            stop += 1
+        out += sumsq_many(torch._foreach_sub([p.detach() for p in params[start:stop]], list(before[start:stop])))
+        start = stop
+    return out
 
 
 def _ratio(lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -279,7 +297,7 @@ class LengthHandle:
         dev = coefs.device
         share = tensor_on([1.0 if n > 1 else 1.0 / world for n in shares], torch.float64, dev)
         ref_sq = torch.stack([t.to(dev) for t in sumsq_many([local_part(r.detach())[0] for r in refs])])
-        upd_sq = torch.stack([t.to(dev) for t in sumsq_many(torch._foreach_sub(local, list(before)))])
+        upd_sq = torch.stack([t.to(dev) for t in update_sumsq(local, before)])
         both = torch.cat([ref_sq, upd_sq]) * share.repeat(2)
         if dist.is_initialized():
             dist.all_reduce(both, group=group)  # the one collective of the mode

@@ -4,7 +4,7 @@ fast path: :func:`spread_` and its multiply, :func:`spread_mul_`.
 CUDA's multi-tensor kernels take a foreach call only where every list's tensor ``i`` has the
 same sizes and strides; a list of 0-d scalars fails that for every other tensor, and the op
 launches a kernel per tensor. Spreading the scalars over one flat buffer, viewed with each
-tensor's shape and strides, turns that into two launches plus one fast-path call, for an
+tensor's shape and strides, turns that into three launches plus one fast-path call, for an
 extra write and read of the tensors' bytes: cheap where launches, not bytes, are the cost.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequ
     ``torch._foreach_mul_`` with a list of 0-d scale tensors is off foreach's fast path (the
     operands' shapes differ) and launches a kernel per gradient. Here the scales are spread
     (:func:`spread_`) and each gradient is multiplied by a view of the spread buffer with its
-    own shape and strides — a tensor-list multiply on the fast path: three launches for any
+    own shape and strides — a tensor-list multiply on the fast path: four launches for any
     number of tensors, for one extra write and read of their bytes, cheap where launches, not
     bytes, are the cost (CUDA). Gradients the buffer does not hold are multiplied one by one.
     """
@@ -53,8 +53,8 @@ def spread_(tensors: list[torch.Tensor], values: torch.Tensor, positions: Sequen
     ``tensors[i]``'s shape and strides: operands that keep a tensor-list op with ``tensors`` on
     foreach's fast path (equal sizes and strides), for per-tensor scalars.
 
-    Two launches (an ``index_select`` by a ``repeat_interleave`` index) for any number of
-    tensors. The buffer holds the smallest dense tensors, up to :data:`SPREAD_MAX` elements; the
+    Three launches (the values gathered, a ``repeat_interleave`` index, an ``index_select`` by
+    it) for any number of tensors. The buffer holds the smallest dense tensors, up to :data:`SPREAD_MAX` elements; the
     others (large ones, and any that is not dense) are the returned layout's ``rest``, for the
     caller to take one by one (``rest_values``). ``cache`` keeps, per positions, device and
     dtype, the layout: the buffer, the views over it (built once: ~1 µs of host time each) and
@@ -100,7 +100,9 @@ class _Spread:
         self.members, self.total = members, total
         self.everything = len(members) == len(tensors)
         self.pos = torch.tensor([positions[k] for k in members], dtype=torch.long, device=device)
-        self.counts = torch.tensor([tensors[k].numel() for k in members], dtype=torch.long, device=device)
+        # int32 counts: the per-element index repeat_interleave builds each fill is int32 too
+        # (half the bytes of int64); a buffer holds at most SPREAD_MAX elements
+        self.counts = torch.tensor([tensors[k].numel() for k in members], dtype=torch.int32, device=device)
         self.flat = torch.empty(total, dtype=dtype, device=device)
         self.views, offset = [], 0
         for k in members:  # dense strides are never negative
