@@ -298,9 +298,17 @@ def bench_length(name: str, device: str, reps: int, batch: int, amp: bool, round
     out = {"adamw_step": timeit(base.step, restore, reps)}
     opt = torch.optim.AdamW(params, lr=1e-6)
     h = plan.attach(opt, mode="length")
+    cuda = torch.device(device).type == "cuda"
     for label, flat in (("flat", True), ("compiled", False)):
         h.flat = flat
         opt.step()  # builds (compiles) the variant
+        if cuda:  # the step's transient memory above what the model and both optimizers hold
+            sync()
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            opt.step()
+            sync()
+            out[f"{label}_peak_MiB"] = (torch.cuda.max_memory_allocated() - held) / 2**20
         out[label] = interleaved(base.step, opt.step, restore, reps, rounds)
     return out
 
@@ -381,8 +389,9 @@ def main() -> None:
             print(f"\n{name}: AdamW step {r['adamw_step'] * 1e3:.3f} ms; with the step-length mode / without:")
             for label in ("flat", "compiled"):
                 q = sorted(r[label])
+                peak = f"; step's transient memory {r[label + '_peak_MiB']:.0f} MiB" if label + "_peak_MiB" in r else ""
                 print(f"  {label:9s}: median {statistics.median(q):.3f}, range {q[0]:.3f}–{q[-1]:.3f} "
-                      f"({len(q)} interleaved rounds)")
+                      f"({len(q)} interleaved rounds{peak})")
         except Exception as e:  # report it: the main results are already printed
             print(f"\n{name}: step-length mode failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     variants = [("the compiled update", {})] if args.compiled_update or args.combo else []
