@@ -7,19 +7,22 @@ resized to ``--side``. Per conv (groups 1): ``rel`` = ‖ΔW‖/‖W‖, and the
     ρ = ‖ΔW ∗ X‖² / (‖ΔW‖² · E[x²] · P)
 
 where ``X`` is the conv's input on that batch and ``P`` the output positions times the batch:
-1 where the inputs are isotropic (``E[xxᵀ] = E[x²]·I``, what the back-matching factors assume),
-larger where the step lines up with the inputs' top directions — a gradient ``δXᵀ`` always does
-some, most where one gradient is replicated over many positions (a global average pool). Then
-the losses of ``--steps`` steps (3; the zoo's test: 20) with the plan's scales as they are, or a
+1 where the inputs are isotropic (``E[xxᵀ] = E[x²]·I``, what the back-matching factors assume;
+a little less on small maps, where zero padding empties taps), larger where the step lines up
+with the inputs' top directions — a gradient ``δXᵀ`` always does some, most where one gradient
+is replicated over many positions (a global average pool). Then the losses of ``--steps`` steps
+(3; the zoo's test: 20) at ``--lr`` (2e-3) with the plan's scales as they are, or a
 ``--variant``: the conv/linear weights' at 1 (``weights-at-one``), every other parameter's at 1
-(``others-at-one``), each conv weight's divided by its ρ at init over the median ρ (``rho``), or
-every scale below the head divided by the global pool's coherence κ = P·E[ȳ²]/E[y²] on the step's
-batch (``kappa``: 1 for P uncorrelated zero-mean positions, P for identical ones).
+(``others-at-one``), each conv weight's divided by its ρ at init over the median ρ (``rho``),
+every scale below the head divided by the global pool's coherence χ = P·E[ȳ²]/E[y²] on the
+step's batch (``pool``: 1 for P uncorrelated zero-mean positions, P for identical ones), or
+every scale 1: plain SGD (``ones``).
 
     python benchmarks/step_coherence.py --model inception_v3 --side 299
     python benchmarks/step_coherence.py --model inception_v3 --side 299 --variant weights-at-one
-    python benchmarks/step_coherence.py --model resnet18 --side 224 --variant kappa --steps 20
+    python benchmarks/step_coherence.py --model resnet18 --side 224 --variant pool --steps 20
     python benchmarks/step_coherence.py --model resnet50 --side 224
+    python benchmarks/step_coherence.py --model inception_v3 --side 299 --variant ones --lr 0.1 --steps 20
 """
 from __future__ import annotations
 
@@ -99,39 +102,41 @@ def gradient_rho(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str
 
 
 class PoolCoherence:
-    """``κ = P·E[ȳ²]/E[y²]`` at the model's last global average pool (an ``AdaptiveAvgPool2d``
+    """``χ = P·E[ȳ²]/E[y²]`` at the model's last global average pool (an ``AdaptiveAvgPool2d``
     to 1×1, the one under the head in torchvision's models) on each forward: 1 for ``P``
     uncorrelated zero-mean positions, ``P`` for identical ones; 1 without such a pool."""
 
     def __init__(self, model: nn.Module):
-        self.kappa = 1.0
+        self.chi = 1.0
         pools = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))]
         if pools:
             pools[-1].register_forward_hook(self._hook)
 
     def _hook(self, mod, args, out) -> None:
         y = args[0].detach()
-        self.kappa = y.shape[2] * y.shape[3] * float(out.detach().square().mean() / y.square().mean().clamp_min(1e-30))
+        self.chi = y.shape[2] * y.shape[3] * float(out.detach().square().mean() / y.square().mean().clamp_min(1e-30))
 
 
-VARIANTS = ("plan", "weights-at-one", "others-at-one", "rho", "kappa")
+VARIANTS = ("plan", "weights-at-one", "others-at-one", "rho", "pool", "ones")
 
 
-def losses(model: nn.Module, plan, batches, variant: str) -> tuple[list[float], tuple[float, str], float]:
-    """SGD-momentum steps (lr 2e-3) over ``batches`` with the plan's scales as ``variant`` says:
+def losses(model: nn.Module, plan, batches, variant: str, lr: float = 2e-3) -> tuple[list[float], tuple[float, str], float]:
+    """SGD-momentum steps at ``lr`` over ``batches`` with the plan's scales as ``variant`` says:
     as they are; the conv/linear weights' at 1; every other parameter's at 1; each conv
-    weight's divided by its ρ at init over the median ρ (``rho``); every scale but the head's
-    (the layer after the global pool) divided by the step's pool coherence κ (``kappa``).
-    Returns the losses, the step-1 largest ‖ΔW‖/‖W‖ of a conv/linear weight and step 1's κ."""
-    opt = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9)
+    weight's divided by its ρ at init over the median ρ (``rho``); every scale but the
+    ``nn.Linear`` layers' divided by the step's pool coherence χ (``pool``: for nets whose only
+    Linear layers are the head, as ResNet's and Inception's; a Linear in the trunk, ConvNeXt's
+    or Swin's, would wrongly keep its scale); every scale 1, plain SGD (``ones``).
+    Returns the losses, the step-1 largest ‖ΔW‖/‖W‖ of a conv/linear weight and step 1's χ."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
     params = dict(model.named_parameters())
     rho = gradient_rho(model, *batches[0]) if variant == "rho" else {}
     median = sorted(rho.values())[len(rho) // 2] if rho else 1.0
     pools = PoolCoherence(model)
     head = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    head = {f"{n}.{k}" for n in head for k in ("weight", "bias")} if variant == "kappa" else set()
-    out, worst, kappa = [], (0.0, ""), 1.0
+    head = {f"{n}.{k}" for n in head for k in ("weight", "bias")} if variant == "pool" else set()
+    out, worst, chi = [], (0.0, ""), 1.0
     for step, (x, y) in enumerate(batches):
         first = {n: params[n].detach().clone() for n in weights if n in params} if step == 0 else None
         opt.zero_grad()
@@ -143,19 +148,20 @@ def losses(model: nn.Module, plan, batches, variant: str) -> tuple[list[float], 
                 p = params.get(n)
                 if p is None or p.grad is None:
                     continue
-                if variant == "weights-at-one" and n in weights or variant == "others-at-one" and n not in weights:
+                if (variant == "ones" or variant == "weights-at-one" and n in weights
+                        or variant == "others-at-one" and n not in weights):
                     s = 1.0
                 elif variant == "rho":
                     s = s * median / rho.get(n, median)
-                elif variant == "kappa" and n not in head:
-                    s = s / pools.kappa
+                elif variant == "pool" and n not in head:
+                    s = s / pools.chi
                 p.grad.mul_(s)
         opt.step()
         out.append(float(loss))
         if first is not None:
-            kappa = pools.kappa
+            chi = pools.chi
             worst = max((float((params[n] - w).norm() / w.norm()), n) for n, w in first.items() if float(w.norm()) > 0)
-    return out, worst, kappa
+    return out, worst, chi
 
 
 def main() -> None:
@@ -164,6 +170,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=299)
     ap.add_argument("--variant", choices=VARIANTS, default="plan", help="the scales of the loss run (see losses())")
     ap.add_argument("--steps", type=int, default=3, help="steps of the loss run (the zoo's test: 20)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="the loss run's rate (the zoo's: 2e-3)")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-jpeg.npz"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -177,8 +184,8 @@ def main() -> None:
         print(f"  rel {rel:6.3f}  ρ {rho:7.1f}  {n}  map {hw[0]}×{hw[1]}")
     model = build(args.model).train()  # the same initial weights
     plan = fxbackmatch.prepare(model, batches[0][0][:2])
-    values, worst, kappa = losses(model, plan, batches, args.variant)
-    print(f"variant '{args.variant}': step-1 κ {kappa:.1f}, largest move {worst[0]:.3f} ({worst[1]}); losses",
+    values, worst, chi = losses(model, plan, batches, args.variant, args.lr)
+    print(f"variant '{args.variant}', lr {args.lr:g}: step-1 χ {chi:.1f}, largest move {worst[0]:.3f} ({worst[1]}); losses",
           " → ".join(f"{v:.3f}" for v in values))
 
 
