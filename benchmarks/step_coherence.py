@@ -48,55 +48,59 @@ def logits(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def coherence(model: nn.Module, plan, x: torch.Tensor, y: torch.Tensor) -> list[tuple[float, float, str, tuple]]:
-    """``(ρ, rel, conv, output map)`` per conv that moved, after one attached SGD step."""
-    opt = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9)
-    handle = plan.attach(opt)
+@torch.no_grad()
+def rho_of(conv: nn.Conv2d, direction: torch.Tensor, x: torch.Tensor) -> float:
+    """ρ of moving ``conv``'s weight along ``direction`` on its input ``x`` (NaN for a zero one)."""
+    dy = F.conv2d(x, direction, None, conv.stride, conv.padding, conv.dilation)
+    positions = dy.shape[0] * dy.shape[2] * dy.shape[3]
+    return float(dy.square().sum() / (direction.square().sum() * x.square().mean() * positions))
+
+
+def backward_with_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, dict]:
+    """The convs (groups 1) by name, and each one's input on ``(x, y)``, after the loss's backward."""
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
     inputs: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, a[0].detach()))
              for n, m in convs.items()]
-    before = {n: m.weight.detach().clone() for n, m in convs.items()}
-    F.cross_entropy(logits(model(x)), y).backward()
+    try:
+        F.cross_entropy(logits(model(x)), y).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return convs, inputs
+
+
+def coherence(model: nn.Module, plan, x: torch.Tensor, y: torch.Tensor) -> list[tuple[float, float, str, tuple]]:
+    """``(ρ, rel, conv, output map)`` per conv that moved, after one attached SGD step."""
+    opt = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9)
+    handle = plan.attach(opt)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    convs, inputs = backward_with_inputs(model, x, y)
     opt.step()
-    for h in hooks:
-        h.remove()
     handle.remove()
     rows = []
-    with torch.no_grad():
-        for n, m in convs.items():
-            dw, xin = m.weight - before[n], inputs[n]
-            if not float(dw.norm()) > 0:
-                continue  # no gradient reached it (an auxiliary head the loss does not read)
-            dy = F.conv2d(xin, dw, None, m.stride, m.padding, m.dilation)
-            positions = dy.shape[0] * dy.shape[2] * dy.shape[3]
-            rho = float(dy.square().sum() / (dw.square().sum() * xin.square().mean() * positions))
-            if math.isfinite(rho):
-                rows.append((rho, float(dw.norm() / before[n].norm()), n, tuple(dy.shape[2:])))
+    for n, m in convs.items():
+        w0 = before[f"{n}.weight"]
+        dw = m.weight.detach() - w0
+        if not float(dw.norm()) > 0:
+            continue  # no gradient reached it (an auxiliary head the loss does not read)
+        rho = rho_of(m, dw, inputs[n])
+        if math.isfinite(rho):
+            out_hw = F.conv2d(inputs[n][:1], dw, None, m.stride, m.padding, m.dilation).shape[2:]
+            rows.append((rho, float(dw.norm() / w0.norm()), n, tuple(out_hw)))
     return sorted(rows, reverse=True)
 
 
 def gradient_rho(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """ρ of each conv weight's plain gradient on ``(x, y)`` (the direction of its first step)."""
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, a[0].detach()))
-             for n, m in convs.items()]
     model.zero_grad()
-    F.cross_entropy(logits(model(x)), y).backward()
-    for h in hooks:
-        h.remove()
+    convs, inputs = backward_with_inputs(model, x, y)
     out = {}
-    with torch.no_grad():
-        for n, m in convs.items():
-            g = m.weight.grad
-            if g is None or not float(g.norm()) > 0:
-                continue
-            dy = F.conv2d(inputs[n], g, None, m.stride, m.padding, m.dilation)
-            rho = float(dy.square().sum() / (g.square().sum() * inputs[n].square().mean()
-                                             * dy.shape[0] * dy.shape[2] * dy.shape[3]))
-            if math.isfinite(rho) and rho > 0:
-                out[f"{n}.weight"] = rho
+    for n, m in convs.items():
+        g = m.weight.grad
+        rho = rho_of(m, g, inputs[n]) if g is not None else math.nan
+        if math.isfinite(rho) and rho > 0:
+            out[f"{n}.weight"] = rho
     model.zero_grad()
     return out
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from ..runtime.spread import spread_
+from ..runtime.spread import spread_foreach_
 from ..runtime.graphs import may_capture
 from ..runtime.norms import sumsq_many
 from .handles import HANDLES
@@ -73,7 +73,7 @@ def rescale_updates_(
     and finite, keeps the optimizer's own update (ratio 1). ``reduce`` turns the local
     squared lengths into global ones (sharded tensors: one all-reduce). With ``cache`` (a
     dict kept across steps) each tensor's lerp weight is spread to its shape
-    (:func:`~fxbackmatch.runtime.spread.spread_`), which keeps the lerp on foreach's fast
+    (:func:`~fxbackmatch.runtime.spread.spread_foreach_`), which keeps the lerp on foreach's fast
     path: a few launches for any number of tensors, where a list of 0-d weights launches a
     kernel per tensor (CUDA); the same arithmetic. Returns the ratios.
     """
@@ -87,16 +87,11 @@ def rescale_updates_(
     for dev_dtype, idx in _groups(params).items():
         w = (1.0 - ratio).to(*dev_dtype)
         ps, bs = [params[i].detach() for i in idx], [before[i] for i in idx]
-        if not spread:
-            w = w.unbind(0)
-            torch._foreach_lerp_(ps, bs, [w[i] for i in idx])
-            continue
-        lay = spread_(ps, w, idx, cache)
-        if lay.members:
-            torch._foreach_lerp_([ps[k] for k in lay.members], [bs[k] for k in lay.members], lay.views)
-        if lay.rest:
-            torch._foreach_lerp_([ps[k] for k in lay.rest], [bs[k] for k in lay.rest],
-                                 lay.rest_values(w).unbind(0))
+        if spread:
+            spread_foreach_(torch._foreach_lerp_, ps, w, idx, cache, others=(bs,))
+        else:
+            wv = w.unbind(0)  # views: no launch
+            torch._foreach_lerp_(ps, bs, [wv[i] for i in idx])
     return ratio
 
 
@@ -182,7 +177,7 @@ class LengthHandle:
         #: the step as the few-launch foreach core (spread lerp weights), never the compiled
         #: per-tensor kernel; None: on CUDA, where launches and guards, not bytes, cost most
         self.flat: bool | None = None
-        self._spread: dict = {}  # the spread lerp weights' layouts (runtime.spread.spread_)
+        self._spread: dict = {}  # the spread lerp weights' layouts (runtime.spread.spread_foreach_)
         plan._attached.append(self)
 
     # ---------------------------------------------------------------- hooks

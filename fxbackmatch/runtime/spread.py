@@ -1,5 +1,6 @@
 """Per-tensor scalars spread to each tensor's shape, so that tensor-list ops keep foreach's
-fast path: :func:`spread_` and its multiply, :func:`spread_mul_`.
+fast path: :func:`spread_`, a foreach op over it (:func:`spread_foreach_`) and the
+multiply, :func:`spread_mul_`.
 
 CUDA's multi-tensor kernels take a foreach call only where every list's tensor ``i`` has the
 same sizes and strides; a list of 0-d scalars fails that for every other tensor, and the op
@@ -10,11 +11,11 @@ extra write and read of the tensors' bytes: cheap where launches, not bytes, are
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["spread_", "spread_mul_", "SPREAD_MAX", "SPREAD_LAYOUTS", "SPREAD_CACHED"]
+__all__ = ["spread_", "spread_foreach_", "spread_mul_", "SPREAD_MAX", "SPREAD_LAYOUTS", "SPREAD_CACHED"]
 
 #: :func:`spread_mul_` keeps a spread buffer of at most this many elements per gradient layout
 #: (64 MiB in float32), filled with the smallest gradients first: those are the launch-bound
@@ -34,16 +35,32 @@ def spread_mul_(grads: list[torch.Tensor], scales: torch.Tensor, positions: Sequ
 
     ``torch._foreach_mul_`` with a list of 0-d scale tensors is off foreach's fast path (the
     operands' shapes differ) and launches a kernel per gradient. Here the scales are spread
-    (:func:`spread_`) and each gradient is multiplied by a view of the spread buffer with its
-    own shape and strides — a tensor-list multiply on the fast path: four launches for any
-    number of tensors, for one extra write and read of their bytes, cheap where launches, not
-    bytes, are the cost (CUDA). Gradients the buffer does not hold are multiplied one by one.
+    (:func:`spread_foreach_`) and each gradient is multiplied by a view of the spread buffer
+    with its own shape and strides — a tensor-list multiply on the fast path: four launches
+    for any number of tensors, for one extra write and read of their bytes, cheap where
+    launches, not bytes, are the cost (CUDA). Gradients the buffer does not hold are
+    multiplied one by one.
     """
-    spread = spread_(grads, scales, positions, cache)
-    if spread.members:
-        torch._foreach_mul_(grads if spread.everything else [grads[k] for k in spread.members], spread.views)
-    if spread.rest:
-        torch._foreach_mul_([grads[k] for k in spread.rest], spread.rest_values(scales).unbind(0))
+    spread_foreach_(torch._foreach_mul_, grads, scales, positions, cache)
+
+
+@torch.no_grad()
+def spread_foreach_(op: Callable, tensors: list[torch.Tensor], values: torch.Tensor,
+                    positions: Sequence[int] | None = None, cache: dict | None = None,
+                    others: tuple[list[torch.Tensor], ...] = ()) -> None:
+    """``op(tensors, *others, weights)`` — an in-place foreach op whose last operand is the
+    per-tensor scalar ``values[positions[i]]`` (``torch._foreach_mul_``, ``_foreach_lerp_``
+    with ``others=(ends,)``) — with those scalars spread (:func:`spread_`): one fast-path
+    call for the tensors the buffer holds, one with 0-d scalars for the rest. ``others``
+    match ``tensors`` in shapes and strides (what the fast path asks of every list)."""
+    lay = spread_(tensors, values, positions, cache)
+    if lay.members:
+        if lay.everything:
+            op(tensors, *others, lay.views)
+        else:
+            op(*([t[k] for k in lay.members] for t in (tensors, *others)), lay.views)
+    if lay.rest:
+        op(*([t[k] for k in lay.rest] for t in (tensors, *others)), lay.rest_values(values).unbind(0))
 
 
 @torch.no_grad()
@@ -54,9 +71,9 @@ def spread_(tensors: list[torch.Tensor], values: torch.Tensor, positions: Sequen
     foreach's fast path (equal sizes and strides), for per-tensor scalars.
 
     Three launches (the values gathered, a ``repeat_interleave`` index, an ``index_select`` by
-    it) for any number of tensors. The buffer holds the smallest dense tensors, up to :data:`SPREAD_MAX` elements; the
-    others (large ones, and any that is not dense) are the returned layout's ``rest``, for the
-    caller to take one by one (``rest_values``). ``cache`` keeps, per positions, device and
+    it) for any number of tensors. The buffer holds the smallest dense tensors, up to
+    :data:`SPREAD_MAX` elements; the others (large ones, and any that is not dense) are the
+    returned layout's ``rest``, for the caller to take one by one (``rest_values``). ``cache`` keeps, per positions, device and
     dtype, the layout: the buffer, the views over it (built once: ~1 µs of host time each) and
     the index and count tensors on the device (a copy from the host would wait for the device);
     pass the same dict every step. A tensor's shape or strides changing builds it again; past
